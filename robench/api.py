@@ -1,0 +1,189 @@
+"""The public Python API: ``robench.evaluate(model, data, suite)``."""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from robench import __version__
+from robench.data.sources import DataOptions, ImageDataset, from_arrays, load_data
+from robench.engine import RunOutcome, run
+from robench.models.loading import LoadedModel, load_model
+from robench.models.preprocessing import PRESETS, Normalization
+from robench.models.wrapper import RobustModel
+from robench.precision import device_name, resolve_device
+from robench.results.schema import SCHEMA, TIDY_COLUMNS, tidy_rows
+from robench.results.writers import write_run
+from robench.suites import LoadedSuite, Suite, load_suite
+from robench.suites.loader import parse_suite
+
+
+@dataclass
+class EvaluationResult:
+    doc: dict[str, Any]
+    samples: pd.DataFrame
+    config: dict[str, Any]
+
+    @property
+    def clean_accuracy(self) -> float:
+        return self.doc["clean"]["accuracy"]
+
+    @property
+    def robust_accuracy(self) -> float | None:
+        return self.doc["robust_accuracy"]
+
+    def tidy(self) -> pd.DataFrame:
+        return pd.DataFrame(tidy_rows(self.doc), columns=TIDY_COLUMNS)
+
+    def to_json(self) -> str:
+        return json.dumps(self.doc, indent=2)
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        write_run(path, self.doc, self.samples, self.config)
+        return path
+
+
+def _as_suite(suite: str | Suite | LoadedSuite | dict) -> LoadedSuite:
+    if isinstance(suite, LoadedSuite):
+        return suite
+    if isinstance(suite, Suite):
+        import yaml
+
+        return parse_suite(yaml.safe_dump(suite.model_dump(mode="json", exclude_none=True)), f"<{suite.name}>")
+    if isinstance(suite, dict):
+        import yaml
+
+        return parse_suite(yaml.safe_dump(suite), "<dict>")
+    return load_suite(suite)
+
+
+def _as_dataset(data: Any, options: DataOptions) -> ImageDataset:
+    if isinstance(data, ImageDataset):
+        return data.subset(options.limit)
+    if isinstance(data, str):
+        return load_data(data, options)
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        x, y = (d.detach().cpu().numpy() if isinstance(d, torch.Tensor) else d for d in data)
+        return from_arrays(x, y).subset(options.limit)
+    raise TypeError("data must be a spec string, an (x, y) pair or an ImageDataset")
+
+
+def evaluate(
+    model: nn.Module | LoadedModel | str,
+    data: Any,
+    suite: str | Suite | LoadedSuite | dict,
+    *,
+    normalization: Normalization | str | None = None,
+    device: str = "auto",
+    batch_size: int = 256,
+    precision: str = "fp32",
+    seed: int = 0,
+    limit: int | None = None,
+    workers: int = 0,
+    data_options: DataOptions | None = None,
+    on_batch: Callable[[int], None] | None = None,
+    extra_config: dict[str, Any] | None = None,
+) -> EvaluationResult:
+    """Evaluate ``model`` on ``data`` under every attack of ``suite``.
+
+    ``data`` is a spec (``npz:file.npz``, ``cifar10``, ``example:digits``), an
+    ``(x, y)`` pair (uint8 NHWC or float NCHW in [0,1]) or an ``ImageDataset``.
+    The model sees images in [0,1]; pass ``normalization`` (a preset name or
+    ``Normalization``) if it expects normalised input.
+    """
+    loaded = model if isinstance(model, LoadedModel) else (
+        load_model(model) if isinstance(model, str) else LoadedModel(model, type(model).__name__, "<module>")
+    )
+    norm = PRESETS.get(normalization) if isinstance(normalization, str) else normalization
+    norm = norm or loaded.normalization
+    wrapped = RobustModel(loaded.model, norm)
+    loaded_suite = _as_suite(suite)
+    options = data_options or DataOptions()
+    options.limit = limit if limit is not None else options.limit
+    dataset = _as_dataset(data, options)
+    dev = resolve_device(device)
+    outcome = run(wrapped, dataset, loaded_suite.suite, device=dev, batch_size=batch_size,
+                  precision=precision, seed=seed, workers=workers, on_batch=on_batch)
+    doc = _document(outcome, loaded, norm, loaded_suite, dataset, dev, precision, seed, batch_size, data)
+    config = {
+        "model": loaded.source, "arch": loaded.arch, "normalization": norm.as_dict() if norm else None,
+        "data": data if isinstance(data, str) else dataset.name, "limit": options.limit,
+        "suite": loaded_suite.suite.model_dump(mode="json"), "suite_source": loaded_suite.path,
+        "device": str(dev), "batch_size": batch_size, "precision": precision, "seed": seed,
+        **(extra_config or {}),
+    }
+    return EvaluationResult(doc, _samples(outcome), config)
+
+
+def _document(outcome: RunOutcome, loaded: LoadedModel, norm: Normalization | None, suite: LoadedSuite,
+              dataset: ImageDataset, device: torch.device, precision: str, seed: int, batch_size: int,
+              data: Any) -> dict[str, Any]:
+    import torchvision
+
+    attacks = []
+    for e in outcome.entries:
+        attacks.append({
+            "attack": e.attack.name,
+            "label": e.spec.display_name(),
+            "norm": e.attack.norm,
+            "eps": e.eps,
+            "eps_space": suite.suite.eps_space,
+            "accuracy": e.accuracy.compute(),
+            "success_rate": e.fooled.compute(),
+            "n": e.accuracy.total,
+            "attacked": e.fooled.total,
+            "params": e.params(),
+            "seconds": round(e.seconds, 4),
+            "gradient_evals": e.gradient_evals,
+            "peak_memory_bytes": e.peak_memory,
+        })
+    accs = [a["accuracy"] for a in attacks if a["accuracy"] is not None]
+    robust = float(outcome.robust_all.mean()) if outcome.robust_all is not None else None
+    return {
+        "schema": SCHEMA,
+        "task": "classification",
+        "complete": True,
+        "model": {"name": loaded.name, "source": loaded.source, "arch": loaded.arch,
+                  "sha256": loaded.sha256, "num_classes": outcome.num_classes,
+                  "normalization": norm.as_dict() if norm else None},
+        "suite": {"name": suite.suite.name, "source": suite.path, "sha256": suite.sha256,
+                  "eps_space": suite.suite.eps_space},
+        "data": {"spec": data if isinstance(data, str) else dataset.name, "n": outcome.n,
+                 "fingerprint": outcome.fingerprint},
+        "clean": {"accuracy": outcome.clean.compute(), "n": outcome.clean.total,
+                  "correct": outcome.clean.correct},
+        "attacks": attacks,
+        "robust_accuracy": robust,
+        "mean_attack_accuracy": sum(accs) / len(accs) if accs else None,
+        "sanity": {"nonfinite_logits": outcome.nonfinite_logits},
+        "env": {
+            "robench": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "python": platform.python_version(), "numpy": np.__version__,
+            "device": str(device), "device_name": device_name(device), "precision": precision,
+            "seed": seed, "batch_size": batch_size, "checkpoint_sha256": loaded.sha256,
+            "suite_sha256": suite.sha256, "dataset_fingerprint": outcome.fingerprint,
+            "seconds": round(outcome.seconds, 3),
+            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        },
+    }
+
+
+def _samples(outcome: RunOutcome) -> pd.DataFrame:
+    frame = {"index": outcome.sample_index, "label": outcome.labels, "clean_pred": outcome.clean_pred,
+             "clean_correct": outcome.clean_pred == outcome.labels}
+    for e in outcome.entries:
+        frame[f"robust[{e.index}]:{e.spec.display_name()}@{e.eps_text}"] = e.robust.compute().numpy().astype(bool)
+    if outcome.robust_all is not None:
+        frame["robust_all"] = outcome.robust_all
+    return pd.DataFrame(frame)

@@ -1,0 +1,29 @@
+"""The ``robench`` command line (thin Typer commands over the Python API)."""
+
+from __future__ import annotations
+
+import typer
+
+from robench import __version__
+from robench.cli import suites_cmd
+from robench.cli.eval_cmd import eval_command
+
+app = typer.Typer(
+    name="robench",
+    help="Adversarial-robustness evaluation for PyTorch checkpoints.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.command("eval")(eval_command)
+app.add_typer(suites_cmd.app, name="suites")
+
+
+@app.command("version")
+def version() -> None:
+    """Print the robench version."""
+    typer.echo(__version__)
+
+
+def main() -> None:
+    app()

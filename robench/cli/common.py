@@ -1,0 +1,48 @@
+"""Shared CLI plumbing: one-line errors, exit codes, the stderr console."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import traceback
+from typing import Any, Callable
+
+import typer
+from rich.console import Console
+
+from robench.errors import EXIT_RUN_FAILED, RobenchError
+
+stderr = Console(stderr=True)
+
+
+def debug() -> bool:
+    return os.environ.get("ROBENCH_DEBUG", "") not in ("", "0")
+
+
+def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """User errors print one line and exit with their code; ROBENCH_DEBUG=1 shows the traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except RobenchError as exc:
+            _report(f"robench: error: {exc}")
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            _report("robench: interrupted")
+            raise typer.Exit(130) from None
+        except Exception as exc:  # noqa: BLE001 - anything else: the run could not complete
+            _report(f"robench: run failed: {type(exc).__name__}: {exc}")
+            raise typer.Exit(EXIT_RUN_FAILED) from None
+
+    return wrapper
+
+
+def _report(line: str) -> None:
+    if debug():
+        traceback.print_exc(file=sys.stderr)
+    print(line, file=sys.stderr)

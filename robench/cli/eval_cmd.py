@@ -1,0 +1,85 @@
+"""``robench eval MODEL --suite NAME``: the main job."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from robench.api import evaluate
+from robench.cli.common import handle_errors, stderr
+from robench.data.sources import DataOptions
+from robench.errors import UsageError
+from robench.models import load_model, resolve_normalization
+from robench.precision import PRECISIONS
+from robench.report import results_table
+from robench.results import default_run_dir, prepare_run_dir
+from robench.suites import load_suite
+
+
+@handle_errors
+def eval_command(
+    model: str = typer.Argument(..., help="Checkpoint file (TorchScript, .pt/.pth, .safetensors) or example:digits."),
+    suite: str = typer.Option("pgd-linf", "--suite", "-s", help="Built-in suite name or YAML path."),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="npz:PATH, imagefolder:PATH, example:digits, "
+                                       "or mnist/fashion-mnist/cifar10/cifar100/svhn/stl10[:split]. "
+                                       "Default: the suite's dataset."),
+    arch: Optional[str] = typer.Option(None, help="Architecture for state dicts: torchvision:NAME or module:factory."),
+    num_classes: Optional[int] = typer.Option(None, "--num-classes", help="Passed to the architecture factory."),
+    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint",
+                                          help="Allow unpickling full Python objects (runs code from the file)."),
+    normalize: Optional[str] = typer.Option(None, "--normalize", help="Preset: imagenet, cifar10, cifar100, "
+                                            "mnist, fashion-mnist, none."),
+    mean: Optional[str] = typer.Option(None, help="Per-channel mean, e.g. '0.485,0.456,0.406'."),
+    std: Optional[str] = typer.Option(None, help="Per-channel std."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    batch_size: int = typer.Option(256, "--batch-size", "-b"),
+    precision: str = typer.Option("fp32", help="fp32, tf32, bf16 or fp16 (recorded in the results)."),
+    seed: int = typer.Option(0, help="Seed of the per-sample random streams (random starts)."),
+    limit: Optional[int] = typer.Option(None, help="Evaluate a fixed subset of N samples."),
+    data_root: Optional[str] = typer.Option(None, "--data-root", help="Where torchvision datasets live."),
+    download: bool = typer.Option(False, "--download", help="Download torchvision datasets if missing."),
+    split: str = typer.Option("test", help="Dataset split for torchvision datasets."),
+    resize: Optional[int] = typer.Option(None, help="Resize image folders (shorter side) before cropping."),
+    crop: Optional[int] = typer.Option(None, help="Centre-crop image folders to this size."),
+    workers: int = typer.Option(0, help="DataLoader worker processes for file-based datasets."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default runs/<suite>/<model>/<UTC time>/)."),
+    as_json: bool = typer.Option(False, "--json", help="Print only the results JSON to stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Evaluate MODEL under every attack of a suite: clean and robust accuracy."""
+    if precision not in PRECISIONS:
+        raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    loaded_suite = load_suite(suite)
+    normalization = resolve_normalization(normalize or loaded_suite.suite.normalize if not (mean or std) else None,
+                                          mean, std)
+    loaded = load_model(model, arch=arch, num_classes=num_classes, trust_checkpoint=trust_checkpoint)
+    data_spec = data or loaded_suite.suite.dataset
+    if data_spec is None and model.startswith("example:"):
+        data_spec = model
+    if data_spec is None:
+        raise UsageError(f"suite {loaded_suite.suite.name} names no dataset: pass --data")
+    run_dir = prepare_run_dir(out if out else default_run_dir(loaded_suite.suite.name, loaded.name))
+    options = DataOptions(root=data_root, download=download, limit=limit, resize=resize, crop=crop, split=split)
+
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), console=stderr, transient=True,
+                        disable=quiet or not sys.stderr.isatty())
+    with progress:
+        task = progress.add_task(f"{loaded.name} · {loaded_suite.suite.name}", total=None)
+        result = evaluate(
+            loaded, data_spec, loaded_suite, normalization=normalization, device=device,
+            batch_size=batch_size, precision=precision, seed=seed, workers=workers,
+            data_options=options, on_batch=lambda k: progress.advance(task, k),
+        )
+    result.save(run_dir)
+    if as_json:
+        sys.stdout.write(json.dumps(result.doc, indent=2) + "\n")
+    else:
+        Console().print(results_table(result.doc))
+    stderr.print(f"results written to {run_dir}", highlight=False)

@@ -1,0 +1,225 @@
+"""Turn a ``--data SPEC`` into a dataset of ([0,1] float CHW image, int label, index)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from robench.errors import UsageError
+from robench.registry import Registry
+
+LIMIT_SEED = 0  # --limit subsets are fixed across runs and machines, independent of --seed
+
+
+@dataclass
+class DataOptions:
+    root: str | None = None
+    download: bool = False
+    limit: int | None = None
+    resize: int | None = None
+    crop: int | None = None
+    split: str = "test"
+
+
+class ImageDataset(Dataset):
+    """A dataset of images in [0,1], labels and the stable index of each sample."""
+
+    def __init__(self, base: Any, name: str, indices: np.ndarray | None = None) -> None:
+        self.base = base
+        self.name = name
+        self.indices = np.arange(len(base)) if indices is None else np.asarray(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+        idx = int(self.indices[i])
+        x, y = self.base[idx]
+        return x, int(y), idx
+
+    def subset(self, limit: int | None) -> "ImageDataset":
+        if limit is None or limit >= len(self):
+            return self
+        if limit <= 0:
+            raise UsageError(f"--limit must be positive, got {limit}")
+        rng = np.random.default_rng(LIMIT_SEED)
+        chosen = np.sort(rng.permutation(len(self))[:limit])
+        return ImageDataset(self.base, self.name, self.indices[chosen])
+
+
+class TensorImages:
+    """In-memory images (float NCHW in [0,1]) and labels."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.x[i], int(self.y[i])
+
+
+DATASETS: Registry[Callable[[str, DataOptions], ImageDataset]] = Registry("dataset kind")
+
+
+def load_data(spec: str, options: DataOptions | None = None) -> ImageDataset:
+    """``npz:PATH``, ``imagefolder:PATH``, ``example:digits`` or a torchvision name."""
+    options = options or DataOptions()
+    kind, _, arg = spec.partition(":")
+    if not arg and kind.lower() in DATASETS and kind.lower() in TORCHVISION_SETS:
+        arg = ""
+    elif not arg:
+        raise UsageError(
+            f"--data {spec!r}: expected KIND:PATH (npz:, imagefolder:, example:) or a dataset name "
+            f"({', '.join(sorted(TORCHVISION_SETS))})"
+        )
+    dataset = DATASETS.get(kind)(arg, options)
+    return dataset.subset(options.limit)
+
+
+def from_arrays(x: Any, y: Any, name: str = "arrays") -> ImageDataset:
+    """Validate arrays (uint8 NHWC/NHW or float NCHW in [0,1]) into a dataset."""
+    x = np.asarray(x)
+    y = np.asarray(y)
+    if x.ndim not in (3, 4):
+        raise UsageError(f"{name}: x must have 3 or 4 dimensions (N,H,W[,C] or N,C,H,W), got {x.shape}")
+    if y.ndim != 1 or len(y) != len(x):
+        raise UsageError(f"{name}: y must be a vector with one label per image, got {y.shape} for {len(x)} images")
+    if not np.issubdtype(y.dtype, np.integer):
+        if np.issubdtype(y.dtype, np.floating) and np.all(np.mod(y, 1) == 0):
+            y = y.astype(np.int64)
+        else:
+            raise UsageError(f"{name}: labels must be integers, got {y.dtype}")
+    if (y < 0).any():
+        raise UsageError(f"{name}: labels must be >= 0 (found {int(y.min())})")
+    if x.dtype == np.uint8:
+        if x.ndim == 3:
+            x = x[..., None]
+        tensor = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).float().div_(255.0)
+    elif np.issubdtype(x.dtype, np.floating):
+        if x.ndim == 3:
+            x = x[:, None]
+        if not np.isfinite(x).all():
+            raise UsageError(f"{name}: x contains NaN or inf")
+        lo, hi = float(x.min()), float(x.max())
+        if lo < 0 or hi > 1:
+            raise UsageError(f"{name}: float images must be in [0,1], found [{lo:.3g}, {hi:.3g}]")
+        tensor = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    else:
+        raise UsageError(f"{name}: x must be uint8 (NHWC) or float (NCHW in [0,1]), got {x.dtype}")
+    return ImageDataset(TensorImages(tensor, torch.from_numpy(y.astype(np.int64))), name)
+
+
+@DATASETS.register("npz")
+def _npz(path: str, options: DataOptions) -> ImageDataset:
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"data file not found: {path}")
+    try:
+        with np.load(file, allow_pickle=False) as arrays:
+            missing = [k for k in ("x", "y") if k not in arrays.files]
+            if missing:
+                raise UsageError(f"{path} lacks array(s) {', '.join(missing)} (has {', '.join(arrays.files)})")
+            x, y = arrays["x"], arrays["y"]
+    except UsageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - corrupt or non-npz file
+        raise UsageError(f"cannot read {path} as .npz: {exc}") from exc
+    return from_arrays(x, y, name=f"npz:{file.name}")
+
+
+@DATASETS.register("example")
+def _example(name: str, options: DataOptions) -> ImageDataset:
+    from robench.examples import example_data_path
+
+    return _npz(str(example_data_path(name)), options)
+
+
+def _image_transform(options: DataOptions) -> Callable:
+    from torchvision import transforms as T
+
+    steps: list[Any] = []
+    if options.resize:
+        steps.append(T.Resize(options.resize))
+    if options.crop:
+        steps.append(T.CenterCrop(options.crop))
+    steps.append(T.ToTensor())
+    return T.Compose(steps)
+
+
+@DATASETS.register("imagefolder")
+def _imagefolder(path: str, options: DataOptions) -> ImageDataset:
+    from torchvision.datasets import ImageFolder
+
+    root = Path(path)
+    if not root.is_dir():
+        raise UsageError(f"image folder not found: {path}")
+    transform = _image_transform(options)
+    try:
+        folder = ImageFolder(str(root), transform=transform, loader=_rgb_loader)
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise UsageError(f"{path}: {exc}") from exc
+    if not (options.resize or options.crop):
+        sizes = {_image_size(p) for p, _ in folder.samples[:64]}
+        if len(sizes) > 1:
+            raise UsageError(f"{path}: images have different sizes {sorted(sizes)[:4]}; pass --resize/--crop")
+    return ImageDataset(folder, f"imagefolder:{root.name}")
+
+
+def _rgb_loader(path: str):
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return img.convert("RGB")
+
+
+def _image_size(path: str) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return img.size
+
+
+# name -> (torchvision class, how its split argument is spelled)
+TORCHVISION_SETS: dict[str, tuple[str, str]] = {
+    "mnist": ("MNIST", "train"),
+    "fashion-mnist": ("FashionMNIST", "train"),
+    "cifar10": ("CIFAR10", "train"),
+    "cifar100": ("CIFAR100", "train"),
+    "svhn": ("SVHN", "split"),
+    "stl10": ("STL10", "split"),
+}
+
+
+def _torchvision(name: str) -> Callable[[str, DataOptions], ImageDataset]:
+    cls_name, split_style = TORCHVISION_SETS[name]
+
+    def build(split: str, options: DataOptions) -> ImageDataset:
+        import torchvision.datasets as tvd
+
+        split = split or options.split
+
+        root = options.root or str(Path.home() / ".cache" / "robench" / "data")
+        split_kwargs = (
+            {"train": split == "train"} if split_style == "train" else {"split": split}
+        )
+        try:
+            ds = getattr(tvd, cls_name)(
+                root, download=options.download, transform=_image_transform(options), **split_kwargs
+            )
+        except RuntimeError as exc:
+            hint = "" if options.download else " (pass --download to fetch it, or --data-root to point at it)"
+            raise UsageError(f"{name} not found under {root}{hint}: {exc}") from exc
+        return ImageDataset(ds, f"{name}:{split}")
+
+    return build
+
+
+for _name in TORCHVISION_SETS:
+    DATASETS.add(_name, _torchvision(_name))

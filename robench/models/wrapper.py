@@ -1,0 +1,91 @@
+"""The normalising wrapper every attack sees: pixels in [0,1] in, logits out."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from robench.errors import RunError
+from robench.models.preprocessing import Normalization
+
+_LOGIT_KEYS = ("logits", "logit", "out", "output", "scores")
+
+
+class RobustModel(nn.Module):
+    """Wraps a classifier so its input is an image batch in [0,1].
+
+    Normalisation lives here, so every attack works in pixel units, and
+    tuple/dict outputs are reduced to one logits tensor (or refused).
+    """
+
+    def __init__(self, model: nn.Module, normalization: Normalization | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.normalization = normalization
+        if normalization is not None:
+            mean = torch.tensor(normalization.mean, dtype=torch.float32).view(1, -1, 1, 1)
+            std = torch.tensor(normalization.std, dtype=torch.float32).view(1, -1, 1, 1)
+        else:
+            mean, std = torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1)
+        self.register_buffer("mean", mean, persistent=False)
+        self.register_buffer("std", std, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.normalization is not None:
+            if self.mean.shape[1] not in (1, x.shape[1]):
+                raise RunError(
+                    f"normalisation has {self.mean.shape[1]} channels but the images have {x.shape[1]}"
+                )
+            x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        return logits_from(self.model(x))
+
+    def pixel_std(self) -> torch.Tensor:
+        """Per-channel std, used to convert eps from normalised to pixel units."""
+        return self.std.view(-1, 1, 1)
+
+
+def logits_from(out: object) -> torch.Tensor:
+    """Reduce a model's output to a [N, classes] tensor or fail clearly."""
+    if isinstance(out, (tuple, list)):
+        if not out or not isinstance(out[0], torch.Tensor):
+            raise RunError("the model returned a tuple/list whose first element is not a tensor")
+        out = out[0]
+    elif isinstance(out, dict):
+        key = next((k for k in _LOGIT_KEYS if k in out), None)
+        if key is None:
+            raise RunError(
+                "the model returned a dict without a logits entry "
+                f"(keys: {', '.join(map(str, out))}; expected one of {', '.join(_LOGIT_KEYS)})"
+            )
+        out = out[key]
+    elif hasattr(out, "logits") and isinstance(getattr(out, "logits"), torch.Tensor):
+        out = out.logits  # e.g. HuggingFace ImageClassifierOutput
+    if not isinstance(out, torch.Tensor):
+        raise RunError(f"the model returned {type(out).__name__}, not a tensor of logits")
+    if out.dim() != 2:
+        raise RunError(f"expected logits of shape [batch, classes], got {tuple(out.shape)}")
+    return out
+
+
+@contextlib.contextmanager
+def evaluation_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode and frozen parameters for the duration; both restored after.
+
+    Parameters never need gradients for input-space attacks, and leaving
+    them on would make every backward pass also compute weight gradients.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    for p, _ in grads:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+        for p, flag in grads:
+            p.requires_grad_(flag)

@@ -1,0 +1,36 @@
+"""Human-readable tables of a results document (rich)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}"
+
+
+def _eps(a: dict[str, Any]) -> str:
+    text = a["params"].get("eps_expr")
+    value = f"{a['eps']:.4g}"
+    return value if not text or text == value else f"{text} ({value})"
+
+
+def results_table(doc: dict[str, Any]) -> Table:
+    model, suite, data = doc["model"]["name"], doc["suite"]["name"], doc["data"]["spec"]
+    table = Table(title=f"robench · {model} · suite {suite} · {data} (n={doc['clean']['n']})")
+    for col, justify in (("attack", "left"), ("norm", "left"), ("eps", "right"), ("accuracy %", "right"),
+                         ("success %", "right"), ("time s", "right")):
+        table.add_column(col, justify=justify)
+    table.add_row("clean", "", "", _pct(doc["clean"]["accuracy"]), "", "")
+    for a in doc["attacks"]:
+        name = a["label"] if a["label"] == a["attack"] else f"{a['label']} ({a['attack']})"
+        table.add_row(name, a["norm"], _eps(a), _pct(a["accuracy"]), _pct(a["success_rate"]), f"{a['seconds']:.2f}")
+    if doc["robust_accuracy"] is not None:
+        table.add_row("[bold]worst case[/bold]", "", "", f"[bold]{_pct(doc['robust_accuracy'])}[/bold]", "", "")
+        table.add_row("mean over attacks", "", "", _pct(doc["mean_attack_accuracy"]), "", "")
+    env = doc["env"]
+    table.caption = (f"{env['device_name']} · {env['precision']} · seed {env['seed']} · "
+                     f"batch {env['batch_size']} · {env['seconds']:.1f}s · robench {env['robench']}")
+    return table

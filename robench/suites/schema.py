@@ -1,0 +1,151 @@
+"""The suite schema: what a YAML suite may say, validated with pydantic."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from robench.expressions import eval_expr
+from robench.errors import UsageError
+
+Number = float | int | str
+
+# Which optional fields each native attack understands, and its default step size.
+NATIVE_FIELDS: dict[str, set[str]] = {
+    "fgsm": set(),
+    "bim": {"steps", "step_size"},
+    "pgd": {"steps", "step_size", "random_start", "restarts"},
+    "mifgsm": {"steps", "step_size", "decay"},
+}
+DEFAULT_STEP_SIZE = {"bim": "eps/steps", "pgd": "2.5*eps/steps", "mifgsm": "eps/steps"}
+OPTIONAL_FIELDS = {"steps", "step_size", "random_start", "restarts", "decay"}
+LINF_MAX_EPS = 1.0  # pixel units: a larger L-inf radius allows any image at all
+
+
+def _to_number(value: Any, names: dict[str, float] | None = None) -> float:
+    try:
+        return eval_expr(value, names)
+    except UsageError as exc:
+        raise ValueError(str(exc)) from None
+
+
+class AttackSpec(BaseModel):
+    """One attack entry; each eps in ``eps`` gives one result."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    attack: str
+    label: str | None = None
+    norm: Literal["linf", "l2"] = "linf"
+    eps: list[float] = Field(default_factory=list)
+    eps_text: list[str] = Field(default_factory=list, exclude=True)
+    steps: int | None = Field(default=None, ge=1, le=100_000)
+    step_size: str | None = None
+    random_start: bool | float | None = None
+    restarts: int | None = Field(default=None, ge=1, le=1000)
+    decay: float | None = Field(default=None, ge=0)
+    final_iterate: bool = False
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _keep_eps_text(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "eps" in data:
+            raw = data["eps"]
+            raw = raw if isinstance(raw, list) else [raw]
+            data = {**data, "eps": raw, "eps_text": [str(r) for r in raw]}
+        return data
+
+    @field_validator("attack")
+    @classmethod
+    def _known_attack(cls, name: str) -> str:
+        from robench.attacks import ATTACKS
+        from robench.registry import did_you_mean
+
+        if name.startswith("ta."):
+            return name
+        if name.lower() not in ATTACKS:
+            raise ValueError(f"unknown attack {name!r}" + did_you_mean(name, ATTACKS.names() + ["ta.<Name>"]))
+        return name.lower()
+
+    @field_validator("eps", mode="before")
+    @classmethod
+    def _eps_numbers(cls, raw: Any) -> list[float]:
+        values = [_to_number(v) for v in raw]
+        for v in values:
+            if v < 0:
+                raise ValueError(f"must be >= 0, got {v:g}")
+        return values
+
+    @field_validator("step_size", mode="before")
+    @classmethod
+    def _step_text(cls, raw: Any) -> str | None:
+        if raw is None:
+            return None
+        value = _to_number(raw, {"eps": 1.0, "steps": 1.0})  # syntax check only
+        if value <= 0:
+            raise ValueError("must be > 0")
+        return str(raw)
+
+    @field_validator("random_start", mode="before")
+    @classmethod
+    def _random_start(cls, raw: Any) -> Any:
+        if raw is None or isinstance(raw, bool):
+            return raw
+        value = _to_number(raw)
+        if value < 0:
+            raise ValueError("must be true, false or a radius >= 0")
+        return value
+
+    @model_validator(mode="after")
+    def _fields_fit_attack(self) -> "AttackSpec":
+        if self.attack.startswith("ta."):
+            extra = sorted(f for f in OPTIONAL_FIELDS if getattr(self, f) is not None)
+            if extra:
+                raise ValueError(f"{self.attack}: put {', '.join(extra)} under params:")
+            return self
+        if not self.eps:
+            raise ValueError("eps: at least one value is needed")
+        allowed = NATIVE_FIELDS[self.attack]
+        for name in sorted(OPTIONAL_FIELDS - allowed):
+            if getattr(self, name) is not None:
+                raise ValueError(f"{name}: {self.attack} does not take this field")
+        if self.params:
+            raise ValueError("params: only ta.* attacks take params")
+        if self.norm == "linf":
+            for v in self.eps:
+                if v > LINF_MAX_EPS:
+                    raise ValueError(f"eps {v:g} is absurd for linf in [0,1] pixel units (max {LINF_MAX_EPS:g})")
+        return self
+
+    def display_name(self) -> str:
+        return self.label or self.attack
+
+    def resolved_steps(self) -> int:
+        return 1 if self.attack == "fgsm" else (self.steps or 10)
+
+    def step_size_for(self, eps: float) -> float:
+        text = self.step_size or DEFAULT_STEP_SIZE.get(self.attack, "eps")
+        return eval_expr(text, {"eps": eps, "steps": float(self.resolved_steps())})
+
+
+class Suite(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    description: str = ""
+    dataset: str | None = None
+    normalize: str | None = None
+    eps_space: Literal["pixel", "normalized"] = "pixel"
+    reference: str | None = None
+    notes: str | None = None
+    attacks: list[AttackSpec]
+
+    @model_validator(mode="after")
+    def _normalized_linf_only(self) -> "Suite":
+        if self.eps_space == "normalized":
+            for i, a in enumerate(self.attacks):
+                if a.norm != "linf":
+                    raise ValueError(f"attacks[{i}]: eps_space normalized is only defined for linf")
+        return self
