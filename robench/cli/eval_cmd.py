@@ -56,8 +56,9 @@ def eval_command(
     if precision not in PRECISIONS:
         raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     loaded_suite = load_suite(suite)
-    normalization = resolve_normalization(normalize or loaded_suite.suite.normalize if not (mean or std) else None,
-                                          mean, std)
+    # An explicit --normalize/--mean/--std wins over the suite's suggestion.
+    preset = normalize if normalize else (None if (mean or std) else loaded_suite.suite.normalize)
+    normalization = resolve_normalization(preset, mean, std)
     loaded = load_model(model, arch=arch, num_classes=num_classes, trust_checkpoint=trust_checkpoint)
     data_spec = data or loaded_suite.suite.dataset
     if data_spec is None and model.startswith("example:"):

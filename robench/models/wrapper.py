@@ -8,7 +8,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from robench.errors import RunError
+from robench.errors import RunError, UsageError
 from robench.models.preprocessing import Normalization
 
 _LOGIT_KEYS = ("logits", "logit", "out", "output", "scores")
@@ -36,7 +36,7 @@ class RobustModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.normalization is not None:
             if self.mean.shape[1] not in (1, x.shape[1]):
-                raise RunError(
+                raise UsageError(
                     f"normalisation has {self.mean.shape[1]} channels but the images have {x.shape[1]}"
                 )
             x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
