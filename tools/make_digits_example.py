@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from robench.examples import HERE, digits_cnn
+from robench.examples import HERE, digits_cnn, train_classifier
 
 
 def digits_arrays(seed: int = 0):
@@ -27,20 +27,11 @@ def digits_arrays(seed: int = 0):
 
 
 def train(x: np.ndarray, y: np.ndarray, epochs: int = 40, seed: int = 0) -> torch.nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)  # layer initialisation only; this is a build script, not robench
-    model = digits_cnn()
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)  # layer initialisation
+        model = digits_cnn()
     xt = torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255.0
-    yt = torch.from_numpy(y)
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    for _ in range(epochs):
-        order = torch.randperm(len(xt), generator=gen)
-        for start in range(0, len(xt), 64):
-            batch = order[start:start + 64]
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(xt[batch]), yt[batch]).backward()
-            opt.step()
-    return model.eval()
+    return train_classifier(model, xt, torch.from_numpy(y), epochs=epochs, seed=seed)
 
 
 def main(out: Path = HERE) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from robench.errors import UsageError
@@ -27,6 +28,22 @@ def digits_cnn(num_classes: int = 10) -> nn.Module:
         nn.Linear(32 * 4 * 4, 64), nn.ReLU(),
         nn.Linear(64, num_classes),
     )
+
+
+def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, seed: int,
+                     lr: float = 2e-3, batch_size: int = 64) -> nn.Module:
+    """Plain Adam + cross-entropy training; shuffling from an explicit generator."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=gen)
+        for start in range(0, len(x), batch_size):
+            batch = order[start:start + batch_size]
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
+            opt.step()
+    return model.eval()
 
 
 def _files(name: str) -> tuple[Path, Path]:
