@@ -27,7 +27,7 @@ class Entry:
 
     spec: AttackSpec
     index: int  # position among all entries: keys the random stream
-    eps: float
+    eps: float | None  # None for attacks without a budget (e.g. ta.CW)
     eps_text: str
     attack: Attack
     accuracy: Accuracy = field(default_factory=Accuracy)
@@ -38,7 +38,7 @@ class Entry:
     peak_memory: int | None = None
 
     def params(self) -> dict:
-        info = {"eps_expr": self.eps_text, "final_iterate": self.attack.final_iterate, **self.attack.describe()}
+        info = {"eps_expr": self.eps_text or None, "final_iterate": self.attack.final_iterate, **self.attack.describe()}
         return info
 
 
@@ -51,7 +51,7 @@ def build_entries(suite: Suite, model: RobustModel, seed: int) -> list[Entry]:
         )
     for spec in suite.attacks:
         eps_list = spec.eps or [None]
-        texts = spec.eps_text or ["none"]
+        texts = spec.eps_text or [""]
         for eps, text in zip(eps_list, texts):
             entries.append(_entry(spec, len(entries), eps, text, std, seed))
     return entries
@@ -82,7 +82,7 @@ def _entry(spec: AttackSpec, index: int, eps: float | None, text: str, std, seed
         if spec.decay is not None:
             kwargs["decay"] = spec.decay
         attack = cls(to_pixels(eps), **kwargs)
-    return Entry(spec, index, float(eps or 0.0), text, attack)
+    return Entry(spec, index, eps, text, attack)
 
 
 @dataclass

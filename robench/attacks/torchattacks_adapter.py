@@ -48,7 +48,8 @@ class TorchattacksAttack(Attack):
         ta = _torchattacks()
         names = torchattacks_names()
         if ta_name not in names:
-            raise UsageError(f"unknown torchattacks attack {PREFIX}{ta_name}" + did_you_mean(ta_name, names))
+            raise UsageError(f"unknown torchattacks attack {PREFIX}{ta_name}"
+                             + did_you_mean(PREFIX + ta_name, [PREFIX + n for n in names]))
         self.cls = getattr(ta, ta_name)
         self.name = PREFIX + ta_name
         self.params = dict(params or {})
