@@ -158,7 +158,8 @@ def run(
     clean = Accuracy()
     idx_parts, y_parts, pred_parts = Collected(), Collected(), Collected()
     robust_all = Collected()
-    digest = hashlib.sha256()
+    # One stream per field, joined at the end: the fingerprint does not depend on batch size.
+    digests = [hashlib.sha256() for _ in range(3)]
     labels_known = dataset_labels(dataset)
     num_classes = -1
     nonfinite = 0
@@ -166,9 +167,9 @@ def run(
         # eval() on the outer wrapper too: torchattacks restores the mode it finds.
         forward = PrecisionModel(model, precision, device).eval()
         for x, y, idx in iterate_batches(dataset, batch_size, workers, device.type == "cuda"):
-            digest.update(idx.numpy().astype(np.int64).tobytes())
-            digest.update(y.numpy().astype(np.int64).tobytes())
-            digest.update(x.numpy().astype(np.float32).tobytes())
+            for d, part in zip(digests, (idx.numpy().astype(np.int64), y.numpy().astype(np.int64),
+                                         x.numpy().astype(np.float32))):
+                d.update(part.tobytes())
             x = x.to(device, non_blocking=True).float()
             y = y.to(device, non_blocking=True).long()
             with torch.no_grad():
@@ -202,7 +203,7 @@ def run(
         labels=y_parts.compute().numpy(),
         clean_pred=pred_parts.compute().numpy(),
         robust_all=robust_all.compute().numpy().astype(bool) if entries else None,
-        fingerprint=digest.hexdigest(),
+        fingerprint=hashlib.sha256(b"".join(d.digest() for d in digests)).hexdigest(),
         num_classes=num_classes,
         seconds=time.perf_counter() - started,
         nonfinite_logits=nonfinite,

@@ -12,18 +12,24 @@ from robench.attacks.registry import ATTACKS
 
 
 class IterativeGradient(Attack):
-    """x <- project(x + step_size * direction(grad)); optional random start."""
+    """x <- project(x + step_size * direction(grad)); optional random start.
+
+    Without a step size, each step is ``step_ratio * eps / steps`` (the
+    suites' defaults: eps/steps for BIM and MI-FGSM, 2.5*eps/steps for PGD).
+    """
+
+    step_ratio: float = 1.0
 
     def __init__(
         self,
         eps: Eps,
         *,
-        step_size: Eps,
+        step_size: Eps | None = None,
         random_start: bool | float | torch.Tensor = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(eps, **kwargs)
-        self.step_size = step_size
+        self.step_size = step_size if step_size is not None else self.step_ratio * eps / self.steps
         self.random_start = random_start
 
     def init(self, x: torch.Tensor, sample_ids: torch.Tensor, restart: int) -> torch.Tensor:
@@ -87,6 +93,7 @@ class PGD(IterativeGradient):
     """BIM from a random start in the eps-ball, with restarts (Madry et al. 2018)."""
 
     name = "pgd"
+    step_ratio = 2.5  # Madry et al.: room to move across the ball from a random start
 
     def __init__(self, eps: Eps, *, random_start: bool | float | torch.Tensor = True, **kwargs: Any) -> None:
         super().__init__(eps, random_start=random_start, **kwargs)

@@ -96,6 +96,8 @@ def from_arrays(x: Any, y: Any, name: str = "arrays") -> ImageDataset:
             y = y.astype(np.int64)
         else:
             raise UsageError(f"{name}: labels must be integers, got {y.dtype}")
+    if len(x) == 0:
+        raise UsageError(f"{name}: the dataset is empty (0 images)")
     if (y < 0).any():
         raise UsageError(f"{name}: labels must be >= 0 (found {int(y.min())})")
     if x.dtype == np.uint8:

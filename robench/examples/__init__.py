@@ -43,6 +43,7 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epoc
             opt.zero_grad()
             nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
             opt.step()
+    opt.zero_grad(set_to_none=True)  # hand back a model with no stale weight gradients
     return model.eval()
 
 

@@ -108,10 +108,14 @@ def _read_checkpoint(path: Path, trust: bool, map_location: Any) -> Any:
         # weights_only first, always: unpickling arbitrary objects runs code.
         return torch.load(str(path), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
+        if not _looks_like_pickle(path):
+            raise RunError(f"cannot read checkpoint {path}: not a PyTorch checkpoint (neither zip nor pickle)") from exc
         if not trust:
+            reason = str(exc.__context__ or "").split("\n")[0][:120]
             raise UsageError(
                 f"{path} contains pickled Python objects (a full nn.Module?) and loading it can "
                 "execute code; re-run with --trust-checkpoint only if you trust its source"
+                + (f" (refused: {reason})" if reason else "")
             ) from exc
     except Exception as exc:  # noqa: BLE001
         raise RunError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
@@ -119,6 +123,13 @@ def _read_checkpoint(path: Path, trust: bool, map_location: Any) -> Any:
         return torch.load(str(path), map_location=map_location, weights_only=False)
     except Exception as exc:  # noqa: BLE001
         raise RunError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+
+
+def _looks_like_pickle(path: Path) -> bool:
+    """torch.save writes a zip archive (or, before 1.6, a pickle starting with PROTO)."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return zipfile.is_zipfile(path) or (len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
 
 
 def unwrap_state_dict(obj: Any, spec: str) -> dict[str, torch.Tensor]:

@@ -64,16 +64,17 @@ def load_suite(name_or_path: str) -> LoadedSuite:
 def parse_suite(text: str, source: str = "<suite>") -> LoadedSuite:
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
+        if root is None:
+            raise UsageError(f"{source}: the suite is empty")
+        lines: dict[tuple, int] = {}
+        _index_lines(root, (), lines, source)
+        # Safe loading only: tags such as !!python/object are refused, never constructed.
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark else source
         problem = getattr(exc, "problem", None) or str(exc)
         raise UsageError(f"{where}: malformed YAML: {problem}") from None
-    if root is None:
-        raise UsageError(f"{source}: the suite is empty")
-    lines: dict[tuple, int] = {}
-    _index_lines(root, (), lines, source)
-    data = yaml.safe_load(text)
     if not isinstance(data, dict):
         raise UsageError(f"{source}:1: a suite is a mapping with name: and attacks:")
     try:
