@@ -38,7 +38,7 @@ class Entry:
     peak_memory: int | None = None
 
     def params(self) -> dict:
-        info = {"eps_expr": self.eps_text or None, "final_iterate": self.attack.final_iterate, **self.attack.describe()}
+        info = {"eps_expr": self.eps_text if self.eps is not None else None, "final_iterate": self.attack.final_iterate, **self.attack.describe()}
         return info
 
 
@@ -50,6 +50,10 @@ def build_entries(suite: Suite, model: RobustModel, seed: int) -> list[Entry]:
             f"suite {suite.name} gives eps in normalised units: the model needs --normalize or --mean/--std"
         )
     for spec in suite.attacks:
+        if spec.attack == "pixels":
+            for count in spec.pixel_counts():
+                entries.append(_pixel_entry(spec, len(entries), count, seed))
+            continue
         eps_list = spec.eps or [None]
         texts = spec.eps_text or [""]
         for eps, text in zip(eps_list, texts):
@@ -83,6 +87,13 @@ def _entry(spec: AttackSpec, index: int, eps: float | None, text: str, std, seed
             kwargs["decay"] = spec.decay
         attack = cls(to_pixels(eps), **kwargs)
     return Entry(spec, index, eps, text, attack)
+
+
+def _pixel_entry(spec: AttackSpec, index: int, count: int, seed: int) -> Entry:
+    cls = ATTACKS.get("pixels")
+    attack = cls(n_pixels=count, delta=spec.delta, area=spec.area, shared_positions=bool(spec.shared_positions),
+                 channels=spec.channels or "all", trials=spec.trials or 1, seed=seed, stream=index)
+    return Entry(spec, index, None, f"{count}px", attack)
 
 
 @dataclass

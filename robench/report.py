@@ -13,7 +13,8 @@ def _pct(value: float | None) -> str:
 
 def _eps(a: dict[str, Any]) -> str:
     if a["eps"] is None:
-        return "-"
+        pixels = a["params"].get("pixels")
+        return f"{pixels} px" if pixels else "-"
     text = a["params"].get("eps_expr")
     value = f"{a['eps']:.4g}"
     return value if not text or text == value else f"{text} ({value})"

@@ -7,6 +7,7 @@ import typer
 from robench import __version__
 from robench.cli import suites_cmd
 from robench.cli.eval_cmd import eval_command
+from robench.cli.pixel_index_cmd import pixel_index_command
 
 app = typer.Typer(
     name="robench",
@@ -16,6 +17,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.command("eval")(eval_command)
+app.command("pixel-index")(pixel_index_command)
 app.add_typer(suites_cmd.app, name="suites")
 
 

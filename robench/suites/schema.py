@@ -17,9 +17,13 @@ NATIVE_FIELDS: dict[str, set[str]] = {
     "bim": {"steps", "step_size"},
     "pgd": {"steps", "step_size", "random_start", "restarts"},
     "mifgsm": {"steps", "step_size", "decay"},
+    "pixels": {"pixels", "delta", "area", "trials", "shared_positions", "channels"},
 }
 DEFAULT_STEP_SIZE = {"bim": "eps/steps", "pgd": "2.5*eps/steps", "mifgsm": "eps/steps"}
-OPTIONAL_FIELDS = {"steps", "step_size", "random_start", "restarts", "decay"}
+OPTIONAL_FIELDS = {"steps", "step_size", "random_start", "restarts", "decay",
+                   "pixels", "delta", "area", "trials", "shared_positions", "channels"}
+BUDGET_FREE = {"pixels"}  # attacks whose size is not an eps (one result per pixel count)
+DEFAULT_PIXELS = [4, 8, 16, 32, 64]
 LINF_MAX_EPS = 1.0  # pixel units: a larger L-inf radius allows any image at all
 
 
@@ -47,6 +51,33 @@ class AttackSpec(BaseModel):
     decay: float | None = Field(default=None, ge=0)
     final_iterate: bool = False
     params: dict[str, Any] = Field(default_factory=dict)
+    # random few-pixel changes (attack: pixels)
+    pixels: list[int] | None = None
+    delta: int | None = Field(default=None, ge=0, le=255)
+    area: list[int] | None = None
+    trials: int | None = Field(default=None, ge=1, le=10_000)
+    shared_positions: bool | None = None
+    channels: Literal["all", "first"] | None = None
+
+    @field_validator("pixels", mode="before")
+    @classmethod
+    def _pixel_counts(cls, raw: Any) -> Any:
+        raw = raw if isinstance(raw, list) else [raw]
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in raw):
+            raise ValueError("pixel counts must be positive integers")
+        return raw
+
+    @field_validator("area", mode="before")
+    @classmethod
+    def _area(cls, raw: Any) -> Any:
+        if raw is None:
+            return raw
+        raw = [raw, raw] if isinstance(raw, int) else raw
+        if not isinstance(raw, list) or len(raw) != 2 or any(
+            isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in raw
+        ):
+            raise ValueError("area is a side length or [rows, cols] of positive integers")
+        return raw
 
     @model_validator(mode="before")
     @classmethod
@@ -105,7 +136,10 @@ class AttackSpec(BaseModel):
             if extra:
                 raise ValueError(f"{self.attack}: put {', '.join(extra)} under params:")
             return self
-        if not self.eps:
+        if self.attack in BUDGET_FREE:
+            if self.eps:
+                raise ValueError(f"eps: {self.attack} has no eps budget (it changes whole pixels)")
+        elif not self.eps:
             raise ValueError("eps: at least one value is needed")
         allowed = NATIVE_FIELDS[self.attack]
         for name in sorted(OPTIONAL_FIELDS - allowed):
@@ -118,6 +152,9 @@ class AttackSpec(BaseModel):
                 if v > LINF_MAX_EPS:
                     raise ValueError(f"eps {v:g} is absurd for linf in [0,1] pixel units (max {LINF_MAX_EPS:g})")
         return self
+
+    def pixel_counts(self) -> list[int]:
+        return self.pixels or list(DEFAULT_PIXELS)
 
     def display_name(self) -> str:
         return self.label or self.attack
