@@ -13,7 +13,7 @@ from rich.console import Console
 
 from robench.errors import EXIT_RUN_FAILED, RobenchError
 
-stderr = Console(stderr=True)
+stderr = Console(stderr=True, soft_wrap=True)  # log lines stay whole for grep and CI logs
 
 
 def debug() -> bool:
