@@ -19,6 +19,7 @@ from robench.metrics import Accuracy, Collected
 from robench.models.wrapper import RobustModel, evaluation_mode
 from robench.precision import PrecisionModel, matmul_precision
 from robench.suites import AttackSpec, Suite
+from robench.suites.schema import REID_FIELDS
 
 
 @dataclass
@@ -72,6 +73,8 @@ def _entry(spec: AttackSpec, index: int, eps: float | None, text: str, std, seed
             spec.attack[len(TA_PREFIX):], None if eps is None else to_pixels(eps),
             norm=spec.norm, params=spec.params, **common,
         )
+    elif spec.attack == "dmr":
+        attack = ATTACKS.get("dmr")(None if eps is None else to_pixels(eps), generator=spec.generator, **common)
     else:
         cls = ATTACKS.get(spec.attack)
         kwargs = {"norm": spec.norm, "final_iterate": spec.final_iterate, **common}
@@ -163,6 +166,12 @@ def run(
         raise UsageError("the dataset is empty")
     if batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+    reid_only = [s.display_name() for s in suite.attacks
+                 if any(getattr(s, f) is not None for f in REID_FIELDS)]
+    if suite.task == "reid" or reid_only:
+        raise UsageError(f"suite {suite.name} is for re-identification models "
+                         f"({', '.join(reid_only) or 'task: reid'}); evaluate it on market1501:, dukemtmc: "
+                         "or reid: data")
     started = time.perf_counter()
     model.to(device)
     entries = build_entries(suite, model, seed)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from robench import __version__
-from robench.cli import suites_cmd
+from robench.cli import dmr_cmd, suites_cmd
 from robench.cli.eval_cmd import eval_command
 from robench.cli.pixel_index_cmd import pixel_index_command
 
@@ -19,6 +19,7 @@ app = typer.Typer(
 app.command("eval")(eval_command)
 app.command("pixel-index")(pixel_index_command)
 app.add_typer(suites_cmd.app, name="suites")
+app.add_typer(dmr_cmd.app, name="dmr")
 
 
 @app.command("version")

@@ -13,9 +13,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from robench.api import evaluate
 from robench.cli.common import handle_errors, stderr
+from robench.cli.reid_eval import run_reid_eval
 from robench.data.sources import DataOptions
 from robench.errors import UsageError
 from robench.models import load_model, resolve_normalization
+from robench.reid.api import is_reid_spec
 from robench.precision import PRECISIONS
 from robench.report import results_table
 from robench.results import default_run_dir, prepare_run_dir
@@ -51,6 +53,24 @@ def eval_command(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default runs/<suite>/<model>/<UTC time>/)."),
     as_json: bool = typer.Option(False, "--json", help="Print only the results JSON to stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    # re-identification (market1501:, dukemtmc:, reid: datasets)
+    feature_layer: Optional[str] = typer.Option(None, "--feature-layer", help="ReID: take features from this module."),
+    flip: bool = typer.Option(False, "--flip", help="ReID: add the features of the flipped image."),
+    l2: bool = typer.Option(False, "--l2", help="ReID: L2-normalise features."),
+    distance: str = typer.Option("euclidean", help="ReID: euclidean or cosine."),
+    ranks: str = typer.Option("1,5,10", help="ReID: CMC ranks."),
+    ap: str = typer.Option("noninterp", help="ReID: AP convention, noninterp (torchreid) or trapezoid "
+                           "(Market-1501 MATLAB code)."),
+    denominator: str = typer.Option("valid", help="ReID: queries without a valid match are skipped (valid) "
+                                    "or count as 0 (all)."),
+    rerank: bool = typer.Option(False, "--rerank", help="ReID: also report k-reciprocal re-ranking."),
+    perturb: str = typer.Option("query", help="ReID: which split attacks perturb, query or gallery."),
+    surrogate: Optional[str] = typer.Option(None, "--surrogate", help="ReID: model for transfer attacks."),
+    surrogate_arch: Optional[str] = typer.Option(None, "--surrogate-arch"),
+    surrogate_num_classes: Optional[int] = typer.Option(None, "--surrogate-num-classes"),
+    image_size: Optional[str] = typer.Option(None, "--image-size", help="ReID: resize images to HxW, e.g. 256x128."),
+    reid_pattern: Optional[str] = typer.Option(None, "--reid-pattern",
+                                               help="ReID: filename regex with groups (person id, camera)."),
 ) -> None:
     """Evaluate MODEL under every attack of a suite: clean and robust accuracy."""
     if precision not in PRECISIONS:
@@ -66,6 +86,16 @@ def eval_command(
     if data_spec is None:
         raise UsageError(f"suite {loaded_suite.suite.name} names no dataset: pass --data")
     run_dir = prepare_run_dir(out if out else default_run_dir(loaded_suite.suite.name, loaded.name))
+    if is_reid_spec(data_spec) or loaded_suite.suite.task == "reid":
+        run_reid_eval(
+            loaded, data_spec, loaded_suite, run_dir, normalization=normalization, trust_checkpoint=trust_checkpoint,
+            feature_layer=feature_layer, flip=flip, l2=l2, distance=distance, ranks=ranks, ap=ap,
+            denominator=denominator, rerank=rerank, perturb=perturb, surrogate=surrogate,
+            surrogate_arch=surrogate_arch, surrogate_num_classes=surrogate_num_classes, image_size=image_size,
+            reid_pattern=reid_pattern, device=device, batch_size=batch_size, seed=seed, workers=workers,
+            as_json=as_json, quiet=quiet,
+        )
+        return
     options = DataOptions(root=data_root, download=download, limit=limit, resize=resize, crop=crop, split=split)
 
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -12,16 +12,19 @@ from robench.errors import UsageError
 Number = float | int | str
 
 # Which optional fields each native attack understands, and its default step size.
+# Fields of gradient attacks on re-identification models (feature-space objectives).
+REID_FIELDS = {"objective", "margin", "exclude_self", "dmr_compat", "ids_per_batch", "source"}
 NATIVE_FIELDS: dict[str, set[str]] = {
-    "fgsm": set(),
-    "bim": {"steps", "step_size"},
-    "pgd": {"steps", "step_size", "random_start", "restarts"},
-    "mifgsm": {"steps", "step_size", "decay"},
+    "fgsm": set() | REID_FIELDS,
+    "bim": {"steps", "step_size"} | REID_FIELDS,
+    "pgd": {"steps", "step_size", "random_start", "restarts"} | REID_FIELDS,
+    "mifgsm": {"steps", "step_size", "decay"} | REID_FIELDS,
     "pixels": {"pixels", "delta", "area", "trials", "shared_positions", "channels"},
+    "dmr": {"generator"},
 }
 DEFAULT_STEP_SIZE = {"bim": "eps/steps", "pgd": "2.5*eps/steps", "mifgsm": "eps/steps"}
 OPTIONAL_FIELDS = {"steps", "step_size", "random_start", "restarts", "decay",
-                   "pixels", "delta", "area", "trials", "shared_positions", "channels"}
+                   "pixels", "delta", "area", "trials", "shared_positions", "channels", "generator"} | REID_FIELDS
 BUDGET_FREE = {"pixels"}  # attacks whose size is not an eps (one result per pixel count)
 DEFAULT_PIXELS = [4, 8, 16, 32, 64]
 LINF_MAX_EPS = 1.0  # pixel units: a larger L-inf radius allows any image at all
@@ -58,6 +61,14 @@ class AttackSpec(BaseModel):
     trials: int | None = Field(default=None, ge=1, le=10_000)
     shared_positions: bool | None = None
     channels: Literal["all", "first"] | None = None
+    # re-identification: what the attack optimises and on which model
+    objective: Literal["away", "odfa", "misrank"] | None = None
+    margin: float | None = Field(default=None, ge=0)
+    exclude_self: bool | None = None
+    dmr_compat: bool | None = None
+    ids_per_batch: int | None = Field(default=None, ge=2, le=10_000)
+    source: Literal["target", "surrogate"] | None = None
+    generator: str | None = None  # attack: dmr, a file written by `robench dmr train`
 
     @field_validator("pixels", mode="before")
     @classmethod
@@ -139,6 +150,9 @@ class AttackSpec(BaseModel):
         if self.attack in BUDGET_FREE:
             if self.eps:
                 raise ValueError(f"eps: {self.attack} has no eps budget (it changes whole pixels)")
+        elif self.attack == "dmr":
+            if not self.generator:
+                raise ValueError("generator: dmr needs the file written by `robench dmr train`")
         elif not self.eps:
             raise ValueError("eps: at least one value is needed")
         allowed = NATIVE_FIELDS[self.attack]
@@ -167,6 +181,23 @@ class AttackSpec(BaseModel):
         return eval_expr(text, {"eps": eps, "steps": float(self.resolved_steps())})
 
 
+class SurrogateSpec(BaseModel):
+    """The model a transfer attack is computed on (same loading options as the target)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    arch: str | None = None
+    num_classes: int | None = None
+    normalize: str | None = None
+    feature_layer: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_path(cls, data: Any) -> Any:
+        return {"model": data} if isinstance(data, str) else data
+
+
 class Suite(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -177,6 +208,8 @@ class Suite(BaseModel):
     eps_space: Literal["pixel", "normalized"] = "pixel"
     reference: str | None = None
     notes: str | None = None
+    task: Literal["classification", "reid"] | None = None
+    surrogate: "SurrogateSpec | None" = None
     attacks: list[AttackSpec]
 
     @model_validator(mode="after")

@@ -1,0 +1,88 @@
+"""``robench dmr train SURROGATE --data market1501:ROOT --out generator.pt``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+import typer
+
+from robench.cli.common import handle_errors, stderr
+from robench.errors import UsageError
+from robench.expressions import eval_expr
+from robench.models import load_model, resolve_normalization
+from robench.precision import resolve_device
+from robench.reid.api import is_reid_spec, load_reid_spec
+from robench.reid.datasets import ReIDImages
+from robench.reid.features import ReIDFeatures
+from robench.reid.generator import GeneratorConfig, save_generator, train_generator
+
+app = typer.Typer(help="The DMR generator attack (Deep Mis-Ranking, Wang et al. 2020).", no_args_is_help=True)
+
+
+@app.command("train")
+@handle_errors
+def train(
+    surrogate: str = typer.Argument(..., help="Surrogate ReID model the generator is trained against."),
+    data: str = typer.Option(..., "--data", "-d", help="market1501:ROOT, dukemtmc:ROOT or reid:ROOT with "
+                             "bounding_box_train/."),
+    out: Path = typer.Option(..., "--out", "-o", help="Generator file to write (never overwritten)."),
+    arch: Optional[str] = typer.Option(None), num_classes: Optional[int] = typer.Option(None, "--num-classes"),
+    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint"),
+    normalize: Optional[str] = typer.Option(None, "--normalize"), mean: Optional[str] = typer.Option(None),
+    std: Optional[str] = typer.Option(None),
+    feature_layer: Optional[str] = typer.Option(None, "--feature-layer"),
+    classifier_layer: Optional[str] = typer.Option(None, "--classifier-layer",
+                                                   help="Module whose output is identity logits: adds the "
+                                                   "cross-entropy term."),
+    image_size: Optional[str] = typer.Option(None, "--image-size", help="HxW, e.g. 256x128."),
+    eps: str = typer.Option("16/255", help="L-inf budget in [0,1] pixel units."),
+    steps: int = typer.Option(2000), lr: float = typer.Option(2e-4),
+    ids_per_batch: int = typer.Option(8, "--ids-per-batch"), images_per_id: int = typer.Option(4, "--images-per-id"),
+    margin: float = typer.Option(0.3), dmr_compat: bool = typer.Option(False, "--dmr-compat"),
+    ce_weight: float = typer.Option(1.0, "--ce-weight"),
+    width: int = typer.Option(32), blocks: int = typer.Option(4),
+    val_fraction: float = typer.Option(0.1, "--val-fraction", help="Training identities held out for model "
+                                       "selection."),
+    val_every: int = typer.Option(200, "--val-every"),
+    seed: int = typer.Option(0), device: str = typer.Option("auto"),
+) -> None:
+    """Train the generator; the checkpoint with the lowest validation mAP under attack is kept."""
+    from robench.cli.reid_eval import _size
+
+    if out.exists():
+        raise UsageError(f"{out} exists; generators are never overwritten")
+    if not is_reid_spec(data):
+        raise UsageError("--data must be market1501:ROOT, dukemtmc:ROOT or reid:ROOT")
+    budget = eval_expr(eps)
+    if not 0 < budget <= 1:
+        raise UsageError(f"--eps must be in (0, 1], got {budget:g}")
+    for name, value in (("steps", steps), ("ids-per-batch", ids_per_batch - 1), ("images-per-id", images_per_id),
+                        ("val-every", val_every)):
+        if value < 1:
+            raise UsageError(f"--{name} is too small")
+    if not 0 <= val_fraction < 1:
+        raise UsageError("--val-fraction must be in [0, 1)")
+    dataset = load_reid_spec(data)
+    if dataset.train is None or len(dataset.train) == 0:
+        raise UsageError(f"{dataset.root} has no bounding_box_train/ images to train on")
+    loaded = load_model(surrogate, arch=arch, num_classes=num_classes, trust_checkpoint=trust_checkpoint)
+    dev = resolve_device(device)
+    model = ReIDFeatures(loaded.model, resolve_normalization(normalize, mean, std), layer=feature_layer).to(dev)
+    logits_fn = None
+    if classifier_layer is not None:
+        head = ReIDFeatures(loaded.model, model.normalization, layer=classifier_layer).to(dev)
+        logits_fn = head
+    images = ReIDImages(dataset.train, _size(image_size))
+    config = GeneratorConfig(eps=budget, width=width, blocks=blocks, margin=margin, exclude_self=not dmr_compat,
+                             ce_weight=ce_weight if classifier_layer else 0.0, ids_per_batch=ids_per_batch,
+                             images_per_id=images_per_id, steps=steps, lr=lr, val_fraction=val_fraction,
+                             val_every=val_every, seed=seed)
+    generator, history = train_generator(
+        model, lambda idx: torch.stack([images[i][0] for i in idx]), dataset.train.pids, dataset.train.camids,
+        config, device=dev, logits_fn=logits_fn, log=lambda m: stderr.print(f"robench: {m}", highlight=False),
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_generator(out, generator.cpu(), config, history)
+    stderr.print(f"generator written to {out}", highlight=False)

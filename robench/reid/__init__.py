@@ -1,0 +1,1 @@
+"""Person re-identification: datasets, features, CMC/mAP, re-ranking and ranking attacks."""

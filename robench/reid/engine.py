@@ -1,0 +1,200 @@
+"""Re-identification runs: clean CMC/mAP, then each attack entry with the other split clean.
+
+The gallery (or, with ``perturb="gallery"``, the query set) is extracted once
+and reused by every entry. White-box entries attack the target; entries with
+``source: surrogate`` are computed on the surrogate and evaluated on the
+target (black-box transfer). Mis-ranking entries attack batches of whole
+identities (``ids_per_batch`` persons with all their images), as the loss
+compares images of the same and of different persons.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from robench.engine import Entry, build_entries
+from robench.errors import UsageError
+from robench.models.wrapper import evaluation_mode
+from robench.reid.datasets import ReIDData, ReIDImages, ReIDSplit
+from robench.reid.features import ReIDFeatures, extract
+from robench.reid.metrics import distance_matrix, rank_metrics
+from robench.reid.objectives import apply_objective
+from robench.suites import Suite
+
+DEFAULT_IDS_PER_BATCH = 8
+
+
+@dataclass
+class ReIDOptions:
+    metric: str = "euclidean"
+    ranks: tuple[int, ...] = (1, 5, 10)
+    ap: str = "noninterp"
+    denominator: str = "valid"
+    minp: bool = True
+    rerank: bool = False
+    perturb: str = "query"  # or "gallery"
+    size: tuple[int, int] | None = None
+    batch_size: int = 64
+    workers: int = 0
+    seed: int = 0
+
+
+@dataclass
+class ReIDOutcome:
+    clean: dict[str, Any]
+    clean_reranked: dict[str, Any] | None
+    attacks: list[dict[str, Any]] = field(default_factory=list)
+    nonfinite_features: int = 0
+    fingerprint: str = ""
+    seconds: float = 0.0
+
+
+def _loader(split: ReIDSplit, options: ReIDOptions, indices: list[int] | None = None) -> DataLoader:
+    dataset = ReIDImages(split, options.size)
+    if indices is not None:
+        dataset = Subset(dataset, indices)
+    return DataLoader(dataset, batch_size=options.batch_size, shuffle=False, num_workers=options.workers)
+
+
+def identity_batches(pids: np.ndarray, ids_per_batch: int) -> list[list[int]]:
+    """Indices grouped so that every batch holds all images of ``ids_per_batch`` persons."""
+    order = np.argsort(pids, kind="stable")
+    batches, current, seen = [], [], []
+    for i in order:
+        pid = int(pids[i])
+        if pid not in seen:
+            if len(seen) == ids_per_batch:
+                batches.append(current)
+                current, seen = [], []
+            seen.append(pid)
+        current.append(int(i))
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _metrics(qf, gf, q: ReIDSplit, g: ReIDSplit, options: ReIDOptions, rerank: bool) -> dict[str, Any]:
+    if rerank:
+        from robench.reid.rerank import k_reciprocal_rerank
+
+        dist = k_reciprocal_rerank(qf, gf)
+    else:
+        dist = distance_matrix(qf, gf, options.metric)
+    device = dist.device
+    result = rank_metrics(
+        dist, torch.from_numpy(q.pids).to(device), torch.from_numpy(g.pids).to(device),
+        torch.from_numpy(q.camids).to(device), torch.from_numpy(g.camids).to(device),
+        ranks=options.ranks, ap=options.ap, denominator=options.denominator, minp=options.minp,
+    )
+    out = {f"rank{k}": v for k, v in result["cmc"].items()}
+    out.update({"mAP": result["mAP"], "mINP": result.get("mINP"), "queries": result["queries"],
+                "valid_queries": result["valid_queries"], "ap_convention": result["ap_convention"],
+                "denominator": result["denominator"], "distance": "rerank" if rerank else options.metric})
+    return out
+
+
+def run_reid(
+    target: ReIDFeatures,
+    data: ReIDData,
+    suite: Suite,
+    *,
+    surrogate: ReIDFeatures | None,
+    options: ReIDOptions,
+    device: torch.device,
+    on_step: Callable[[str], None] | None = None,
+) -> ReIDOutcome:
+    started = time.perf_counter()
+    target.to(device)
+    entries = build_entries(suite, target, options.seed)
+    for e in entries:
+        if e.spec.source == "surrogate" and surrogate is None:
+            raise UsageError(f"{e.spec.display_name()} is a transfer attack: the suite or --surrogate must name "
+                             "a surrogate model")
+        if e.spec.attack not in ("fgsm", "bim", "pgd", "mifgsm", "dmr"):
+            raise UsageError(f"{e.spec.attack} does not apply to re-identification models; use dmr, or fgsm, bim, "
+                             "pgd or mifgsm with an objective (away, odfa, misrank)")
+    models = [target] + ([surrogate.to(device)] if surrogate is not None else [])
+    contexts = [evaluation_mode(m) for m in models]
+    for ctx in contexts:
+        ctx.__enter__()
+    try:
+        q, g = data.query, data.gallery
+        if on_step:
+            on_step("gallery features")
+        gf = extract(target, _loader(g, options), device)
+        if on_step:
+            on_step("query features")
+        qf = extract(target, _loader(q, options), device)
+        nonfinite = int((~torch.isfinite(qf).all(dim=1)).sum() + (~torch.isfinite(gf).all(dim=1)).sum())
+        outcome = ReIDOutcome(_metrics(qf, gf, q, g, options, False),
+                              _metrics(qf, gf, q, g, options, True) if options.rerank else None)
+        for entry in entries:
+            if on_step:
+                on_step(f"{entry.spec.display_name()} eps {entry.eps_text}")
+            outcome.attacks.append(_run_entry(entry, target, surrogate, data, qf, gf, options, device))
+        outcome.nonfinite_features = nonfinite
+    finally:
+        for ctx in reversed(contexts):
+            ctx.__exit__(None, None, None)
+    digest = hashlib.sha256()
+    for split in (data.query, data.gallery):
+        digest.update("\n".join(f"{p.name}" for p in split.files).encode())
+        digest.update(split.pids.tobytes() + split.camids.tobytes())
+    outcome.fingerprint = digest.hexdigest()
+    outcome.seconds = time.perf_counter() - started
+    return outcome
+
+
+def _run_entry(entry: Entry, target: ReIDFeatures, surrogate: ReIDFeatures | None, data: ReIDData,
+               qf: torch.Tensor, gf: torch.Tensor, options: ReIDOptions, device: torch.device) -> dict[str, Any]:
+    spec = entry.spec
+    generated = spec.attack == "dmr"  # a trained generator: no objective, no gradients
+    objective = None if generated else (spec.objective or "away")
+    margin = spec.margin if spec.margin is not None else 0.3
+    # dmr_compat reproduces the released DMR code (self inside the positive mask).
+    exclude_self = not spec.dmr_compat if spec.dmr_compat else (spec.exclude_self is not False)
+    attack = entry.attack if generated else apply_objective(entry.attack, objective, margin=margin,
+                                                             exclude_self=exclude_self)
+    source = surrogate if spec.source == "surrogate" else target
+    split = data.query if options.perturb == "query" else data.gallery
+    t0 = time.perf_counter()
+    if objective == "misrank":
+        groups = identity_batches(split.pids, spec.ids_per_batch or DEFAULT_IDS_PER_BATCH)
+    else:
+        groups = [list(range(s, min(s + options.batch_size, len(split)))) for s in range(0, len(split), options.batch_size)]
+    dataset = ReIDImages(split, options.size)
+    adv_features = torch.empty(len(split), qf.shape[1], device=device)
+    for group in groups:
+        batch = [dataset[i] for i in group]
+        x = torch.stack([b[0] for b in batch]).to(device)
+        idx = torch.tensor(group, device=device)
+        if objective == "misrank" or generated:
+            y = torch.from_numpy(split.pids[group]).to(device)
+        else:
+            with torch.no_grad():
+                y = source(x).float()
+        x_adv = attack(source, x, y, idx).x_adv
+        with torch.no_grad():
+            adv_features[idx] = target(x_adv).float()
+    seconds = time.perf_counter() - t0
+    if options.perturb == "query":
+        metrics = _metrics(adv_features, gf, data.query, data.gallery, options, False)
+        reranked = _metrics(adv_features, gf, data.query, data.gallery, options, True) if options.rerank else None
+    else:
+        metrics = _metrics(qf, adv_features, data.query, data.gallery, options, False)
+        reranked = _metrics(qf, adv_features, data.query, data.gallery, options, True) if options.rerank else None
+    params = entry.params()
+    params.update({"objective": objective or "generator", "source": "surrogate" if generated else
+                   (spec.source or "target"), "perturb": options.perturb})
+    if objective == "misrank":
+        params.update({"margin": margin, "exclude_self": exclude_self, "dmr_compat": bool(spec.dmr_compat),
+                       "ids_per_batch": spec.ids_per_batch or DEFAULT_IDS_PER_BATCH})
+    return {"attack": entry.attack.name, "label": spec.display_name(), "norm": entry.attack.norm,
+            "eps": entry.eps if entry.eps is not None else float(entry.attack.eps), **metrics, "reranked": reranked, "params": params, "seconds": round(seconds, 4)}
