@@ -252,3 +252,37 @@ def test_missing_folders_and_no_valid_match(market, reid_models, tmp_path):
     save(img, lonely / "bounding_box_test" / "0002_c2s1_000003_00.png")
     result = invoke(*eval_args(reid_models["target"], lonely, "reid-clean", tmp_path / "b"))
     assert result.exit_code == 2 and "valid match" in result.stderr
+
+
+def test_duke_and_generic_patterns(tmp_path):
+    img = np.zeros((8, 8, 1), dtype=np.uint8)
+    duke = tmp_path / "duke"
+    for d in ("query", "bounding_box_test"):
+        (duke / d).mkdir(parents=True)
+    save(img, duke / "query" / "0005_c2_f0046985.jpg")
+    save(img, duke / "bounding_box_test" / "0005_c8_f0046999.jpg")
+    save(img, duke / "bounding_box_test" / "0007_c9_f0046999.jpg")  # Duke has 8 cameras
+    data = load_reid("dukemtmc", duke)
+    assert list(data.query.pids) == [5] and list(data.gallery.camids) == [8]
+    assert "camera 9" in data.skipped[0]["reason"]
+    generic = tmp_path / "generic"
+    for d in ("query", "bounding_box_test"):
+        (generic / d).mkdir(parents=True)
+    save(img, generic / "query" / "p12-cam3.png")
+    save(img, generic / "bounding_box_test" / "p12-cam1.png")
+    data = load_reid("reid", generic, pattern=r"^p(\d+)-cam(\d+)")
+    assert list(data.query.pids) == [12] and list(data.gallery.camids) == [1]
+    from robench.errors import UsageError
+
+    with pytest.raises(UsageError, match="two groups"):
+        load_reid("reid", generic, pattern=r"^p(\d+)")
+
+
+def test_perturbing_the_gallery(reid_models, market, tmp_path):
+    suite = tmp_path / "g.yaml"
+    suite.write_text("name: g\ntask: reid\nattacks:\n  - attack: pgd\n    eps: 0.1\n    steps: 5\n    objective: away\n")
+    result = invoke(*eval_args(reid_models["target"], market, suite, tmp_path / "r", "--perturb", "gallery"))
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["attacks"][0]["params"]["perturb"] == "gallery"
+    assert doc["attacks"][0]["mAP"] < doc["clean"]["mAP"] - 0.1

@@ -41,8 +41,14 @@ def pixel_trials(
 class PixelChange(Attack):
     """Change ``n_pixels`` random pixels; a sample counts as fooled if any trial fools it.
 
-    "Any trial" keeps the suite's worst-case semantics (an attacker may retry);
-    the ``pixel-index`` command reports per-trial rates instead, as the paper does.
+    "Any trial" keeps the suite's worst-case semantics (an attacker may retry, and
+    robust accuracy is accuracy under the worst perturbation tried); the
+    ``pixel-index`` command reports per-trial rates instead, as the paper does.
+
+    Trial t draws with ``stream_key(seed, stream, t)`` (``pixel_trials`` with key
+    ``stream_key(seed, stream)`` derives exactly that), i.e. ``random_key(t)``.
+    The norm is recorded as "l0": the budget is a count of changed pixels, and
+    labelling the entry "linf" with eps 0 would misdescribe it in results.
     """
 
     name = "pixels"

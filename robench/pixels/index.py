@@ -9,6 +9,12 @@ The function computes exactly. The paper computes from rounded intermediates
 (p = 64/224^2 printed as 0.1276%, a = 200^2/224^2 as 79.72%) and cuts the
 result to two decimals, so its figures differ from exact ones in the second
 decimal (Table 5, ResNet: 32.60 printed, 32.61 exact).
+
+Cut, not rounded: with p = 0.1276% the five Table 5 quotients are 27.586,
+32.601, 46.003, 62.539, 109.326 and the worked example's is 98.306; the paper
+prints 27.58, 62.53, 109.32 and 98.30, which only truncation gives (rounding
+would print 27.59, 62.54, 109.33, 98.31). We do neither: results keep full
+precision and a report may format them as it likes.
 """
 
 from __future__ import annotations

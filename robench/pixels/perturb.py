@@ -16,7 +16,17 @@ Choices the paper leaves open, made here:
 * Images are 8-bit at the model's input resolution: inputs are rounded to
   the 1/255 grid and so are the outputs.
 * The value range r of a +/-delta change is the width of its interval,
-  2*delta (at most 255): delta 127 spans 254 of the 255 grey levels.
+  2*delta (at most 255). The paper gives no Pi for its Table 7, so this is
+  our reading of Eq. 7: for the default change it writes "the value range
+  of modified pixels is 0 to 255" and r = 255/255, i.e. r measures the
+  interval's width (hi - lo), not a one-sided amplitude; the interval of a
+  +/-delta change, [-delta, +delta], has width 2*delta. Table 7's largest
+  setting, +/-127, then spans 254/255 of the scale, as its role as the
+  "nearly unrestricted" end of the sweep suggests. Taking r = delta/255
+  instead would rate +/-127 as half the default's range although its
+  offsets reach just as far. (Clipping at 0 and 255 narrows the realised
+  interval near the ends; r describes the drawn interval, as the paper's
+  r describes the drawn values.)
 
 Randomness comes from the counter-based streams of
 :mod:`robench.attacks.randomness`, keyed by the sample's dataset index: an
