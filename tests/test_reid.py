@@ -197,7 +197,8 @@ def test_generator_trains_and_attacks_end_to_end(reid_models, market, tmp_path):
     result = invoke("dmr", "train", reid_models["surrogate"], "--arch", "test_reid:embedding_net",
                     "--feature-layer", FEATURE_LAYER, "--classifier-layer", "8", "--data", f"market1501:{market}",
                     "--out", gen_path, "--steps", 30, "--val-every", 10, "--width", 8, "--blocks", 1,
-                    "--eps", "0.15", "--lr", "0.01", "--ids-per-batch", 5, "--val-fraction", 0.2)
+                    "--eps", "0.15", "--lr", "0.01", "--ids-per-batch", 5, "--val-fraction", 0.2,
+                    "--msssim-weight", 0.1)
     assert result.exit_code == 0, result.stderr
     assert gen_path.is_file() and "validation mAP" in result.stderr
     again = invoke("dmr", "train", reid_models["surrogate"], "--arch", "test_reid:embedding_net",
@@ -286,3 +287,19 @@ def test_perturbing_the_gallery(reid_models, market, tmp_path):
     doc = json.loads(result.stdout)
     assert doc["attacks"][0]["params"]["perturb"] == "gallery"
     assert doc["attacks"][0]["mAP"] < doc["clean"]["mAP"] - 0.1
+
+
+def test_ms_ssim_properties():
+    from robench.reid.perceptual import ms_ssim
+
+    gen = torch.Generator().manual_seed(0)
+    smooth = torch.nn.functional.interpolate(torch.rand(2, 3, 16, 16, generator=gen), size=(176, 176),
+                                             mode="bilinear", align_corners=False)
+    assert torch.allclose(ms_ssim(smooth, smooth), torch.ones(2), atol=1e-5)
+    noise = torch.rand(smooth.shape, generator=gen) - 0.5
+    scores = [ms_ssim(smooth, (smooth + a * noise).clamp(0, 1)).mean().item() for a in (0.02, 0.1, 0.4)]
+    assert 1 > scores[0] > scores[1] > scores[2] > 0
+    a, b = smooth, (smooth + 0.1 * noise).clamp(0, 1)
+    assert torch.allclose(ms_ssim(a, b), ms_ssim(b, a), atol=1e-6)
+    tiny = ms_ssim(smooth[:, :, :8, :8], smooth[:, :, :8, :8] * 0.9)  # fewer scales fit
+    assert torch.all(tiny < 1) and torch.all(tiny > 0)

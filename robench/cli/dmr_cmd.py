@@ -42,6 +42,7 @@ def train(
     ids_per_batch: int = typer.Option(8, "--ids-per-batch"), images_per_id: int = typer.Option(4, "--images-per-id"),
     margin: float = typer.Option(0.3), dmr_compat: bool = typer.Option(False, "--dmr-compat"),
     ce_weight: float = typer.Option(1.0, "--ce-weight"),
+    msssim_weight: float = typer.Option(0.0, "--msssim-weight", help="Weight of the 1 - MS-SSIM perceptual term."),
     width: int = typer.Option(32), blocks: int = typer.Option(4),
     val_fraction: float = typer.Option(0.1, "--val-fraction", help="Training identities held out for model "
                                        "selection."),
@@ -62,6 +63,8 @@ def train(
                         ("val-every", val_every)):
         if value < 1:
             raise UsageError(f"--{name} is too small")
+    if msssim_weight < 0 or ce_weight < 0:
+        raise UsageError("--msssim-weight and --ce-weight must be >= 0")
     if not 0 <= val_fraction < 1:
         raise UsageError("--val-fraction must be in [0, 1)")
     dataset = load_reid_spec(data)
@@ -76,7 +79,8 @@ def train(
         logits_fn = head
     images = ReIDImages(dataset.train, _size(image_size))
     config = GeneratorConfig(eps=budget, width=width, blocks=blocks, margin=margin, exclude_self=not dmr_compat,
-                             ce_weight=ce_weight if classifier_layer else 0.0, ids_per_batch=ids_per_batch,
+                             ce_weight=ce_weight if classifier_layer else 0.0, msssim_weight=msssim_weight,
+                             ids_per_batch=ids_per_batch,
                              images_per_id=images_per_id, steps=steps, lr=lr, val_fraction=val_fraction,
                              val_every=val_every, seed=seed)
     generator, history = train_generator(

@@ -24,6 +24,7 @@ from robench.attacks.base import Attack, AttackResult
 from robench.attacks.registry import ATTACKS
 from robench.errors import RunError, UsageError
 from robench.reid.objectives import misranking_loss
+from robench.reid.perceptual import ms_ssim
 
 
 class _Residual(nn.Module):
@@ -74,6 +75,7 @@ class GeneratorConfig:
     margin: float = 0.3
     exclude_self: bool = True
     ce_weight: float = 1.0
+    msssim_weight: float = 0.0
     ids_per_batch: int = 8
     images_per_id: int = 4
     steps: int = 2000
@@ -221,6 +223,9 @@ def train_generator(
             target = torch.tensor([classes[int(p)] for p in y.tolist()], device=device)
             # Push the surrogate's classifier away from the true identity.
             loss = loss - config.ce_weight * F.cross_entropy(logits.float(), target, reduction="sum")
+        if config.msssim_weight > 0:
+            # Keep the adversarial image perceptually close to the original.
+            loss = loss + config.msssim_weight * (1.0 - ms_ssim(x_adv, x)).sum()
         opt.zero_grad()
         loss.backward()
         opt.step()
