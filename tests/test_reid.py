@@ -303,3 +303,27 @@ def test_ms_ssim_properties():
     assert torch.allclose(ms_ssim(a, b), ms_ssim(b, a), atol=1e-6)
     tiny = ms_ssim(smooth[:, :, :8, :8], smooth[:, :, :8, :8] * 0.9)  # fewer scales fit
     assert torch.all(tiny < 1) and torch.all(tiny > 0)
+
+
+def test_compare_reid_layout(reid_models, market, tmp_path):
+    docs = {}
+    for name in ("target", "surrogate"):
+        result = invoke(*eval_args(reid_models[name], market, "reid-pgd", tmp_path / name, "--rerank"))
+        assert result.exit_code == 0, result.stderr
+        docs[name] = json.loads(result.stdout)
+    table = invoke("compare", tmp_path / "target", tmp_path / "surrogate", "--format", "csv")
+    assert table.exit_code == 0, table.stderr
+    import csv
+    import io
+
+    rows = {r["model"]: r for r in csv.DictReader(io.StringIO(table.stdout))}
+    assert set(rows) == {"target", "surrogate"}
+    header = list(next(iter(rows.values())))
+    assert header[1:5] == ["Original Rank-1", "Original Rank-5", "Original Rank-10", "Original mAP"]
+    assert "Original + re-ranking mAP" in header and any(h.startswith("pgd-away ε = 8/255") for h in header)
+    for name, doc in docs.items():
+        assert float(rows[name]["Original Rank-1"]) == pytest.approx(100 * doc["clean"]["rank1"], abs=0.05)
+    trapezoid = invoke(*eval_args(reid_models["target"], market, "reid-pgd", tmp_path / "t2", "--ap", "trapezoid"))
+    assert trapezoid.exit_code == 0
+    mixed = invoke("compare", tmp_path / "target", tmp_path / "t2", "--format", "markdown")
+    assert "different AP conventions" in mixed.stderr

@@ -6,7 +6,9 @@ import typer
 
 from robench import __version__
 from robench.cli import dmr_cmd, suites_cmd
+from robench.cli.compare_cmd import compare_command, plot_command
 from robench.cli.eval_cmd import eval_command
+from robench.cli.gate_cmd import gate_command
 from robench.cli.pixel_index_cmd import pixel_index_command
 
 app = typer.Typer(
@@ -18,6 +20,9 @@ app = typer.Typer(
 )
 app.command("eval")(eval_command)
 app.command("pixel-index")(pixel_index_command)
+app.command("compare")(compare_command)
+app.command("plot")(plot_command)
+app.command("gate")(gate_command)
 app.add_typer(suites_cmd.app, name="suites")
 app.add_typer(dmr_cmd.app, name="dmr")
 

@@ -16,6 +16,11 @@ from robench.errors import EXIT_RUN_FAILED, RobenchError
 stderr = Console(stderr=True, soft_wrap=True)  # log lines stay whole for grep and CI logs
 
 
+def stdout_console() -> Console:
+    """Tables for people; when piped (CI logs, files) wide enough that no column is cut."""
+    return Console() if sys.stdout.isatty() else Console(width=200)
+
+
 def debug() -> bool:
     return os.environ.get("ROBENCH_DEBUG", "") not in ("", "0")
 

@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from robench.api import evaluate
-from robench.cli.common import handle_errors, stderr
+from robench.cli.common import handle_errors, stderr, stdout_console
+from robench.cli.gate_cmd import run_gate
+from robench.gate import parse_rule
+from robench.results.reading import read_result
 from robench.cli.reid_eval import run_reid_eval
 from robench.data.sources import DataOptions
 from robench.errors import UsageError
@@ -71,8 +73,21 @@ def eval_command(
     image_size: Optional[str] = typer.Option(None, "--image-size", help="ReID: resize images to HxW, e.g. 256x128."),
     reid_pattern: Optional[str] = typer.Option(None, "--reid-pattern",
                                                help="ReID: filename regex with groups (person id, camera)."),
+    # gate the run in the same step
+    baseline: Optional[Path] = typer.Option(None, "--baseline", help="Gate the results against this run "
+                                            "(exit 1 on a regression)."),
+    max_drop: float = typer.Option(0.0, "--max-drop", help="With --baseline: allowed drop (0.01 = 1 point)."),
+    rule: Optional[List[str]] = typer.Option(None, "--rule", help="With --baseline: METRIC@ENTRY:THRESHOLD."),
+    require_significant: bool = typer.Option(False, "--require-significant"),
+    junit: Optional[Path] = typer.Option(None, "--junit", help="With --baseline: JUnit XML report."),
 ) -> None:
     """Evaluate MODEL under every attack of a suite: clean and robust accuracy."""
+    if baseline is None and (rule or junit or require_significant or max_drop):
+        raise UsageError("--max-drop, --rule, --require-significant and --junit need --baseline")
+    if baseline is not None:
+        read_result(baseline)  # fail before the run, not after it
+        for text in rule or []:
+            parse_rule(text)
     if precision not in PRECISIONS:
         raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     loaded_suite = load_suite(suite)
@@ -95,6 +110,7 @@ def eval_command(
             reid_pattern=reid_pattern, device=device, batch_size=batch_size, seed=seed, workers=workers,
             as_json=as_json, quiet=quiet,
         )
+        _gate(run_dir, baseline, max_drop, rule, require_significant, junit)
         return
     options = DataOptions(root=data_root, download=download, limit=limit, resize=resize, crop=crop, split=split)
 
@@ -112,5 +128,16 @@ def eval_command(
     if as_json:
         sys.stdout.write(json.dumps(result.doc, indent=2) + "\n")
     else:
-        Console().print(results_table(result.doc))
+        stdout_console().print(results_table(result.doc))
     stderr.print(f"results written to {run_dir}", highlight=False)
+    _gate(run_dir, baseline, max_drop, rule, require_significant, junit)
+
+
+def _gate(run_dir: Path, baseline: Optional[Path], max_drop: float, rules: Optional[List[str]],
+          require_significant: bool, junit: Optional[Path]) -> None:
+    """The results are written first: a failing gate never loses the run."""
+    if baseline is None:
+        return
+    code = run_gate(run_dir, baseline, max_drop, rules or [], require_significant, junit, as_json=False, quiet=True)
+    if code:
+        raise typer.Exit(code)

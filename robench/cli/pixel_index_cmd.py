@@ -9,9 +9,8 @@ from typing import Optional
 
 import pandas as pd
 import typer
-from rich.console import Console
 
-from robench.cli.common import handle_errors, stderr
+from robench.cli.common import handle_errors, stderr, stdout_console
 from robench.data.images import input_geometry
 from robench.errors import UsageError
 from robench.expressions import eval_expr
@@ -124,7 +123,7 @@ def pixel_index_command(
     if as_json:
         sys.stdout.write(json.dumps(doc, indent=2) + "\n")
     else:
-        console = Console()
+        console = stdout_console()
         images = doc["images"]
         console.print(f"{images['evaluated']} of {images['read']} images evaluated: "
                       f"{images['excluded_misclassified']} excluded (misclassified before any change), "

@@ -7,9 +7,8 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-from rich.console import Console
 
-from robench.cli.common import stderr
+from robench.cli.common import stderr, stdout_console
 from robench.errors import UsageError
 from robench.models import load_model, resolve_normalization
 from robench.models.loading import LoadedModel
@@ -93,5 +92,5 @@ def run_reid_eval(loaded: LoadedModel, data_spec: str, suite: LoadedSuite, run_d
     if as_json:
         sys.stdout.write(json.dumps(doc, indent=2) + "\n")
     else:
-        Console().print(reid_table(doc))
+        stdout_console().print(reid_table(doc))
     stderr.print(f"results written to {run_dir}", highlight=False)

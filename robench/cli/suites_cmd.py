@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from robench.cli.common import handle_errors
+from robench.cli.common import handle_errors, stdout_console
 from robench.suites import builtin_suites, load_suite
 from robench.suites.loader import find_suite
 
@@ -27,7 +26,7 @@ def list_suites(ctx: typer.Context) -> None:
         suite = load_suite(str(path)).suite
         attacks = ", ".join(sorted({a.display_name() for a in suite.attacks})) or "(clean only)"
         table.add_row(name, suite.dataset or "-", attacks, suite.description)
-    Console().print(table)
+    stdout_console().print(table)
 
 
 @app.command("show")

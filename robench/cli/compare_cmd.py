@@ -1,0 +1,86 @@
+"""``robench compare`` and ``robench plot``: tables and curves from result files."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from robench.cli.common import handle_errors, stderr, stdout_console
+from robench.compare import LAYOUTS, default_layout, pivot_table, render, rich_table
+from robench.errors import UsageError
+from robench.results.reading import comparability_problems, read_result, results_frame
+
+
+def _read_all(results: list[str], labels: list[str] | None):
+    if labels and len(labels) != len(results):
+        raise UsageError(f"--label was given {len(labels)} time(s) for {len(results)} result(s)")
+    read = [read_result(r, labels[i] if labels else None) for i, r in enumerate(results)]
+    names = [r.label for r in read]
+    if len(set(names)) < len(names):
+        # Two runs of the same model: tell them apart by their run directory.
+        read = [r if names.count(r.label) == 1 else read_result(r.path, f"{r.label} ({r.path.parent.name})")
+                for r in read]
+    return read
+
+
+@handle_errors
+def compare_command(
+    results: List[str] = typer.Argument(..., help="results.json files or run directories."),
+    metric: Optional[str] = typer.Option(None, help="accuracy, success_rate, robust_accuracy, rank1, mAP, pi, "
+                                         "misclassified, recognition_rate (default: the layout's)."),
+    layout: Optional[str] = typer.Option(None, help="fdd, alignment, reid or pixel (default: by result kind)."),
+    rows: Optional[str] = typer.Option(None, help="Free pivot: comma-separated columns for rows (e.g. entry,eps)."),
+    cols: Optional[str] = typer.Option(None, help="Free pivot: columns for columns (e.g. model)."),
+    label: Optional[List[str]] = typer.Option(None, "--label", help="Name per result, in order (default: model)."),
+    fmt: str = typer.Option("table", "--format", "-f", help="table, markdown, csv, latex or html."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write here instead of stdout."),
+) -> None:
+    """Side-by-side tables in the papers' layouts."""
+    read = _read_all(results, label)
+    frame = results_frame(read)
+    problems = comparability_problems(read)
+    if rows or cols:
+        if layout:
+            raise UsageError("give either --layout or --rows/--cols")
+        table = pivot_table(frame, (rows or "entry,eps").split(","), (cols or "model").split(","),
+                            metric or "accuracy")
+    else:
+        name = layout or default_layout(read[0].kind)
+        build = LAYOUTS.get(name)
+        table = build(frame, metric) if metric else build(frame)
+    for problem in problems:
+        table.notes.append(f"not comparable: {problem}")
+        stderr.print(f"robench: warning: not comparable: {problem}", highlight=False)
+    if fmt == "table":
+        if out:
+            raise UsageError("--format table prints to the terminal; choose markdown, csv, latex or html with --out")
+        stdout_console().print(rich_table(table))
+        return
+    text = render(table, fmt)
+    if out:
+        out.write_text(text, encoding="utf-8")
+        stderr.print(f"table written to {out}", highlight=False)
+    else:
+        sys.stdout.write(text)
+
+
+@handle_errors
+def plot_command(
+    results: List[str] = typer.Argument(..., help="results.json files or run directories."),
+    x: Optional[str] = typer.Option(None, "--x", help="eps or pixels (default: by result kind)."),
+    metric: Optional[str] = typer.Option(None, help="Default: accuracy (eps) or misclassified (pixels)."),
+    label: Optional[List[str]] = typer.Option(None, "--label"),
+    out: Path = typer.Option(..., "--out", "-o", help="Figure file: .png, .svg or .pdf."),
+) -> None:
+    """Accuracy-vs-eps curves per model and attack, or misclassification vs pixel count."""
+    from robench.plots import plot_results
+
+    read = _read_all(results, label)
+    axis = x or ("pixels" if read[0].kind == "pixel" else "eps")
+    written = plot_results(results_frame(read), axis, metric, out)
+    for problem in comparability_problems(read):
+        stderr.print(f"robench: warning: not comparable: {problem}", highlight=False)
+    stderr.print(f"figure written to {written}", highlight=False)

@@ -1,0 +1,83 @@
+"""``robench gate CURRENT --baseline BASELINE``: fail CI when robustness drops."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+
+from robench.cli.common import handle_errors, stderr, stdout_console
+from robench.gate import GateOutcome, gate, junit_xml, parse_rule
+from robench.results.reading import read_result
+
+VERDICT_STYLE = {"regression": "bold red", "missing": "bold red", "improved": "green", "ok": "", "within noise":
+                 "yellow"}
+
+
+def gate_table(outcome: GateOutcome) -> Table:
+    table = Table(title="robench gate")
+    for col in ("metric", "entry", "eps/pixels", "baseline", "current", "delta", "allowed drop", "±1.96 se",
+                "verdict"):
+        table.add_column(col, justify="left" if col in ("metric", "entry", "verdict") else "right")
+    for r in outcome.rows.itertuples(index=False):
+        where = f"{r.eps:g}" if r.eps is not None and r.eps == r.eps else (
+            f"{r.pixels} px" if r.pixels is not None and r.pixels == r.pixels else "")
+        style = VERDICT_STYLE.get(r.verdict, "")
+        table.add_row(r.metric, r.entry, where, f"{r.baseline:.4f}",
+                      "-" if r.current is None or r.current != r.current else f"{r.current:.4f}",
+                      "-" if r.delta is None or r.delta != r.delta else f"{r.delta:+.4f}",
+                      f"{r.threshold:.4f}", "-" if r.stderr is None or r.stderr != r.stderr else f"{1.96 * r.stderr:.4f}",
+                      f"[{style}]{r.verdict}[/]" if style else r.verdict)
+    return table
+
+
+def explain(outcome: GateOutcome) -> str:
+    if not outcome.comparable:
+        return "not comparable: " + "; ".join(outcome.problems)
+    bad = outcome.rows[outcome.rows.verdict.isin(["regression", "missing"])]
+    if bad.empty:
+        return f"passed: {len(outcome.rows)} value(s) within their allowed drop"
+    lines = [f"FAILED: {len(bad)} regression(s)"]
+    for r in bad.itertuples(index=False):
+        if r.verdict == "missing":
+            lines.append(f"  {r.metric} of {r.entry} is in the baseline but missing from the current run")
+        else:
+            lines.append(f"  {r.metric} of {r.entry}{'' if r.eps is None or r.eps != r.eps else f' at eps {r.eps:g}'}: "
+                         f"{r.baseline:.4f} -> {r.current:.4f} ({r.direction}; allowed drop {r.threshold:.4f}, {r.rule})")
+    return "\n".join(lines)
+
+
+def run_gate(current: Path | str, baseline: Path | str, max_drop: float, rules: list[str],
+             require_significant: bool, junit: Optional[Path], as_json: bool, quiet: bool = False) -> int:
+    outcome = gate(read_result(current), read_result(baseline), max_drop=max_drop,
+                   rules=[parse_rule(r) for r in rules], require_significant=require_significant)
+    if junit:
+        junit.write_text(junit_xml(outcome), encoding="utf-8")
+    if as_json:
+        sys.stdout.write(json.dumps(outcome.to_dict(), indent=2, default=str) + "\n")
+    elif not quiet:
+        stdout_console().print(gate_table(outcome))
+    stderr.print(f"robench gate: {explain(outcome)}", highlight=False)
+    return outcome.exit_code
+
+
+@handle_errors
+def gate_command(
+    current: str = typer.Argument(..., help="The new run's results.json or run directory."),
+    baseline: str = typer.Option(..., "--baseline", "-b", help="The reference run's results.json or directory."),
+    max_drop: float = typer.Option(0.0, "--max-drop", help="Allowed drop in absolute fraction units "
+                                   "(0.01 = one percentage point) for every entry."),
+    rule: Optional[List[str]] = typer.Option(None, "--rule", help="METRIC@ENTRY:THRESHOLD, e.g. 'accuracy@pgd*:1pt' "
+                                             "or 'mAP@*:2%'; the first matching rule wins over --max-drop."),
+    require_significant: bool = typer.Option(False, "--require-significant",
+                                             help="Fail only on drops beyond 1.96 standard errors."),
+    junit: Optional[Path] = typer.Option(None, "--junit", help="Write a JUnit XML report here."),
+    as_json: bool = typer.Option(False, "--json", help="Print the verdicts as JSON to stdout."),
+) -> None:
+    """Exit 0 if every value is within its allowed drop, 1 on a regression, 3 if the runs are not comparable."""
+    code = run_gate(current, baseline, max_drop, rule or [], require_significant, junit, as_json)
+    raise typer.Exit(code)

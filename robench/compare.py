@@ -1,0 +1,214 @@
+"""Paper-style comparison tables from result files: pivots of the long result table.
+
+Layouts mirror the documents: ``fdd`` (FDD Table 3: rows attack x eps, a
+column per model), ``alignment`` (feature-alignment Tables 2-5: a row per
+model, Clean, each attack x eps, Mean), ``reid`` (LFM Table III: Original and
+Attacked Rank-1/5/10/mAP per model) and ``pixel`` (pixel paper Tables 5-8: Pi
+or misclassification per model, setting and pixel count). Accuracy-like
+values are percentages, rounded as each paper prints them; the best model
+for each setting is marked in the human formats.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import pandas as pd
+
+from robench.errors import UsageError
+from robench.registry import Registry
+from robench.results.reading import HIGHER_IS_BETTER
+
+PERCENT_METRICS = {"accuracy", "robust_accuracy", "mean_attack_accuracy", "success_rate", "rank1", "rank5",
+                   "rank10", "rank20", "mAP", "mINP", "recognition_rate"}
+
+
+@dataclass
+class ComparisonTable:
+    frame: pd.DataFrame  # numbers as shown (percent where the metric is a fraction)
+    title: str
+    decimals: int
+    higher_is_better: bool
+    models_on: str  # "rows" or "columns": where the best is looked for
+    notes: list[str] = field(default_factory=list)
+
+    row_groups: list[str] | None = None  # with models on rows: compare only rows of the same group
+
+    def best_mask(self) -> pd.DataFrame:
+        """True where a model is the best of its setting (ties all marked); False where it has no rival."""
+        values = self.frame.apply(pd.to_numeric, errors="coerce")
+        pick = (lambda v, axis: v.max(axis=axis)) if self.higher_is_better else (lambda v, axis: v.min(axis=axis))
+        if self.models_on == "columns":
+            mask = values.eq(pick(values, 1), axis=0) & values.notna()
+            return mask & (values.notna().sum(axis=1) > 1).to_numpy()[:, None]
+        groups = pd.Series(self.row_groups or [""] * len(values), index=values.index)
+        mask = pd.DataFrame(False, index=values.index, columns=values.columns)
+        for _, members in groups.groupby(groups, sort=False):
+            block = values.loc[members.index]
+            if len(block) > 1:
+                mask.loc[members.index] = block.eq(pick(block, 0), axis=1) & block.notna()
+        return mask
+
+
+LAYOUTS: Registry[Callable[[pd.DataFrame, str], ComparisonTable]] = Registry("layout")
+
+
+def _eps_label(eps: float | None, text: str | None = None) -> str:
+    """As the suite wrote it (``8/255``) when it was an expression, else the number."""
+    if eps is None or (isinstance(eps, float) and math.isnan(eps)):
+        return ""
+    return f"ε = {text}" if isinstance(text, str) and text else f"ε = {eps:g}"
+
+
+def _scale(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
+    return frame * 100.0 if metric in PERCENT_METRICS else frame
+
+
+def _only(rows: pd.DataFrame, metric: str) -> pd.DataFrame:
+    picked = rows[rows.metric == metric]
+    if picked.empty:
+        raise UsageError(f"no {metric!r} values in these results (metrics present: "
+                         f"{', '.join(sorted(rows.metric.unique()))})")
+    return picked
+
+
+@LAYOUTS.register("fdd")
+def fdd_layout(rows: pd.DataFrame, metric: str = "accuracy") -> ComparisonTable:
+    data = _only(rows[~rows.entry.isin(["worst-case", "mean"])], metric).copy()
+    data["setting"] = ["clean" if e == "clean" else f"{e} {_eps_label(x, t)}".strip()
+                       for e, x, t in zip(data.entry, data.eps, data.eps_text)]
+    order = list(dict.fromkeys(data.setting))
+    table = data.pivot_table(index="setting", columns="model", values="value", aggfunc="first", sort=False)
+    table = table.reindex(order)[list(dict.fromkeys(data.model))]
+    return ComparisonTable(_scale(table, metric), f"{metric} (%)" if metric in PERCENT_METRICS else metric, 2,
+                           metric in HIGHER_IS_BETTER, "columns")
+
+
+@LAYOUTS.register("alignment")
+def alignment_layout(rows: pd.DataFrame, metric: str = "accuracy") -> ComparisonTable:
+    data = _only(rows[~rows.entry.isin(["worst-case", "mean"])], metric).copy()
+    data["column"] = ["Clean" if e == "clean" else f"{e} {_eps_label(x, t)}".strip()
+                      for e, x, t in zip(data.entry, data.eps, data.eps_text)]
+    order = list(dict.fromkeys(data.column))
+    table = data.pivot_table(index="model", columns="column", values="value", aggfunc="first", sort=False)
+    table = table[order].reindex(list(dict.fromkeys(data.model)))
+    attacks = [c for c in order if c != "Clean"]
+    if attacks:
+        # The paper's Mean: the mean of the attack columns, clean excluded.
+        table["Mean"] = table[attacks].mean(axis=1)
+    return ComparisonTable(_scale(table, metric), f"{metric} (%)" if metric in PERCENT_METRICS else metric, 2,
+                           metric in HIGHER_IS_BETTER, "rows")
+
+
+@LAYOUTS.register("reid")
+def reid_layout(rows: pd.DataFrame, metric: str = "rank1") -> ComparisonTable:
+    metrics = [m for m in ("rank1", "rank5", "rank10", "mAP") if m in set(rows.metric)]
+    data = rows[rows.metric.isin(metrics)].copy()
+    if data.empty:
+        raise UsageError("no re-identification metrics in these results")
+    names = {"rank1": "Rank-1", "rank5": "Rank-5", "rank10": "Rank-10", "mAP": "mAP"}
+    data["group"] = ["Original" if e == "clean" else ("Original + re-ranking" if e == "clean+rerank"
+                     else f"{e} {_eps_label(x, t)}".strip())
+                     for e, x, t in zip(data.entry, data.eps, data.eps_text)]
+    data["column"] = [f"{g} {names[m]}" for g, m in zip(data.group, data.metric)]
+    order = [f"{g} {names[m]}" for g in dict.fromkeys(data.group) for m in metrics]
+    table = data.pivot_table(index="model", columns="column", values="value", aggfunc="first", sort=False)
+    table = table[[c for c in order if c in table.columns]].reindex(list(dict.fromkeys(data.model)))
+    aps = sorted({a for a in data.ap_convention if isinstance(a, str)})
+    return ComparisonTable(table * 100.0, f"CMC and mAP (%), AP {', '.join(aps) or '?'}", 1, True, "rows")
+
+
+@LAYOUTS.register("pixel")
+def pixel_layout(rows: pd.DataFrame, metric: str = "pi") -> ComparisonTable:
+    data = _only(rows, metric).copy()
+    table = data.pivot_table(index=["entry", "model"], columns="pixels", values="value", aggfunc="first", sort=False)
+    table.columns = [f"{int(c)} px" for c in table.columns]
+    groups = [entry for entry, _ in table.index]
+    table.index = [f"{e} · {m}" for e, m in table.index]
+    decimals = 2 if metric in ("pi", "recognition_rate") else 1
+    title = {"pi": "Pixel-index Pi", "misclassified": "misclassified images",
+             "recognition_rate": "recognition rate (%)"}.get(metric, metric)
+    return ComparisonTable(_scale(table, metric), title, decimals, metric in HIGHER_IS_BETTER, "rows",
+                           row_groups=groups)
+
+
+def pivot_table(rows: pd.DataFrame, index: list[str], columns: list[str], metric: str) -> ComparisonTable:
+    """A free pivot: ``--rows`` and ``--cols`` name columns of the long table."""
+    for name in index + columns:
+        if name not in rows.columns:
+            raise UsageError(f"unknown column {name!r} for --rows/--cols; use {', '.join(rows.columns)}")
+    data = _only(rows, metric)
+    table = data.pivot_table(index=index, columns=columns, values="value", aggfunc="first", sort=False)
+    table.index = [" · ".join(map(str, i)) if isinstance(i, tuple) else str(i) for i in table.index]
+    table.columns = [" · ".join(map(str, c)) if isinstance(c, tuple) else str(c) for c in table.columns]
+    models_on = "rows" if "model" in index else "columns"
+    return ComparisonTable(_scale(table, metric), metric, 2, metric in HIGHER_IS_BETTER, models_on)
+
+
+def default_layout(kind: str) -> str:
+    return {"classification": "fdd", "reid": "reid", "pixel": "pixel"}[kind]
+
+
+# ------------------------------------------------------------------ rendering
+def _cells(table: ComparisonTable, mark: Callable[[str], str]) -> list[list[str]]:
+    best = table.best_mask()
+    out = []
+    for i, (_, row) in enumerate(table.frame.iterrows()):
+        cells = []
+        for j, value in enumerate(row):
+            if value is None or (isinstance(value, float) and math.isnan(value)):
+                cells.append("-")
+                continue
+            text = f"{value:.{table.decimals}f}"
+            if bool(best.iat[i, j]):
+                text = mark(text)
+            cells.append(text)
+        out.append(cells)
+    return out
+
+
+def render(table: ComparisonTable, fmt: str) -> str:
+    header = [""] + [str(c) for c in table.frame.columns]
+    index = [str(i) for i in table.frame.index]
+    if fmt == "csv":
+        return table.frame.round(table.decimals).to_csv()
+    if fmt == "markdown":
+        body = _cells(table, lambda t: f"**{t}**")
+        lines = [f"**{table.title}**", "", "| " + " | ".join(header) + " |",
+                 "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+        lines += ["| " + " | ".join([name] + cells) + " |" for name, cells in zip(index, body)]
+        lines += [""] + [f"> {note}" for note in table.notes]
+        return "\n".join(lines).rstrip() + "\n"
+    if fmt == "latex":
+        body = _cells(table, lambda t: f"\\textbf{{{t}}}")
+        esc = lambda s: s.replace("_", r"\_").replace("%", r"\%").replace("&", r"\&").replace("ε", r"$\epsilon$")  # noqa: E731
+        lines = [r"\begin{tabular}{l" + "r" * (len(header) - 1) + "}", r"\hline",
+                 " & ".join(esc(h) for h in header) + r" \\", r"\hline"]
+        lines += [" & ".join([esc(name)] + cells) + r" \\" for name, cells in zip(index, body)]
+        lines += [r"\hline", r"\end{tabular}"] + [f"% {note}" for note in table.notes]
+        return "\n".join(lines) + "\n"
+    if fmt == "html":
+        body = _cells(table, lambda t: f"<b>{t}</b>")
+        lines = [f"<table>\n<caption>{html.escape(table.title)}</caption>",
+                 "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"]
+        lines += ["<tr><th>" + html.escape(name) + "</th>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
+                  for name, cells in zip(index, body)]
+        lines.append("</table>")
+        lines += [f"<p>{html.escape(note)}</p>" for note in table.notes]
+        return "\n".join(lines) + "\n"
+    raise UsageError(f"--format must be table, markdown, csv, latex or html, got {fmt!r}")
+
+
+def rich_table(table: ComparisonTable):
+    from rich.table import Table
+
+    out = Table(title=table.title, caption="\n".join(table.notes) or None)
+    out.add_column("")
+    for c in table.frame.columns:
+        out.add_column(str(c), justify="right")
+    for name, cells in zip(table.frame.index, _cells(table, lambda t: f"[bold green]{t}[/]")):
+        out.add_row(str(name), *cells)
+    return out
