@@ -16,7 +16,7 @@ from torch import nn
 
 from robench import __version__
 from robench.data.sources import DataOptions, ImageDataset, from_arrays, load_data
-from robench.engine import RunOutcome, run
+from robench.engine import RunInterrupted, RunOutcome, run
 from robench.models.loading import LoadedModel, load_model
 from robench.models.preprocessing import PRESETS, Normalization
 from robench.models.wrapper import RobustModel
@@ -94,13 +94,18 @@ def evaluate(
     data_options: DataOptions | None = None,
     on_batch: Callable[[int], None] | None = None,
     extra_config: dict[str, Any] | None = None,
+    resume_state: dict | None = None,
+    save_state: Callable[[dict], None] | None = None,
+    save_every: float = 10.0,
 ) -> EvaluationResult:
     """Evaluate ``model`` on ``data`` under every attack of ``suite``.
 
     ``data`` is a spec (``npz:file.npz``, ``cifar10``, ``example:digits``), an
     ``(x, y)`` pair (uint8 NHWC or float NCHW in [0,1]) or an ``ImageDataset``.
     The model sees images in [0,1]; pass ``normalization`` (a preset name or
-    ``Normalization``) if it expects normalised input.
+    ``Normalization``) if it expects normalised input. ``save_state`` receives
+    progress snapshots and ``resume_state`` continues from one (see ``engine.run``);
+    an interrupted run raises ``EvaluationInterrupted`` holding the partial result.
     """
     loaded = model if isinstance(model, LoadedModel) else (
         load_model(model) if isinstance(model, str) else LoadedModel(model, type(model).__name__, "<module>")
@@ -113,8 +118,13 @@ def evaluate(
     options.limit = limit if limit is not None else options.limit
     dataset = _as_dataset(data, options)
     dev = resolve_device(device)
-    outcome = run(wrapped, dataset, loaded_suite.suite, device=dev, batch_size=batch_size,
-                  precision=precision, seed=seed, workers=workers, on_batch=on_batch)
+    interrupted = None
+    try:
+        outcome = run(wrapped, dataset, loaded_suite.suite, device=dev, batch_size=batch_size, precision=precision,
+                      seed=seed, workers=workers, on_batch=on_batch, resume_state=resume_state,
+                      save_state=save_state, save_every=save_every)
+    except RunInterrupted as exc:
+        outcome, interrupted = exc.outcome, exc
     doc = _document(outcome, loaded, norm, loaded_suite, dataset, dev, precision, seed, batch_size, data)
     config = {
         "model": loaded.source, "arch": loaded.arch, "normalization": norm.as_dict() if norm else None,
@@ -123,7 +133,18 @@ def evaluate(
         "device": str(dev), "batch_size": batch_size, "precision": precision, "seed": seed,
         **(extra_config or {}),
     }
-    return EvaluationResult(doc, _samples(outcome), config)
+    result = EvaluationResult(doc, _samples(outcome), config)
+    if interrupted is not None:
+        raise EvaluationInterrupted(result) from interrupted
+    return result
+
+
+class EvaluationInterrupted(KeyboardInterrupt):
+    """The run was stopped; ``result`` holds what was finished (``doc["complete"]`` is False)."""
+
+    def __init__(self, result: EvaluationResult) -> None:
+        super().__init__("the evaluation was interrupted")
+        self.result = result
 
 
 def _document(outcome: RunOutcome, loaded: LoadedModel, norm: Normalization | None, suite: LoadedSuite,
@@ -147,13 +168,15 @@ def _document(outcome: RunOutcome, loaded: LoadedModel, norm: Normalization | No
             "seconds": round(e.seconds, 4),
             "gradient_evals": e.gradient_evals,
             "peak_memory_bytes": e.peak_memory,
+            "attack_chunk": e.chunk,
         })
     accs = [a["accuracy"] for a in attacks if a["accuracy"] is not None]
     robust = float(outcome.robust_all.mean()) if outcome.robust_all is not None else None
     return {
         "schema": SCHEMA,
         "task": "classification",
-        "complete": True,
+        "complete": outcome.complete,
+        "progress": {"evaluated": outcome.n, "total": outcome.total},
         "model": {"name": loaded.name, "source": loaded.source, "arch": loaded.arch,
                   "sha256": loaded.sha256, "num_classes": outcome.num_classes,
                   "normalization": norm.as_dict() if norm else None},

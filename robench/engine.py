@@ -10,7 +10,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from robench.attacks import ATTACKS, Attack
+from robench.attacks import ATTACKS, Attack, AttackResult
 from robench.attacks.torchattacks_adapter import PREFIX as TA_PREFIX
 from robench.attacks.torchattacks_adapter import TorchattacksAttack
 from robench.data.sources import ImageDataset, TensorImages
@@ -37,6 +37,7 @@ class Entry:
     seconds: float = 0.0
     gradient_evals: int = 0
     peak_memory: int | None = None
+    chunk: int | None = None  # set when out-of-memory forced smaller attack chunks
 
     def params(self) -> dict:
         info = {"eps_expr": self.eps_text if self.eps is not None else None, "final_iterate": self.attack.final_iterate, **self.attack.describe()}
@@ -112,6 +113,8 @@ class RunOutcome:
     num_classes: int
     seconds: float
     nonfinite_logits: int
+    complete: bool = True
+    total: int = 0  # samples in the dataset (n counts the evaluated ones)
 
 
 def iterate_batches(dataset: ImageDataset, batch_size: int, workers: int, pin: bool) -> Iterator:
@@ -161,7 +164,18 @@ def run(
     seed: int = 0,
     workers: int = 0,
     on_batch: Callable[[int], None] | None = None,
+    resume_state: dict | None = None,
+    save_state: Callable[[dict], None] | None = None,
+    save_every: float = 10.0,
 ) -> RunOutcome:
+    """Evaluate every entry of ``suite``, batch by batch.
+
+    ``save_state`` receives a snapshot of the finished batches at most every
+    ``save_every`` seconds, after the last batch and when the run is
+    interrupted; ``resume_state`` (such a snapshot) skips the batches it
+    holds. Randomness is keyed by sample index, so a resumed run equals an
+    uninterrupted one.
+    """
     if len(dataset) == 0:
         raise UsageError("the dataset is empty")
     if batch_size < 1:
@@ -183,38 +197,50 @@ def run(
     labels_known = dataset_labels(dataset)
     num_classes = -1
     nonfinite = 0
+    done = 0
+    if resume_state is not None:
+        done, num_classes, nonfinite = _restore(resume_state, batch_size, clean, entries, idx_parts, y_parts,
+                                                pred_parts, robust_all)
+    last_save = time.perf_counter()
+
+    def snapshot(batches: int) -> dict:
+        return _snapshot(batches, batch_size, num_classes, nonfinite, clean, entries, idx_parts, y_parts,
+                         pred_parts, robust_all)
+
+    finished = done
     with evaluation_mode(model), matmul_precision(precision):
         # eval() on the outer wrapper too: torchattacks restores the mode it finds.
         forward = PrecisionModel(model, precision, device).eval()
-        for x, y, idx in iterate_batches(dataset, batch_size, workers, device.type == "cuda"):
-            for d, part in zip(digests, (idx.numpy().astype(np.int64), y.numpy().astype(np.int64),
-                                         x.numpy().astype(np.float32))):
-                d.update(part.tobytes())
-            x = x.to(device, non_blocking=True).float()
-            y = y.to(device, non_blocking=True).long()
-            with torch.no_grad():
-                logits = forward(x)
-            if num_classes < 0:
-                num_classes = logits.shape[1]
-                if labels_known is not None:
-                    check_labels(labels_known, num_classes, dataset.indices)
-            check_labels(y.cpu().numpy(), num_classes, idx.numpy())
-            finite = torch.isfinite(logits).all(dim=1)
-            nonfinite += int((~finite).sum())
-            pred = logits.argmax(dim=1)
-            correct = (pred == y) & finite
-            clean.update(correct)
-            idx_parts.update(idx)
-            y_parts.update(y)
-            pred_parts.update(pred)
-            worst = correct.clone()
-            attacked = torch.nonzero(correct).squeeze(1)
-            for entry in entries:
-                robust = _attack_batch(entry, forward, x, y, idx.to(device), correct, attacked, device)
-                worst &= robust
-            robust_all.update(worst)
-            if on_batch:
-                on_batch(len(y))
+        try:
+            for b, (x, y, idx) in enumerate(iterate_batches(dataset, batch_size, workers, device.type == "cuda")):
+                for d, part in zip(digests, (idx.numpy().astype(np.int64), y.numpy().astype(np.int64),
+                                             x.numpy().astype(np.float32))):
+                    d.update(part.tobytes())
+                if b < done:
+                    continue  # finished before the interruption: only the fingerprint needs its data
+                num_classes, nonfinite = _run_batch(x, y, idx, forward, entries, device, clean, idx_parts, y_parts,
+                                                    pred_parts, robust_all, num_classes, nonfinite, labels_known,
+                                                    dataset)
+                finished = b + 1
+                if on_batch:
+                    on_batch(len(y))
+                if save_state and time.perf_counter() - last_save >= save_every:
+                    save_state(snapshot(finished))
+                    last_save = time.perf_counter()
+        except BaseException as exc:
+            # Interrupted (Ctrl-C, SIGTERM) or failed: keep every finished batch for --resume.
+            if save_state and finished > done:
+                save_state(snapshot(finished))
+            if isinstance(exc, KeyboardInterrupt):
+                partial = RunOutcome(clean.total, clean, entries, idx_parts.compute().numpy(),
+                                     y_parts.compute().numpy(), pred_parts.compute().numpy(),
+                                     robust_all.compute().numpy().astype(bool) if entries else None, "",
+                                     num_classes, time.perf_counter() - started, nonfinite, complete=False,
+                                     total=len(dataset))
+                raise RunInterrupted(partial) from exc
+            raise
+    if save_state:
+        save_state(snapshot(finished))
     return RunOutcome(
         n=clean.total,
         clean=clean,
@@ -227,31 +253,134 @@ def run(
         num_classes=num_classes,
         seconds=time.perf_counter() - started,
         nonfinite_logits=nonfinite,
+        total=len(dataset),
     )
 
 
-def _attack_batch(entry: Entry, forward, x, y, idx, correct, attacked, device) -> torch.Tensor:
-    """Attack the clean-correct samples; misclassified ones are already not robust."""
-    robust = correct.clone()
-    if attacked.numel():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-        t0 = time.perf_counter()
-        try:
-            result = entry.attack(forward, x[attacked], y[attacked], idx[attacked])
-        except (UsageError, RunError):
-            raise
-        except torch.cuda.OutOfMemoryError as exc:
-            raise RunError(f"{entry.spec.display_name()}: out of GPU memory; lower --batch-size") from exc
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            peak = torch.cuda.max_memory_allocated(device)
+class RunInterrupted(Exception):
+    """Ctrl-C or SIGTERM during a run: ``outcome`` holds the finished batches (complete=False)."""
+
+    def __init__(self, outcome: "RunOutcome") -> None:
+        super().__init__("the run was interrupted")
+        self.outcome = outcome
+
+
+def _run_batch(x, y, idx, forward, entries, device, clean, idx_parts, y_parts, pred_parts, robust_all,
+               num_classes, nonfinite, labels_known, dataset) -> tuple[int, int]:
+    """Clean pass and every entry on one batch; returns the (possibly learned) class count and NaN count."""
+    x = x.to(device, non_blocking=True).float()
+    y = y.to(device, non_blocking=True).long()
+    with torch.no_grad():
+        logits = forward(x)
+    if num_classes < 0:
+        num_classes = logits.shape[1]
+        if labels_known is not None:
+            check_labels(labels_known, num_classes, dataset.indices)
+    check_labels(y.cpu().numpy(), num_classes, idx.numpy())
+    finite = torch.isfinite(logits).all(dim=1)
+    pred = logits.argmax(dim=1)
+    correct = (pred == y) & finite
+    attacked = torch.nonzero(correct).squeeze(1)
+    outcomes = [_attack_batch(entry, forward, x, y, idx.to(device), correct, attacked, device) for entry in entries]
+    # Commit the whole batch at once: an interruption leaves the accumulators at a batch boundary.
+    clean.update(correct)
+    idx_parts.update(idx)
+    y_parts.update(y)
+    pred_parts.update(pred)
+    worst = correct.clone()
+    for entry, (robust, success, seconds, grad_evals, peak) in zip(entries, outcomes):
+        entry.accuracy.update(robust)
+        entry.robust.update(robust)
+        if success is not None:
+            entry.fooled.update(success)
+        entry.seconds += seconds
+        entry.gradient_evals += grad_evals
+        if peak is not None:
             entry.peak_memory = max(entry.peak_memory or 0, peak)
-        entry.seconds += time.perf_counter() - t0
-        entry.gradient_evals += result.gradient_evals
-        robust[attacked] = ~result.success
-        entry.fooled.update(result.success)
-    entry.accuracy.update(robust)
-    entry.robust.update(robust)
-    return robust
+        worst &= robust
+    robust_all.update(worst)
+    return num_classes, nonfinite + int((~finite).sum())
+
+
+def _attack_with_backoff(entry: Entry, forward, x, y, idx, device) -> AttackResult:
+    """Attack in chunks, halving the chunk on out-of-memory and retrying it.
+
+    Results do not change: every sample's randomness is keyed by its index,
+    not by the chunk it lands in. The smallest chunk used is recorded.
+    """
+    size = entry.chunk or len(x)
+    parts: list[AttackResult] = []
+    start = 0
+    while start < len(x):
+        stop = min(start + size, len(x))
+        try:
+            parts.append(entry.attack(forward, x[start:stop], y[start:stop], idx[start:stop]))
+        except torch.cuda.OutOfMemoryError as exc:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            if size == 1:
+                raise RunError(f"{entry.spec.display_name()}: out of memory even for one image") from exc
+            size = max(1, size // 2)
+            entry.chunk = size
+            continue
+        start = stop
+    if len(parts) == 1:
+        return parts[0]
+    return AttackResult(torch.cat([p.x_adv for p in parts]), torch.cat([p.success for p in parts]),
+                        sum(p.gradient_evals for p in parts), sum(p.forward_evals for p in parts))
+
+
+def _snapshot(batches: int, batch_size: int, num_classes: int, nonfinite: int, clean: Accuracy,
+              entries: list[Entry], idx_parts: Collected, y_parts: Collected, pred_parts: Collected,
+              robust_all: Collected) -> dict:
+    """Everything the finished batches produced, as plain tensors and numbers (torch.save-able)."""
+    return {
+        "format": "robench.progress/1", "batches": batches, "batch_size": batch_size, "num_classes": num_classes,
+        "nonfinite": nonfinite, "clean": [clean.correct, clean.total],
+        "index": idx_parts.compute(), "labels": y_parts.compute(), "pred": pred_parts.compute(),
+        "robust_all": robust_all.compute(),
+        "entries": [{"accuracy": [e.accuracy.correct, e.accuracy.total], "fooled": [e.fooled.correct, e.fooled.total],
+                     "robust": e.robust.compute(), "seconds": e.seconds, "gradient_evals": e.gradient_evals,
+                     "peak_memory": e.peak_memory, "chunk": e.chunk} for e in entries],
+    }
+
+
+def _restore(state: dict, batch_size: int, clean: Accuracy, entries: list[Entry], idx_parts: Collected,
+             y_parts: Collected, pred_parts: Collected, robust_all: Collected) -> tuple[int, int, int]:
+    if state.get("format") != "robench.progress/1":
+        raise UsageError("cannot resume: the progress file is not robench's")
+    if state["batch_size"] != batch_size:
+        raise UsageError(f"cannot resume: the run used --batch-size {state['batch_size']}, not {batch_size}")
+    if len(state["entries"]) != len(entries):
+        raise UsageError("cannot resume: the suite has changed since the interrupted run")
+    clean.correct, clean.total = state["clean"]
+    for part, key in ((idx_parts, "index"), (y_parts, "labels"), (pred_parts, "pred"), (robust_all, "robust_all")):
+        part.update(state[key])
+    for e, saved in zip(entries, state["entries"]):
+        e.accuracy.correct, e.accuracy.total = saved["accuracy"]
+        e.fooled.correct, e.fooled.total = saved["fooled"]
+        e.robust.update(saved["robust"])
+        e.seconds, e.gradient_evals = saved["seconds"], saved["gradient_evals"]
+        e.peak_memory, e.chunk = saved["peak_memory"], saved["chunk"]
+    return state["batches"], state["num_classes"], state["nonfinite"]
+
+
+def _attack_batch(entry: Entry, forward, x, y, idx, correct, attacked, device):
+    """Attack the clean-correct samples (misclassified ones are already not robust).
+
+    Returns (robust flags, success among the attacked or None, seconds, gradient evaluations, peak memory).
+    """
+    robust = correct.clone()
+    if not attacked.numel():
+        return robust, None, 0.0, 0, None
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    result = _attack_with_backoff(entry, forward, x[attacked], y[attacked], idx[attacked], device)
+    peak = None
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+    robust[attacked] = ~result.success
+    return robust, result.success, time.perf_counter() - t0, result.gradient_evals, peak

@@ -27,3 +27,12 @@ class RunError(RobenchError):
     """The run could not be completed (unreadable checkpoint, model crash, ...)."""
 
     exit_code = EXIT_RUN_FAILED
+
+
+EXIT_INTERRUPTED = 130  # the shell's code for a run stopped by SIGINT
+
+
+class Interrupted(RobenchError):
+    """Ctrl-C or SIGTERM: what was finished has been saved and the run can be resumed."""
+
+    exit_code = EXIT_INTERRUPTED

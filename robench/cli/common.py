@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import signal
 import sys
 import traceback
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import typer
 from rich.console import Console
 
-from robench.errors import EXIT_RUN_FAILED, RobenchError
+from robench.errors import EXIT_RUN_FAILED, Interrupted, RobenchError
 
 stderr = Console(stderr=True, soft_wrap=True)  # log lines stay whole for grep and CI logs
 
@@ -19,6 +21,23 @@ stderr = Console(stderr=True, soft_wrap=True)  # log lines stay whole for grep a
 def stdout_console() -> Console:
     """Tables for people; when piped (CI logs, files) wide enough that no column is cut."""
     return Console() if sys.stdout.isatty() else Console(width=200)
+
+
+@contextlib.contextmanager
+def interrupt_on_sigterm() -> Iterator[None]:
+    """Treat SIGTERM (a scheduler stopping the job) like Ctrl-C, so finished work is saved."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not in the main thread (e.g. an embedding application): leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def debug() -> bool:
@@ -34,6 +53,9 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort, SystemExit):
             raise
+        except Interrupted as exc:
+            _report(f"robench: interrupted: {exc}")
+            raise typer.Exit(exc.exit_code) from None
         except RobenchError as exc:
             _report(f"robench: error: {exc}")
             raise typer.Exit(exc.exit_code) from None

@@ -10,14 +10,15 @@ from typing import List, Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from robench.api import evaluate
-from robench.cli.common import handle_errors, stderr, stdout_console
+from robench.api import EvaluationInterrupted, evaluate
+from robench.cli.common import handle_errors, interrupt_on_sigterm, stderr, stdout_console
 from robench.cli.gate_cmd import run_gate
 from robench.gate import parse_rule
+from robench.results.progress import PROGRESS_FILE, has_progress, load_progress, save_progress, settings_key
 from robench.results.reading import read_result
 from robench.cli.reid_eval import run_reid_eval
 from robench.data.sources import DataOptions
-from robench.errors import UsageError
+from robench.errors import Interrupted, UsageError
 from robench.models import load_model, resolve_normalization
 from robench.reid.api import is_reid_spec
 from robench.precision import PRECISIONS
@@ -52,7 +53,10 @@ def eval_command(
     resize: Optional[int] = typer.Option(None, help="Resize image folders (shorter side) before cropping."),
     crop: Optional[int] = typer.Option(None, help="Centre-crop image folders to this size."),
     workers: int = typer.Option(0, help="DataLoader worker processes for file-based datasets."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default runs/<suite>/<model>/<UTC time>/)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default runs/<suite>/<model>/<UTC time>/); "
+                                       "an interrupted run there is continued."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the interrupted run in this directory."),
+    save_every: float = typer.Option(2.0, "--save-every", help="Seconds between progress saves (0: every batch)."),
     as_json: bool = typer.Option(False, "--json", help="Print only the results JSON to stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     # re-identification (market1501:, dukemtmc:, reid: datasets)
@@ -100,7 +104,13 @@ def eval_command(
         data_spec = model
     if data_spec is None:
         raise UsageError(f"suite {loaded_suite.suite.name} names no dataset: pass --data")
-    run_dir = prepare_run_dir(out if out else default_run_dir(loaded_suite.suite.name, loaded.name))
+    if save_every < 0:
+        raise UsageError(f"--save-every must be >= 0, got {save_every}")
+    if resume is not None and out is not None and resume != out:
+        raise UsageError("give either --resume DIR or --out DIR")
+    if resume is not None and not has_progress(resume):
+        raise UsageError(f"{resume} holds no interrupted run to resume")
+    run_dir = prepare_run_dir(resume or out or default_run_dir(loaded_suite.suite.name, loaded.name))
     if is_reid_spec(data_spec) or loaded_suite.suite.task == "reid":
         run_reid_eval(
             loaded, data_spec, loaded_suite, run_dir, normalization=normalization, trust_checkpoint=trust_checkpoint,
@@ -117,14 +127,33 @@ def eval_command(
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), console=stderr, transient=True,
                         disable=quiet or not sys.stderr.isatty())
-    with progress:
+    key = settings_key({"model": loaded.sha256 or loaded.source, "arch": loaded.arch, "suite": loaded_suite.sha256,
+                        "data": data_spec, "options": options.__dict__, "normalization": normalization,
+                        "device": device, "batch_size": batch_size, "precision": precision, "seed": seed})
+    resume_state = load_progress(run_dir, key) if has_progress(run_dir) else None
+    if resume_state is not None:
+        stderr.print(f"robench: resuming {run_dir} after {resume_state['batches']} finished batch(es)",
+                     highlight=False)
+    # SIGTERM is turned into an interruption only while evaluating: the final progress file is on
+    # disk before the results are written, so a kill at any later moment still resumes to the end.
+    with progress, interrupt_on_sigterm():
         task = progress.add_task(f"{loaded.name} · {loaded_suite.suite.name}", total=None)
-        result = evaluate(
-            loaded, data_spec, loaded_suite, normalization=normalization, device=device,
-            batch_size=batch_size, precision=precision, seed=seed, workers=workers,
-            data_options=options, on_batch=lambda k: progress.advance(task, k),
-        )
+        try:
+            result = evaluate(
+                loaded, data_spec, loaded_suite, normalization=normalization, device=device,
+                batch_size=batch_size, precision=precision, seed=seed, workers=workers,
+                data_options=options, on_batch=lambda k: progress.advance(task, k),
+                resume_state=resume_state, save_state=lambda state: save_progress(run_dir, state, key),
+                save_every=save_every,
+            )
+        except EvaluationInterrupted as stopped:
+            stopped.result.save(run_dir)
+            done = stopped.result.doc["progress"]
+            raise Interrupted(
+                f"interrupted after {done['evaluated']} of {done['total']} samples; partial results in "
+                f"{run_dir}/results.json (complete: false); run the same command with --resume {run_dir}") from None
     result.save(run_dir)
+    (run_dir / PROGRESS_FILE).unlink(missing_ok=True)
     if as_json:
         sys.stdout.write(json.dumps(result.doc, indent=2) + "\n")
     else:

@@ -31,7 +31,9 @@ def _safe(name: str) -> str:
 
 
 def prepare_run_dir(path: Path) -> Path:
-    if (path / "results.json").exists():
+    from robench.results.progress import finished, has_progress
+
+    if (path / "results.json").exists() and (finished(path) or not has_progress(path)):
         raise UsageError(f"{path} already holds results.json; choose another --out (runs are never overwritten)")
     try:
         path.mkdir(parents=True, exist_ok=True)

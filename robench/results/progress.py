@@ -1,0 +1,59 @@
+"""The progress file of a run: what lets an interrupted run continue where it stopped."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from robench.errors import UsageError
+
+PROGRESS_FILE = "progress.pt"
+
+
+def settings_key(settings: dict[str, Any]) -> str:
+    """Everything that must be identical for a resumed run to equal an uninterrupted one."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def save_progress(run_dir: Path, state: dict[str, Any], key: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=f".{PROGRESS_FILE}.")
+    os.close(fd)
+    try:
+        torch.save({**state, "settings_key": key}, tmp)
+        os.replace(tmp, run_dir / PROGRESS_FILE)  # atomic: a kill never leaves half a file
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_progress(run_dir: Path, key: str) -> dict[str, Any]:
+    path = run_dir / PROGRESS_FILE
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise UsageError(f"cannot resume from {path}: {exc}") from exc
+    if not isinstance(state, dict) or state.get("settings_key") != key:
+        raise UsageError(f"cannot resume {run_dir}: the model, data, suite or options differ from the "
+                         "interrupted run's; use the same command, or another --out")
+    return state
+
+
+def has_progress(run_dir: Path) -> bool:
+    return (run_dir / PROGRESS_FILE).is_file()
+
+
+def finished(run_dir: Path) -> bool:
+    """A complete results.json (an interrupted run writes one marked incomplete)."""
+    path = run_dir / "results.json"
+    if not path.is_file():
+        return False
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("complete", True) is not False
+    except (OSError, json.JSONDecodeError):
+        return True  # unreadable: never overwrite it
