@@ -22,6 +22,7 @@ from robench.models.preprocessing import PRESETS, Normalization
 from robench.models.wrapper import RobustModel
 from robench.precision import device_name, resolve_device
 from robench.results.schema import SCHEMA, TIDY_COLUMNS, tidy_rows
+from robench.sanity import flags_from
 from robench.results.writers import write_run
 from robench.suites import LoadedSuite, Suite, load_suite
 from robench.suites.loader import parse_suite
@@ -189,7 +190,7 @@ def _document(outcome: RunOutcome, loaded: LoadedModel, norm: Normalization | No
         "attacks": attacks,
         "robust_accuracy": robust,
         "mean_attack_accuracy": sum(accs) / len(accs) if accs else None,
-        "sanity": {"nonfinite_logits": outcome.nonfinite_logits},
+        "sanity": _sanity(outcome, attacks),
         "env": {
             "robench": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
             "python": platform.python_version(), "numpy": np.__version__,
@@ -200,6 +201,12 @@ def _document(outcome: RunOutcome, loaded: LoadedModel, norm: Normalization | No
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         },
     }
+
+
+def _sanity(outcome: RunOutcome, attacks: list[dict[str, Any]]) -> dict[str, Any]:
+    report = {**outcome.sanity, "nonfinite_logits": outcome.nonfinite_logits}
+    report["flags"] = flags_from(report, attacks)
+    return report
 
 
 def _samples(outcome: RunOutcome) -> pd.DataFrame:

@@ -18,6 +18,7 @@ from robench.errors import RunError, UsageError
 from robench.metrics import Accuracy, Collected
 from robench.models.wrapper import RobustModel, evaluation_mode
 from robench.precision import PrecisionModel, matmul_precision
+from robench.sanity import first_batch_checks
 from robench.suites import AttackSpec, Suite
 from robench.suites.schema import REID_FIELDS
 
@@ -115,6 +116,7 @@ class RunOutcome:
     nonfinite_logits: int
     complete: bool = True
     total: int = 0  # samples in the dataset (n counts the evaluated ones)
+    sanity: dict = field(default_factory=dict)
 
 
 def iterate_batches(dataset: ImageDataset, batch_size: int, workers: int, pin: bool) -> Iterator:
@@ -208,6 +210,7 @@ def run(
                          pred_parts, robust_all)
 
     finished = done
+    sanity: dict = {"model_was_training": any(m.training for m in model.model.modules())}
     with evaluation_mode(model), matmul_precision(precision):
         # eval() on the outer wrapper too: torchattacks restores the mode it finds.
         forward = PrecisionModel(model, precision, device).eval()
@@ -220,7 +223,7 @@ def run(
                     continue  # finished before the interruption: only the fingerprint needs its data
                 num_classes, nonfinite = _run_batch(x, y, idx, forward, entries, device, clean, idx_parts, y_parts,
                                                     pred_parts, robust_all, num_classes, nonfinite, labels_known,
-                                                    dataset)
+                                                    dataset, sanity if b == done else None)
                 finished = b + 1
                 if on_batch:
                     on_batch(len(y))
@@ -236,7 +239,7 @@ def run(
                                      y_parts.compute().numpy(), pred_parts.compute().numpy(),
                                      robust_all.compute().numpy().astype(bool) if entries else None, "",
                                      num_classes, time.perf_counter() - started, nonfinite, complete=False,
-                                     total=len(dataset))
+                                     total=len(dataset), sanity=sanity)
                 raise RunInterrupted(partial) from exc
             raise
     if save_state:
@@ -254,6 +257,7 @@ def run(
         seconds=time.perf_counter() - started,
         nonfinite_logits=nonfinite,
         total=len(dataset),
+        sanity=sanity,
     )
 
 
@@ -266,8 +270,11 @@ class RunInterrupted(Exception):
 
 
 def _run_batch(x, y, idx, forward, entries, device, clean, idx_parts, y_parts, pred_parts, robust_all,
-               num_classes, nonfinite, labels_known, dataset) -> tuple[int, int]:
-    """Clean pass and every entry on one batch; returns the (possibly learned) class count and NaN count."""
+               num_classes, nonfinite, labels_known, dataset, sanity: dict | None = None) -> tuple[int, int]:
+    """Clean pass and every entry on one batch; returns the (possibly learned) class count and NaN count.
+
+    ``sanity``, when given, receives the first-batch checks of :mod:`robench.sanity`.
+    """
     x = x.to(device, non_blocking=True).float()
     y = y.to(device, non_blocking=True).long()
     with torch.no_grad():
@@ -278,6 +285,8 @@ def _run_batch(x, y, idx, forward, entries, device, clean, idx_parts, y_parts, p
             check_labels(labels_known, num_classes, dataset.indices)
     check_labels(y.cpu().numpy(), num_classes, idx.numpy())
     finite = torch.isfinite(logits).all(dim=1)
+    if sanity is not None:
+        sanity.update(first_batch_checks(forward, x, y, logits))
     pred = logits.argmax(dim=1)
     correct = (pred == y) & finite
     attacked = torch.nonzero(correct).squeeze(1)

@@ -36,4 +36,6 @@ def results_table(doc: dict[str, Any]) -> Table:
     env = doc["env"]
     table.caption = (f"{env['device_name']} · {env['precision']} · seed {env['seed']} · "
                      f"batch {env['batch_size']} · {env['seconds']:.1f}s · robench {env['robench']}")
+    for flag in doc.get("sanity", {}).get("flags", []):
+        table.caption += f"\n[yellow]warning: {flag}[/yellow]"
     return table

@@ -154,6 +154,8 @@ def eval_command(
                 f"{run_dir}/results.json (complete: false); run the same command with --resume {run_dir}") from None
     result.save(run_dir)
     (run_dir / PROGRESS_FILE).unlink(missing_ok=True)
+    for flag in result.doc["sanity"]["flags"]:
+        stderr.print(f"robench: warning: {flag}", highlight=False)
     if as_json:
         sys.stdout.write(json.dumps(result.doc, indent=2) + "\n")
     else:

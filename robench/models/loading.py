@@ -65,13 +65,14 @@ def load_model(
             module = torch.jit.load(str(path), map_location=map_location)
         except Exception as exc:  # noqa: BLE001 - any failure means unreadable
             raise RunError(f"cannot read TorchScript file {spec}: {exc}") from exc
-        return LoadedModel(module, name, str(path), digest, arch="torchscript")
+        return LoadedModel(module.eval(), name, str(path), digest, arch="torchscript")
 
     state = _read_checkpoint(path, trust_checkpoint, map_location)
     if isinstance(state, Mapping):  # e.g. {"model": <nn.Module>, "epoch": 3} from a trusted pickle
         state = next((state[k] for k in _WRAPPER_KEYS if isinstance(state.get(k), nn.Module)), state)
     if isinstance(state, nn.Module):
-        return LoadedModel(state, name, str(path), digest, arch=type(state).__name__)
+        # A file has no deployment mode: checkpoints saved mid-training are in train mode.
+        return LoadedModel(state.eval(), name, str(path), digest, arch=type(state).__name__)
     tensors = unwrap_state_dict(state, spec)
     if arch is None:
         raise UsageError(
@@ -80,7 +81,7 @@ def load_model(
         )
     module = build_arch(arch, num_classes)
     load_weights(module, tensors, spec, arch)
-    return LoadedModel(module, name, str(path), digest, arch=arch)
+    return LoadedModel(module.eval(), name, str(path), digest, arch=arch)
 
 
 def _is_torchscript(path: Path) -> bool:
