@@ -184,7 +184,7 @@ def _document(outcome: RunOutcome, loaded: LoadedModel, norm: Normalization | No
         "suite": {"name": suite.suite.name, "source": suite.path, "sha256": suite.sha256,
                   "eps_space": suite.suite.eps_space},
         "data": {"spec": data if isinstance(data, str) else dataset.name, "n": outcome.n,
-                 "fingerprint": outcome.fingerprint},
+                 "fingerprint": outcome.fingerprint, "skipped": dataset.skipped},
         "clean": {"accuracy": outcome.clean.compute(), "n": outcome.clean.total,
                   "correct": outcome.clean.correct},
         "attacks": attacks,

@@ -13,7 +13,7 @@ import torch
 from robench.attacks import ATTACKS, Attack, AttackResult
 from robench.attacks.torchattacks_adapter import PREFIX as TA_PREFIX
 from robench.attacks.torchattacks_adapter import TorchattacksAttack
-from robench.data.sources import ImageDataset, TensorImages
+from robench.data.sources import ImageDataset, TensorImages, as_float
 from robench.errors import RunError, UsageError
 from robench.metrics import Accuracy, Collected
 from robench.models.wrapper import RobustModel, evaluation_mode
@@ -125,7 +125,7 @@ def iterate_batches(dataset: ImageDataset, batch_size: int, workers: int, pin: b
         base = dataset.base
         for start in range(0, len(dataset), batch_size):
             idx = torch.from_numpy(dataset.indices[start:start + batch_size])
-            yield base.x[idx], base.y[idx], idx
+            yield as_float(base.x[idx]), base.y[idx], idx
         return
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=pin

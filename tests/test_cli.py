@@ -196,3 +196,24 @@ def test_python_dash_m_entry_point(tmp_path):
                          capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.strip().startswith("robench: error: unknown suite 'nope'")
+
+
+def test_imagefolder_skips_and_lists_bad_files(digits_split, tmp_path):
+    from PIL import Image
+
+    _, x_te, _, y_te = digits_split
+    root = tmp_path / "folder"
+    for i, (img, label) in enumerate(zip(x_te[:60], y_te[:60])):
+        (root / str(label)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img[..., 0]).save(root / str(label) / f"{i}.png")
+    good = (root / str(y_te[0]) / "0.png").read_bytes()
+    (root / str(y_te[0]) / "zero.png").write_bytes(b"")
+    (root / str(y_te[0]) / "cut.png").write_bytes(good[: len(good) // 2])
+    (root / str(y_te[0]) / "notes.txt").write_text("x")
+    result = invoke("eval", "example:digits", "--data", f"imagefolder:{root}", "--suite", "fgsm", "--json",
+                    "--quiet", "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["clean"]["n"] == 60 and doc["clean"]["accuracy"] > 0.9
+    names = sorted(s["file"].rsplit("/", 1)[-1] for s in doc["data"]["skipped"])
+    assert names == ["cut.png", "notes.txt", "zero.png"]

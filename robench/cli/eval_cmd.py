@@ -154,6 +154,9 @@ def eval_command(
                 f"{run_dir}/results.json (complete: false); run the same command with --resume {run_dir}") from None
     result.save(run_dir)
     (run_dir / PROGRESS_FILE).unlink(missing_ok=True)
+    if result.doc["data"].get("skipped"):
+        stderr.print(f"robench: warning: skipped {len(result.doc['data']['skipped'])} unreadable file(s) "
+                     "(listed in results.json under data.skipped)", highlight=False)
     for flag in result.doc["sanity"]["flags"]:
         stderr.print(f"robench: warning: {flag}", highlight=False)
     if as_json:

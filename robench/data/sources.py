@@ -33,6 +33,7 @@ class ImageDataset(Dataset):
         self.base = base
         self.name = name
         self.indices = np.arange(len(base)) if indices is None else np.asarray(indices)
+        self.skipped: list[dict[str, str]] = []  # files left out while reading, with the reason
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -49,11 +50,13 @@ class ImageDataset(Dataset):
             raise UsageError(f"--limit must be positive, got {limit}")
         rng = np.random.default_rng(LIMIT_SEED)
         chosen = np.sort(rng.permutation(len(self))[:limit])
-        return ImageDataset(self.base, self.name, self.indices[chosen])
+        subset = ImageDataset(self.base, self.name, self.indices[chosen])
+        subset.skipped = self.skipped
+        return subset
 
 
 class TensorImages:
-    """In-memory images (float NCHW in [0,1]) and labels."""
+    """In-memory images (float NCHW in [0,1], or uint8 NCHW read from files) and labels."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self.x, self.y = x, y
@@ -62,7 +65,11 @@ class TensorImages:
         return len(self.y)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.x[i], int(self.y[i])
+        return as_float(self.x[i]), int(self.y[i])
+
+
+def as_float(x: torch.Tensor) -> torch.Tensor:
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x
 
 
 DATASETS: Registry[Callable[[str, DataOptions], ImageDataset]] = Registry("dataset kind")
@@ -157,35 +164,22 @@ def _image_transform(options: DataOptions) -> Callable:
 
 @DATASETS.register("imagefolder")
 def _imagefolder(path: str, options: DataOptions) -> ImageDataset:
-    from torchvision.datasets import ImageFolder
+    """Class sub-folders (labels in sorted folder order, as torchvision's ImageFolder).
 
-    root = Path(path)
-    if not root.is_dir():
-        raise UsageError(f"image folder not found: {path}")
-    transform = _image_transform(options)
-    try:
-        folder = ImageFolder(str(root), transform=transform, loader=_rgb_loader)
-    except (FileNotFoundError, RuntimeError) as exc:
-        raise UsageError(f"{path}: {exc}") from exc
-    if not (options.resize or options.crop):
-        sizes = {_image_size(p) for p, _ in folder.samples[:64]}
-        if len(sizes) > 1:
-            raise UsageError(f"{path}: images have different sizes {sorted(sizes)[:4]}; pass --resize/--crop")
-    return ImageDataset(folder, f"imagefolder:{root.name}")
+    Files are read up front (8-bit, at the --resize/--crop size) so that a bad
+    file is skipped and listed in the results instead of stopping the run.
+    """
+    from robench.data.images import load_folder, scan_folder
 
-
-def _rgb_loader(path: str):
-    from PIL import Image
-
-    with Image.open(path) as img:
-        return img.convert("RGB")
-
-
-def _image_size(path: str) -> tuple[int, int]:
-    from PIL import Image
-
-    with Image.open(path) as img:
-        return img.size
+    scan = scan_folder(path)
+    if not scan.class_structured:
+        raise UsageError(f"{path}: imagefolder needs one sub-folder per class")
+    images, kept = load_folder(scan, options.resize, options.crop)
+    classes = sorted({c for c in scan.class_names if c is not None})
+    labels = torch.tensor([classes.index(scan.class_names[i]) for i in kept], dtype=torch.long)
+    dataset = ImageDataset(TensorImages(images, labels), f"imagefolder:{Path(path).name}")
+    dataset.skipped = scan.skipped
+    return dataset
 
 
 # name -> (torchvision class, how its split argument is spelled)
