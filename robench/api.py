@@ -16,7 +16,8 @@ from torch import nn
 
 from robench import __version__
 from robench.data.sources import DataOptions, ImageDataset, from_arrays, load_data
-from robench.engine import RunInterrupted, RunOutcome, run
+from robench import distributed
+from robench.engine import RunInterrupted, RunOutcome, dataset_fingerprint, merge_outcomes, outcome_state, run
 from robench.models.loading import LoadedModel, load_model
 from robench.models.preprocessing import PRESETS, Normalization
 from robench.models.wrapper import RobustModel
@@ -118,12 +119,17 @@ def evaluate(
     options = data_options or DataOptions()
     options.limit = limit if limit is not None else options.limit
     dataset = _as_dataset(data, options)
-    dev = resolve_device(device)
+    dev = distributed.local_device(resolve_device(device))
     interrupted = None
+    rank, size, _ = distributed.world()
     try:
-        outcome = run(wrapped, dataset, loaded_suite.suite, device=dev, batch_size=batch_size, precision=precision,
-                      seed=seed, workers=workers, on_batch=on_batch, resume_state=resume_state,
-                      save_state=save_state, save_every=save_every)
+        if size > 1:
+            outcome = _run_sharded(wrapped, dataset, loaded_suite, dev, rank, size, batch_size=batch_size,
+                                   precision=precision, seed=seed, workers=workers, on_batch=on_batch)
+        else:
+            outcome = run(wrapped, dataset, loaded_suite.suite, device=dev, batch_size=batch_size,
+                          precision=precision, seed=seed, workers=workers, on_batch=on_batch,
+                          resume_state=resume_state, save_state=save_state, save_every=save_every)
     except RunInterrupted as exc:
         outcome, interrupted = exc.outcome, exc
     doc = _document(outcome, loaded, norm, loaded_suite, dataset, dev, precision, seed, batch_size, data)
@@ -146,6 +152,17 @@ class EvaluationInterrupted(KeyboardInterrupt):
     def __init__(self, result: EvaluationResult) -> None:
         super().__init__("the evaluation was interrupted")
         self.result = result
+
+
+def _run_sharded(model: RobustModel, dataset: ImageDataset, suite: LoadedSuite, device: torch.device, rank: int,
+                 size: int, **options: Any) -> RunOutcome:
+    """This process's exact share of the data, then everyone's results merged in index order."""
+    start, stop = distributed.shard_bounds(len(dataset), rank, size)
+    shard = ImageDataset(dataset.base, dataset.name, dataset.indices[start:stop])
+    with distributed.process_group(device):
+        outcome = run(model, shard, suite.suite, device=device, **options)
+        states = distributed.gather(outcome_state(outcome))
+    return merge_outcomes(outcome, states, dataset_fingerprint(dataset, options["batch_size"]), len(dataset))
 
 
 def _document(outcome: RunOutcome, loaded: LoadedModel, norm: Normalization | None, suite: LoadedSuite,
@@ -196,6 +213,7 @@ def _document(outcome: RunOutcome, loaded: LoadedModel, norm: Normalization | No
             "python": platform.python_version(), "numpy": np.__version__,
             "device": str(device), "device_name": device_name(device), "precision": precision,
             "seed": seed, "batch_size": batch_size, "checkpoint_sha256": loaded.sha256,
+            "processes": distributed.world()[1],
             "suite_sha256": suite.sha256, "dataset_fingerprint": outcome.fingerprint,
             "seconds": round(outcome.seconds, 3),
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -261,6 +261,56 @@ def run(
     )
 
 
+def dataset_fingerprint(dataset: ImageDataset, batch_size: int, workers: int = 0) -> str:
+    """The same fingerprint ``run`` computes, without a model (distributed runs need the whole set's)."""
+    digests = [hashlib.sha256() for _ in range(3)]
+    for x, y, idx in iterate_batches(dataset, batch_size, workers, False):
+        for d, part in zip(digests, (idx.numpy().astype(np.int64), y.numpy().astype(np.int64),
+                                     x.numpy().astype(np.float32))):
+            d.update(part.tobytes())
+    return hashlib.sha256(b"".join(d.digest() for d in digests)).hexdigest()
+
+
+def outcome_state(o: "RunOutcome") -> dict:
+    """A run's per-sample results and counts, to be gathered from other processes."""
+    return {"clean": [o.clean.correct, o.clean.total], "index": o.sample_index, "labels": o.labels,
+            "pred": o.clean_pred, "robust_all": o.robust_all, "nonfinite": o.nonfinite_logits,
+            "num_classes": o.num_classes, "seconds": o.seconds, "sanity": o.sanity,
+            "entries": [{"accuracy": [e.accuracy.correct, e.accuracy.total], "fooled": [e.fooled.correct,
+                         e.fooled.total], "robust": e.robust.compute(), "seconds": e.seconds,
+                         "gradient_evals": e.gradient_evals, "peak_memory": e.peak_memory, "chunk": e.chunk}
+                        for e in o.entries]}
+
+
+def merge_outcomes(template: "RunOutcome", states: list[dict], fingerprint: str, total: int) -> "RunOutcome":
+    """Shards in rank order -> one outcome, as if a single process had run the whole set."""
+    clean = Accuracy()
+    clean.correct = sum(s["clean"][0] for s in states)
+    clean.total = sum(s["clean"][1] for s in states)
+    for j, entry in enumerate(template.entries):
+        parts = [s["entries"][j] for s in states]
+        entry.accuracy, entry.fooled, entry.robust = Accuracy(), Accuracy(), Collected()
+        entry.accuracy.correct = sum(p["accuracy"][0] for p in parts)
+        entry.accuracy.total = sum(p["accuracy"][1] for p in parts)
+        entry.fooled.correct = sum(p["fooled"][0] for p in parts)
+        entry.fooled.total = sum(p["fooled"][1] for p in parts)
+        for p in parts:
+            entry.robust.update(p["robust"])
+        entry.seconds = max(p["seconds"] for p in parts)  # wall time: the shards run side by side
+        entry.gradient_evals = sum(p["gradient_evals"] for p in parts)
+        peaks = [p["peak_memory"] for p in parts if p["peak_memory"] is not None]
+        entry.peak_memory = max(peaks) if peaks else None
+        chunks = [p["chunk"] for p in parts if p["chunk"] is not None]
+        entry.chunk = min(chunks) if chunks else None
+    cat = lambda key: np.concatenate([s[key] for s in states]) if states[0][key] is not None else None  # noqa: E731
+    return RunOutcome(
+        n=clean.total, clean=clean, entries=template.entries, sample_index=cat("index"), labels=cat("labels"),
+        clean_pred=cat("pred"), robust_all=cat("robust_all"), fingerprint=fingerprint,
+        num_classes=states[0]["num_classes"], seconds=max(s["seconds"] for s in states),
+        nonfinite_logits=sum(s["nonfinite"] for s in states), total=total, sanity=states[0]["sanity"],
+    )
+
+
 class RunInterrupted(Exception):
     """Ctrl-C or SIGTERM during a run: ``outcome`` holds the finished batches (complete=False)."""
 

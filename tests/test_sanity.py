@@ -100,3 +100,22 @@ def test_weaker_attack_beating_iterative_one_is_flagged():
     assert len(found) == 2
     assert "fgsm (single-step) at eps 0.03" in found[0] and "square (black-box)" in found[1]
     assert masking_flags([rows[0], {**rows[1], "accuracy": 0.45}]) == []
+
+
+class SometimesNaN(Wrap):
+    """NaN logits for images whose top-left pixel is bright."""
+
+    def forward(self, x):
+        out = self.inner(x)
+        bad = x[:, 0, 0, 0] > 0.5
+        return torch.where(bad[:, None], torch.full_like(out, float("nan")), out)
+
+
+def test_nan_logits_are_counted_as_errors_and_flagged(trained_model, test_tensors):
+    x, y = test_tensors
+    x = x.clone()
+    x[:7, 0, 0, 0] = 1.0
+    result = robench.evaluate(SometimesNaN(trained_model), (x, y), SUITE, device="cpu")
+    sanity = result.doc["sanity"]
+    assert sanity["nonfinite_logits"] == 7 and any("NaN" in f for f in sanity["flags"])
+    assert not result.samples["clean_correct"][:7].any(), "a NaN prediction is never correct"

@@ -10,6 +10,7 @@ from typing import List, Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from robench import distributed
 from robench.api import EvaluationInterrupted, evaluate
 from robench.cli.common import handle_errors, interrupt_on_sigterm, stderr, stdout_console
 from robench.cli.gate_cmd import run_gate
@@ -110,8 +111,16 @@ def eval_command(
         raise UsageError("give either --resume DIR or --out DIR")
     if resume is not None and not has_progress(resume):
         raise UsageError(f"{resume} holds no interrupted run to resume")
-    run_dir = prepare_run_dir(resume or out or default_run_dir(loaded_suite.suite.name, loaded.name))
+    rank, processes, _ = distributed.world()
+    main = rank == 0
+    if processes > 1 and (resume is not None or (out is not None and has_progress(out))):
+        raise UsageError("--resume is not available under torchrun; resume with a single process")
+    # Under torchrun every process evaluates its shard; only rank 0 writes anything.
+    run_dir = prepare_run_dir(resume or out or default_run_dir(loaded_suite.suite.name, loaded.name)) if main \
+        else Path(".")
     if is_reid_spec(data_spec) or loaded_suite.suite.task == "reid":
+        if processes > 1:
+            raise UsageError("re-identification runs use a single process (torchrun is not supported yet)")
         run_reid_eval(
             loaded, data_spec, loaded_suite, run_dir, normalization=normalization, trust_checkpoint=trust_checkpoint,
             feature_layer=feature_layer, flip=flip, l2=l2, distance=distance, ranks=ranks, ap=ap,
@@ -126,11 +135,12 @@ def eval_command(
 
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), console=stderr, transient=True,
-                        disable=quiet or not sys.stderr.isatty())
+                        disable=quiet or not sys.stderr.isatty() or not main)
     key = settings_key({"model": loaded.sha256 or loaded.source, "arch": loaded.arch, "suite": loaded_suite.sha256,
                         "data": data_spec, "options": options.__dict__, "normalization": normalization,
                         "device": device, "batch_size": batch_size, "precision": precision, "seed": seed})
-    resume_state = load_progress(run_dir, key) if has_progress(run_dir) else None
+    single = main and processes == 1
+    resume_state = load_progress(run_dir, key) if single and has_progress(run_dir) else None
     if resume_state is not None:
         stderr.print(f"robench: resuming {run_dir} after {resume_state['batches']} finished batch(es)",
                      highlight=False)
@@ -143,15 +153,19 @@ def eval_command(
                 loaded, data_spec, loaded_suite, normalization=normalization, device=device,
                 batch_size=batch_size, precision=precision, seed=seed, workers=workers,
                 data_options=options, on_batch=lambda k: progress.advance(task, k),
-                resume_state=resume_state, save_state=lambda state: save_progress(run_dir, state, key),
-                save_every=save_every,
+                resume_state=resume_state, save_every=save_every,
+                save_state=(lambda state: save_progress(run_dir, state, key)) if single else None,
             )
         except EvaluationInterrupted as stopped:
+            if not main:
+                raise Interrupted("interrupted") from None
             stopped.result.save(run_dir)
             done = stopped.result.doc["progress"]
             raise Interrupted(
                 f"interrupted after {done['evaluated']} of {done['total']} samples; partial results in "
                 f"{run_dir}/results.json (complete: false); run the same command with --resume {run_dir}") from None
+    if not main:
+        return
     result.save(run_dir)
     (run_dir / PROGRESS_FILE).unlink(missing_ok=True)
     if result.doc["data"].get("skipped"):
