@@ -337,8 +337,9 @@ def _run_batch(x, y, idx, forward, entries, device, clean, idx_parts, y_parts, p
     finite = torch.isfinite(logits).all(dim=1)
     if sanity is not None:
         sanity.update(first_batch_checks(forward, x, y, logits))
-    pred = logits.argmax(dim=1)
-    correct = (pred == y) & finite
+    # A row with NaN/inf logits has no prediction (-1): it is never correct.
+    pred = torch.where(finite, logits.argmax(dim=1), torch.full_like(y, -1))
+    correct = pred == y
     attacked = torch.nonzero(correct).squeeze(1)
     outcomes = [_attack_batch(entry, forward, x, y, idx.to(device), correct, attacked, device) for entry in entries]
     # Commit the whole batch at once: an interruption leaves the accumulators at a batch boundary.
