@@ -99,6 +99,9 @@ def evaluate(
     resume_state: dict | None = None,
     save_state: Callable[[dict], None] | None = None,
     save_every: float = 10.0,
+    compile: str = "auto",
+    compile_backend: str = "inductor",
+    channels_last: bool = False,
 ) -> EvaluationResult:
     """Evaluate ``model`` on ``data`` under every attack of ``suite``.
 
@@ -125,11 +128,13 @@ def evaluate(
     try:
         if size > 1:
             outcome = _run_sharded(wrapped, dataset, loaded_suite, dev, rank, size, batch_size=batch_size,
-                                   precision=precision, seed=seed, workers=workers, on_batch=on_batch)
+                                   precision=precision, seed=seed, workers=workers, on_batch=on_batch,
+                                   compile=compile, compile_backend=compile_backend, channels_last=channels_last)
         else:
             outcome = run(wrapped, dataset, loaded_suite.suite, device=dev, batch_size=batch_size,
                           precision=precision, seed=seed, workers=workers, on_batch=on_batch,
-                          resume_state=resume_state, save_state=save_state, save_every=save_every)
+                          resume_state=resume_state, save_state=save_state, save_every=save_every,
+                          compile=compile, compile_backend=compile_backend, channels_last=channels_last)
     except RunInterrupted as exc:
         outcome, interrupted = exc.outcome, exc
     doc = _document(outcome, loaded, norm, loaded_suite, dataset, dev, precision, seed, batch_size, data)
@@ -213,7 +218,7 @@ def _document(outcome: RunOutcome, loaded: LoadedModel, norm: Normalization | No
             "python": platform.python_version(), "numpy": np.__version__,
             "device": str(device), "device_name": device_name(device), "precision": precision,
             "seed": seed, "batch_size": batch_size, "checkpoint_sha256": loaded.sha256,
-            "processes": distributed.world()[1],
+            "processes": distributed.world()[1], "speed": outcome.speed,
             "suite_sha256": suite.sha256, "dataset_fingerprint": outcome.fingerprint,
             "seconds": round(outcome.seconds, 3),
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -19,6 +19,7 @@ from robench.metrics import Accuracy, Collected
 from robench.models.wrapper import RobustModel, evaluation_mode
 from robench.precision import PrecisionModel, matmul_precision
 from robench.sanity import first_batch_checks
+from robench.speed import estimated_work, finish, should_compile, speed_up, timed_first_call
 from robench.suites import AttackSpec, Suite
 from robench.suites.schema import REID_FIELDS
 
@@ -117,6 +118,7 @@ class RunOutcome:
     complete: bool = True
     total: int = 0  # samples in the dataset (n counts the evaluated ones)
     sanity: dict = field(default_factory=dict)
+    speed: dict = field(default_factory=dict)
 
 
 def iterate_batches(dataset: ImageDataset, batch_size: int, workers: int, pin: bool) -> Iterator:
@@ -169,6 +171,9 @@ def run(
     resume_state: dict | None = None,
     save_state: Callable[[dict], None] | None = None,
     save_every: float = 10.0,
+    compile: str = "off",
+    compile_backend: str = "inductor",
+    channels_last: bool = False,
 ) -> RunOutcome:
     """Evaluate every entry of ``suite``, batch by batch.
 
@@ -214,6 +219,8 @@ def run(
     with evaluation_mode(model), matmul_precision(precision):
         # eval() on the outer wrapper too: torchattacks restores the mode it finds.
         forward = PrecisionModel(model, precision, device).eval()
+        compiled = should_compile(compile, device, estimated_work(len(dataset), suite))
+        forward, speed = speed_up(forward, compile=compiled, backend=compile_backend, channels_last=channels_last)
         try:
             for b, (x, y, idx) in enumerate(iterate_batches(dataset, batch_size, workers, device.type == "cuda")):
                 for d, part in zip(digests, (idx.numpy().astype(np.int64), y.numpy().astype(np.int64),
@@ -221,6 +228,8 @@ def run(
                     d.update(part.tobytes())
                 if b < done:
                     continue  # finished before the interruption: only the fingerprint needs its data
+                if b == done:
+                    timed_first_call(forward, x.to(device).float(), speed)
                 num_classes, nonfinite = _run_batch(x, y, idx, forward, entries, device, clean, idx_parts, y_parts,
                                                     pred_parts, robust_all, num_classes, nonfinite, labels_known,
                                                     dataset, sanity if b == done else None)
@@ -244,6 +253,7 @@ def run(
             raise
     if save_state:
         save_state(snapshot(finished))
+    finish(speed)
     return RunOutcome(
         n=clean.total,
         clean=clean,
@@ -258,6 +268,7 @@ def run(
         nonfinite_logits=nonfinite,
         total=len(dataset),
         sanity=sanity,
+        speed=speed.as_dict(),
     )
 
 

@@ -23,6 +23,7 @@ from robench.errors import Interrupted, UsageError
 from robench.models import load_model, resolve_normalization
 from robench.reid.api import is_reid_spec
 from robench.precision import PRECISIONS
+from robench.speed import COMPILE_MODES
 from robench.report import results_table
 from robench.results import default_run_dir, prepare_run_dir
 from robench.suites import load_suite
@@ -46,6 +47,9 @@ def eval_command(
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     batch_size: int = typer.Option(256, "--batch-size", "-b"),
     precision: str = typer.Option("fp32", help="fp32, tf32, bf16 or fp16 (recorded in the results)."),
+    compile: str = typer.Option("auto", "--compile", help="torch.compile the model: on, off, or auto (GPU runs "
+                                "with enough work to pay for the compilation)."),
+    channels_last: bool = typer.Option(False, "--channels-last", help="NHWC memory format for convolutions."),
     seed: int = typer.Option(0, help="Seed of the per-sample random streams (random starts)."),
     limit: Optional[int] = typer.Option(None, help="Evaluate a fixed subset of N samples."),
     data_root: Optional[str] = typer.Option(None, "--data-root", help="Where torchvision datasets live."),
@@ -93,6 +97,8 @@ def eval_command(
         read_result(baseline)  # fail before the run, not after it
         for text in rule or []:
             parse_rule(text)
+    if compile not in COMPILE_MODES:
+        raise UsageError(f"--compile must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")
     if precision not in PRECISIONS:
         raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     loaded_suite = load_suite(suite)
@@ -138,7 +144,8 @@ def eval_command(
                         disable=quiet or not sys.stderr.isatty() or not main)
     key = settings_key({"model": loaded.sha256 or loaded.source, "arch": loaded.arch, "suite": loaded_suite.sha256,
                         "data": data_spec, "options": options.__dict__, "normalization": normalization,
-                        "device": device, "batch_size": batch_size, "precision": precision, "seed": seed})
+                        "device": device, "batch_size": batch_size, "precision": precision, "seed": seed,
+                        "compile": compile, "channels_last": channels_last})
     single = main and processes == 1
     resume_state = load_progress(run_dir, key) if single and has_progress(run_dir) else None
     if resume_state is not None:
@@ -153,7 +160,7 @@ def eval_command(
                 loaded, data_spec, loaded_suite, normalization=normalization, device=device,
                 batch_size=batch_size, precision=precision, seed=seed, workers=workers,
                 data_options=options, on_batch=lambda k: progress.advance(task, k),
-                resume_state=resume_state, save_every=save_every,
+                resume_state=resume_state, save_every=save_every, compile=compile, channels_last=channels_last,
                 save_state=(lambda state: save_progress(run_dir, state, key)) if single else None,
             )
         except EvaluationInterrupted as stopped:

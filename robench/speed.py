@@ -1,0 +1,97 @@
+"""Switchable speed-ups of the forward pass: torch.compile and channels_last.
+
+Each is off unless asked for (``--compile on``, ``--channels-last``) except
+``--compile auto`` (the default), which compiles only on a GPU and only when
+the run's estimated work pays for the compilation (about 20 s for a ResNet-50):
+at least ``AUTO_COMPILE_MIN_WORK`` image forward+backward passes. The model is
+compiled with dynamic shapes, so the shrinking batches of early stopping do not
+trigger a compilation per size; the number of graphs compiled during the run
+is recorded in the results (1 means nothing was recompiled).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from robench.errors import UsageError
+
+COMPILE_MODES = ("off", "on", "auto")
+AUTO_COMPILE_MIN_WORK = 200_000
+
+
+def estimated_work(n_samples: int, suite) -> int:
+    """Forward+backward image passes the suite needs at most (no early stopping)."""
+    work = 0
+    for spec in suite.attacks:
+        per_eps = spec.resolved_steps() * (spec.restarts or 1) if spec.attack in ("fgsm", "bim", "pgd", "mifgsm") else 1
+        work += per_eps * max(1, len(spec.eps)) * n_samples
+    return work
+
+
+def should_compile(mode: str, device: torch.device, work: int) -> bool:
+    if mode not in COMPILE_MODES:
+        raise UsageError(f"--compile must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+    if mode == "auto":
+        return device.type == "cuda" and work >= AUTO_COMPILE_MIN_WORK
+    return mode == "on"
+
+
+class ChannelsLast(nn.Module):
+    """Feeds the model NHWC-strided tensors (faster convolutions on tensor cores); values unchanged."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model.to(memory_format=torch.channels_last)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x)
+
+
+@dataclass
+class SpeedReport:
+    compile: bool = False
+    backend: str | None = None
+    channels_last: bool = False
+    first_call_seconds: float | None = None  # includes the compilation when compiled
+    compiled_graphs: int | None = None
+    _graphs_before: int = field(default=0, repr=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"compile": self.compile, "compile_backend": self.backend, "channels_last": self.channels_last,
+                "first_call_seconds": self.first_call_seconds, "compiled_graphs": self.compiled_graphs}
+
+
+def _graph_count() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def speed_up(forward: nn.Module, *, compile: bool, backend: str = "inductor",
+             channels_last: bool = False) -> tuple[nn.Module, SpeedReport]:
+    report = SpeedReport(compile=compile, backend=backend if compile else None, channels_last=channels_last)
+    if channels_last:
+        forward = ChannelsLast(forward)
+    if compile:
+        report._graphs_before = _graph_count()
+        forward = torch.compile(forward, dynamic=True, backend=backend)
+    return forward, report
+
+
+def timed_first_call(forward, x: torch.Tensor, report: SpeedReport) -> torch.Tensor:
+    start = time.perf_counter()
+    out = forward(x)
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+    report.first_call_seconds = round(time.perf_counter() - start, 4)
+    return out
+
+
+def finish(report: SpeedReport) -> None:
+    if report.compile:
+        report.compiled_graphs = _graph_count() - report._graphs_before

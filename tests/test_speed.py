@@ -1,0 +1,46 @@
+"""Speed switches never change results: compiled (eager backend) and channels_last runs equal the plain run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import robench
+from robench.errors import UsageError
+from robench.speed import AUTO_COMPILE_MIN_WORK, estimated_work, should_compile
+from robench.suites.loader import parse_suite
+
+SUITE = {"name": "sp", "attacks": [{"attack": "fgsm", "eps": 0.1}, {"attack": "pgd", "eps": [0.05, 0.1], "steps": 5}]}
+
+
+@pytest.fixture(scope="module")
+def plain(trained_model, test_tensors):
+    return robench.evaluate(trained_model, test_tensors, SUITE, device="cpu", compile="off")
+
+
+def test_compiled_forward_gives_the_same_outcomes(trained_model, test_tensors, plain):
+    # The "eager" backend exercises dynamo's capture and dynamic shapes without a C++ toolchain.
+    compiled = robench.evaluate(trained_model, test_tensors, SUITE, device="cpu", compile="on",
+                                compile_backend="eager")
+    assert compiled.samples.equals(plain.samples)
+    speed = compiled.doc["env"]["speed"]
+    assert speed["compile"] is True and speed["compile_backend"] == "eager"
+    assert speed["compiled_graphs"] >= 1 and speed["first_call_seconds"] > 0
+    assert plain.doc["env"]["speed"]["compile"] is False
+
+
+def test_channels_last_gives_the_same_outcomes(trained_model, test_tensors, plain):
+    nhwc = robench.evaluate(trained_model, test_tensors, SUITE, device="cpu", compile="off", channels_last=True)
+    assert nhwc.doc["env"]["speed"]["channels_last"] is True
+    assert nhwc.samples.equals(plain.samples)
+
+
+def test_auto_compiles_only_big_gpu_runs():
+    suite = parse_suite("name: a\nattacks:\n  - attack: pgd\n    eps: [0.1, 0.2]\n    steps: 10\n").suite
+    assert estimated_work(1000, suite) == 1000 * 10 * 2
+    assert not should_compile("auto", torch.device("cpu"), 10**9)
+    assert not should_compile("auto", torch.device("cuda"), AUTO_COMPILE_MIN_WORK - 1)
+    assert should_compile("auto", torch.device("cuda"), AUTO_COMPILE_MIN_WORK)
+    assert should_compile("on", torch.device("cpu"), 0) and not should_compile("off", torch.device("cuda"), 10**9)
+    with pytest.raises(UsageError):
+        should_compile("sometimes", torch.device("cpu"), 0)
