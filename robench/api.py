@@ -102,6 +102,7 @@ def evaluate(
     compile: str = "auto",
     compile_backend: str = "inductor",
     channels_last: bool = False,
+    sweep_reuse: bool = False,
 ) -> EvaluationResult:
     """Evaluate ``model`` on ``data`` under every attack of ``suite``.
 
@@ -129,12 +130,14 @@ def evaluate(
         if size > 1:
             outcome = _run_sharded(wrapped, dataset, loaded_suite, dev, rank, size, batch_size=batch_size,
                                    precision=precision, seed=seed, workers=workers, on_batch=on_batch,
-                                   compile=compile, compile_backend=compile_backend, channels_last=channels_last)
+                                   compile=compile, compile_backend=compile_backend, channels_last=channels_last,
+                                   sweep_reuse=sweep_reuse)
         else:
             outcome = run(wrapped, dataset, loaded_suite.suite, device=dev, batch_size=batch_size,
                           precision=precision, seed=seed, workers=workers, on_batch=on_batch,
                           resume_state=resume_state, save_state=save_state, save_every=save_every,
-                          compile=compile, compile_backend=compile_backend, channels_last=channels_last)
+                          compile=compile, compile_backend=compile_backend, channels_last=channels_last,
+                          sweep_reuse=sweep_reuse)
     except RunInterrupted as exc:
         outcome, interrupted = exc.outcome, exc
     doc = _document(outcome, loaded, norm, loaded_suite, dataset, dev, precision, seed, batch_size, data)

@@ -174,6 +174,7 @@ def run(
     compile: str = "off",
     compile_backend: str = "inductor",
     channels_last: bool = False,
+    sweep_reuse: bool = False,
 ) -> RunOutcome:
     """Evaluate every entry of ``suite``, batch by batch.
 
@@ -232,7 +233,7 @@ def run(
                     timed_first_call(forward, x.to(device).float(), speed)
                 num_classes, nonfinite = _run_batch(x, y, idx, forward, entries, device, clean, idx_parts, y_parts,
                                                     pred_parts, robust_all, num_classes, nonfinite, labels_known,
-                                                    dataset, sanity if b == done else None)
+                                                    dataset, sanity if b == done else None, sweep_reuse)
                 finished = b + 1
                 if on_batch:
                     on_batch(len(y))
@@ -268,7 +269,7 @@ def run(
         nonfinite_logits=nonfinite,
         total=len(dataset),
         sanity=sanity,
-        speed=speed.as_dict(),
+        speed={**speed.as_dict(), "sweep_reuse": sweep_reuse},
     )
 
 
@@ -331,10 +332,13 @@ class RunInterrupted(Exception):
 
 
 def _run_batch(x, y, idx, forward, entries, device, clean, idx_parts, y_parts, pred_parts, robust_all,
-               num_classes, nonfinite, labels_known, dataset, sanity: dict | None = None) -> tuple[int, int]:
+               num_classes, nonfinite, labels_known, dataset, sanity: dict | None = None,
+               sweep_reuse: bool = False) -> tuple[int, int]:
     """Clean pass and every entry on one batch; returns the (possibly learned) class count and NaN count.
 
-    ``sanity``, when given, receives the first-batch checks of :mod:`robench.sanity`.
+    ``sanity``, when given, receives the first-batch checks of :mod:`robench.sanity`. With
+    ``sweep_reuse``, an any-iterate attack listed with increasing eps attacks at each eps only
+    the samples it has not fooled at the previous one.
     """
     x = x.to(device, non_blocking=True).float()
     y = y.to(device, non_blocking=True).long()
@@ -352,7 +356,22 @@ def _run_batch(x, y, idx, forward, entries, device, clean, idx_parts, y_parts, p
     pred = torch.where(finite, logits.argmax(dim=1), torch.full_like(y, -1))
     correct = pred == y
     attacked = torch.nonzero(correct).squeeze(1)
-    outcomes = [_attack_batch(entry, forward, x, y, idx.to(device), correct, attacked, device) for entry in entries]
+    outcomes = []
+    fooled_before: dict[int, tuple[float, torch.Tensor]] = {}  # per suite entry: (eps, fooled at that eps)
+    for entry in entries:
+        targets = attacked
+        prior = fooled_before.get(id(entry.spec)) if sweep_reuse and _reusable(entry) else None
+        if prior is not None and entry.eps >= prior[0]:
+            # Fooled at a smaller eps of the same attack: that example lies in this larger ball too.
+            targets = attacked[~prior[1][attacked]]
+        robust, success, seconds, grad_evals, peak = _attack_batch(entry, forward, x, y, idx.to(device), correct,
+                                                                   targets, device)
+        if prior is not None and entry.eps >= prior[0]:
+            robust &= ~prior[1]
+            success = ~robust[attacked]
+        if _reusable(entry):
+            fooled_before[id(entry.spec)] = (entry.eps, correct & ~robust)
+        outcomes.append((robust, success, seconds, grad_evals, peak))
     # Commit the whole batch at once: an interruption leaves the accumulators at a batch boundary.
     clean.update(correct)
     idx_parts.update(idx)
@@ -371,6 +390,12 @@ def _run_batch(x, y, idx, forward, entries, device, clean, idx_parts, y_parts, p
         worst &= robust
     robust_all.update(worst)
     return num_classes, nonfinite + int((~finite).sum())
+
+
+def _reusable(entry: Entry) -> bool:
+    """Sweep reuse needs any-iterate semantics (a fooled example stays valid) and a scalar eps."""
+    return (entry.eps is not None and not entry.attack.final_iterate and entry.spec.attack in
+            ("fgsm", "bim", "pgd", "mifgsm") and not isinstance(entry.attack.eps, torch.Tensor))
 
 
 def _attack_with_backoff(entry: Entry, forward, x, y, idx, device) -> AttackResult:

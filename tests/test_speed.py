@@ -44,3 +44,26 @@ def test_auto_compiles_only_big_gpu_runs():
     assert should_compile("on", torch.device("cpu"), 0) and not should_compile("off", torch.device("cuda"), 10**9)
     with pytest.raises(UsageError):
         should_compile("sometimes", torch.device("cpu"), 0)
+
+
+def test_sweep_reuse_is_the_monotone_closure_of_the_plain_path(trained_model, test_tensors):
+    sweep = {"name": "sw", "attacks": [{"attack": "pgd", "eps": [0.02, 0.05, 0.1, 0.15, 0.2], "steps": 5}]}
+    plain = robench.evaluate(trained_model, test_tensors, sweep, device="cpu", compile="off")
+    reused = robench.evaluate(trained_model, test_tensors, sweep, device="cpu", compile="off", sweep_reuse=True)
+    cols = [c for c in plain.samples.columns if c.startswith("robust[")]
+    closure = plain.samples[cols].cummin(axis=1)  # robust at eps_k only if robust at every smaller eps
+    assert reused.samples[cols].equals(closure)
+    # The plain path almost never disagrees with the closure (an attack that failed at a larger eps).
+    assert (plain.samples[cols] != closure).to_numpy().sum() <= 3
+    saved = sum(a["gradient_evals"] for a in plain.doc["attacks"]) - sum(a["gradient_evals"]
+                                                                           for a in reused.doc["attacks"])
+    assert saved > 0
+    assert reused.doc["env"]["speed"]["sweep_reuse"] is True
+
+
+def test_sweep_reuse_leaves_final_iterate_entries_alone(trained_model, test_tensors):
+    sweep = {"name": "sw", "attacks": [{"attack": "pgd", "eps": [0.05, 0.1], "steps": 5, "final_iterate": True}]}
+    plain = robench.evaluate(trained_model, test_tensors, sweep, device="cpu", compile="off")
+    reused = robench.evaluate(trained_model, test_tensors, sweep, device="cpu", compile="off", sweep_reuse=True)
+    assert reused.samples.equals(plain.samples)
+    assert [a["gradient_evals"] for a in reused.doc["attacks"]] == [a["gradient_evals"] for a in plain.doc["attacks"]]

@@ -50,6 +50,8 @@ def eval_command(
     compile: str = typer.Option("auto", "--compile", help="torch.compile the model: on, off, or auto (GPU runs "
                                 "with enough work to pay for the compilation)."),
     channels_last: bool = typer.Option(False, "--channels-last", help="NHWC memory format for convolutions."),
+    sweep_reuse: bool = typer.Option(False, "--sweep-reuse", help="Any-iterate eps sweeps: a sample fooled at a "
+                                     "smaller eps is not attacked again at a larger one."),
     seed: int = typer.Option(0, help="Seed of the per-sample random streams (random starts)."),
     limit: Optional[int] = typer.Option(None, help="Evaluate a fixed subset of N samples."),
     data_root: Optional[str] = typer.Option(None, "--data-root", help="Where torchvision datasets live."),
@@ -145,7 +147,7 @@ def eval_command(
     key = settings_key({"model": loaded.sha256 or loaded.source, "arch": loaded.arch, "suite": loaded_suite.sha256,
                         "data": data_spec, "options": options.__dict__, "normalization": normalization,
                         "device": device, "batch_size": batch_size, "precision": precision, "seed": seed,
-                        "compile": compile, "channels_last": channels_last})
+                        "compile": compile, "channels_last": channels_last, "sweep_reuse": sweep_reuse})
     single = main and processes == 1
     resume_state = load_progress(run_dir, key) if single and has_progress(run_dir) else None
     if resume_state is not None:
@@ -161,6 +163,7 @@ def eval_command(
                 batch_size=batch_size, precision=precision, seed=seed, workers=workers,
                 data_options=options, on_batch=lambda k: progress.advance(task, k),
                 resume_state=resume_state, save_every=save_every, compile=compile, channels_last=channels_last,
+                sweep_reuse=sweep_reuse,
                 save_state=(lambda state: save_progress(run_dir, state, key)) if single else None,
             )
         except EvaluationInterrupted as stopped:
