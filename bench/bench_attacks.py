@@ -29,6 +29,7 @@ import robench
 from robench.attacks import FGSM, PGD
 from robench.models.wrapper import RobustModel, evaluation_mode
 from robench.precision import PrecisionModel, device_name, matmul_precision
+from robench.speed import speed_up
 
 
 def cifar_resnet18() -> nn.Module:
@@ -57,7 +58,9 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float
     return (time.perf_counter() - start) / repeats
 
 
-def bench_model(name: str, device: torch.device, batch: int, precision: str, repeats: int) -> list[dict]:
+def bench_model(name: str, device: torch.device, batch: int, precision: str, repeats: int,
+                attacks: tuple[str, ...] = ("FGSM", "PGD-10", "PGD-50"), compile: bool = False,
+                channels_last: bool = False) -> list[dict]:
     factory, size = MODELS[name]
     gen = torch.Generator().manual_seed(0)
     with torch.random.fork_rng():
@@ -71,6 +74,8 @@ def bench_model(name: str, device: torch.device, batch: int, precision: str, rep
     rows = []
     with evaluation_mode(model), matmul_precision(precision):
         fwd = PrecisionModel(model, precision, device).eval()
+        # The bound and both libraries use the same (possibly compiled) forward pass.
+        fwd, _ = speed_up(fwd, compile=compile, channels_last=channels_last)
 
         def floor_step():
             xi = x.detach().requires_grad_(True)
@@ -81,7 +86,9 @@ def bench_model(name: str, device: torch.device, batch: int, precision: str, rep
         cases = {
             "FGSM": (1, lambda: FGSM(eps, final_iterate=True)(fwd, x, y), "FGSM"),
             "PGD-10": (10, lambda: PGD(eps, steps=10, step_size=2 / 255, final_iterate=True)(fwd, x, y), "PGD10"),
+            "PGD-50": (50, lambda: PGD(eps, steps=50, step_size=2 / 255, final_iterate=True)(fwd, x, y), "PGD50"),
         }
+        cases = {k: v for k, v in cases.items() if k in attacks}
         ta = _torchattacks()
         for label, (steps, run_robench, ta_name) in cases.items():
             ours = batch / timed(run_robench, device, repeats)
@@ -90,7 +97,7 @@ def bench_model(name: str, device: torch.device, batch: int, precision: str, rep
                 if ta_name == "FGSM":
                     attack = ta.FGSM(fwd, eps=eps)
                 else:
-                    attack = ta.PGD(fwd, eps=eps, alpha=2 / 255, steps=10, random_start=True)
+                    attack = ta.PGD(fwd, eps=eps, alpha=2 / 255, steps=steps, random_start=True)
                 with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
                     theirs = batch / timed(lambda: attack(x, y), device, repeats)
             bound = floor / steps
@@ -130,6 +137,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--attacks", default="FGSM,PGD-10,PGD-50")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the forward pass (all columns)")
+    parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--write", type=Path, default=None, help="append the table to this Markdown file")
     args = parser.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -137,7 +147,8 @@ def main() -> None:
     rows = []
     for name in args.models.split(","):
         batch = args.batch_size or (1024 if name.startswith("cifar") else 256)
-        rows += bench_model(name, device, batch, args.precision, args.repeats)
+        rows += bench_model(name, device, batch, args.precision, args.repeats, tuple(args.attacks.split(",")),
+                            args.compile, args.channels_last)
     import sys
 
     text = render(rows, device, args.batch_size or 0, args.precision, "python " + " ".join(sys.argv))
