@@ -17,7 +17,8 @@ from torch import nn
 from robench import __version__
 from robench.data.sources import DataOptions, ImageDataset, from_arrays, load_data
 from robench import distributed
-from robench.engine import RunInterrupted, RunOutcome, dataset_fingerprint, merge_outcomes, outcome_state, run
+from robench.engine import dataset_fingerprint, run
+from robench.run_state import RunInterrupted, RunOutcome, merge_outcomes, outcome_state
 from robench.models.loading import LoadedModel, load_model
 from robench.models.preprocessing import PRESETS, Normalization
 from robench.models.wrapper import RobustModel

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
-from robench.attacks import ATTACKS, Attack, AttackResult
-from robench.attacks.torchattacks_adapter import PREFIX as TA_PREFIX
-from robench.attacks.torchattacks_adapter import TorchattacksAttack
+from robench.attacks import AttackResult
 from robench.data.sources import ImageDataset, TensorImages, as_float
 from robench.errors import RunError, UsageError
 from robench.metrics import Accuracy, Collected
@@ -20,105 +17,14 @@ from robench.models.wrapper import RobustModel, evaluation_mode
 from robench.precision import PrecisionModel, matmul_precision
 from robench.sanity import first_batch_checks
 from robench.speed import estimated_work, finish, should_compile, speed_up, timed_first_call
-from robench.suites import AttackSpec, Suite
+from robench.entries import Entry, build_entries
+from robench.run_state import RunInterrupted, RunOutcome, merge_outcomes, outcome_state, restore
+from robench.run_state import snapshot as take_snapshot
+from robench.suites import Suite
 from robench.suites.schema import REID_FIELDS
 
-
-@dataclass
-class Entry:
-    """One (attack, eps) cell of the suite: one result row."""
-
-    spec: AttackSpec
-    index: int  # position among all entries: keys the random stream
-    eps: float | None  # None for attacks without a budget (e.g. ta.CW)
-    eps_text: str
-    attack: Attack
-    accuracy: Accuracy = field(default_factory=Accuracy)
-    fooled: Accuracy = field(default_factory=Accuracy)  # success among attacked samples
-    robust: Collected = field(default_factory=Collected)
-    seconds: float = 0.0
-    gradient_evals: int = 0
-    peak_memory: int | None = None
-    chunk: int | None = None  # set when out-of-memory forced smaller attack chunks
-
-    def params(self) -> dict:
-        info = {"eps_expr": self.eps_text if self.eps is not None else None, "final_iterate": self.attack.final_iterate, **self.attack.describe()}
-        return info
-
-
-def build_entries(suite: Suite, model: RobustModel, seed: int) -> list[Entry]:
-    entries: list[Entry] = []
-    std = model.pixel_std() if suite.eps_space == "normalized" else None
-    if std is not None and model.normalization is None:
-        raise UsageError(
-            f"suite {suite.name} gives eps in normalised units: the model needs --normalize or --mean/--std"
-        )
-    for spec in suite.attacks:
-        if spec.attack == "pixels":
-            for count in spec.pixel_counts():
-                entries.append(_pixel_entry(spec, len(entries), count, seed))
-            continue
-        eps_list = spec.eps or [None]
-        texts = spec.eps_text or [""]
-        for eps, text in zip(eps_list, texts):
-            entries.append(_entry(spec, len(entries), eps, text, std, seed))
-    return entries
-
-
-def _entry(spec: AttackSpec, index: int, eps: float | None, text: str, std, seed: int) -> Entry:
-    def to_pixels(value: float):
-        # An L-inf ball of radius r in z-score space is a box of radius r*std_c in pixels.
-        return value * std.detach().cpu() if std is not None else value
-
-    common = {"seed": seed, "stream": index}
-    if spec.attack.startswith(TA_PREFIX):
-        attack: Attack = TorchattacksAttack(
-            spec.attack[len(TA_PREFIX):], None if eps is None else to_pixels(eps),
-            norm=spec.norm, params=spec.params, **common,
-        )
-    elif spec.attack == "dmr":
-        attack = ATTACKS.get("dmr")(None if eps is None else to_pixels(eps), generator=spec.generator, **common)
-    else:
-        cls = ATTACKS.get(spec.attack)
-        kwargs = {"norm": spec.norm, "final_iterate": spec.final_iterate, **common}
-        if spec.attack != "fgsm":
-            kwargs["steps"] = spec.resolved_steps()
-            kwargs["step_size"] = to_pixels(spec.step_size_for(eps))
-        if spec.random_start is not None:
-            rs = spec.random_start
-            kwargs["random_start"] = rs if isinstance(rs, bool) else to_pixels(float(rs))
-        if spec.restarts is not None:
-            kwargs["restarts"] = spec.restarts
-        if spec.decay is not None:
-            kwargs["decay"] = spec.decay
-        attack = cls(to_pixels(eps), **kwargs)
-    return Entry(spec, index, eps, text, attack)
-
-
-def _pixel_entry(spec: AttackSpec, index: int, count: int, seed: int) -> Entry:
-    cls = ATTACKS.get("pixels")
-    attack = cls(n_pixels=count, delta=spec.delta, area=spec.area, shared_positions=bool(spec.shared_positions),
-                 channels=spec.channels or "all", trials=spec.trials or 1, seed=seed, stream=index)
-    return Entry(spec, index, None, f"{count}px", attack)
-
-
-@dataclass
-class RunOutcome:
-    n: int
-    clean: Accuracy
-    entries: list[Entry]
-    sample_index: np.ndarray
-    labels: np.ndarray
-    clean_pred: np.ndarray
-    robust_all: np.ndarray | None
-    fingerprint: str
-    num_classes: int
-    seconds: float
-    nonfinite_logits: int
-    complete: bool = True
-    total: int = 0  # samples in the dataset (n counts the evaluated ones)
-    sanity: dict = field(default_factory=dict)
-    speed: dict = field(default_factory=dict)
+__all__ = ["Entry", "RunInterrupted", "RunOutcome", "build_entries", "check_labels", "dataset_fingerprint",
+           "iterate_batches", "merge_outcomes", "outcome_state", "run"]
 
 
 def iterate_batches(dataset: ImageDataset, batch_size: int, workers: int, pin: bool) -> Iterator:
@@ -207,12 +113,12 @@ def run(
     nonfinite = 0
     done = 0
     if resume_state is not None:
-        done, num_classes, nonfinite = _restore(resume_state, batch_size, clean, entries, idx_parts, y_parts,
+        done, num_classes, nonfinite = restore(resume_state, batch_size, clean, entries, idx_parts, y_parts,
                                                 pred_parts, robust_all)
     last_save = time.perf_counter()
 
     def snapshot(batches: int) -> dict:
-        return _snapshot(batches, batch_size, num_classes, nonfinite, clean, entries, idx_parts, y_parts,
+        return take_snapshot(batches, batch_size, num_classes, nonfinite, clean, entries, idx_parts, y_parts,
                          pred_parts, robust_all)
 
     finished = done
@@ -281,54 +187,6 @@ def dataset_fingerprint(dataset: ImageDataset, batch_size: int, workers: int = 0
                                      x.numpy().astype(np.float32))):
             d.update(part.tobytes())
     return hashlib.sha256(b"".join(d.digest() for d in digests)).hexdigest()
-
-
-def outcome_state(o: "RunOutcome") -> dict:
-    """A run's per-sample results and counts, to be gathered from other processes."""
-    return {"clean": [o.clean.correct, o.clean.total], "index": o.sample_index, "labels": o.labels,
-            "pred": o.clean_pred, "robust_all": o.robust_all, "nonfinite": o.nonfinite_logits,
-            "num_classes": o.num_classes, "seconds": o.seconds, "sanity": o.sanity,
-            "entries": [{"accuracy": [e.accuracy.correct, e.accuracy.total], "fooled": [e.fooled.correct,
-                         e.fooled.total], "robust": e.robust.compute(), "seconds": e.seconds,
-                         "gradient_evals": e.gradient_evals, "peak_memory": e.peak_memory, "chunk": e.chunk}
-                        for e in o.entries]}
-
-
-def merge_outcomes(template: "RunOutcome", states: list[dict], fingerprint: str, total: int) -> "RunOutcome":
-    """Shards in rank order -> one outcome, as if a single process had run the whole set."""
-    clean = Accuracy()
-    clean.correct = sum(s["clean"][0] for s in states)
-    clean.total = sum(s["clean"][1] for s in states)
-    for j, entry in enumerate(template.entries):
-        parts = [s["entries"][j] for s in states]
-        entry.accuracy, entry.fooled, entry.robust = Accuracy(), Accuracy(), Collected()
-        entry.accuracy.correct = sum(p["accuracy"][0] for p in parts)
-        entry.accuracy.total = sum(p["accuracy"][1] for p in parts)
-        entry.fooled.correct = sum(p["fooled"][0] for p in parts)
-        entry.fooled.total = sum(p["fooled"][1] for p in parts)
-        for p in parts:
-            entry.robust.update(p["robust"])
-        entry.seconds = max(p["seconds"] for p in parts)  # wall time: the shards run side by side
-        entry.gradient_evals = sum(p["gradient_evals"] for p in parts)
-        peaks = [p["peak_memory"] for p in parts if p["peak_memory"] is not None]
-        entry.peak_memory = max(peaks) if peaks else None
-        chunks = [p["chunk"] for p in parts if p["chunk"] is not None]
-        entry.chunk = min(chunks) if chunks else None
-    cat = lambda key: np.concatenate([s[key] for s in states]) if states[0][key] is not None else None  # noqa: E731
-    return RunOutcome(
-        n=clean.total, clean=clean, entries=template.entries, sample_index=cat("index"), labels=cat("labels"),
-        clean_pred=cat("pred"), robust_all=cat("robust_all"), fingerprint=fingerprint,
-        num_classes=states[0]["num_classes"], seconds=max(s["seconds"] for s in states),
-        nonfinite_logits=sum(s["nonfinite"] for s in states), total=total, sanity=states[0]["sanity"],
-    )
-
-
-class RunInterrupted(Exception):
-    """Ctrl-C or SIGTERM during a run: ``outcome`` holds the finished batches (complete=False)."""
-
-    def __init__(self, outcome: "RunOutcome") -> None:
-        super().__init__("the run was interrupted")
-        self.outcome = outcome
 
 
 def _run_batch(x, y, idx, forward, entries, device, clean, idx_parts, y_parts, pred_parts, robust_all,
@@ -424,41 +282,6 @@ def _attack_with_backoff(entry: Entry, forward, x, y, idx, device) -> AttackResu
         return parts[0]
     return AttackResult(torch.cat([p.x_adv for p in parts]), torch.cat([p.success for p in parts]),
                         sum(p.gradient_evals for p in parts), sum(p.forward_evals for p in parts))
-
-
-def _snapshot(batches: int, batch_size: int, num_classes: int, nonfinite: int, clean: Accuracy,
-              entries: list[Entry], idx_parts: Collected, y_parts: Collected, pred_parts: Collected,
-              robust_all: Collected) -> dict:
-    """Everything the finished batches produced, as plain tensors and numbers (torch.save-able)."""
-    return {
-        "format": "robench.progress/1", "batches": batches, "batch_size": batch_size, "num_classes": num_classes,
-        "nonfinite": nonfinite, "clean": [clean.correct, clean.total],
-        "index": idx_parts.compute(), "labels": y_parts.compute(), "pred": pred_parts.compute(),
-        "robust_all": robust_all.compute(),
-        "entries": [{"accuracy": [e.accuracy.correct, e.accuracy.total], "fooled": [e.fooled.correct, e.fooled.total],
-                     "robust": e.robust.compute(), "seconds": e.seconds, "gradient_evals": e.gradient_evals,
-                     "peak_memory": e.peak_memory, "chunk": e.chunk} for e in entries],
-    }
-
-
-def _restore(state: dict, batch_size: int, clean: Accuracy, entries: list[Entry], idx_parts: Collected,
-             y_parts: Collected, pred_parts: Collected, robust_all: Collected) -> tuple[int, int, int]:
-    if state.get("format") != "robench.progress/1":
-        raise UsageError("cannot resume: the progress file is not robench's")
-    if state["batch_size"] != batch_size:
-        raise UsageError(f"cannot resume: the run used --batch-size {state['batch_size']}, not {batch_size}")
-    if len(state["entries"]) != len(entries):
-        raise UsageError("cannot resume: the suite has changed since the interrupted run")
-    clean.correct, clean.total = state["clean"]
-    for part, key in ((idx_parts, "index"), (y_parts, "labels"), (pred_parts, "pred"), (robust_all, "robust_all")):
-        part.update(state[key])
-    for e, saved in zip(entries, state["entries"]):
-        e.accuracy.correct, e.accuracy.total = saved["accuracy"]
-        e.fooled.correct, e.fooled.total = saved["fooled"]
-        e.robust.update(saved["robust"])
-        e.seconds, e.gradient_evals = saved["seconds"], saved["gradient_evals"]
-        e.peak_memory, e.chunk = saved["peak_memory"], saved["chunk"]
-    return state["batches"], state["num_classes"], state["nonfinite"]
 
 
 def _attack_batch(entry: Entry, forward, x, y, idx, correct, attacked, device):

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from robench.engine import Entry, build_entries
+from robench.entries import Entry, build_entries
 from robench.errors import UsageError
 from robench.models.wrapper import evaluation_mode
 from robench.reid.datasets import ReIDData, ReIDImages, ReIDSplit
