@@ -89,7 +89,7 @@ def evaluate(
     *,
     normalization: Normalization | str | None = None,
     device: str = "auto",
-    batch_size: int = 256,
+    batch_size: int | str = 256,
     precision: str = "fp32",
     seed: int = 0,
     limit: int | None = None,
@@ -141,7 +141,7 @@ def evaluate(
                           sweep_reuse=sweep_reuse)
     except RunInterrupted as exc:
         outcome, interrupted = exc.outcome, exc
-    doc = _document(outcome, loaded, norm, loaded_suite, dataset, dev, precision, seed, batch_size, data)
+    doc = _document(outcome, loaded, norm, loaded_suite, dataset, dev, precision, seed, outcome.batch_size, data)
     config = {
         "model": loaded.source, "arch": loaded.arch, "normalization": norm.as_dict() if norm else None,
         "data": data if isinstance(data, str) else dataset.name, "limit": options.limit,
@@ -171,7 +171,7 @@ def _run_sharded(model: RobustModel, dataset: ImageDataset, suite: LoadedSuite, 
     with distributed.process_group(device):
         outcome = run(model, shard, suite.suite, device=device, **options)
         states = distributed.gather(outcome_state(outcome))
-    return merge_outcomes(outcome, states, dataset_fingerprint(dataset, options["batch_size"]), len(dataset))
+    return merge_outcomes(outcome, states, dataset_fingerprint(dataset, outcome.batch_size), len(dataset))
 
 
 def _document(outcome: RunOutcome, loaded: LoadedModel, norm: Normalization | None, suite: LoadedSuite,

@@ -16,7 +16,7 @@ from robench.metrics import Accuracy, Collected
 from robench.models.wrapper import RobustModel, evaluation_mode
 from robench.precision import PrecisionModel, matmul_precision
 from robench.sanity import first_batch_checks
-from robench.speed import estimated_work, finish, should_compile, speed_up, timed_first_call
+from robench.speed import auto_batch_size, estimated_work, finish, should_compile, speed_up, timed_first_call
 from robench.entries import Entry, build_entries
 from robench.run_state import RunInterrupted, RunOutcome, merge_outcomes, outcome_state, restore
 from robench.run_state import snapshot as take_snapshot
@@ -69,7 +69,7 @@ def run(
     suite: Suite,
     *,
     device: torch.device,
-    batch_size: int = 256,
+    batch_size: int | str = 256,
     precision: str = "fp32",
     seed: int = 0,
     workers: int = 0,
@@ -92,8 +92,9 @@ def run(
     """
     if len(dataset) == 0:
         raise UsageError("the dataset is empty")
-    if batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+    auto_batch = batch_size == "auto"
+    if not auto_batch and (not isinstance(batch_size, int) or batch_size < 1):
+        raise UsageError(f"--batch-size must be a positive integer or auto, got {batch_size}")
     reid_only = [s.display_name() for s in suite.attacks
                  if any(getattr(s, f) is not None for f in REID_FIELDS)]
     if suite.task == "reid" or reid_only:
@@ -112,9 +113,6 @@ def run(
     num_classes = -1
     nonfinite = 0
     done = 0
-    if resume_state is not None:
-        done, num_classes, nonfinite = restore(resume_state, batch_size, clean, entries, idx_parts, y_parts,
-                                                pred_parts, robust_all)
     last_save = time.perf_counter()
 
     def snapshot(batches: int) -> dict:
@@ -128,6 +126,14 @@ def run(
         forward = PrecisionModel(model, precision, device).eval()
         compiled = should_compile(compile, device, estimated_work(len(dataset), suite))
         forward, speed = speed_up(forward, compile=compiled, backend=compile_backend, channels_last=channels_last)
+        if auto_batch:
+            # A resumed run keeps the batches it was cut into.
+            batch_size = resume_state["batch_size"] if resume_state else \
+                auto_batch_size(forward, dataset[0][0].unsqueeze(0).to(device).float(), device)
+        if resume_state is not None:
+            done, num_classes, nonfinite = restore(resume_state, batch_size, clean, entries, idx_parts, y_parts,
+                                                   pred_parts, robust_all)
+        finished = done
         try:
             for b, (x, y, idx) in enumerate(iterate_batches(dataset, batch_size, workers, device.type == "cuda")):
                 for d, part in zip(digests, (idx.numpy().astype(np.int64), y.numpy().astype(np.int64),
@@ -155,7 +161,7 @@ def run(
                                      y_parts.compute().numpy(), pred_parts.compute().numpy(),
                                      robust_all.compute().numpy().astype(bool) if entries else None, "",
                                      num_classes, time.perf_counter() - started, nonfinite, complete=False,
-                                     total=len(dataset), sanity=sanity)
+                                     total=len(dataset), sanity=sanity, batch_size=batch_size)
                 raise RunInterrupted(partial) from exc
             raise
     if save_state:
@@ -175,7 +181,8 @@ def run(
         nonfinite_logits=nonfinite,
         total=len(dataset),
         sanity=sanity,
-        speed={**speed.as_dict(), "sweep_reuse": sweep_reuse},
+        speed={**speed.as_dict(), "sweep_reuse": sweep_reuse, "batch_size_auto": auto_batch},
+        batch_size=batch_size,
     )
 
 

@@ -28,6 +28,7 @@ class RunOutcome:
     total: int = 0  # samples in the dataset (n counts the evaluated ones)
     sanity: dict = field(default_factory=dict)
     speed: dict = field(default_factory=dict)
+    batch_size: int = 0  # the batch size used (resolved when asked for "auto")
 
 
 def outcome_state(o: "RunOutcome") -> dict:
@@ -67,6 +68,7 @@ def merge_outcomes(template: "RunOutcome", states: list[dict], fingerprint: str,
         clean_pred=cat("pred"), robust_all=cat("robust_all"), fingerprint=fingerprint,
         num_classes=states[0]["num_classes"], seconds=max(s["seconds"] for s in states),
         nonfinite_logits=sum(s["nonfinite"] for s in states), total=total, sanity=states[0]["sanity"],
+        speed=template.speed, batch_size=template.batch_size,
     )
 
 

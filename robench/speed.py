@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from robench.errors import UsageError
+from robench.errors import RunError, UsageError
 
 COMPILE_MODES = ("off", "on", "auto")
 AUTO_COMPILE_MIN_WORK = 200_000
@@ -95,3 +95,31 @@ def timed_first_call(forward, x: torch.Tensor, report: SpeedReport) -> torch.Ten
 def finish(report: SpeedReport) -> None:
     if report.compile:
         report.compiled_graphs = _graph_count() - report._graphs_before
+
+
+AUTO_BATCH_START = 1024
+CPU_BATCH = 256
+
+
+def auto_batch_size(forward, sample: torch.Tensor, device: torch.device, start: int = AUTO_BATCH_START) -> int:
+    """The largest power-of-two batch (from ``start`` down) whose forward+input-gradient pass fits.
+
+    On a CPU memory is the machine's and a fixed 256 is used. Attacks keep a few
+    more tensors per image than this probe; if they run out of memory anyway, the
+    engine halves their chunk and retries.
+    """
+    if device.type != "cuda":
+        return CPU_BATCH
+    size = start
+    while size >= 1:
+        try:
+            x = sample.expand(size, *sample.shape[1:]).clone().requires_grad_(True)
+            with torch.enable_grad():
+                loss = forward(x).float().sum()
+                torch.autograd.grad(loss, x)
+            return size
+        except torch.cuda.OutOfMemoryError:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            size //= 2
+    raise RunError("out of memory even for a batch of one image")

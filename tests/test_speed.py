@@ -67,3 +67,28 @@ def test_sweep_reuse_leaves_final_iterate_entries_alone(trained_model, test_tens
     reused = robench.evaluate(trained_model, test_tensors, sweep, device="cpu", compile="off", sweep_reuse=True)
     assert reused.samples.equals(plain.samples)
     assert [a["gradient_evals"] for a in reused.doc["attacks"]] == [a["gradient_evals"] for a in plain.doc["attacks"]]
+
+
+def test_auto_batch_size_probes_down_to_what_fits():
+    from robench.speed import CPU_BATCH, auto_batch_size
+
+    tried = []
+
+    def forward(x):
+        tried.append(len(x))
+        if len(x) > 100:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return x.flatten(1)[:, :3]
+
+    sample = torch.rand(1, 1, 8, 8)
+    assert auto_batch_size(forward, sample, torch.device("cuda")) == 64
+    assert tried == [1024, 512, 256, 128, 64]
+    assert auto_batch_size(forward, sample, torch.device("cpu")) == CPU_BATCH
+
+
+def test_auto_batch_size_in_a_run(trained_model, test_tensors, plain):
+    auto = robench.evaluate(trained_model, test_tensors, SUITE, device="cpu", compile="off", batch_size="auto")
+    assert auto.doc["env"]["batch_size"] == 256 and auto.doc["env"]["speed"]["batch_size_auto"] is True
+    assert auto.samples.equals(plain.samples)
+    with pytest.raises(UsageError, match="positive integer or auto"):
+        robench.evaluate(trained_model, test_tensors, SUITE, device="cpu", batch_size="big")

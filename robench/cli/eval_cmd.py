@@ -45,7 +45,8 @@ def eval_command(
     mean: Optional[str] = typer.Option(None, help="Per-channel mean, e.g. '0.485,0.456,0.406'."),
     std: Optional[str] = typer.Option(None, help="Per-channel std."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    batch_size: int = typer.Option(256, "--batch-size", "-b"),
+    batch_size: str = typer.Option("256", "--batch-size", "-b", help="Images per batch, or auto (the largest "
+                                   "that fits on the GPU; 256 on a CPU)."),
     precision: str = typer.Option("fp32", help="fp32, tf32, bf16 or fp16 (recorded in the results)."),
     compile: str = typer.Option("auto", "--compile", help="torch.compile the model: on, off, or auto (GPU runs "
                                 "with enough work to pay for the compilation)."),
@@ -99,6 +100,7 @@ def eval_command(
         read_result(baseline)  # fail before the run, not after it
         for text in rule or []:
             parse_rule(text)
+    batch_size = _batch_size(batch_size)
     if compile not in COMPILE_MODES:
         raise UsageError(f"--compile must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")
     if precision not in PRECISIONS:
@@ -189,6 +191,14 @@ def eval_command(
         stdout_console().print(results_table(result.doc))
     stderr.print(f"results written to {run_dir}", highlight=False)
     _gate(run_dir, baseline, max_drop, rule, require_significant, junit)
+
+
+def _batch_size(text: str) -> int | str:
+    if text == "auto":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise UsageError(f"--batch-size must be a positive integer or auto, got {text!r}")
+    return int(text)
 
 
 def _gate(run_dir: Path, baseline: Optional[Path], max_drop: float, rules: Optional[List[str]],

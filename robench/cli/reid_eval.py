@@ -53,10 +53,12 @@ def run_reid_eval(loaded: LoadedModel, data_spec: str, suite: LoadedSuite, run_d
                   flip: bool, l2: bool, distance: str, ranks: str, ap: str, denominator: str, rerank: bool,
                   perturb: str, surrogate: str | None, surrogate_arch: str | None,
                   surrogate_num_classes: int | None, image_size: str | None, reid_pattern: str | None,
-                  device: str, batch_size: int, seed: int, workers: int, as_json: bool, quiet: bool) -> None:
+                  device: str, batch_size: int | str, seed: int, workers: int, as_json: bool, quiet: bool) -> None:
     if not is_reid_spec(data_spec):
         raise UsageError(f"suite {suite.suite.name} is for re-identification: pass --data market1501:ROOT, "
                          "dukemtmc:ROOT or reid:ROOT")
+    if batch_size == "auto":
+        batch_size = 64  # feature extraction and ranking attacks: a safe size on any GPU
     if batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
     options = ReIDOptions(metric=_choice("distance", distance), ranks=_ranks(ranks), ap=_choice("ap", ap),
