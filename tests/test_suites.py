@@ -18,7 +18,8 @@ from robench.suites.loader import parse_suite
 
 ROOT = Path(__file__).resolve().parent.parent
 REQUIRED = {"clean", "fgsm", "bim", "pgd-linf", "pgd-l2", "fdd-fashion-mnist", "fdd-cifar100",
-            "alignment-mnist", "alignment-fashion-mnist", "alignment-cifar10", "alignment-stl10"}
+            "alignment-mnist", "alignment-fashion-mnist", "alignment-cifar10", "alignment-stl10",
+            "reid-clean", "reid-pgd", "reid-misrank-transfer", "reid-dmr"}
 
 
 def test_every_builtin_suite_validates():
@@ -169,3 +170,4 @@ def test_wheel_carries_the_builtin_suites_and_example(tmp_path):
         assert f"robench/_builtin_suites/{suite}.yaml" in names
     assert "robench/examples/digits_cnn.safetensors" in names
     assert "robench/examples/digits_test.npz" in names
+    assert "robench/data/imagenet_wnids.txt" in names
