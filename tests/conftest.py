@@ -1,4 +1,4 @@
-"""Shared fixtures: scikit-learn's digits and a CNN trained on them in this session."""
+"""Shared fixtures: scikit-learn's digits and a CNN trained on them during the test run."""
 
 from __future__ import annotations
 

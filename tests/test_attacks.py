@@ -1,4 +1,4 @@
-"""Native attacks on a model trained in this session on scikit-learn digits."""
+"""Native attacks on a model trained during the test run on scikit-learn digits."""
 
 from __future__ import annotations
 

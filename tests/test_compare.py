@@ -1,4 +1,4 @@
-"""compare, plot and the one-step eval + gate on result files written by real runs in this session."""
+"""compare, plot and the one-step eval + gate on result files written by real runs during the test run."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def invoke(*args):
 
 @pytest.fixture(scope="module")
 def runs(trained_model, digits_split, test_tensors, tmp_path_factory):
-    """The session's trained model and a weaker one (one epoch), evaluated with the same suite."""
+    """The trained fixture model and a weaker one (one epoch), evaluated with the same suite."""
     x_tr, _, y_tr, _ = digits_split
     with torch.random.fork_rng():
         torch.manual_seed(5)

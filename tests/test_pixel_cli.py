@@ -209,13 +209,13 @@ def test_class_folder_mapping(tmp_path):
 
 
 def test_compare_pixel_layout(digits_folder, trained_model, tmp_path):
-    torch.save(trained_model.state_dict(), tmp_path / "session.pt")
+    torch.save(trained_model.state_dict(), tmp_path / "trained.pt")
     for name, model in (("bundled", ["example:digits"]),
-                        ("session", [tmp_path / "session.pt", "--arch", "robench.examples:digits_cnn"])):
+                        ("trained", [tmp_path / "trained.pt", "--arch", "robench.examples:digits_cnn"])):
         result = invoke(*model, digits_folder, "--pixels", "2,8", "--trials", "2", "--quiet", "--out", tmp_path / name)
         assert result.exit_code == 0, result.stderr
-    table = invoke_raw("compare", tmp_path / "bundled", tmp_path / "session", "--format", "markdown",
-                       "--label", "bundled", "--label", "session")
+    table = invoke_raw("compare", tmp_path / "bundled", tmp_path / "trained", "--format", "markdown",
+                       "--label", "bundled", "--label", "trained")
     assert table.exit_code == 0, table.stderr
     assert "Pixel-index Pi" in table.stdout and "| range:0-255 · bundled |" in table.stdout
     assert "2 px" in table.stdout and "8 px" in table.stdout
@@ -223,7 +223,7 @@ def test_compare_pixel_layout(digits_folder, trained_model, tmp_path):
     doc = json.loads((tmp_path / "bundled" / "results.json").read_text())
     first = doc["experiments"][0]["results"][0]["misclassified"]
     assert f"{first:.1f}" in mis.stdout or str(round(first, 1)) in mis.stdout
-    plot = invoke_raw("plot", tmp_path / "bundled", tmp_path / "session", "--out", tmp_path / "px.png")
+    plot = invoke_raw("plot", tmp_path / "bundled", tmp_path / "trained", "--out", tmp_path / "px.png")
     assert plot.exit_code == 0, plot.stderr
     with Image.open(tmp_path / "px.png") as img:
         assert img.size[0] > 500 and np.asarray(img.convert("L")).std() > 10

@@ -1,4 +1,4 @@
-"""Re-identification end to end: Market-format folders built from digits, models trained in the session.
+"""Re-identification end to end: Market-format folders built from digits, models trained during the test run.
 
 Each digit class is a person (ids 1-10), images are split between two
 cameras; junk (-1) and distractor (0) images and badly named files are
