@@ -129,8 +129,6 @@ def eval_command(
     run_dir = prepare_run_dir(resume or out or default_run_dir(loaded_suite.suite.name, loaded.name)) if main \
         else Path(".")
     if is_reid_spec(data_spec) or loaded_suite.suite.task == "reid":
-        if processes > 1:
-            raise UsageError("re-identification runs use a single process (torchrun is not supported yet)")
         run_reid_eval(
             loaded, data_spec, loaded_suite, run_dir, normalization=normalization, trust_checkpoint=trust_checkpoint,
             feature_layer=feature_layer, flip=flip, l2=l2, distance=distance, ranks=ranks, ap=ap,
@@ -139,7 +137,8 @@ def eval_command(
             reid_pattern=reid_pattern, device=device, batch_size=batch_size, seed=seed, workers=workers,
             as_json=as_json, quiet=quiet,
         )
-        _gate(run_dir, baseline, max_drop, rule, require_significant, junit)
+        if main:
+            _gate(run_dir, baseline, max_drop, rule, require_significant, junit)
         return
     options = DataOptions(root=data_root, download=download, limit=limit, resize=resize, crop=crop, split=split)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from robench import distributed
 from robench.cli.common import stderr, stdout_console
 from robench.errors import UsageError
 from robench.models import load_model, resolve_normalization
@@ -84,6 +85,8 @@ def run_reid_eval(loaded: LoadedModel, data_spec: str, suite: LoadedSuite, run_d
         surrogate_normalization=sur_norm, feature_layer=feature_layer, surrogate_layer=sur_layer, flip=flip, l2=l2,
         device=device, on_step=None if quiet else (lambda m: stderr.print(f"robench: {m}", highlight=False)),
     )
+    if not distributed.is_main_process():
+        return  # under torchrun only rank 0 writes
     config = {"model": loaded.source, "arch": loaded.arch, "data": data_spec, "suite": suite.suite.model_dump(
         mode="json"), "surrogate": sur_loaded.source if sur_loaded else None, "options": {
         **options.__dict__, "ranks": list(options.ranks), "size": list(options.size) if options.size else None},

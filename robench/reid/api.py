@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from robench import __version__
+from robench import __version__, distributed
 from robench.models.loading import LoadedModel
 from robench.models.preprocessing import Normalization
 from robench.precision import device_name, resolve_device
@@ -48,12 +48,17 @@ def evaluate_reid(
     device: str = "auto",
     on_step=None,
 ) -> dict[str, Any]:
-    dev = resolve_device(device)
+    dev = distributed.local_device(resolve_device(device))
     target = ReIDFeatures(loaded.model, normalization, layer=feature_layer, flip=flip, l2=l2)
     sur = None
     if surrogate is not None:
         sur = ReIDFeatures(surrogate.model, surrogate_normalization, layer=surrogate_layer, flip=flip, l2=l2)
-    outcome = run_reid(target, data, suite.suite, surrogate=sur, options=options, device=dev, on_step=on_step)
+    if distributed.world()[1] > 1:
+        with distributed.process_group(dev):
+            outcome = run_reid(target, data, suite.suite, surrogate=sur, options=options, device=dev,
+                               on_step=on_step if distributed.is_main_process() else None)
+    else:
+        outcome = run_reid(target, data, suite.suite, surrogate=sur, options=options, device=dev, on_step=on_step)
     import torchvision
 
     return {
@@ -79,6 +84,7 @@ def evaluate_reid(
             "python": platform.python_version(), "numpy": np.__version__, "device": str(dev),
             "device_name": device_name(dev), "precision": "fp32", "seed": options.seed,
             "batch_size": options.batch_size, "checkpoint_sha256": loaded.sha256,
+            "processes": distributed.world()[1],
             "suite_sha256": suite.sha256, "dataset_fingerprint": outcome.fingerprint,
             "seconds": round(outcome.seconds, 3),
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from robench import distributed
 from robench.entries import Entry, build_entries
 from robench.errors import UsageError
 from robench.models.wrapper import evaluation_mode
@@ -80,6 +81,33 @@ def identity_batches(pids: np.ndarray, ids_per_batch: int) -> list[list[int]]:
     return batches
 
 
+def _extract_all(features: ReIDFeatures, split: ReIDSplit, options: ReIDOptions, device: torch.device) -> torch.Tensor:
+    """Features of a whole split; under torchrun each process extracts an exact shard and all gather."""
+    rank, size, _ = distributed.world()
+    if size == 1:
+        return extract(features, _loader(split, options), device)
+    start, stop = distributed.shard_bounds(len(split), rank, size)
+    rows = list(range(start, stop))
+    mine = extract(features, _loader(split, options, rows), device)
+    return _gather_rows(rows, mine, len(split), device, compact=True)
+
+
+def _gather_rows(rows: list[int], values: torch.Tensor, total: int, device: torch.device,
+                 compact: bool = False) -> torch.Tensor:
+    """Every process's rows into one [total, D] tensor on every process.
+
+    ``values`` holds this process's rows either compactly (``compact``: row i of
+    ``values`` is ``rows[i]``) or in place (``values[rows]``).
+    """
+    mine = values if compact else values[torch.tensor(rows, dtype=torch.long, device=values.device)]
+    parts = distributed.gather((rows, mine.cpu()))
+    out = torch.empty(total, values.shape[1], dtype=values.dtype)
+    for r, v in parts:
+        if r:
+            out[torch.tensor(r, dtype=torch.long)] = v
+    return out.to(device)
+
+
 def _metrics(qf, gf, q: ReIDSplit, g: ReIDSplit, options: ReIDOptions, rerank: bool) -> dict[str, Any]:
     if rerank:
         from robench.reid.rerank import k_reciprocal_rerank
@@ -128,10 +156,10 @@ def run_reid(
         q, g = data.query, data.gallery
         if on_step:
             on_step("gallery features")
-        gf = extract(target, _loader(g, options), device)
+        gf = _extract_all(target, g, options, device)
         if on_step:
             on_step("query features")
-        qf = extract(target, _loader(q, options), device)
+        qf = _extract_all(target, q, options, device)
         nonfinite = int((~torch.isfinite(qf).all(dim=1)).sum() + (~torch.isfinite(gf).all(dim=1)).sum())
         outcome = ReIDOutcome(_metrics(qf, gf, q, g, options, False),
                               _metrics(qf, gf, q, g, options, True) if options.rerank else None)
@@ -171,6 +199,9 @@ def _run_entry(entry: Entry, target: ReIDFeatures, surrogate: ReIDFeatures | Non
         groups = [list(range(s, min(s + options.batch_size, len(split)))) for s in range(0, len(split), options.batch_size)]
     dataset = ReIDImages(split, options.size)
     adv_features = torch.empty(len(split), qf.shape[1], device=device)
+    rank, size, _ = distributed.world()
+    groups = groups[rank::size]  # under torchrun each process attacks its share of the groups
+    done: list[int] = []
     for group in groups:
         batch = [dataset[i] for i in group]
         x = torch.stack([b[0] for b in batch]).to(device)
@@ -183,6 +214,9 @@ def _run_entry(entry: Entry, target: ReIDFeatures, surrogate: ReIDFeatures | Non
         x_adv = attack(source, x, y, idx).x_adv
         with torch.no_grad():
             adv_features[idx] = target(x_adv).float()
+        done.extend(group)
+    if size > 1:
+        adv_features = _gather_rows(done, adv_features, len(split), device)
     seconds = time.perf_counter() - t0
     if options.perturb == "query":
         metrics = _metrics(adv_features, gf, data.query, data.gallery, options, False)
