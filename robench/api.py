@@ -171,7 +171,9 @@ def _run_sharded(model: RobustModel, dataset: ImageDataset, suite: LoadedSuite, 
     with distributed.process_group(device):
         outcome = run(model, shard, suite.suite, device=device, **options)
         states = distributed.gather(outcome_state(outcome))
-    return merge_outcomes(outcome, states, dataset_fingerprint(dataset, outcome.batch_size), len(dataset))
+    # Only rank 0 writes results: only it reads the whole dataset again for the fingerprint.
+    fingerprint = dataset_fingerprint(dataset, outcome.batch_size) if rank == 0 else ""
+    return merge_outcomes(outcome, states, fingerprint, len(dataset))
 
 
 def _document(outcome: RunOutcome, loaded: LoadedModel, norm: Normalization | None, suite: LoadedSuite,

@@ -75,11 +75,21 @@ def _only(rows: pd.DataFrame, metric: str) -> pd.DataFrame:
     return picked
 
 
+def _setting_labels(data: pd.DataFrame, names: dict[str, str]) -> list[str]:
+    """"entry eps" per row, eps as the suite wrote it; entries in ``names`` get that label instead."""
+    return [names[e] if e in names else f"{e} {_eps_label(x, t)}".strip()
+            for e, x, t in zip(data.entry, data.eps, data.eps_text)]
+
+
+def _attack_rows(rows: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """The metric's rows per entry (the worst-case and mean summary rows left out)."""
+    return _only(rows[~rows.entry.isin(["worst-case", "mean"])], metric).copy()
+
+
 @LAYOUTS.register("fdd")
 def fdd_layout(rows: pd.DataFrame, metric: str = "accuracy") -> ComparisonTable:
-    data = _only(rows[~rows.entry.isin(["worst-case", "mean"])], metric).copy()
-    data["setting"] = ["clean" if e == "clean" else f"{e} {_eps_label(x, t)}".strip()
-                       for e, x, t in zip(data.entry, data.eps, data.eps_text)]
+    data = _attack_rows(rows, metric)
+    data["setting"] = _setting_labels(data, {"clean": "clean"})
     order = list(dict.fromkeys(data.setting))
     table = data.pivot_table(index="setting", columns="model", values="value", aggfunc="first", sort=False)
     table = table.reindex(order)[list(dict.fromkeys(data.model))]
@@ -89,9 +99,8 @@ def fdd_layout(rows: pd.DataFrame, metric: str = "accuracy") -> ComparisonTable:
 
 @LAYOUTS.register("alignment")
 def alignment_layout(rows: pd.DataFrame, metric: str = "accuracy") -> ComparisonTable:
-    data = _only(rows[~rows.entry.isin(["worst-case", "mean"])], metric).copy()
-    data["column"] = ["Clean" if e == "clean" else f"{e} {_eps_label(x, t)}".strip()
-                      for e, x, t in zip(data.entry, data.eps, data.eps_text)]
+    data = _attack_rows(rows, metric)
+    data["column"] = _setting_labels(data, {"clean": "Clean"})
     order = list(dict.fromkeys(data.column))
     table = data.pivot_table(index="model", columns="column", values="value", aggfunc="first", sort=False)
     table = table[order].reindex(list(dict.fromkeys(data.model)))
@@ -110,9 +119,7 @@ def reid_layout(rows: pd.DataFrame, metric: str = "rank1") -> ComparisonTable:
     if data.empty:
         raise UsageError("no re-identification metrics in these results")
     names = {"rank1": "Rank-1", "rank5": "Rank-5", "rank10": "Rank-10", "mAP": "mAP"}
-    data["group"] = ["Original" if e == "clean" else ("Original + re-ranking" if e == "clean+rerank"
-                     else f"{e} {_eps_label(x, t)}".strip())
-                     for e, x, t in zip(data.entry, data.eps, data.eps_text)]
+    data["group"] = _setting_labels(data, {"clean": "Original", "clean+rerank": "Original + re-ranking"})
     data["column"] = [f"{g} {names[m]}" for g, m in zip(data.group, data.metric)]
     order = [f"{g} {names[m]}" for g in dict.fromkeys(data.group) for m in metrics]
     table = data.pivot_table(index="model", columns="column", values="value", aggfunc="first", sort=False)

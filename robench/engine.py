@@ -16,7 +16,8 @@ from robench.metrics import Accuracy, Collected
 from robench.models.wrapper import RobustModel, evaluation_mode
 from robench.precision import PrecisionModel, matmul_precision
 from robench.sanity import first_batch_checks
-from robench.speed import auto_batch_size, estimated_work, finish, should_compile, speed_up, timed_first_call
+from robench.speed import (SpeedReport, auto_batch_size, estimated_work, finish, should_compile, speed_up,
+                           timed_first_call)
 from robench.entries import Entry, build_entries
 from robench.run_state import RunInterrupted, RunOutcome, merge_outcomes, outcome_state, restore
 from robench.run_state import snapshot as take_snapshot
@@ -141,11 +142,10 @@ def run(
                     d.update(part.tobytes())
                 if b < done:
                     continue  # finished before the interruption: only the fingerprint needs its data
-                if b == done:
-                    timed_first_call(forward, x.to(device).float(), speed)
                 num_classes, nonfinite = _run_batch(x, y, idx, forward, entries, device, clean, idx_parts, y_parts,
                                                     pred_parts, robust_all, num_classes, nonfinite, labels_known,
-                                                    dataset, sanity if b == done else None, sweep_reuse)
+                                                    dataset, sanity if b == done else None, sweep_reuse,
+                                                    speed if b == done else None)
                 finished = b + 1
                 if on_batch:
                     on_batch(len(y))
@@ -198,22 +198,24 @@ def dataset_fingerprint(dataset: ImageDataset, batch_size: int, workers: int = 0
 
 def _run_batch(x, y, idx, forward, entries, device, clean, idx_parts, y_parts, pred_parts, robust_all,
                num_classes, nonfinite, labels_known, dataset, sanity: dict | None = None,
-               sweep_reuse: bool = False) -> tuple[int, int]:
+               sweep_reuse: bool = False, first_call: SpeedReport | None = None) -> tuple[int, int]:
     """Clean pass and every entry on one batch; returns the (possibly learned) class count and NaN count.
 
-    ``sanity``, when given, receives the first-batch checks of :mod:`robench.sanity`. With
+    ``sanity`` and ``first_call`` are given for the first batch of a run: the checks of
+    :mod:`robench.sanity`, and the time of the first forward call (compilation included). With
     ``sweep_reuse``, an any-iterate attack listed with increasing eps attacks at each eps only
     the samples it has not fooled at the previous one.
     """
     x = x.to(device, non_blocking=True).float()
     y = y.to(device, non_blocking=True).long()
     with torch.no_grad():
-        logits = forward(x)
+        logits = forward(x) if first_call is None else timed_first_call(forward, x, first_call)
     if num_classes < 0:
         num_classes = logits.shape[1]
-        if labels_known is not None:
-            check_labels(labels_known, num_classes, dataset.indices)
-    check_labels(y.cpu().numpy(), num_classes, idx.numpy())
+    if labels_known is None:
+        check_labels(y.cpu().numpy(), num_classes, idx.numpy())
+    elif sanity is not None:  # labels known up front: check them all once, on the first batch
+        check_labels(labels_known, num_classes, dataset.indices)
     finite = torch.isfinite(logits).all(dim=1)
     if sanity is not None:
         sanity.update(first_batch_checks(forward, x, y, logits))
@@ -221,6 +223,7 @@ def _run_batch(x, y, idx, forward, entries, device, clean, idx_parts, y_parts, p
     pred = torch.where(finite, logits.argmax(dim=1), torch.full_like(y, -1))
     correct = pred == y
     attacked = torch.nonzero(correct).squeeze(1)
+    idx_device = idx.to(device)
     outcomes = []
     fooled_before: dict[int, tuple[float, torch.Tensor]] = {}  # per suite entry: (eps, fooled at that eps)
     for entry in entries:
@@ -229,7 +232,7 @@ def _run_batch(x, y, idx, forward, entries, device, clean, idx_parts, y_parts, p
         if prior is not None and entry.eps >= prior[0]:
             # Fooled at a smaller eps of the same attack: that example lies in this larger ball too.
             targets = attacked[~prior[1][attacked]]
-        robust, success, seconds, grad_evals, peak = _attack_batch(entry, forward, x, y, idx.to(device), correct,
+        robust, success, seconds, grad_evals, peak = _attack_batch(entry, forward, x, y, idx_device, correct,
                                                                    targets, device)
         if prior is not None and entry.eps >= prior[0]:
             robust &= ~prior[1]

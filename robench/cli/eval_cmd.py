@@ -15,7 +15,7 @@ from robench.api import EvaluationInterrupted, evaluate
 from robench.cli.common import handle_errors, interrupt_on_sigterm, stderr, stdout_console
 from robench.cli.gate_cmd import run_gate
 from robench.gate import parse_rule
-from robench.results.progress import PROGRESS_FILE, has_progress, load_progress, save_progress, settings_key
+from robench.results.progress import PROGRESS_FILE, has_progress, load_progress, run_key, save_progress
 from robench.results.reading import read_result
 from robench.cli.reid_eval import run_reid_eval
 from robench.data.sources import DataOptions
@@ -145,7 +145,7 @@ def eval_command(
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), console=stderr, transient=True,
                         disable=quiet or not sys.stderr.isatty() or not main)
-    key = settings_key({"model": loaded.sha256 or loaded.source, "arch": loaded.arch, "suite": loaded_suite.sha256,
+    key = run_key({"model": loaded.sha256 or loaded.source, "arch": loaded.arch, "suite": loaded_suite.sha256,
                         "data": data_spec, "options": options.__dict__, "normalization": normalization,
                         "device": device, "batch_size": batch_size, "precision": precision, "seed": seed,
                         "compile": compile, "channels_last": channels_last, "sweep_reuse": sweep_reuse})

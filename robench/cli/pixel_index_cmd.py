@@ -20,7 +20,7 @@ from robench.pixels.folder import pixel_index_folder, tidy_pixel_rows
 from robench.pixels.perturb import CHANNEL_MODES
 from robench.pixels.report import pixel_tables
 from robench.results import default_run_dir, prepare_run_dir
-from robench.results.writers import atomic_write
+from robench.results.writers import write_results
 
 
 def _ints(text: str | None, what: str) -> list[int]:
@@ -117,9 +117,7 @@ def pixel_index_command(
               "channels": channels, "resize": resize, "crop": crop, "class_map": class_map, "gray": gray,
               "normalization": normalization.as_dict() if normalization else None, "on_attack": on_attack,
               "eps": attack_eps, "device": device, "batch_size": batch_size}
-    atomic_write(run_dir / "config.json", json.dumps(config, indent=2) + "\n")
-    atomic_write(run_dir / "results.csv", pd.DataFrame(tidy_pixel_rows(doc)).to_csv(index=False))
-    atomic_write(run_dir / "results.json", json.dumps(doc, indent=2) + "\n")
+    write_results(run_dir, doc, pd.DataFrame(tidy_pixel_rows(doc)), config)
     if as_json:
         sys.stdout.write(json.dumps(doc, indent=2) + "\n")
     else:

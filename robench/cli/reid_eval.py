@@ -17,7 +17,7 @@ from robench.models.preprocessing import Normalization
 from robench.reid.api import evaluate_reid, is_reid_spec, load_reid_spec, reid_tidy_rows
 from robench.reid.engine import ReIDOptions
 from robench.reid.report import reid_table
-from robench.results.writers import atomic_write
+from robench.results.writers import write_results
 from robench.suites import LoadedSuite
 
 CHOICES = {"distance": ("euclidean", "cosine"), "ap": ("noninterp", "trapezoid"),
@@ -91,9 +91,7 @@ def run_reid_eval(loaded: LoadedModel, data_spec: str, suite: LoadedSuite, run_d
         mode="json"), "surrogate": sur_loaded.source if sur_loaded else None, "options": {
         **options.__dict__, "ranks": list(options.ranks), "size": list(options.size) if options.size else None},
         "feature_layer": feature_layer, "flip": flip, "l2": l2, "device": device}
-    atomic_write(run_dir / "config.json", json.dumps(config, indent=2) + "\n")
-    atomic_write(run_dir / "results.csv", pd.DataFrame(reid_tidy_rows(doc)).to_csv(index=False))
-    atomic_write(run_dir / "results.json", json.dumps(doc, indent=2) + "\n")
+    write_results(run_dir, doc, pd.DataFrame(reid_tidy_rows(doc)), config)
     if as_json:
         sys.stdout.write(json.dumps(doc, indent=2) + "\n")
     else:

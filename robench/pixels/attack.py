@@ -71,14 +71,14 @@ class PixelChange(Attack):
                  sample_ids: torch.Tensor | None = None) -> AttackResult:
         ids = torch.arange(len(x), device=x.device) if sample_ids is None else sample_ids.to(x.device)
         key = randomness.stream_key(self.seed, self.stream)
-        fooled = pixel_trials(model, x, y, ids, n_pixels=self.n_pixels, trials=self.trials, key=key, **self.change)
-        # Keep, per sample, the first trial that fooled it (or the last trial's image).
-        first = torch.where(fooled.any(0), fooled.float().argmax(0), torch.full_like(ids, self.trials - 1))
+        success = torch.zeros(len(x), dtype=torch.bool, device=x.device)
         x_adv = x.clone()
         for t in range(self.trials):
-            pick = first == t
-            if pick.any():
-                changed = change_pixels(x[pick], self.n_pixels, sample_ids=ids[pick],
-                                        key=randomness.stream_key(key, t), **self.change)
-                x_adv[pick] = changed
-        return AttackResult(x_adv, fooled.any(0), gradient_evals=0, forward_evals=len(x) * self.trials)
+            changed = change_pixels(x, self.n_pixels, sample_ids=ids, key=randomness.stream_key(key, t),
+                                    **self.change)
+            fooled = model(changed).argmax(dim=1) != y
+            # Keep, per sample, the first trial that fooled it (unfooled ones end with the last trial's image).
+            take = ~success if t == self.trials - 1 else fooled & ~success
+            x_adv[take] = changed[take]
+            success |= fooled
+        return AttackResult(x_adv, success, gradient_evals=0, forward_evals=len(x) * self.trials)

@@ -161,12 +161,14 @@ def run_reid(
             on_step("query features")
         qf = _extract_all(target, q, options, device)
         nonfinite = int((~torch.isfinite(qf).all(dim=1)).sum() + (~torch.isfinite(gf).all(dim=1)).sum())
+        # The attacked split is read from disk once, then shared by every entry (8-bit, as on disk).
+        images = _ImageCache(q if options.perturb == "query" else g, options.size)
         outcome = ReIDOutcome(_metrics(qf, gf, q, g, options, False),
                               _metrics(qf, gf, q, g, options, True) if options.rerank else None)
         for entry in entries:
             if on_step:
                 on_step(f"{entry.spec.display_name()} eps {entry.eps_text}")
-            outcome.attacks.append(_run_entry(entry, target, surrogate, data, qf, gf, options, device))
+            outcome.attacks.append(_run_entry(entry, target, surrogate, data, qf, gf, options, device, images))
         outcome.nonfinite_features = nonfinite
     finally:
         for ctx in reversed(contexts):
@@ -180,8 +182,23 @@ def run_reid(
     return outcome
 
 
+class _ImageCache:
+    """Decoded images of one split, kept as uint8 and handed out as [0,1] floats (values unchanged)."""
+
+    def __init__(self, split: ReIDSplit, size: tuple[int, int] | None) -> None:
+        self.images = ReIDImages(split, size)
+        self.cache: dict[int, torch.Tensor] = {}
+
+    def batch(self, indices: list[int]) -> torch.Tensor:
+        for i in indices:
+            if i not in self.cache:
+                self.cache[i] = torch.round(self.images[i][0] * 255).to(torch.uint8)
+        return torch.stack([self.cache[i] for i in indices]).float().div_(255.0)
+
+
 def _run_entry(entry: Entry, target: ReIDFeatures, surrogate: ReIDFeatures | None, data: ReIDData,
-               qf: torch.Tensor, gf: torch.Tensor, options: ReIDOptions, device: torch.device) -> dict[str, Any]:
+               qf: torch.Tensor, gf: torch.Tensor, options: ReIDOptions, device: torch.device,
+               images: _ImageCache) -> dict[str, Any]:
     spec = entry.spec
     generated = spec.attack == "dmr"  # a trained generator: no objective, no gradients
     objective = None if generated else (spec.objective or "away")
@@ -197,14 +214,12 @@ def _run_entry(entry: Entry, target: ReIDFeatures, surrogate: ReIDFeatures | Non
         groups = identity_batches(split.pids, spec.ids_per_batch or DEFAULT_IDS_PER_BATCH)
     else:
         groups = [list(range(s, min(s + options.batch_size, len(split)))) for s in range(0, len(split), options.batch_size)]
-    dataset = ReIDImages(split, options.size)
     adv_features = torch.empty(len(split), qf.shape[1], device=device)
     rank, size, _ = distributed.world()
     groups = groups[rank::size]  # under torchrun each process attacks its share of the groups
     done: list[int] = []
     for group in groups:
-        batch = [dataset[i] for i in group]
-        x = torch.stack([b[0] for b in batch]).to(device)
+        x = images.batch(group).to(device)
         idx = torch.tensor(group, device=device)
         if objective == "misrank" or generated:
             y = torch.from_numpy(split.pids[group]).to(device)

@@ -16,7 +16,7 @@ from robench.errors import UsageError
 PROGRESS_FILE = "progress.pt"
 
 
-def settings_key(settings: dict[str, Any]) -> str:
+def run_key(settings: dict[str, Any]) -> str:
     """Everything that must be identical for a resumed run to equal an uninterrupted one."""
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -25,7 +25,7 @@ def save_progress(run_dir: Path, state: dict[str, Any], key: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=f".{PROGRESS_FILE}.")
     os.close(fd)
     try:
-        torch.save({**state, "settings_key": key}, tmp)
+        torch.save({**state, "run_key": key}, tmp)
         os.replace(tmp, run_dir / PROGRESS_FILE)  # atomic: a kill never leaves half a file
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -38,7 +38,7 @@ def load_progress(run_dir: Path, key: str) -> dict[str, Any]:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
         raise UsageError(f"cannot resume from {path}: {exc}") from exc
-    if not isinstance(state, dict) or state.get("settings_key") != key:
+    if not isinstance(state, dict) or state.get("run_key") != key:
         raise UsageError(f"cannot resume {run_dir}: the model, data, suite or options differ from the "
                          "interrupted run's; use the same command, or another --out")
     return state

@@ -54,8 +54,13 @@ def atomic_write(path: Path, text: str) -> None:
         raise
 
 
-def write_run(path: Path, doc: dict[str, Any], samples: pd.DataFrame, config: dict[str, Any]) -> None:
-    atomic_write(path / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
-    atomic_write(path / "samples.csv", samples.to_csv(index=False))
-    atomic_write(path / "results.csv", pd.DataFrame(tidy_rows(doc), columns=TIDY_COLUMNS).to_csv(index=False))
+def write_results(path: Path, doc: dict[str, Any], tidy: pd.DataFrame, config: dict[str, Any]) -> None:
+    """config.json, results.csv, then results.json last: its presence means the rest is there."""
+    atomic_write(path / "config.json", json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
+    atomic_write(path / "results.csv", tidy.to_csv(index=False))
     atomic_write(path / "results.json", json.dumps(doc, indent=2) + "\n")
+
+
+def write_run(path: Path, doc: dict[str, Any], samples: pd.DataFrame, config: dict[str, Any]) -> None:
+    atomic_write(path / "samples.csv", samples.to_csv(index=False))
+    write_results(path, doc, pd.DataFrame(tidy_rows(doc), columns=TIDY_COLUMNS), config)

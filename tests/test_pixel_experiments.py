@@ -1,0 +1,53 @@
+"""The pixel change inside suites and the batched experiment runner (the perturbation and the
+Pixel-index themselves are covered in test_pixels.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import robench
+from robench.errors import UsageError
+from robench.pixels.experiment import build_settings, run_pixel_experiments
+
+
+def test_pixels_attack_in_a_suite(trained_model, test_tensors):
+    suite = {"name": "px", "attacks": [{"attack": "pixels", "pixels": [2, 16], "trials": 3}]}
+    doc = robench.evaluate(trained_model, test_tensors, suite, device="cpu").doc
+    two, sixteen = doc["attacks"]
+    assert two["params"]["pixels"] == 2 and two["eps"] is None and two["norm"] == "l0"
+    assert two["accuracy"] > sixteen["accuracy"]
+    assert sixteen["accuracy"] <= doc["clean"]["accuracy"]
+
+
+def test_pixel_suite_fields_are_validated():
+    from robench.suites.loader import parse_suite
+
+    with pytest.raises(UsageError, match="no eps budget"):
+        parse_suite("name: a\nattacks:\n  - attack: pixels\n    eps: 0.1\n")
+    with pytest.raises(UsageError, match="pixel counts"):
+        parse_suite("name: a\nattacks:\n  - attack: pixels\n    pixels: [0]\n")
+    with pytest.raises(UsageError, match="delta: pgd does not take"):
+        parse_suite("name: a\nattacks:\n  - attack: pgd\n    eps: 0.1\n    delta: 3\n")
+    spec = parse_suite("name: a\nattacks:\n  - attack: pixels\n    area: 4\n").suite.attacks[0]
+    assert spec.area == [4, 4] and spec.pixel_counts() == [4, 8, 16, 32, 64]
+
+
+def test_experiment_counts_match_direct_trials(trained_model, digits_split):
+    from robench.models.wrapper import RobustModel
+
+    _, x_te, _, y_te = digits_split
+    images = torch.from_numpy(x_te).permute(0, 3, 1, 2).contiguous()
+    labels = torch.from_numpy(y_te)
+    settings = build_settings([30], [(4, 4)])
+    a = run_pixel_experiments(RobustModel(trained_model), images, labels, pixels=[2, 6], settings=settings,
+                              trials=3, seed=1, batch_size=100)
+    b = run_pixel_experiments(RobustModel(trained_model), images, labels, pixels=[2, 6], settings=settings,
+                              trials=3, seed=1, batch_size=41)
+    assert a.evaluated == b.evaluated and a.evaluated < len(labels)
+    for key in a.counts:
+        assert torch.equal(a.counts[key], b.counts[key]), "batching does not change the draws"
+    # A setting's draws do not depend on which other settings run.
+    c = run_pixel_experiments(RobustModel(trained_model), images, labels, pixels=[6],
+                              settings=build_settings([], [(4, 4)]), trials=3, seed=1)
+    assert torch.equal(c.counts[(1, 6)], a.counts[(2, 6)])
