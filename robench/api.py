@@ -24,7 +24,7 @@ from robench.models.preprocessing import PRESETS, Normalization
 from robench.models.wrapper import RobustModel
 from robench.precision import device_name, resolve_device
 from robench.results.schema import SCHEMA, TIDY_COLUMNS, tidy_rows
-from robench.sanity import flags_from
+from robench.sanity import WHITE_BOX, named_flags
 from robench.results.writers import write_run
 from robench.suites import LoadedSuite, Suite, load_suite
 from robench.suites.loader import parse_suite
@@ -119,6 +119,8 @@ def evaluate(
     )
     norm = PRESETS.get(normalization) if isinstance(normalization, str) else normalization
     norm = norm or loaded.normalization
+    # Before anything touches the mode: the loaders call .eval() and record what they found.
+    was_training = handed_over_in_train_mode(loaded)
     wrapped = RobustModel(loaded.model, norm)
     loaded_suite = _as_suite(suite)
     options = data_options or DataOptions()
@@ -141,6 +143,8 @@ def evaluate(
                           sweep_reuse=sweep_reuse)
     except RunInterrupted as exc:
         outcome, interrupted = exc.outcome, exc
+    if was_training:
+        outcome.sanity["model_was_training"] = True
     doc = _document(outcome, loaded, norm, loaded_suite, dataset, dev, precision, seed, outcome.batch_size, data)
     config = {
         "model": loaded.source, "arch": loaded.arch, "normalization": norm.as_dict() if norm else None,
@@ -153,6 +157,12 @@ def evaluate(
     if interrupted is not None:
         raise EvaluationInterrupted(result) from interrupted
     return result
+
+
+def handed_over_in_train_mode(loaded: LoadedModel) -> bool:
+    """Train mode as handed over: recorded by the loader (which switched to eval) or still set on a module."""
+    info = getattr(loaded, "info", None) or {}
+    return info.get("was_training") is True or any(m.training for m in loaded.model.modules())
 
 
 class EvaluationInterrupted(KeyboardInterrupt):
@@ -182,6 +192,7 @@ def _document(outcome: RunOutcome, loaded: LoadedModel, norm: Normalization | No
     import torchvision
 
     attacks = []
+    has_gradient = outcome.sanity.get("input_gradient", True) is not False
     for e in outcome.entries:
         attacks.append({
             "attack": e.attack.name,
@@ -198,6 +209,8 @@ def _document(outcome: RunOutcome, loaded: LoadedModel, norm: Normalization | No
             "gradient_evals": e.gradient_evals,
             "peak_memory_bytes": e.peak_memory,
             "attack_chunk": e.chunk,
+            # Native gradient attacks on a model without an input gradient take no step: an upper bound.
+            "input_gradient": has_gradient if e.spec.attack in WHITE_BOX else None,
         })
     accs = [a["accuracy"] for a in attacks if a["accuracy"] is not None]
     robust = float(outcome.robust_all.mean()) if outcome.robust_all is not None else None
@@ -212,7 +225,8 @@ def _document(outcome: RunOutcome, loaded: LoadedModel, norm: Normalization | No
         "suite": {"name": suite.suite.name, "source": suite.path, "sha256": suite.sha256,
                   "eps_space": suite.suite.eps_space},
         "data": {"spec": data if isinstance(data, str) else dataset.name, "n": outcome.n,
-                 "fingerprint": outcome.fingerprint, "skipped": dataset.skipped},
+                 "fingerprint": outcome.fingerprint, "skipped": dataset.skipped,
+                 "converted": dataset.converted},
         "clean": {"accuracy": outcome.clean.compute(), "n": outcome.clean.total,
                   "correct": outcome.clean.correct},
         "attacks": attacks,
@@ -234,7 +248,9 @@ def _document(outcome: RunOutcome, loaded: LoadedModel, norm: Normalization | No
 
 def _sanity(outcome: RunOutcome, attacks: list[dict[str, Any]]) -> dict[str, Any]:
     report = {**outcome.sanity, "nonfinite_logits": outcome.nonfinite_logits}
-    report["flags"] = flags_from(report, attacks)
+    named = named_flags(report, attacks)
+    report["flags"] = [message for _, message in named]
+    report["flag_names"] = [name for name, _ in named]  # aligned with flags; stable for gates
     return report
 
 

@@ -211,11 +211,13 @@ def render(table: ComparisonTable, fmt: str) -> str:
 
 def rich_table(table: ComparisonTable):
     from rich.table import Table
+    from rich.text import Text
 
-    out = Table(title=table.title, caption="\n".join(table.notes) or None)
+    # Names, titles and notes carry labels from the result files: shown as text, never read as markup.
+    out = Table(title=Text(table.title), caption=Text("\n".join(table.notes)) if table.notes else None)
     out.add_column("")
     for c in table.frame.columns:
-        out.add_column(str(c), justify="right")
+        out.add_column(Text(str(c)), justify="right")
     for name, cells in zip(table.frame.index, _cells(table, lambda t: f"[bold green]{t}[/]")):
-        out.add_row(str(name), *cells)
+        out.add_row(Text(str(name)), *cells)
     return out

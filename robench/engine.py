@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import numpy as np
@@ -11,11 +12,11 @@ import torch
 
 from robench.attacks import AttackResult
 from robench.data.sources import ImageDataset, TensorImages, as_float
-from robench.errors import RunError, UsageError
+from robench.errors import RobenchError, RunError, UsageError
 from robench.metrics import Accuracy, Collected
 from robench.models.wrapper import RobustModel, evaluation_mode
 from robench.precision import PrecisionModel, matmul_precision
-from robench.sanity import first_batch_checks
+from robench.sanity import check_output_shape, explain_failure, first_batch_checks
 from robench.speed import (SpeedReport, auto_batch_size, estimated_work, finish, should_compile, speed_up,
                            timed_first_call)
 from robench.entries import Entry, build_entries
@@ -118,10 +119,11 @@ def run(
 
     def snapshot(batches: int) -> dict:
         return take_snapshot(batches, batch_size, num_classes, nonfinite, clean, entries, idx_parts, y_parts,
-                         pred_parts, robust_all)
+                             pred_parts, robust_all, sanity, _joined_digest(digests))
 
     finished = done
-    sanity: dict = {"model_was_training": any(m.training for m in model.model.modules())}
+    was_training = any(m.training for m in model.model.modules())
+    sanity: dict = {"model_was_training": was_training}
     with evaluation_mode(model), matmul_precision(precision):
         # eval() on the outer wrapper too: torchattacks restores the mode it finds.
         forward = PrecisionModel(model, precision, device).eval()
@@ -129,29 +131,40 @@ def run(
         forward, speed = speed_up(forward, compile=compiled, backend=compile_backend, channels_last=channels_last)
         if auto_batch:
             # A resumed run keeps the batches it was cut into.
-            batch_size = resume_state["batch_size"] if resume_state else \
-                auto_batch_size(forward, dataset[0][0].unsqueeze(0).to(device).float(), device)
+            batch_size = resume_state["batch_size"] if resume_state else _auto_batch_size(forward, model, dataset,
+                                                                                           device)
         if resume_state is not None:
             done, num_classes, nonfinite = restore(resume_state, batch_size, clean, entries, idx_parts, y_parts,
-                                                   pred_parts, robust_all)
+                                                   pred_parts, robust_all, sanity)
+            # The saved report describes the run's real first batch; keep it, as an uninterrupted run would.
+            sanity["model_was_training"] = bool(sanity.get("model_was_training")) or was_training
         finished = done
         try:
+            hashed = 0
             for b, (x, y, idx) in enumerate(iterate_batches(dataset, batch_size, workers, device.type == "cuda")):
-                for d, part in zip(digests, (idx.numpy().astype(np.int64), y.numpy().astype(np.int64),
-                                             x.numpy().astype(np.float32))):
-                    d.update(part.tobytes())
+                parts = _batch_bytes(x, y, idx)
                 if b < done:
-                    continue  # finished before the interruption: only the fingerprint needs its data
+                    # Finished before the interruption: only the fingerprint needs its data.
+                    _hash_batch(digests, parts)
+                    hashed = b + 1
+                    if b + 1 == done:
+                        _check_same_data(resume_state, digests, done, dataset.name)
+                    continue
                 num_classes, nonfinite = _run_batch(x, y, idx, forward, entries, device, clean, idx_parts, y_parts,
                                                     pred_parts, robust_all, num_classes, nonfinite, labels_known,
-                                                    dataset, sanity if b == done else None, sweep_reuse,
-                                                    speed if b == done else None)
-                finished = b + 1
+                                                    dataset, sweep_reuse, model,
+                                                    first=_FirstBatch(sanity, resume_state is None, speed)
+                                                    if b == done else None)
+                # Hashed once finished: a snapshot's data digest covers exactly its batches.
+                _hash_batch(digests, parts)
+                hashed = finished = b + 1
                 if on_batch:
                     on_batch(len(y))
                 if save_state and time.perf_counter() - last_save >= save_every:
                     save_state(snapshot(finished))
                     last_save = time.perf_counter()
+            if hashed < done:  # fewer batches than the interrupted run finished
+                raise _data_changed(dataset.name, done)
         except BaseException as exc:
             # Interrupted (Ctrl-C, SIGTERM) or failed: keep every finished batch for --resume.
             if save_state and finished > done:
@@ -175,7 +188,7 @@ def run(
         labels=y_parts.compute().numpy(),
         clean_pred=pred_parts.compute().numpy(),
         robust_all=robust_all.compute().numpy().astype(bool) if entries else None,
-        fingerprint=hashlib.sha256(b"".join(d.digest() for d in digests)).hexdigest(),
+        fingerprint=_joined_digest(digests),
         num_classes=num_classes,
         seconds=time.perf_counter() - started,
         nonfinite_logits=nonfinite,
@@ -190,35 +203,99 @@ def dataset_fingerprint(dataset: ImageDataset, batch_size: int, workers: int = 0
     """The same fingerprint ``run`` computes, without a model (distributed runs need the whole set's)."""
     digests = [hashlib.sha256() for _ in range(3)]
     for x, y, idx in iterate_batches(dataset, batch_size, workers, False):
-        for d, part in zip(digests, (idx.numpy().astype(np.int64), y.numpy().astype(np.int64),
-                                     x.numpy().astype(np.float32))):
-            d.update(part.tobytes())
+        _hash_batch(digests, _batch_bytes(x, y, idx))
+    return _joined_digest(digests)
+
+
+def _batch_bytes(x, y, idx) -> tuple[bytes, bytes, bytes]:
+    return (idx.numpy().astype(np.int64).tobytes(), y.numpy().astype(np.int64).tobytes(),
+            x.numpy().astype(np.float32).tobytes())
+
+
+def _hash_batch(digests: list, parts: tuple[bytes, bytes, bytes]) -> None:
+    for d, part in zip(digests, parts):
+        d.update(part)
+
+
+def _joined_digest(digests: list) -> str:
+    """Digest of the batches hashed so far (``digest()`` leaves the streams open for more)."""
     return hashlib.sha256(b"".join(d.digest() for d in digests)).hexdigest()
 
 
+def _check_same_data(state: dict, digests: list, done: int, name: str) -> None:
+    """Before any new batch: the batches the interrupted run finished must hold the same data now."""
+    if state.get("data_digest") != _joined_digest(digests):
+        raise _data_changed(name, done)
+
+
+def _data_changed(name: str, done: int) -> UsageError:
+    return UsageError(f"cannot resume {name}: the data changed since the interrupted run (its first {done} "
+                      "batches differ); start a new run with another --out")
+
+
+def _auto_batch_size(forward, model: RobustModel, dataset: ImageDataset, device: torch.device) -> int:
+    """The auto batch size probe is the model's first call on a GPU: explain its failures the same way."""
+    sample = dataset[0][0].unsqueeze(0).to(device).float()
+    try:
+        return auto_batch_size(forward, sample, device)
+    except RobenchError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the model's own error, reported as one line
+        raise explain_failure(model.model, sample, exc) from exc
+
+
+def _first_forward(forward, model: RobustModel, x: torch.Tensor, first_call: SpeedReport | None) -> torch.Tensor:
+    """The first batch's clean pass, checked: a failure is explained and the output must be (batch, classes)."""
+    try:
+        with torch.no_grad():
+            logits = forward(x) if first_call is None else timed_first_call(forward, x, first_call)
+    except RobenchError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the model's own error, reported as one line
+        raise explain_failure(model.model, x, exc) from exc
+    check_output_shape(logits, len(x))
+    return logits
+
+
+@dataclass
+class _FirstBatch:
+    """What the first batch a process computes (also after a resume) does besides its results."""
+
+    sanity: dict  # receives input_gradient and, unless restored from a snapshot, the checks' report
+    run_checks: bool
+    speed: SpeedReport  # receives the first forward call's time (compilation included)
+
+
 def _run_batch(x, y, idx, forward, entries, device, clean, idx_parts, y_parts, pred_parts, robust_all,
-               num_classes, nonfinite, labels_known, dataset, sanity: dict | None = None,
-               sweep_reuse: bool = False, first_call: SpeedReport | None = None) -> tuple[int, int]:
+               num_classes, nonfinite, labels_known, dataset, sweep_reuse: bool = False,
+               model: RobustModel | None = None, first: _FirstBatch | None = None) -> tuple[int, int]:
     """Clean pass and every entry on one batch; returns the (possibly learned) class count and NaN count.
 
-    ``sanity`` and ``first_call`` are given for the first batch of a run: the checks of
-    :mod:`robench.sanity`, and the time of the first forward call (compilation included). With
-    ``sweep_reuse``, an any-iterate attack listed with increasing eps attacks at each eps only
-    the samples it has not fooled at the previous one.
+    ``first`` is given for the first batch: its clean pass is probed (a model failure is
+    explained, the output must be (batch, classes)), the model is asked whether it has an
+    input gradient, and the checks of :mod:`robench.sanity` run. With ``sweep_reuse``, an
+    any-iterate attack listed with increasing eps attacks at each eps only the samples it has
+    not fooled at the previous one.
     """
     x = x.to(device, non_blocking=True).float()
     y = y.to(device, non_blocking=True).long()
-    with torch.no_grad():
-        logits = forward(x) if first_call is None else timed_first_call(forward, x, first_call)
+    if first is not None:
+        logits = _first_forward(forward, model, x, first.speed)
+    else:
+        with torch.no_grad():
+            logits = forward(x)
     if num_classes < 0:
         num_classes = logits.shape[1]
     if labels_known is None:
         check_labels(y.cpu().numpy(), num_classes, idx.numpy())
-    elif sanity is not None:  # labels known up front: check them all once, on the first batch
+    elif first is not None:  # labels known up front: check them all once, on the first batch
         check_labels(labels_known, num_classes, dataset.indices)
     finite = torch.isfinite(logits).all(dim=1)
-    if sanity is not None:
-        sanity.update(first_batch_checks(forward, x, y, logits))
+    if first is not None:
+        # Two images suffice: the answer is about the model's graph, not the data.
+        first.sanity["input_gradient"] = model.has_input_gradient(x[:2])
+        if first.run_checks:
+            first.sanity.update(first_batch_checks(forward, x, y, logits))
     # A row with NaN/inf logits has no prediction (-1): it is never correct.
     pred = torch.where(finite, logits.argmax(dim=1), torch.full_like(y, -1))
     correct = pred == y

@@ -16,13 +16,15 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from xml.sax.saxutils import escape, quoteattr
 
 import pandas as pd
 
+import robench.sanity
 from robench.errors import UsageError
+from robench.registry import did_you_mean
 from robench.results.reading import HIGHER_IS_BETTER, ResultFile, comparability_problems, results_frame
 
 KEY = ["entry", "settings", "eps", "pixels", "metric"]
@@ -52,7 +54,10 @@ def parse_rule(text: str) -> Rule:
     m = _RULE.match(text)
     if not m:
         raise UsageError(f"--rule {text!r}: expected METRIC@ENTRY:THRESHOLD, e.g. 'accuracy@pgd*:1pt' or 'mAP@*:2%'")
-    value, unit = float(m.group("value")), m.group("unit")
+    try:
+        value, unit = float(m.group("value")), m.group("unit")
+    except ValueError:  # the pattern lets "1.2.3" through
+        raise UsageError(f"--rule {text!r}: {m.group('value')!r} is not a number") from None
     if unit == "pt":
         value /= 100.0  # points of a percentage, values are fractions
     return Rule(m.group("metric"), m.group("entry").strip(), value, unit == "%", text)
@@ -65,18 +70,43 @@ def standard_error(metric: str, value: float, n: Any) -> float | None:
     return math.sqrt(p * (1 - p) / n)
 
 
+# Sanity flag names robench writes (``sanity.flag_names``), and "unnamed": what an older document's
+# flag gets when its name cannot be worked out.
+KNOWN_FLAGS = (*robench.sanity.FLAG_NAMES, "unnamed")
+ALLOW_ALL = "all"
+FAILING = ("regression", "missing")
+# A value that is null in one run and a number in the other: the runs do not measure the same thing.
+# (Values only the current run has are not rows; they are listed in the problems.)
+MISMATCH = ("not comparable",)
+REFRESH = ("refresh the baseline: rerun the evaluation without --baseline and commit its results.json as the "
+           "new baseline")
+
+
+@dataclass(frozen=True)
+class SanityFlag:
+    name: str
+    message: str
+    allowed: bool = False
+
+
 @dataclass
 class GateOutcome:
     rows: pd.DataFrame
     problems: list[str]
+    flags: list[SanityFlag] = field(default_factory=list)  # the current run's
+    baseline_flags: list[SanityFlag] = field(default_factory=list)  # reported, never failing
 
     @property
     def comparable(self) -> bool:
         return not self.problems
 
     @property
+    def failing_flags(self) -> list[SanityFlag]:
+        return [f for f in self.flags if not f.allowed]
+
+    @property
     def failed(self) -> bool:
-        return bool((self.rows.verdict.isin(["regression", "missing"])).any())
+        return bool((self.rows.verdict.isin(FAILING)).any()) or bool(self.failing_flags)
 
     @property
     def exit_code(self) -> int:
@@ -85,66 +115,158 @@ class GateOutcome:
         return 1 if self.failed else 0
 
     def to_dict(self) -> dict[str, Any]:
-        rows = self.rows.astype(object).where(self.rows.notna(), None)
+        rows = self.rows.astype(object).where(self.rows.notna(), None).to_dict(orient="records")
+        for flag in self.flags:
+            row = dict.fromkeys(self.rows.columns)
+            row.update({"entry": "sanity", "metric": "sanity_flag", "flag": flag.name, "message": flag.message,
+                        "verdict": "allowed flag" if flag.allowed else "sanity flag"})
+            rows.append(row)
         return {"schema": "robench.gate/1", "comparable": self.comparable, "problems": self.problems,
                 "passed": self.exit_code == 0, "exit_code": self.exit_code,
-                "regressions": int(self.rows.verdict.isin(["regression", "missing"]).sum()),
-                "rows": rows.to_dict(orient="records")}
+                "regressions": int(self.rows.verdict.isin(FAILING).sum()),
+                "sanity_flags_failed": len(self.failing_flags),
+                "baseline_sanity_flags": [{"flag": f.name, "message": f.message} for f in self.baseline_flags],
+                "rows": rows}
+
+
+def check_allowed_flags(names: list[str], extra: tuple[str, ...] = ()) -> set[str]:
+    """``--allow-flag`` values: known flag names (or names the current document uses), or ``all``."""
+    choices = list(dict.fromkeys([*KNOWN_FLAGS, *extra, ALLOW_ALL]))
+    for name in names:
+        if name not in choices:
+            raise UsageError(f"--allow-flag {name!r}: unknown sanity flag{did_you_mean(name, choices)}")
+    return set(names)
+
+
+def document_flags(doc: dict[str, Any]) -> list[tuple[str, str]]:
+    """(name, message) per sanity flag of a validated document; none without a ``sanity`` block."""
+    sanity = doc.get("sanity")
+    if not isinstance(sanity, dict):
+        return []
+    messages = sanity.get("flags") or []
+    names = sanity.get("flag_names")
+    if names is not None:
+        return list(zip(names, messages))
+    return list(zip(_derived_names(sanity, doc.get("attacks") or [], messages), messages))
+
+
+def _derived_names(sanity: dict[str, Any], attacks: list[Any], messages: list[str]) -> list[str]:
+    """Names for documents written before ``flag_names`` existed, worked out again from the report."""
+    if not messages:
+        return []
+    try:
+        pairs = robench.sanity.named_flags(sanity, attacks)
+    # Naming is best effort: an older document may lack a field the current checks read.
+    except Exception:  # noqa: BLE001
+        return ["unnamed"] * len(messages)
+    # Matched by message only: guessing a name by position could let --allow-flag pass an unrelated finding.
+    by_message = {message: name for name, message in pairs}
+    return [by_message.get(m, "unnamed") for m in messages]
 
 
 def gate(current: ResultFile, baseline: ResultFile, *, max_drop: float = 0.0, rules: list[Rule] | None = None,
-         require_significant: bool = False) -> GateOutcome:
-    if max_drop < 0:
+         require_significant: bool = False, allow_flags: list[str] | None = None) -> GateOutcome:
+    if max_drop < 0 or math.isnan(max_drop):
         raise UsageError(f"--max-drop must be >= 0, got {max_drop}")
     rules = rules or []
-    problems = comparability_problems([baseline, current])
-    base = results_frame([baseline]).drop(columns=["model", "source"])
-    cur = results_frame([current]).drop(columns=["model", "source"])
+    current_flags = document_flags(current.doc)
+    allowed = check_allowed_flags(allow_flags or [], tuple(name for name, _ in current_flags))
+    compared = _compare_values(current, baseline, max_drop, rules, require_significant)
+    problems = comparability_problems([baseline, current]) + _mismatch_problems(compared, current, baseline)
+    # Values only the current run has are listed in the problems; the rows hold the baseline's values.
+    out = [row for row in compared if row["verdict"] != "new"]
+    flags = [SanityFlag(name, message, ALLOW_ALL in allowed or name in allowed) for name, message in current_flags]
+    baseline_flags = [SanityFlag(name, message) for name, message in document_flags(baseline.doc)]
+    columns = ["entry", "metric", "eps", "pixels", "baseline", "current", "delta", "threshold", "rule", "direction",
+               "stderr", "verdict"]
+    return GateOutcome(pd.DataFrame(out, columns=columns), problems, flags, baseline_flags)
+
+
+def _compare_values(current: ResultFile, baseline: ResultFile, max_drop: float, rules: list[Rule],
+                    require_significant: bool) -> list[dict[str, Any]]:
+    """One row per value of either run, with its verdict."""
+    base = results_frame([baseline], keep_null=True).drop(columns=["model", "source"])
+    cur = results_frame([current], keep_null=True).drop(columns=["model", "source"])
     for frame in (base, cur):
         frame["eps"] = frame["eps"].astype(float).round(10)
         frame["pixels"] = frame["pixels"].astype(float)
-    merged = base.merge(cur, on=KEY, how="left", suffixes=("_baseline", "_current"))
+        frame["value"] = frame["value"].astype(float)
+        frame["position"] = range(len(frame))
+    merged = base.merge(cur, on=KEY, how="outer", suffixes=("_baseline", "_current"), indicator="present")
+    # An outer merge sorts the keys; rows read better in the baseline's order, the current run's extras last.
+    merged = merged.sort_values(["position_baseline", "position_current"], na_position="last", kind="stable")
     out = []
     for r in merged.itertuples(index=False):
         b, c = r.value_baseline, r.value_current
+        if r.present == "both" and pd.isna(b) and pd.isna(c):
+            continue  # null in both runs (e.g. mINP not computed): nothing to compare, nothing differs
         higher = r.metric in HIGHER_IS_BETTER
         rule = next((x for x in rules if x.matches(r.metric, r.entry)), None)
-        threshold = rule.threshold(b) if rule else max_drop
+        threshold = rule.threshold(b) if rule and not pd.isna(b) else max_drop
         row = {"entry": r.entry, "metric": r.metric, "eps": None if pd.isna(r.eps) else r.eps,
-               "pixels": None if pd.isna(r.pixels) else int(r.pixels), "baseline": b,
+               "pixels": None if pd.isna(r.pixels) else int(r.pixels), "baseline": None if pd.isna(b) else b,
                "current": None if pd.isna(c) else c, "delta": None, "threshold": threshold,
                "rule": rule.text if rule else f"max-drop {max_drop:g}",
                "direction": "higher is better" if higher else "lower is better", "stderr": None, "verdict": None}
-        if pd.isna(c):
-            row["verdict"] = "missing"
+        if r.present != "both":
+            row["verdict"] = "missing" if r.present == "left_only" else "new"
+            out.append(row)
+            continue
+        if pd.isna(b) or pd.isna(c):
+            row["verdict"] = "not comparable"
             out.append(row)
             continue
         delta = c - b
-        drop = -delta if higher else delta
         se_b = standard_error(r.metric, b, r.n_baseline)
         se_c = standard_error(r.metric, c, r.n_current)
         row["delta"] = delta
         if se_b is not None and se_c is not None:
             row["stderr"] = math.sqrt(se_b ** 2 + se_c ** 2)
-        row["drop"] = drop
+        row["drop"] = -delta if higher else delta
         out.append(row)
     _mean_stderr(out)
     for row in out:
-        if row["verdict"] is not None:
-            continue
-        drop, threshold = row.pop("drop"), row["threshold"]
-        if drop > threshold + 1e-12:
-            noise = require_significant and row["stderr"] is not None and drop <= Z_95 * row["stderr"]
-            row["verdict"] = "within noise" if noise else "regression"
-        elif drop < -1e-12:
-            row["verdict"] = "improved"
-        else:
-            row["verdict"] = "ok"
-    for row in out:
-        row.pop("drop", None)
-    columns = ["entry", "metric", "eps", "pixels", "baseline", "current", "delta", "threshold", "rule", "direction",
-               "stderr", "verdict"]
-    return GateOutcome(pd.DataFrame(out, columns=columns), problems)
+        if "drop" in row:
+            row["verdict"] = _verdict(row.pop("drop"), row["threshold"], row["stderr"], require_significant)
+    return out
+
+
+def _verdict(drop: float, threshold: float, stderr: float | None, require_significant: bool) -> str:
+    if drop > threshold + 1e-12:
+        noise = require_significant and stderr is not None and drop <= Z_95 * stderr
+        return "within noise" if noise else "regression"
+    return "improved" if drop < -1e-12 else "ok"
+
+
+def _attack_entries(result: ResultFile) -> int:
+    return len(result.doc["experiments"] if result.kind == "pixel" else result.doc["attacks"])
+
+
+def _describe(row: dict[str, Any]) -> str:
+    where = f" eps {row['eps']:g}" if row["eps"] is not None else (
+        f" {row['pixels']} px" if row["pixels"] is not None else "")
+    return f"{row['metric']} of {row['entry']}{where}"
+
+
+def _listing(rows: list[dict[str, Any]], most: int = 5) -> str:
+    shown = ", ".join(_describe(r) for r in rows[:most])
+    return shown + (f" and {len(rows) - most} more" if len(rows) > most else "")
+
+
+def _mismatch_problems(rows: list[dict[str, Any]], current: ResultFile, baseline: ResultFile) -> list[str]:
+    """Values the baseline cannot vouch for: the runs do not measure the same things."""
+    if _attack_entries(baseline) == 0 and _attack_entries(current) > 0:
+        return [f"the baseline has no attack entries while the current run has {_attack_entries(current)}; "
+                f"{REFRESH}"]
+    problems = []
+    new = [r for r in rows if r["verdict"] == "new"]
+    if new:
+        problems.append(f"the current run has {len(new)} value(s) the baseline lacks ({_listing(new)}); {REFRESH}")
+    nulls = [r for r in rows if r["verdict"] == "not comparable"]
+    if nulls:
+        problems.append(f"{len(nulls)} value(s) are null in one run and a number in the other "
+                        f"({_listing(nulls)}); {REFRESH}")
+    return problems
 
 
 def _mean_stderr(rows: list[dict[str, Any]]) -> None:
@@ -156,20 +278,31 @@ def _mean_stderr(rows: list[dict[str, Any]]) -> None:
             r["stderr"] = math.sqrt(sum(se ** 2 for se in parts)) / len(parts)
 
 
+def _number(value: Any, spec: str = ".6g", missing: str = "missing") -> str:
+    return missing if value is None or pd.isna(value) else format(value, spec)
+
+
 def junit_xml(outcome: GateOutcome, name: str = "robench gate") -> str:
-    """One test case per compared value; regressions and missing entries are failures."""
+    """One test case per compared value and per sanity flag; regressions, missing or mismatched entries
+    and flags not allowed are failures."""
     cases = []
     failures = 0
     for r in outcome.rows.itertuples(index=False):
         where = f"@eps={r.eps:g}" if r.eps is not None and not pd.isna(r.eps) else (
             f"@{r.pixels}px" if r.pixels is not None and not pd.isna(r.pixels) else "")
         case = f'  <testcase classname={quoteattr(name)} name={quoteattr(f"{r.metric} {r.entry}{where}")}>'
-        if r.verdict in ("regression", "missing"):
+        if r.verdict in FAILING + MISMATCH:
             failures += 1
-            text = (f"baseline {r.baseline:.6g}, current "
-                    f"{'missing' if r.current is None or pd.isna(r.current) else f'{r.current:.6g}'}, "
+            text = (f"baseline {_number(r.baseline)}, current {_number(r.current)}, "
                     f"allowed drop {r.threshold:.6g} ({r.rule}), {r.direction}")
             case += f"<failure message={quoteattr(r.verdict)}>{escape(text)}</failure>"
+        cases.append(case + "</testcase>")
+    for flag in outcome.flags:
+        case = f'  <testcase classname={quoteattr(name)} name={quoteattr(f"sanity flag {flag.name}")}>'
+        if not flag.allowed:
+            failures += 1
+            text = f"{flag.message}; pass --allow-flag {flag.name} if this is expected"
+            case += f'<failure message="sanity flag">{escape(text)}</failure>'
         cases.append(case + "</testcase>")
     if not outcome.comparable:
         failures += 1

@@ -11,6 +11,11 @@ from robench.errors import UsageError
 SUFFIXES = (".png", ".svg", ".pdf")
 
 
+def _literal(label: str) -> str:
+    """Labels come from result files; a "$" would start matplotlib's math mode (and can fail to parse)."""
+    return label.replace("$", r"\$")
+
+
 def plot_results(rows: pd.DataFrame, x: str, metric: str | None, out: Path) -> Path:
     if x not in ("eps", "pixels"):
         raise UsageError(f"--x must be eps or pixels, got {x!r}")
@@ -43,7 +48,7 @@ def plot_results(rows: pd.DataFrame, x: str, metric: str | None, out: Path) -> P
             if not start.empty:
                 xs, ys = [0.0] + xs, [float(start.value.iloc[0]) * (100 if percent else 1)] + ys
         ax.plot(xs, ys, color=colours[model], linestyle=styles[entry], marker=markers[entry],
-                label=f"{model} · {entry}")
+                label=_literal(f"{model} · {entry}"))
     ax.set_xlabel("eps ([0,1] pixel units)" if x == "eps" else "changed pixels")
     ax.set_ylabel(f"{metric} (%)" if percent else metric)
     if x == "pixels":

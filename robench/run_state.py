@@ -80,15 +80,23 @@ class RunInterrupted(Exception):
         self.outcome = outcome
 
 
+PROGRESS_FORMAT = "robench.progress/2"
+
+
 def snapshot(batches: int, batch_size: int, num_classes: int, nonfinite: int, clean: Accuracy,
-              entries: list[Entry], idx_parts: Collected, y_parts: Collected, pred_parts: Collected,
-              robust_all: Collected) -> dict:
-    """Everything the finished batches produced, as plain tensors and numbers (torch.save-able)."""
+             entries: list[Entry], idx_parts: Collected, y_parts: Collected, pred_parts: Collected,
+             robust_all: Collected, sanity: dict, data_digest: str) -> dict:
+    """Everything the finished batches produced, as plain tensors and numbers (torch.save-able).
+
+    ``sanity`` is the first batch's report (a resumed run does not see that batch
+    again) and ``data_digest`` hashes the finished batches' data, so a resume can
+    tell that the data changed under the same name.
+    """
     return {
-        "format": "robench.progress/1", "batches": batches, "batch_size": batch_size, "num_classes": num_classes,
+        "format": PROGRESS_FORMAT, "batches": batches, "batch_size": batch_size, "num_classes": num_classes,
         "nonfinite": nonfinite, "clean": [clean.correct, clean.total],
         "index": idx_parts.compute(), "labels": y_parts.compute(), "pred": pred_parts.compute(),
-        "robust_all": robust_all.compute(),
+        "robust_all": robust_all.compute(), "sanity": dict(sanity), "data_digest": data_digest,
         "entries": [{"accuracy": [e.accuracy.correct, e.accuracy.total], "fooled": [e.fooled.correct, e.fooled.total],
                      "robust": e.robust.compute(), "seconds": e.seconds, "gradient_evals": e.gradient_evals,
                      "peak_memory": e.peak_memory, "chunk": e.chunk} for e in entries],
@@ -96,9 +104,9 @@ def snapshot(batches: int, batch_size: int, num_classes: int, nonfinite: int, cl
 
 
 def restore(state: dict, batch_size: int, clean: Accuracy, entries: list[Entry], idx_parts: Collected,
-             y_parts: Collected, pred_parts: Collected, robust_all: Collected) -> tuple[int, int, int]:
-    if state.get("format") != "robench.progress/1":
-        raise UsageError("cannot resume: the progress file is not robench's")
+            y_parts: Collected, pred_parts: Collected, robust_all: Collected, sanity: dict) -> tuple[int, int, int]:
+    """Load a snapshot into the accumulators and ``sanity``; returns (batches, classes, non-finite count)."""
+    check_format(state)
     if state["batch_size"] != batch_size:
         raise UsageError(f"cannot resume: the run used --batch-size {state['batch_size']}, not {batch_size}")
     if len(state["entries"]) != len(entries):
@@ -112,4 +120,15 @@ def restore(state: dict, batch_size: int, clean: Accuracy, entries: list[Entry],
         e.robust.update(saved["robust"])
         e.seconds, e.gradient_evals = saved["seconds"], saved["gradient_evals"]
         e.peak_memory, e.chunk = saved["peak_memory"], saved["chunk"]
+    sanity.update(state["sanity"])
     return state["batches"], state["num_classes"], state["nonfinite"]
+
+
+def check_format(state: dict) -> None:
+    found = state.get("format") if isinstance(state, dict) else None
+    if found == "robench.progress/1":
+        raise UsageError("cannot resume: the progress file was written by an older robench (robench.progress/1), "
+                         "which did not record the data's digest or the sanity checks; start a new run with "
+                         "another --out")
+    if found != PROGRESS_FORMAT:
+        raise UsageError("cannot resume: the progress file is not robench's")

@@ -107,12 +107,16 @@ def test_iterative_attacks_beat_fgsm(trained_model, data):
 
 def test_any_iterate_is_at_least_as_strong_as_final_iterate(trained_model, data):
     x, y = data
-    # A large step makes iterates oscillate, so some samples are fooled mid-way and then recover.
-    kwargs = dict(steps=10, step_size=0.08)
-    final = PGD(0.1, final_iterate=True, **kwargs)(trained_model, x, y).success
-    anyit = PGD(0.1, final_iterate=False, **kwargs)(trained_model, x, y).success
-    assert torch.all(anyit >= final), "a sample fooled at the last iterate is fooled at some iterate"
-    assert anyit.sum() > final.sum()
+    # Steps as large as eps make iterates oscillate, so some samples are fooled mid-way and then
+    # recover; how many depends on the trained weights, so several step sizes are pooled.
+    gained = 0
+    for step_size in (0.08, 0.1, 0.2):
+        kwargs = dict(steps=10, step_size=step_size)
+        final = PGD(0.1, final_iterate=True, **kwargs)(trained_model, x, y).success
+        anyit = PGD(0.1, final_iterate=False, **kwargs)(trained_model, x, y).success
+        assert torch.all(anyit >= final), "a sample fooled at the last iterate is fooled at some iterate"
+        gained += int(anyit.sum() - final.sum())
+    assert gained > 0
 
 
 def test_early_stop_saves_gradient_evaluations(trained_model, data):

@@ -55,8 +55,10 @@ def test_safetensors(trained_model, probe, tmp_path):
 def test_torchscript(trained_model, probe, tmp_path):
     path = tmp_path / "scripted.pt"
     torch.jit.trace(trained_model, probe).save(str(path))
-    loaded = load_model(str(path))
-    assert loaded.arch == "torchscript"
+    with pytest.raises(UsageError, match="TorchScript program: .*--trust-checkpoint"):
+        load_model(str(path))  # a TorchScript file is a program: it runs only when trusted
+    loaded = load_model(str(path), trust_checkpoint=True)
+    assert loaded.arch == "torchscript" and loaded.info["was_training"] is False
     assert same_outputs(loaded.model, trained_model, probe)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import signal
 import sys
@@ -13,7 +14,8 @@ from typing import Any, Callable, Iterator
 import typer
 from rich.console import Console
 
-from robench.errors import EXIT_RUN_FAILED, Interrupted, RobenchError
+from robench.errors import EXIT_RUN_FAILED, Interrupted, RobenchError, UsageError
+from robench.results.locking import release_run_dirs
 
 stderr = Console(stderr=True, soft_wrap=True)  # log lines stay whole for grep and CI logs
 
@@ -25,19 +27,37 @@ def stdout_console() -> Console:
 
 @contextlib.contextmanager
 def interrupt_on_sigterm() -> Iterator[None]:
-    """Treat SIGTERM (a scheduler stopping the job) like Ctrl-C, so finished work is saved."""
+    """Treat SIGTERM (a scheduler stopping the job) like Ctrl-C, so finished work is saved.
+
+    Only the first signal interrupts: schedulers and impatient users send a second
+    one while the partial results are being written, and that write must finish.
+    """
+    stopping = False
+
     def handler(signum, frame):
+        nonlocal stopping
+        if stopping:
+            print("robench: already stopping; writing the partial results", file=sys.stderr)
+            return
+        stopping = True
         raise KeyboardInterrupt
 
     try:
-        previous = signal.signal(signal.SIGTERM, handler)
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     except ValueError:  # not in the main thread (e.g. an embedding application): leave signals alone
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def check_range(option: str, value: float, low: float, high: float) -> None:
+    """Options are bounded and finite: nan slips through every comparison, 1e9 trials run for ever."""
+    if not (math.isfinite(value) and low <= value <= high):
+        raise UsageError(f"{option} must be between {low:g} and {high:g}, got {value:g}")
 
 
 def debug() -> bool:
@@ -54,19 +74,43 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except (typer.Exit, typer.Abort, SystemExit):
             raise
         except Interrupted as exc:
-            _report(f"robench: interrupted: {exc}")
+            _report(f"robench: interrupted: {one_line(exc)}")
             raise typer.Exit(exc.exit_code) from None
         except RobenchError as exc:
-            _report(f"robench: error: {exc}")
+            _report(f"robench: error: {one_line(exc)}")
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             _report("robench: interrupted")
             raise typer.Exit(130) from None
-        except Exception as exc:  # noqa: BLE001 - anything else: the run could not complete
-            _report(f"robench: run failed: {type(exc).__name__}: {exc}")
+        except MemoryError:
+            _report("robench: run failed: out of memory")
             raise typer.Exit(EXIT_RUN_FAILED) from None
+        except Exception as exc:  # noqa: BLE001 - anything else: the run could not complete
+            message = one_line(exc)
+            named = message.split(":", 1)[0].endswith(("Error", "Exception"))
+            _report(f"robench: run failed: {message if named else f'{type(exc).__name__}: {message}'}")
+            raise typer.Exit(EXIT_RUN_FAILED) from None
+        finally:
+            release_run_dirs()
 
     return wrapper
+
+
+def one_line(exc: BaseException) -> str:
+    """A message fit for one log line.
+
+    TorchScript wraps a model's own exception in the interpreter's traceback;
+    its last line (``RuntimeError: boom``) is the part that means something.
+    """
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    if len(lines) > 1 and _TORCHSCRIPT_TRACE in str(exc):
+        return lines[-1]
+    return " ".join(lines) if len(lines) <= 3 else lines[0]
+
+
+_TORCHSCRIPT_TRACE = "The following operation failed in the TorchScript interpreter"
 
 
 def _report(line: str) -> None:

@@ -53,7 +53,7 @@ def compare_command(
         table = build(frame, metric) if metric else build(frame)
     for problem in problems:
         table.notes.append(f"not comparable: {problem}")
-        stderr.print(f"robench: warning: not comparable: {problem}", highlight=False)
+        stderr.print(f"robench: warning: not comparable: {problem}", highlight=False, markup=False)
     if fmt == "table":
         if out:
             raise UsageError("--format table prints to the terminal; choose markdown, csv, latex or html with --out")
@@ -62,7 +62,7 @@ def compare_command(
     text = render(table, fmt)
     if out:
         out.write_text(text, encoding="utf-8")
-        stderr.print(f"table written to {out}", highlight=False)
+        stderr.print(f"table written to {out}", highlight=False, markup=False)
     else:
         sys.stdout.write(text)
 
@@ -82,5 +82,5 @@ def plot_command(
     axis = x or ("pixels" if read[0].kind == "pixel" else "eps")
     written = plot_results(results_frame(read), axis, metric, out)
     for problem in comparability_problems(read):
-        stderr.print(f"robench: warning: not comparable: {problem}", highlight=False)
-    stderr.print(f"figure written to {written}", highlight=False)
+        stderr.print(f"robench: warning: not comparable: {problem}", highlight=False, markup=False)
+    stderr.print(f"figure written to {written}", highlight=False, markup=False)

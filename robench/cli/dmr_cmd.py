@@ -28,8 +28,12 @@ def train(
     data: str = typer.Option(..., "--data", "-d", help="market1501:ROOT, dukemtmc:ROOT or reid:ROOT with "
                              "bounding_box_train/."),
     out: Path = typer.Option(..., "--out", "-o", help="Generator file to write (never overwritten)."),
-    arch: Optional[str] = typer.Option(None), num_classes: Optional[int] = typer.Option(None, "--num-classes"),
-    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint"),
+    arch: Optional[str] = typer.Option(None, help="Architecture for state dicts: torchvision:NAME, a registered "
+                                       "name or module:factory."),
+    num_classes: Optional[int] = typer.Option(None, "--num-classes"),
+    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint",
+                                          help="Allow unpickling full Python objects and TorchScript programs "
+                                          "(runs code from the file)."),
     normalize: Optional[str] = typer.Option(None, "--normalize"), mean: Optional[str] = typer.Option(None),
     std: Optional[str] = typer.Option(None),
     feature_layer: Optional[str] = typer.Option(None, "--feature-layer"),

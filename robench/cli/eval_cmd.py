@@ -12,14 +12,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from robench import distributed
 from robench.api import EvaluationInterrupted, evaluate
-from robench.cli.common import handle_errors, interrupt_on_sigterm, stderr, stdout_console
+from robench.cli.common import check_range, handle_errors, interrupt_on_sigterm, stderr, stdout_console
 from robench.cli.gate_cmd import run_gate
-from robench.gate import parse_rule
+from robench.gate import check_allowed_flags, parse_rule
 from robench.results.progress import PROGRESS_FILE, has_progress, load_progress, run_key, save_progress
 from robench.results.reading import read_result
 from robench.cli.reid_eval import run_reid_eval
+from robench.data.images import check_pixel_limit
 from robench.data.sources import DataOptions
-from robench.errors import Interrupted, UsageError
+from robench.errors import Interrupted, RunError, UsageError
 from robench.models import load_model, resolve_normalization
 from robench.reid.api import is_reid_spec
 from robench.precision import PRECISIONS
@@ -27,6 +28,11 @@ from robench.speed import COMPILE_MODES
 from robench.report import results_table
 from robench.results import default_run_dir, prepare_run_dir
 from robench.suites import load_suite
+
+
+MAX_SAVE_EVERY = 7 * 24 * 3600.0  # seconds
+MAX_WORKERS = 256
+MAX_BATCH_SIZE = 1 << 20
 
 
 @handle_errors
@@ -39,7 +45,10 @@ def eval_command(
     arch: Optional[str] = typer.Option(None, help="Architecture for state dicts: torchvision:NAME or module:factory."),
     num_classes: Optional[int] = typer.Option(None, "--num-classes", help="Passed to the architecture factory."),
     trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint",
-                                          help="Allow unpickling full Python objects (runs code from the file)."),
+                                          help="Allow unpickling full Python objects and TorchScript programs "
+                                          "(runs code from the file)."),
+    trust_suite: bool = typer.Option(False, "--trust-suite",
+                                     help="Allow a suite to import Python code (module:factory architectures)."),
     normalize: Optional[str] = typer.Option(None, "--normalize", help="Preset: imagenet, cifar10, cifar100, "
                                             "mnist, fashion-mnist, none."),
     mean: Optional[str] = typer.Option(None, help="Per-channel mean, e.g. '0.485,0.456,0.406'."),
@@ -60,6 +69,10 @@ def eval_command(
     split: str = typer.Option("test", help="Dataset split for torchvision datasets."),
     resize: Optional[int] = typer.Option(None, help="Resize image folders (shorter side) before cropping."),
     crop: Optional[int] = typer.Option(None, help="Centre-crop image folders to this size."),
+    gray: Optional[bool] = typer.Option(None, "--gray/--rgb", help="Image folders: force one or three channels "
+                                        "(default: those of most images; a tie gives three)."),
+    max_image_pixels: Optional[int] = typer.Option(None, "--max-image-pixels", help="Image folders: skip images "
+                                                   "with more pixels (decompression bombs; default: Pillow's limit)."),
     workers: int = typer.Option(0, help="DataLoader worker processes for file-based datasets."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default runs/<suite>/<model>/<UTC time>/); "
                                        "an interrupted run there is continued."),
@@ -92,20 +105,26 @@ def eval_command(
     rule: Optional[List[str]] = typer.Option(None, "--rule", help="With --baseline: METRIC@ENTRY:THRESHOLD."),
     require_significant: bool = typer.Option(False, "--require-significant"),
     junit: Optional[Path] = typer.Option(None, "--junit", help="With --baseline: JUnit XML report."),
+    allow_flag: Optional[List[str]] = typer.Option(None, "--allow-flag", help="With --baseline: a sanity flag "
+                                                   "that may pass the gate (e.g. gradient_masking), or 'all'."),
 ) -> None:
     """Evaluate MODEL under every attack of a suite: clean and robust accuracy."""
-    if baseline is None and (rule or junit or require_significant or max_drop):
-        raise UsageError("--max-drop, --rule, --require-significant and --junit need --baseline")
+    if baseline is None and (rule or junit or require_significant or max_drop or allow_flag):
+        raise UsageError("--max-drop, --rule, --require-significant, --junit and --allow-flag need --baseline")
     if baseline is not None:
         read_result(baseline)  # fail before the run, not after it
         for text in rule or []:
             parse_rule(text)
+        check_allowed_flags(allow_flag or [])
     batch_size = _batch_size(batch_size)
+    check_range("--save-every", save_every, 0, MAX_SAVE_EVERY)
+    check_range("--workers", workers, 0, MAX_WORKERS)
+    check_pixel_limit(max_image_pixels)
     if compile not in COMPILE_MODES:
         raise UsageError(f"--compile must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")
     if precision not in PRECISIONS:
         raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    loaded_suite = load_suite(suite)
+    loaded_suite = load_suite(suite, trust_code=trust_suite)
     # An explicit --normalize/--mean/--std wins over the suite's suggestion.
     preset = normalize if normalize else (None if (mean or std) else loaded_suite.suite.normalize)
     normalization = resolve_normalization(preset, mean, std)
@@ -115,8 +134,6 @@ def eval_command(
         data_spec = model
     if data_spec is None:
         raise UsageError(f"suite {loaded_suite.suite.name} names no dataset: pass --data")
-    if save_every < 0:
-        raise UsageError(f"--save-every must be >= 0, got {save_every}")
     if resume is not None and out is not None and resume != out:
         raise UsageError("give either --resume DIR or --out DIR")
     if resume is not None and not has_progress(resume):
@@ -138,9 +155,10 @@ def eval_command(
             as_json=as_json, quiet=quiet,
         )
         if main:
-            _gate(run_dir, baseline, max_drop, rule, require_significant, junit)
+            _gate(run_dir, baseline, max_drop, rule, require_significant, junit, allow_flag)
         return
-    options = DataOptions(root=data_root, download=download, limit=limit, resize=resize, crop=crop, split=split)
+    options = DataOptions(root=data_root, download=download, limit=limit, resize=resize, crop=crop, split=split,
+                          gray=gray, max_image_pixels=max_image_pixels)
 
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), console=stderr, transient=True,
@@ -165,7 +183,7 @@ def eval_command(
                 data_options=options, on_batch=lambda k: progress.advance(task, k),
                 resume_state=resume_state, save_every=save_every, compile=compile, channels_last=channels_last,
                 sweep_reuse=sweep_reuse,
-                save_state=(lambda state: save_progress(run_dir, state, key)) if single else None,
+                save_state=progress_saver(run_dir, key) if single else None,
             )
         except EvaluationInterrupted as stopped:
             if not main:
@@ -182,6 +200,9 @@ def eval_command(
     if result.doc["data"].get("skipped"):
         stderr.print(f"robench: warning: skipped {len(result.doc['data']['skipped'])} unreadable file(s) "
                      "(listed in results.json under data.skipped)", highlight=False)
+    if result.doc["data"].get("converted") and gray is None:  # forced conversions were asked for: no warning
+        stderr.print(f"robench: warning: converted {len(result.doc['data']['converted'])} image(s) to the channels "
+                     "of most images (listed in results.json under data.converted)", highlight=False)
     for flag in result.doc["sanity"]["flags"]:
         stderr.print(f"robench: warning: {flag}", highlight=False)
     if as_json:
@@ -189,22 +210,44 @@ def eval_command(
     else:
         stdout_console().print(results_table(result.doc))
     stderr.print(f"results written to {run_dir}", highlight=False)
-    _gate(run_dir, baseline, max_drop, rule, require_significant, junit)
+    _gate(run_dir, baseline, max_drop, rule, require_significant, junit, allow_flag)
 
 
 def _batch_size(text: str) -> int | str:
     if text == "auto":
         return text
-    if not text.isdigit() or int(text) < 1:
-        raise UsageError(f"--batch-size must be a positive integer or auto, got {text!r}")
+    # isdigit alone accepts "²" and other digits int() refuses.
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_BATCH_SIZE:
+        raise UsageError(f"--batch-size must be an integer from 1 to {MAX_BATCH_SIZE} or auto, got {text!r}")
     return int(text)
 
 
+def progress_saver(run_dir: Path, key: str):
+    """Snapshots go to disk as the run goes; a full disk is a warning there, not the end of the run.
+
+    The last good progress file stays in place (writes are atomic), and the
+    results are still in memory: if space is freed, the final write succeeds.
+    """
+    warned = False
+
+    def save(state: dict) -> None:
+        nonlocal warned
+        try:
+            save_progress(run_dir, state, key)
+        except RunError as exc:
+            if not warned:
+                stderr.print(f"robench: warning: {exc}", highlight=False)
+                warned = True
+
+    return save
+
+
 def _gate(run_dir: Path, baseline: Optional[Path], max_drop: float, rules: Optional[List[str]],
-          require_significant: bool, junit: Optional[Path]) -> None:
+          require_significant: bool, junit: Optional[Path], allow_flags: Optional[List[str]] = None) -> None:
     """The results are written first: a failing gate never loses the run."""
     if baseline is None:
         return
-    code = run_gate(run_dir, baseline, max_drop, rules or [], require_significant, junit, as_json=False, quiet=True)
+    code = run_gate(run_dir, baseline, max_drop, rules or [], require_significant, junit, as_json=False, quiet=True,
+                    allow_flags=allow_flags)
     if code:
         raise typer.Exit(code)

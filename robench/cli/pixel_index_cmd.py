@@ -10,8 +10,8 @@ from typing import Optional
 import pandas as pd
 import typer
 
-from robench.cli.common import handle_errors, stderr, stdout_console
-from robench.data.images import input_geometry
+from robench.cli.common import check_range, handle_errors, stderr, stdout_console
+from robench.data.images import check_pixel_limit, input_geometry
 from robench.errors import UsageError
 from robench.expressions import eval_expr
 from robench.models import load_model, resolve_normalization
@@ -47,10 +47,14 @@ def _areas(text: str | None) -> list[tuple[int, int]]:
     return areas
 
 
+MAX_TRIALS = 10_000  # as for a suite's `trials:`
+
+
 @handle_errors
 def pixel_index_command(
     model: str = typer.Argument(..., help="Checkpoint file or example:digits."),
-    folder: Path = typer.Argument(..., help="Images: class sub-folders (labels) or a flat folder."),
+    # readable=False: robench checks access itself and names the OS reason in one line
+    folder: Path = typer.Argument(..., readable=False, help="Images: class sub-folders (labels) or a flat folder."),
     pixels: str = typer.Option("4,8,16,32,64", help="Pixel counts to change, comma-separated."),
     delta: Optional[str] = typer.Option(None, help="Experiment 2: offsets within ±delta, e.g. 10,40,70,100,127."),
     area: Optional[str] = typer.Option(None, help="Experiment 3: centred areas, e.g. 200,150 or 200x150."),
@@ -73,7 +77,9 @@ def pixel_index_command(
     crop: Optional[int] = typer.Option(None, help="Centre-crop to this size."),
     class_map: Optional[str] = typer.Option(None, "--class-map", help="Folder name -> class index (JSON or text)."),
     gray: Optional[bool] = typer.Option(None, "--gray/--rgb", help="Force one or three channels "
-                                        "(default: one if every image is grayscale)."),
+                                        "(default: those of most images; a tie gives three)."),
+    max_image_pixels: Optional[int] = typer.Option(None, "--max-image-pixels", help="Skip images with more "
+                                                   "pixels (decompression bombs; default: Pillow's limit)."),
     device: str = typer.Option("auto"),
     batch_size: int = typer.Option(256, "--batch-size", "-b"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default runs/pixel-index/<model>/<UTC time>/)."),
@@ -89,6 +95,7 @@ def pixel_index_command(
         raise UsageError("--delta values must be in [0, 255]")
     if channels not in CHANNEL_MODES:
         raise UsageError(f"--channels must be one of {', '.join(CHANNEL_MODES)}, got {channels!r}")
+    check_range("--trials", trials, 1, MAX_TRIALS)
     if batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
     attack_eps = None
@@ -103,6 +110,7 @@ def pixel_index_command(
     elif eps is not None:
         raise UsageError("--eps is only used with --on-attack")
     resize, crop = input_geometry(input_size, resize, crop)
+    check_pixel_limit(max_image_pixels)
     normalization = resolve_normalization(normalize, mean, std)
     loaded = load_model(model, arch=arch, num_classes=num_classes, trust_checkpoint=trust_checkpoint)
     run_dir = prepare_run_dir(out if out else default_run_dir("pixel-index", loaded.name))
@@ -110,11 +118,13 @@ def pixel_index_command(
         loaded, folder, normalization=normalization, pixels=counts, settings=build_settings(deltas, _areas(area)),
         trials=trials, seed=seed, shared_positions=shared_positions, channels=channels, resize=resize, crop=crop,
         class_map=class_map, gray=gray, attack_eps=attack_eps, batch_size=batch_size, device=device,
+        max_image_pixels=max_image_pixels,
         warn=lambda m: stderr.print(f"robench: warning: {m}", highlight=False),
     )
     config = {"model": loaded.source, "arch": arch, "folder": str(folder), "pixels": counts, "delta": deltas,
               "area": _areas(area), "trials": trials, "seed": seed, "shared_positions": shared_positions,
               "channels": channels, "resize": resize, "crop": crop, "class_map": class_map, "gray": gray,
+              "max_image_pixels": max_image_pixels,
               "normalization": normalization.as_dict() if normalization else None, "on_attack": on_attack,
               "eps": attack_eps, "device": device, "batch_size": batch_size}
     write_results(run_dir, doc, pd.DataFrame(tidy_pixel_rows(doc)), config)

@@ -76,7 +76,9 @@ def run_reid_eval(loaded: LoadedModel, data_spec: str, suite: LoadedSuite, run_d
         path = surrogate or sur_spec.model
         arch = surrogate_arch or (sur_spec.arch if sur_spec else None)
         classes = surrogate_num_classes or (sur_spec.num_classes if sur_spec else None)
-        sur_loaded = load_model(path, arch=arch, num_classes=classes, trust_checkpoint=trust_checkpoint)
+        # Same rule as the target: TorchScript and pickled modules need --trust-checkpoint.
+        sur_loaded = load_model(path, arch=arch, num_classes=classes, trust_checkpoint=trust_checkpoint,
+                                arch_option="--surrogate-arch (or surrogate.arch in the suite)")
         sur_norm = resolve_normalization(sur_spec.normalize, None, None) if sur_spec and sur_spec.normalize \
             else normalization
         sur_layer = sur_spec.feature_layer if sur_spec else None

@@ -1,16 +1,23 @@
 """A folder of image files, read defensively: bad files are skipped and listed, never fatal.
 
 Used where users point robench at "their own folder of images" (the
-Pixel-index command). Images become 8-bit (grayscale or RGB) at the
-model's input resolution; whatever cannot be read or converted lands in ``skipped`` with
-the reason, and a warning is printed once per run.
+Pixel-index command and ``--data imagefolder:``). Images become 8-bit (grayscale
+or RGB) at the model's input resolution; whatever cannot be read (including
+decompression bombs) lands in ``skipped`` with the reason, images whose channel
+count differs from the dataset's are converted and listed in ``converted``, and a
+warning is printed once per run. Only a folder that cannot be listed at all is an
+error (exit 2): then the data is not there, rather than partly broken.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -29,22 +36,43 @@ class ImageFolderScan:
     files: list[Path]
     class_names: list[str | None]  # sub-folder name per file, None for a flat folder
     skipped: list[dict[str, str]] = field(default_factory=list)
+    converted: list[dict[str, str]] = field(default_factory=list)  # {"file", "from": mode, "to": "L"/"RGB"}
 
     @property
     def class_structured(self) -> bool:
         return any(c is not None for c in self.class_names)
 
 
+class UnreadableImage(ValueError):
+    """A file that is skipped; the message is the reason listed in the results."""
+
+
 def scan_folder(root: str | Path) -> ImageFolderScan:
-    """Flat folder (files at the top) or class folders (one sub-folder per class)."""
+    """Flat folder (files at the top) or class folders (one sub-folder per class).
+
+    A folder or sub-folder that cannot be listed (permissions, I/O errors) is a usage
+    error naming it: the user has to fix access, and dropping it would lose a class.
+    """
     root = Path(root)
+    try:
+        return _scan(root)
+    except OSError as exc:
+        failed = Path(exc.filename) if exc.filename is not None else root
+        reason = exc.strerror or str(exc)
+        if failed == root:
+            raise UsageError(f"cannot read data folder {root}: {reason}") from None
+        raise UsageError(f"cannot read {failed} in data folder {root}: {reason}") from None
+
+
+def _scan(root: Path) -> ImageFolderScan:
     if not root.is_dir():
         raise UsageError(f"image folder not found: {root}")
     files: list[Path] = []
     classes: list[str | None] = []
     skipped: list[dict[str, str]] = []
-    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    for path in sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")):
+    entries = sorted(p for p in root.iterdir() if not p.name.startswith("."))
+    subdirs = [p for p in entries if p.is_dir()]
+    for path in (p for p in entries if p.is_file()):
         if subdirs:
             skipped.append({"file": str(path), "reason": "file beside class folders"})
         elif path.suffix.lower() in IMAGE_SUFFIXES:
@@ -53,7 +81,7 @@ def scan_folder(root: str | Path) -> ImageFolderScan:
         else:
             skipped.append({"file": str(path), "reason": f"not an image file ({path.suffix or 'no suffix'})"})
     for sub in subdirs:
-        for path in sorted(p for p in sub.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        for path in sorted(_files_below(sub)):
             if path.suffix.lower() in IMAGE_SUFFIXES:
                 files.append(path)
                 classes.append(sub.name)
@@ -64,29 +92,115 @@ def scan_folder(root: str | Path) -> ImageFolderScan:
     return ImageFolderScan(root, files, classes, skipped)
 
 
-def read_image8(path: Path, resize: int | None, crop: int | None) -> np.ndarray:
+def _files_below(folder: Path) -> Iterator[Path]:
+    """Regular, non-hidden files at any depth.
+
+    Unlike ``Path.rglob``, which silently drops sub-folders it may not list (a class
+    would vanish from the results), a listing error is raised. Symbolic links to
+    folders are not followed, so a link loop cannot make the scan endless.
+    """
+    def fail(exc: OSError) -> None:
+        raise exc
+
+    for parent, _, names in os.walk(folder, onerror=fail):
+        for name in names:
+            path = Path(parent, name)
+            if not name.startswith(".") and path.is_file():
+                yield path
+
+
+def default_pixel_limit() -> int | None:
+    """Pillow's limit as this program has it (its default unless the embedding program changed it)."""
+    from PIL import Image
+
+    return Image.MAX_IMAGE_PIXELS
+
+
+def check_pixel_limit(max_pixels: int | None) -> None:
+    if max_pixels is not None and (isinstance(max_pixels, bool) or not isinstance(max_pixels, int)
+                                   or max_pixels < 1):
+        raise UsageError(f"--max-image-pixels must be a positive integer, got {max_pixels!r}")
+
+
+@contextmanager
+def _pillow_pixel_limit(limit: int | None) -> Iterator[None]:
+    """Pillow's limit is a module global: set it for one read and put the program's value back.
+
+    Pillow only warns between 1x and 2x its limit; within the read that warning is an
+    error, so any image over the limit is skipped instead of decoded.
+    """
+    from PIL import Image
+
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = limit
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def _refuse_bomb(size: tuple[int, int], limit: int | None) -> None:
+    width, height = size
+    if limit is not None and width * height > limit:
+        raise UnreadableImage(f"decompression bomb: {width}x{height} = {width * height:,} pixels exceeds the "
+                              f"limit of {limit:,}; pass --max-image-pixels to raise it")
+
+
+def read_image8(path: Path, resize: int | None, crop: int | None, max_pixels: int | None = None) -> np.ndarray:
     """An 8-bit array (H, W, 1) for grayscale files, (H, W, 3) otherwise.
 
-    Raises ``ValueError`` with a short reason for unreadable files. 16-bit and
-    32-bit integer images are scaled to 8 bits by their type's range (not
-    clipped, as a plain conversion would); alpha is dropped; palettes expanded.
+    Raises ``ValueError`` (``UnreadableImage``) with a short reason for files that
+    cannot be used. 16-bit and 32-bit integer images are scaled to 8 bits by their
+    type's range (not clipped, as a plain conversion would); alpha is dropped;
+    palettes expanded. Images with more than ``max_pixels`` pixels (default:
+    Pillow's limit) are refused from their header, before anything is decoded.
     """
+    return _read_image(path, resize, crop, max_pixels)[0]
+
+
+def _read_image(path: Path, resize: int | None, crop: int | None,
+                max_pixels: int | None) -> tuple[np.ndarray, str]:
+    """The 8-bit array and the file's own mode (e.g. "RGBA", "P", "I;16")."""
     from PIL import Image, UnidentifiedImageError
 
+    limit = default_pixel_limit() if max_pixels is None else max_pixels
     try:
-        with Image.open(path) as img:
+        # Image.open reads only the header. Pillow's own check there would fire before the
+        # size is known to us, so it is off for the open and ours runs on the header instead;
+        # Pillow's checks stay on (at our limit) while decoding, e.g. for later GIF frames.
+        with _pillow_pixel_limit(None):
+            img = Image.open(path)
+        with img, _pillow_pixel_limit(limit):
+            _refuse_bomb(img.size, limit)
             img.load()
+            mode = img.mode
             img = _to_8bit(img)
             if resize:
                 img = _resize_shorter(img, resize)
             if crop:
                 img = _center_crop(img, crop)
             arr = np.asarray(img, dtype=np.uint8).copy()
-            return arr[..., None] if arr.ndim == 2 else arr
+            return (arr[..., None] if arr.ndim == 2 else arr), mode
+    except UnreadableImage:
+        raise
     except UnidentifiedImageError:
-        raise ValueError("not a readable image") from None
-    except (OSError, SyntaxError) as exc:  # truncated files raise OSError; PIL raises SyntaxError for some
-        raise ValueError(f"unreadable image: {exc}") from None
+        raise UnreadableImage("not a readable image") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise UnreadableImage(f"decompression bomb: {exc}; pass --max-image-pixels to raise the limit") from None
+    except Exception as exc:  # noqa: BLE001 - a hostile file may make a decoder raise anything; skip it
+        raise UnreadableImage(f"unreadable image: {_describe(exc)}") from None
+
+
+def _describe(exc: Exception) -> str:
+    """Truncated files raise OSError (reported as Pillow words it); others ValueError, struct.error, ..."""
+    text = str(exc)
+    if isinstance(exc, OSError) and text:
+        return text
+    kind = type(exc)
+    name = kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__name__}"
+    return f"{name}: {text}" if text else name
 
 
 def _to_8bit(img):
@@ -120,7 +234,7 @@ def _resize_shorter(img, size: int):
 def _center_crop(img, size: int):
     w, h = img.size
     if w < size or h < size:
-        raise ValueError(f"image {w}x{h} is smaller than the crop {size}")
+        raise UnreadableImage(f"image {w}x{h} is smaller than the crop {size}")
     left, top = (w - size) // 2, (h - size) // 2
     return img.crop((left, top, left + size, top + size))
 
@@ -137,20 +251,24 @@ def input_geometry(input_size: int | None, resize: int | None, crop: int | None)
 
 
 def load_folder(scan: ImageFolderScan, resize: int | None, crop: int | None,
-                gray: bool | None = None) -> tuple[torch.Tensor, list[int]]:
+                gray: bool | None = None, max_pixels: int | None = None) -> tuple[torch.Tensor, list[int]]:
     """Read every file: uint8 NCHW tensor of the readable ones and their positions in ``scan.files``.
 
-    Unreadable files are appended to ``scan.skipped``; images whose size differs from
-    the first readable one are skipped too (pass --resize/--crop or --input-size).
-    Channels: one if every image is grayscale (or ``gray=True``: colour images are
-    converted with the ITU-R 601 luma weights), else three (grayscale repeated).
+    Unreadable files (and decompression bombs over ``max_pixels``) are appended to
+    ``scan.skipped``; images whose size differs from the first readable one are
+    skipped too (pass --resize/--crop or --input-size). Channels: those of most
+    readable images (ties: three), or one/three with ``gray=True/False``; images
+    with the other count are converted (colour to gray with the ITU-R 601 luma
+    weights, gray repeated) and listed in ``scan.converted``.
     """
+    check_pixel_limit(max_pixels)
     arrays: list[np.ndarray] = []
+    modes: list[str] = []
     kept: list[int] = []
     shape: tuple[int, ...] | None = None
     for i, path in enumerate(scan.files):
         try:
-            arr = read_image8(path, resize, crop)
+            arr, mode = _read_image(path, resize, crop, max_pixels)
         except ValueError as exc:
             scan.skipped.append({"file": str(path), "reason": str(exc)})
             continue
@@ -161,13 +279,28 @@ def load_folder(scan: ImageFolderScan, resize: int | None, crop: int | None,
                                  f"{shape[1]}x{shape[0]}; pass --input-size or --resize/--crop"})
             continue
         arrays.append(arr)
+        modes.append(mode)
         kept.append(i)
     if not arrays:
         raise UsageError(f"{scan.root}: none of the {len(scan.files)} image files could be read")
-    one_channel = all(a.shape[2] == 1 for a in arrays) if gray is None else gray
-    arrays = [_channels(a, one_channel) for a in arrays]
+    channels = _dataset_channels(arrays, gray)
+    for arr, mode, i in zip(arrays, modes, kept):
+        if arr.shape[2] != channels:
+            scan.converted.append({"file": str(scan.files[i]), "from": mode, "to": "L" if channels == 1 else "RGB"})
+    arrays = [_channels(a, channels == 1) for a in arrays]
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     return x, kept
+
+
+def _dataset_channels(arrays: list[np.ndarray], gray: bool | None) -> int:
+    """One odd file must not decide the model's input: the majority does.
+
+    A tie keeps colour, since gray images lose nothing by being repeated to RGB.
+    """
+    if gray is not None:
+        return 1 if gray else 3
+    gray_count = sum(a.shape[2] == 1 for a in arrays)
+    return 1 if gray_count > len(arrays) - gray_count else 3
 
 
 def _channels(arr: np.ndarray, one: bool) -> np.ndarray:

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from robench.data.images import check_pixel_limit
 from robench.errors import UsageError
 from robench.registry import Registry
 
@@ -24,6 +25,11 @@ class DataOptions:
     resize: int | None = None
     crop: int | None = None
     split: str = "test"
+    gray: bool | None = None  # image folders: force one (True) or three (False) channels; None: the majority
+    max_image_pixels: int | None = None  # image folders: larger images are skipped; None: Pillow's limit
+
+    def __post_init__(self) -> None:
+        check_pixel_limit(self.max_image_pixels)
 
 
 class ImageDataset(Dataset):
@@ -34,6 +40,7 @@ class ImageDataset(Dataset):
         self.name = name
         self.indices = np.arange(len(base)) if indices is None else np.asarray(indices)
         self.skipped: list[dict[str, str]] = []  # files left out while reading, with the reason
+        self.converted: list[dict[str, str]] = []  # files whose channels were changed to the dataset's
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -52,6 +59,7 @@ class ImageDataset(Dataset):
         chosen = np.sort(rng.permutation(len(self))[:limit])
         subset = ImageDataset(self.base, self.name, self.indices[chosen])
         subset.skipped = self.skipped
+        subset.converted = self.converted
         return subset
 
 
@@ -86,8 +94,19 @@ def load_data(spec: str, options: DataOptions | None = None) -> ImageDataset:
             f"--data {spec!r}: expected KIND:PATH (npz:, imagefolder:, example:) or a dataset name "
             f"({', '.join(sorted(TORCHVISION_SETS))})"
         )
+    _check_folder_only_options(kind, options)
     dataset = DATASETS.get(kind)(arg, options)
     return dataset.subset(options.limit)
+
+
+def _check_folder_only_options(kind: str, options: DataOptions) -> None:
+    """Options that only image folders use are refused elsewhere rather than silently ignored."""
+    if kind.lower() == "imagefolder":
+        return
+    given = [flag for flag, value in (("--gray/--rgb", options.gray), ("--max-image-pixels", options.max_image_pixels))
+             if value is not None]
+    if given:
+        raise UsageError(f"{' and '.join(given)} apply to imagefolder: data only, not {kind}")
 
 
 def from_arrays(x: Any, y: Any, name: str = "arrays") -> ImageDataset:
@@ -107,6 +126,7 @@ def from_arrays(x: Any, y: Any, name: str = "arrays") -> ImageDataset:
         raise UsageError(f"{name}: the dataset is empty (0 images)")
     if (y < 0).any():
         raise UsageError(f"{name}: labels must be >= 0 (found {int(y.min())})")
+    _check_layout(x, name)
     if x.dtype == np.uint8:
         if x.ndim == 3:
             x = x[..., None]
@@ -125,12 +145,31 @@ def from_arrays(x: Any, y: Any, name: str = "arrays") -> ImageDataset:
     return ImageDataset(TensorImages(tensor, torch.from_numpy(y.astype(np.int64))), name)
 
 
+def _check_layout(x: np.ndarray, name: str) -> None:
+    """Catch the classic axis-order mix-up here, where it can be named, not as a convolution error later.
+
+    Only shapes that cannot be read the documented way are refused: a uint8 array
+    whose axis 1 looks like channels while its last axis cannot be channels, and the
+    mirror case for floats. Anything ambiguous is left to the model's first batch.
+    """
+    if x.ndim != 4:
+        return
+    second, last = x.shape[1], x.shape[-1]
+    if x.dtype == np.uint8 and second in (1, 3) and last not in (1, 3, 4):
+        hint = "robench reads uint8 images as NHWC; transpose with x.transpose(0, 2, 3, 1)"
+    elif np.issubdtype(x.dtype, np.floating) and last in (1, 3) and second not in (1, 3, 4):
+        hint = "robench reads float images as NCHW; transpose with x.transpose(0, 3, 1, 2)"
+    else:
+        return
+    raise UsageError(f"{name}: x is {x.dtype} with shape {tuple(x.shape)}: {hint}")
+
+
 @DATASETS.register("npz")
 def _npz(path: str, options: DataOptions) -> ImageDataset:
     file = Path(path)
-    if not file.is_file():
-        raise UsageError(f"data file not found: {path}")
     try:
+        if not file.is_file():
+            raise UsageError(f"data file not found: {path}")
         with np.load(file, allow_pickle=False) as arrays:
             missing = [k for k in ("x", "y") if k not in arrays.files]
             if missing:
@@ -138,6 +177,11 @@ def _npz(path: str, options: DataOptions) -> ImageDataset:
             x, y = arrays["x"], arrays["y"]
     except UsageError:
         raise
+    except OSError as exc:
+        if exc.errno is None:  # numpy's own OSErrors are about the content, not access to the file
+            raise UsageError(f"cannot read {path} as .npz: {exc}") from exc
+        raise UsageError(f"cannot read data file {path}: {exc.strerror or exc}; check that it is "
+                         "readable by this user") from exc
     except Exception as exc:  # noqa: BLE001 - corrupt or non-npz file
         raise UsageError(f"cannot read {path} as .npz: {exc}") from exc
     return from_arrays(x, y, name=f"npz:{file.name}")
@@ -174,11 +218,12 @@ def _imagefolder(path: str, options: DataOptions) -> ImageDataset:
     scan = scan_folder(path)
     if not scan.class_structured:
         raise UsageError(f"{path}: imagefolder needs one sub-folder per class")
-    images, kept = load_folder(scan, options.resize, options.crop)
+    images, kept = load_folder(scan, options.resize, options.crop, options.gray, options.max_image_pixels)
     classes = sorted({c for c in scan.class_names if c is not None})
     labels = torch.tensor([classes.index(scan.class_names[i]) for i in kept], dtype=torch.long)
     dataset = ImageDataset(TensorImages(images, labels), f"imagefolder:{Path(path).name}")
     dataset.skipped = scan.skipped
+    dataset.converted = scan.converted
     return dataset
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import hashlib
 import importlib
 import pickle
+import stat
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
 import torch
@@ -40,6 +42,52 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+# --- architectures a suite may name without importing anything ---------------------------
+
+_ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {}
+ARCHITECTURES: Mapping[str, Callable[..., nn.Module]] = MappingProxyType(_ARCHITECTURES)
+
+
+def register_architecture(name: str, factory: Callable[..., nn.Module]) -> None:
+    """Make ``name`` usable as ``--arch`` and in suites (``surrogate.arch``) without an import.
+
+    Suites are shared files and may not import Python code; registering a factory in-process
+    is how an application offers its own architectures to them.
+    """
+    if not name or name.startswith("torchvision:"):
+        raise ValueError(f"architecture name {name!r} is empty or shadows torchvision:NAME")
+    if not callable(factory):
+        raise TypeError(f"factory for architecture {name!r} is not callable")
+    if _ARCHITECTURES.get(name, factory) is not factory:
+        raise ValueError(f"architecture {name!r} registered twice")
+    _ARCHITECTURES[name] = factory
+
+
+def _digits_cnn(**kwargs: Any) -> nn.Module:
+    # Imported on use: registering the example must not import it (nor anything else).
+    from robench.examples import digits_cnn
+
+    return digits_cnn(**kwargs)
+
+
+register_architecture("robench:digits_cnn", _digits_cnn)
+
+
+def known_architectures() -> list[str]:
+    return sorted(_ARCHITECTURES) + ["torchvision:NAME"]
+
+
+def check_torchvision_arch(name: str) -> None:
+    import torchvision.models as tvm
+
+    available = tvm.list_models()
+    if name not in available:
+        raise UsageError(f"unknown torchvision architecture {name!r}" + did_you_mean(name, available))
+
+
+# --- loading -----------------------------------------------------------------------------
+
+
 def load_model(
     spec: str,
     *,
@@ -47,36 +95,39 @@ def load_model(
     num_classes: int | None = None,
     trust_checkpoint: bool = False,
     map_location: str | torch.device = "cpu",
+    arch_option: str = "--arch",
 ) -> LoadedModel:
-    """Resolve ``spec`` (a file or ``example:NAME``) into an ``nn.Module``."""
+    """Resolve ``spec`` (a file or ``example:NAME``) into an ``nn.Module``.
+
+    ``arch_option`` is how the caller's user names the architecture (``--surrogate-arch``,
+    say); it only appears in messages. Modules that arrive whole (TorchScript, trusted
+    pickles) are put in eval mode; ``info["was_training"]`` says whether they came in train mode.
+    """
     if spec.startswith("example:"):
         from robench.examples import load_example_model
 
         return load_example_model(spec.split(":", 1)[1])
     path = Path(spec)
-    if not path.exists():
-        raise UsageError(f"model file not found: {spec}")
-    if path.is_dir():
-        raise UsageError(f"model path is a directory, expected a checkpoint file: {spec}")
-    digest = sha256_file(path)
+    _check_model_path(path, spec)
+    digest = _hash_model_file(path, spec)
     name = path.stem
-    if _is_torchscript(path):
-        try:
-            module = torch.jit.load(str(path), map_location=map_location)
-        except Exception as exc:  # noqa: BLE001 - any failure means unreadable
-            raise RunError(f"cannot read TorchScript file {spec}: {exc}") from exc
-        return LoadedModel(module.eval(), name, str(path), digest, arch="torchscript")
+    program = _program_kind(path)
+    if program is not None:
+        module = _load_program(path, spec, program, trust_checkpoint, map_location, arch_option)
+        info = _mode_info(module)
+        return LoadedModel(module.eval(), name, str(path), digest, arch="torchscript", info=info)
 
     state = _read_checkpoint(path, trust_checkpoint, map_location)
     if isinstance(state, Mapping):  # e.g. {"model": <nn.Module>, "epoch": 3} from a trusted pickle
         state = next((state[k] for k in _WRAPPER_KEYS if isinstance(state.get(k), nn.Module)), state)
     if isinstance(state, nn.Module):
         # A file has no deployment mode: checkpoints saved mid-training are in train mode.
-        return LoadedModel(state.eval(), name, str(path), digest, arch=type(state).__name__)
+        info = _mode_info(state)
+        return LoadedModel(state.eval(), name, str(path), digest, arch=type(state).__name__, info=info)
     tensors = unwrap_state_dict(state, spec)
     if arch is None:
         raise UsageError(
-            f"{spec} holds a state dict ({len(tensors)} tensors); pass --arch "
+            f"{spec} holds a state dict ({len(tensors)} tensors); pass {arch_option} "
             "(e.g. torchvision:resnet18 or my.module:factory) and --num-classes"
         )
     module = build_arch(arch, num_classes)
@@ -84,15 +135,101 @@ def load_model(
     return LoadedModel(module.eval(), name, str(path), digest, arch=arch)
 
 
-def _is_torchscript(path: Path) -> bool:
-    if not zipfile.is_zipfile(path):
-        return False
+def _mode_info(module: nn.Module) -> dict[str, Any]:
+    """Recorded before ``.eval()``, which would erase it: the sanity report flags train mode."""
+    return {"was_training": any(m.training for m in module.modules())}
+
+
+def _os_reason(exc: OSError) -> str:
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
+def _check_model_path(path: Path, spec: str) -> None:
+    try:
+        info = path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        raise UsageError(f"model file not found: {spec}") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read model file {spec}: {_os_reason(exc)}") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise UsageError(f"model path is a directory, expected a checkpoint file: {spec}")
+    if not stat.S_ISREG(info.st_mode):
+        # A pipe would block and a device such as /dev/zero never ends: refuse before reading.
+        raise UsageError(f"model path is not a regular file (a device, pipe or socket?): {spec}")
+
+
+def _hash_model_file(path: Path, spec: str) -> str:
+    try:
+        return sha256_file(path)
+    except OSError as exc:
+        raise UsageError(f"cannot read model file {spec}: {_os_reason(exc)}") from None
+
+
+# Programs, not weights: loading either kind runs code stored in the file. TorchScript's
+# `code/` is interpreted by torch.jit.load, and a scripted class's __setstate__ runs while
+# the file is being loaded, so no check after loading can help. An allow-list of operators
+# would have to parse the TorchScript source ourselves before loading; refusing the whole
+# kind unless the user vouches for the file is the only airtight rule.
+TORCHSCRIPT = "TorchScript program"
+EXPORTED = "torch.export program"
+
+
+def _program_kind(path: Path) -> str | None:
+    """Classify the archive by its member names alone; nothing in it is deserialised."""
+    names = _torch_archive_records(path) + _zip_member_names(path)
+    if any(_is_torchscript_record(n) for n in names):
+        return TORCHSCRIPT
+    if any(_is_exported_record(n) for n in names):
+        return EXPORTED
+    return None
+
+
+def _torch_archive_records(path: Path) -> list[str]:
+    """Member names as torch's own archive reader (the one torch.jit.load uses) sees them.
+
+    Asking the same reader avoids any disagreement between two zip parsers about what is inside.
+    """
+    try:
+        return list(torch._C.PyTorchFileReader(str(path)).get_all_records())
+    except Exception:  # noqa: BLE001 - unreadable by torch: torch.jit.load could not run it either
+        return []
+
+
+def _zip_member_names(path: Path) -> list[str]:
+    """Python's view of the same archive, with the top folder stripped like torch does."""
     try:
         with zipfile.ZipFile(path) as zf:
-            names = zf.namelist()
-    except zipfile.BadZipFile:
-        return False
-    return any(n.endswith("constants.pkl") for n in names) and any("/code/" in n for n in names)
+            return [n.split("/", 1)[1] if "/" in n else n for n in zf.namelist()]
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return []
+
+
+def _is_torchscript_record(name: str) -> bool:
+    # constants.pkl is what torch.load itself uses to hand an archive to torch.jit.load;
+    # code/ and bytecode.pkl hold the program (full and mobile formats).
+    return name in ("constants.pkl", "bytecode.pkl") or name.startswith("code/") or name.endswith(".debug_pkl")
+
+
+def _is_exported_record(name: str) -> bool:
+    return name in ("archive_format", "serialized_exported_program.json") or (
+        name.startswith("models/") and name.endswith(".json"))
+
+
+def _load_program(path: Path, spec: str, kind: str, trust: bool, map_location: Any, arch_option: str) -> nn.Module:
+    if not trust:
+        raise UsageError(
+            f"{spec} is a {kind}: loading it runs code stored in the file; re-run with --trust-checkpoint "
+            f"only if you trust its source, or save a state dict and pass {arch_option}"
+        )
+    if kind == EXPORTED:
+        raise UsageError(
+            f"{spec} is a {kind}, which robench cannot evaluate (exported modules have no eval mode); "
+            f"save a state dict and pass {arch_option}, or save a TorchScript file"
+        )
+    try:
+        return torch.jit.load(str(path), map_location=map_location)
+    except Exception as exc:  # noqa: BLE001 - any failure means unreadable
+        raise RunError(f"cannot read TorchScript file {spec}: {exc}") from exc
 
 
 def _read_checkpoint(path: Path, trust: bool, map_location: Any) -> Any:
@@ -166,17 +303,20 @@ def _strip_prefixes(key: str) -> str:
 
 
 def build_arch(arch: str, num_classes: int | None) -> nn.Module:
-    """``torchvision:NAME`` or ``package.module:factory``."""
-    if ":" not in arch:
-        raise UsageError(f"--arch must look like torchvision:resnet18 or my.module:factory, got {arch!r}")
-    source, name = arch.split(":", 1)
+    """A registered name, ``torchvision:NAME`` or ``package.module:factory``."""
     kwargs: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
+    if arch in _ARCHITECTURES:
+        return _call_factory(_ARCHITECTURES[arch], arch, kwargs)
+    if ":" not in arch:
+        raise UsageError(
+            f"--arch must look like torchvision:resnet18 or my.module:factory, got {arch!r}"
+            f" (registered: {', '.join(sorted(_ARCHITECTURES))})"
+        )
+    source, name = arch.split(":", 1)
     if source == "torchvision":
         import torchvision.models as tvm
 
-        available = tvm.list_models()
-        if name not in available:
-            raise UsageError(f"unknown torchvision architecture {name!r}" + did_you_mean(name, available))
+        check_torchvision_arch(name)
         return tvm.get_model(name, weights=None, **kwargs)
     try:
         module = importlib.import_module(source)
@@ -185,10 +325,14 @@ def build_arch(arch: str, num_classes: int | None) -> nn.Module:
     factory: Callable[..., nn.Module] | None = getattr(module, name, None)
     if factory is None or not callable(factory):
         raise UsageError(f"{source} has no callable {name!r} for --arch {arch}")
+    return _call_factory(factory, arch, kwargs)
+
+
+def _call_factory(factory: Callable[..., nn.Module], arch: str, kwargs: dict[str, Any]) -> nn.Module:
     try:
         model = factory(**kwargs)
     except TypeError as exc:
-        raise UsageError(f"--arch {arch}: calling {name}({kwargs}) failed: {exc}") from exc
+        raise UsageError(f"--arch {arch}: calling it with {kwargs} failed: {exc}") from exc
     if not isinstance(model, nn.Module):
         raise UsageError(f"--arch {arch} returned {type(model).__name__}, not an nn.Module")
     return model

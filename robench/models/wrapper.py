@@ -39,12 +39,39 @@ class RobustModel(nn.Module):
                 raise UsageError(
                     f"normalisation has {self.mean.shape[1]} channels but the images have {x.shape[1]}"
                 )
+            x_model = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        else:
+            x_model = x
+        return with_input_gradient(logits_from(self.model(x_model)), x)
+
+    def has_input_gradient(self, x: torch.Tensor) -> bool:
+        """Whether the model's own output is connected to its input through autograd.
+
+        Asked of the unwrapped model: :meth:`forward` hides a missing connection.
+        """
+        x = x.detach().clone().requires_grad_(True)
+        if self.normalization is not None:
             x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
-        return logits_from(self.model(x))
+        with torch.enable_grad():
+            return bool(logits_from(self.model(x)).requires_grad)
 
     def pixel_std(self) -> torch.Tensor:
         """Per-channel std, used to convert eps from normalised to pixel units."""
         return self.std.view(-1, 1, 1)
+
+
+def with_input_gradient(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Connect a model's output to its input when the model cut the connection.
+
+    A forward that takes an argmax, calls ``.detach()`` or runs under
+    ``torch.no_grad()`` returns logits that do not require grad, and gradient
+    attacks would crash on them. Adding ``0 * sum(x)`` leaves every value as it
+    is but gives the output a gradient path whose input gradient is exactly
+    zero, so such attacks run (and take no step); the sanity report says so.
+    """
+    if torch.is_grad_enabled() and x.requires_grad and not out.requires_grad:
+        return out + x.sum() * 0
+    return out
 
 
 def logits_from(out: object) -> torch.Tensor:
@@ -66,8 +93,13 @@ def logits_from(out: object) -> torch.Tensor:
     if not isinstance(out, torch.Tensor):
         raise RunError(f"the model returned {type(out).__name__}, not a tensor of logits")
     if out.dim() != 2:
-        raise RunError(f"expected logits of shape [batch, classes], got {tuple(out.shape)}")
+        raise UsageError(wrong_shape_message(out))
     return out
+
+
+def wrong_shape_message(out: torch.Tensor) -> str:
+    return (f"the model returned shape {tuple(out.shape)}; robench needs one logit per class, "
+            "shape (batch, classes)")
 
 
 @contextlib.contextmanager

@@ -37,6 +37,7 @@ def pixel_index_folder(
     crop: int | None = None,
     class_map: str | None = None,
     gray: bool | None = None,
+    max_image_pixels: int | None = None,
     attack_eps: float | None = None,
     batch_size: int = 256,
     device: str = "auto",
@@ -44,9 +45,13 @@ def pixel_index_folder(
     warn: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     scan = scan_folder(folder)
-    images, kept = load_folder(scan, resize, crop, gray)
+    images, kept = load_folder(scan, resize, crop, gray, max_image_pixels)
     if scan.skipped and warn:
         warn(f"skipped {len(scan.skipped)} file(s) that are not readable images (listed in results.json)")
+    if scan.converted and warn and gray is None:  # forced conversions were asked for: no warning
+        target = "grayscale" if images.shape[1] == 1 else "RGB"
+        warn(f"converted {len(scan.converted)} image(s) to {target}, the channels of most images "
+             "(listed in results.json under images.converted; --gray/--rgb chooses)")
     dev = resolve_device(device)
     model = RobustModel(loaded.model, normalization).to(dev)
     labels = None
@@ -84,6 +89,7 @@ def pixel_index_folder(
             "evaluated": counts.evaluated,
             "excluded_misclassified": counts.clean_total - counts.clean_correct,
             "skipped": scan.skipped,
+            "converted": scan.converted,
         },
         "clean": {"accuracy": counts.clean_correct / counts.clean_total if labels is not None else None,
                   "n": counts.clean_total, "correct": counts.clean_correct},

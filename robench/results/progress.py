@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from robench.errors import UsageError
+from robench.results.writers import write_file_atomically
 
 PROGRESS_FILE = "progress.pt"
 
@@ -22,14 +22,11 @@ def run_key(settings: dict[str, Any]) -> str:
 
 
 def save_progress(run_dir: Path, state: dict[str, Any], key: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=f".{PROGRESS_FILE}.")
-    os.close(fd)
-    try:
-        torch.save({**state, "run_key": key}, tmp)
-        os.replace(tmp, run_dir / PROGRESS_FILE)  # atomic: a kill never leaves half a file
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # Serialised in memory first: torch.save on a full disk reports a cryptic stream
+    # position error, a plain write names the disk. The rename keeps it atomic.
+    buffer = io.BytesIO()
+    torch.save({**state, "run_key": key}, buffer)
+    write_file_atomically(run_dir / PROGRESS_FILE, buffer.getvalue())
 
 
 def load_progress(run_dir: Path, key: str) -> dict[str, Any]:

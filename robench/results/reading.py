@@ -9,9 +9,11 @@ metric), which ``compare`` pivots and ``gate`` matches run against run.
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pandas as pd
 
@@ -25,6 +27,8 @@ ROW_COLUMNS = ["model", "kind", "entry", "attack", "settings", "eps", "eps_text"
 HIGHER_IS_BETTER = {"accuracy", "robust_accuracy", "mean_attack_accuracy", "rank1", "rank5", "rank10", "rank20",
                     "mAP", "mINP", "recognition_rate"}
 SETTINGS_EXCLUDED = {"seconds", "gradient_evals", "peak_memory_bytes", "eps_expr"}
+# Far above any real document (the largest are ReID runs listing skipped files), far below what hurts.
+MAX_RESULT_BYTES = 64 * 2 ** 20
 
 
 @dataclass
@@ -54,22 +58,47 @@ class ResultFile:
 
 
 def read_result(path: str | Path, label: str | None = None) -> ResultFile:
-    """A ``results.json`` file or a run directory holding one."""
+    """A ``results.json`` file or a run directory holding one, validated before anything reads it."""
     p = Path(path)
     if p.is_dir():
         p = p / "results.json"
     if not p.is_file():
         raise UsageError(f"result file not found: {path}")
-    try:
-        doc = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UsageError(f"{p} is not a readable results.json: {exc}") from None
+    doc = _load_json(p)
     if not isinstance(doc, dict) or doc.get("schema") not in KNOWN_SCHEMAS:
-        raise UsageError(f"{p} is not a robench result (schema {doc.get('schema') if isinstance(doc, dict) else '?'}"
-                         f"; expected one of {', '.join(KNOWN_SCHEMAS)})")
-    if doc.get("complete") is False:
-        raise UsageError(f"{p} is a partial result (the run did not finish)")
+        schema = _show(doc.get("schema")) if isinstance(doc, dict) else "?"
+        raise UsageError(f"{p} is not a robench result (schema {schema}; expected one of {', '.join(KNOWN_SCHEMAS)})")
+    validate_document(doc, str(p))
     return ResultFile(p, doc, label or doc.get("model", {}).get("name") or p.parent.name)
+
+
+def _load_json(p: Path) -> Any:
+    size = p.stat().st_size
+    if size > MAX_RESULT_BYTES:
+        raise UsageError(f"{p} is {size} bytes; a results.json is at most {MAX_RESULT_BYTES // 2 ** 20} MiB, "
+                         "so this is not one robench wrote")
+    try:
+        return json.loads(p.read_text(encoding="utf-8"), object_pairs_hook=_refuse_duplicate_keys)
+    except _DuplicateKey as exc:
+        raise UsageError(f"{p}: duplicate key {exc.args[0]!r} in a JSON object: the document is ambiguous "
+                         "(robench never writes one)") from None
+    # ValueError covers malformed JSON and integers too long to parse; RecursionError, absurd nesting.
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise UsageError(f"{p} is not a readable results.json: {exc}") from None
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Parsers disagree on which of two equal keys wins, so a document with both means two things."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
 
 
 def settings_key(params: dict[str, Any] | None) -> str:
@@ -77,16 +106,18 @@ def settings_key(params: dict[str, Any] | None) -> str:
     return json.dumps(params, sort_keys=True, default=str)
 
 
-def result_rows(result: ResultFile) -> list[dict[str, Any]]:
+def result_rows(result: ResultFile, keep_null: bool = False) -> list[dict[str, Any]]:
+    """One row per value; null values are left out unless ``keep_null`` (the gate must see them)."""
     doc, model = result.doc, result.label
     rows: list[dict[str, Any]] = []
 
     def add(entry: str, attack: str, settings: str, eps: Any, pixels: Any, metric: str, value: Any, n: Any,
             ap: str | None = None, eps_text: str | None = None) -> None:
-        if value is None:
+        if value is None and not keep_null:
             return
         rows.append({"model": model, "kind": result.kind, "entry": entry, "attack": attack, "settings": settings,
-                     "eps": eps, "eps_text": eps_text, "pixels": pixels, "metric": metric, "value": float(value),
+                     "eps": eps, "eps_text": eps_text, "pixels": pixels, "metric": metric,
+                     "value": None if value is None else float(value),
                      "n": n, "ap_convention": ap, "source": str(result.path)})
 
     if result.kind == "classification":
@@ -128,8 +159,8 @@ def result_rows(result: ResultFile) -> list[dict[str, Any]]:
     return rows
 
 
-def results_frame(results: list[ResultFile]) -> pd.DataFrame:
-    rows = [row for r in results for row in result_rows(r)]
+def results_frame(results: list[ResultFile], keep_null: bool = False) -> pd.DataFrame:
+    rows = [row for r in results for row in result_rows(r, keep_null)]
     return pd.DataFrame(rows, columns=ROW_COLUMNS)
 
 
@@ -150,3 +181,273 @@ def comparability_problems(results: list[ResultFile]) -> list[str]:
     if len(aps) > 1:
         problems.append(f"different AP conventions: {', '.join(sorted(map(str, aps)))}")
     return problems
+
+
+# ------------------------------------------------------------------ validation
+# Every field the readers use is checked before they run: a hostile or damaged document gives one line
+# naming the file and the field, never a traceback or a silently wrong verdict. Fields robench does not
+# read are left alone, so documents written by newer versions (with more fields) still read.
+_MISSING = object()
+_COUNT_MAX = 2 ** 53  # larger integers are not exact as floats, and no run has that many samples
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_FLAG_NAME = re.compile(r"^[A-Za-z0-9_]{1,64}$")
+_RANK_KEY = re.compile(r"^rank[0-9]+$")
+
+
+def _show(value: Any) -> str:
+    """A value as JSON would spell it (NaN, Infinity, "false"), cut short."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if value is _MISSING:
+        return "nothing (the field is missing)"
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _join(path: str, key: str | int) -> str:
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    return f"{path}.{key}" if path else key
+
+
+class _Checker:
+    """Field checks for one document; a failure names the file and the field path."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, path: str, message: str) -> NoReturn:
+        raise UsageError(f"{self.source}: {path}: {message}")
+
+    def get(self, obj: dict, key: str, path: str, required: bool = True) -> Any:
+        if key in obj:
+            return obj[key]
+        if required:
+            self.fail(_join(path, key), "field required")
+        return _MISSING
+
+    def object(self, value: Any, path: str) -> dict:
+        if not isinstance(value, dict):
+            self.fail(path, f"must be an object, got {_show(value)}")
+        return value
+
+    def array(self, value: Any, path: str) -> list:
+        if not isinstance(value, list):
+            self.fail(path, f"must be a list, got {_show(value)}")
+        return value
+
+    def number(self, value: Any, path: str, high: float | None = None, nullable: bool = False) -> None:
+        """Finite, >= 0 and, with ``high``, at most ``high``; JSON's NaN/Infinity literals are refused."""
+        if value is _MISSING or (value is None and nullable):
+            return
+        if not _finite_at_least_zero(value) or (high is not None and value > high):
+            where = f"in [0, {high:g}]" if high is not None else ">= 0"
+            self.fail(path, f"must be a finite number {where}{' or null' if nullable else ''}, got {_show(value)}")
+
+    def fraction(self, value: Any, path: str, nullable: bool = False) -> None:
+        self.number(value, path, high=1.0, nullable=nullable)
+
+    def count(self, value: Any, path: str, at_most: tuple[str, Any] | None = None, nullable: bool = False) -> None:
+        """A non-negative integer; ``at_most`` = (field name, its value) for counts bounded by another."""
+        if value is _MISSING or (value is None and nullable):
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _COUNT_MAX:
+            self.fail(path, f"must be a non-negative integer, got {_show(value)}")
+        if at_most is not None and isinstance(at_most[1], int) and value > at_most[1]:
+            self.fail(path, f"must be at most {at_most[0]} ({at_most[1]}), got {value}")
+
+    def text(self, value: Any, path: str, nullable: bool = False) -> None:
+        """Strings that end up in terminals, tables and XML: control characters are refused."""
+        if value is _MISSING or (value is None and nullable):
+            return
+        if not isinstance(value, str):
+            self.fail(path, f"must be a string, got {_show(value)}")
+        if _CONTROL.search(value):
+            self.fail(path, f"must not contain control characters, got {_show(value)}")
+
+
+def _finite_at_least_zero(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value)) and value >= 0
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
+def validate_document(doc: dict[str, Any], source: str) -> None:
+    """Raise ``UsageError`` (file, field path, what is wrong) unless ``doc`` is a finished robench result."""
+    check = _Checker(source)
+    _check_complete(doc, source)
+    _check_metadata(check, doc)
+    if doc["schema"] == "robench.pixel-index/1":
+        task = check.get(doc, "task", "", required=False)
+        if task is not _MISSING and task != "pixel-index":
+            check.fail("task", f"must be \"pixel-index\" in a robench.pixel-index/1 document, got {_show(task)}")
+        _check_pixel(check, doc)
+    else:
+        task = check.get(doc, "task", "")
+        if task not in ("classification", "reid"):
+            check.fail("task", f"must be \"classification\" or \"reid\", got {_show(task)}")
+        (_check_classification if task == "classification" else _check_reid)(check, doc)
+    _check_sanity(check, doc)
+
+
+def _check_complete(doc: dict[str, Any], source: str) -> None:
+    complete = doc.get("complete", _MISSING)
+    if complete is False:
+        raise UsageError(f"{source} is a partial result (the run did not finish)")
+    # Only JSON true counts: 1, "true" or a missing field could mean anything.
+    if complete is not True:
+        raise UsageError(f"{source}: complete must be true (got {_show(complete)}): the run did not finish")
+
+
+def _check_metadata(check: _Checker, doc: dict[str, Any]) -> None:
+    """The blocks the readers look into for labels and comparability; each is optional."""
+    for block, fields in (("model", ("name",)), ("suite", ("name", "sha256")), ("data", ("fingerprint",)),
+                          ("env", ("dataset_fingerprint",)), ("settings", ())):
+        value = check.get(doc, block, "", required=False)
+        if value is _MISSING:
+            continue
+        check.object(value, block)
+        for key in fields:
+            check.text(check.get(value, key, block, required=False), _join(block, key), nullable=True)
+
+
+def _check_clean_counts(check: _Checker, clean: dict, path: str, required: bool = True) -> None:
+    n = check.get(clean, "n", path, required)
+    check.count(n, _join(path, "n"))
+    check.count(check.get(clean, "correct", path, required=False), _join(path, "correct"), at_most=("n", n))
+
+
+def _check_params(check: _Checker, entry: dict, path: str) -> None:
+    params = check.get(entry, "params", path, required=False)
+    if params is _MISSING:
+        return
+    path = _join(path, "params")
+    check.object(params, path)
+    pixels = check.get(params, "pixels", path, required=False)
+    if pixels is not None:
+        check.count(pixels, _join(path, "pixels"))
+    check.text(check.get(params, "eps_expr", path, required=False), _join(path, "eps_expr"), nullable=True)
+
+
+def _check_entry_identity(check: _Checker, entry: dict, path: str) -> None:
+    """What names and matches an attack entry: attack, label, eps, params."""
+    check.text(check.get(entry, "attack", path), _join(path, "attack"))
+    check.text(check.get(entry, "label", path), _join(path, "label"))
+    check.text(check.get(entry, "norm", path, required=False), _join(path, "norm"), nullable=True)
+    check.number(check.get(entry, "eps", path), _join(path, "eps"), nullable=True)
+    _check_params(check, entry, path)
+
+
+def _check_classification(check: _Checker, doc: dict[str, Any]) -> None:
+    clean = check.object(check.get(doc, "clean", ""), "clean")
+    check.fraction(check.get(clean, "accuracy", "clean"), "clean.accuracy")
+    _check_clean_counts(check, clean, "clean")
+    for i, entry in enumerate(check.array(check.get(doc, "attacks", ""), "attacks")):
+        path = _join("attacks", i)
+        check.object(entry, path)
+        _check_entry_identity(check, entry, path)
+        check.fraction(check.get(entry, "accuracy", path), _join(path, "accuracy"))
+        # null when no sample was attacked (every clean prediction was already wrong)
+        check.fraction(check.get(entry, "success_rate", path), _join(path, "success_rate"), nullable=True)
+        n = check.get(entry, "n", path)
+        check.count(n, _join(path, "n"))
+        check.count(check.get(entry, "attacked", path, required=False), _join(path, "attacked"), at_most=("n", n))
+    # null for a suite without attacks
+    for key in ("robust_accuracy", "mean_attack_accuracy"):
+        check.fraction(check.get(doc, key, "", required=False), key, nullable=True)
+
+
+def _check_reid_metrics(check: _Checker, metrics: Any, path: str) -> None:
+    check.object(metrics, path)
+    for key, value in metrics.items():
+        if key.startswith("rank"):  # every rank key is read as a CMC value
+            if not _RANK_KEY.match(key):
+                check.fail(_join(path, key), "a CMC key must be rank followed by a number, e.g. rank1")
+            check.fraction(value, _join(path, key))
+    check.fraction(check.get(metrics, "mAP", path), _join(path, "mAP"))
+    # mINP is null when it was not computed
+    check.fraction(check.get(metrics, "mINP", path, required=False), _join(path, "mINP"), nullable=True)
+    queries = check.get(metrics, "queries", path)
+    check.count(queries, _join(path, "queries"))
+    check.count(check.get(metrics, "valid_queries", path, required=False), _join(path, "valid_queries"),
+                at_most=("queries", queries))
+    check.text(check.get(metrics, "ap_convention", path, required=False), _join(path, "ap_convention"),
+               nullable=True)
+
+
+def _check_reid(check: _Checker, doc: dict[str, Any]) -> None:
+    _check_reid_metrics(check, check.get(doc, "clean", ""), "clean")
+    reranked = check.get(doc, "clean_reranked", "", required=False)
+    if reranked not in (None, _MISSING):
+        _check_reid_metrics(check, reranked, "clean_reranked")
+    for i, entry in enumerate(check.array(check.get(doc, "attacks", ""), "attacks")):
+        path = _join("attacks", i)
+        check.object(entry, path)
+        _check_entry_identity(check, entry, path)
+        _check_reid_metrics(check, entry, path)
+        reranked = check.get(entry, "reranked", path, required=False)
+        if reranked not in (None, _MISSING):
+            _check_reid_metrics(check, reranked, _join(path, "reranked"))
+
+
+def _check_pixel(check: _Checker, doc: dict[str, Any]) -> None:
+    clean = check.get(doc, "clean", "", required=False)
+    if clean is not _MISSING:
+        check.object(clean, "clean")
+        # null when the folder had no labels (the clean prediction is the reference)
+        check.fraction(check.get(clean, "accuracy", "clean", required=False), "clean.accuracy", nullable=True)
+        _check_clean_counts(check, clean, "clean", required=False)
+    for i, exp in enumerate(check.array(check.get(doc, "experiments", ""), "experiments")):
+        path = _join("experiments", i)
+        check.object(exp, path)
+        check.text(check.get(exp, "experiment", path), _join(path, "experiment"))
+        check.text(check.get(exp, "setting", path), _join(path, "setting"))
+        for j, row in enumerate(check.array(check.get(exp, "results", path), _join(path, "results"))):
+            _check_pixel_row(check, row, _join(_join(path, "results"), j))
+
+
+def _check_pixel_row(check: _Checker, row: Any, path: str) -> None:
+    check.object(row, path)
+    pixels = check.get(row, "pixels", path)
+    check.count(pixels, _join(path, "pixels"))
+    if pixels == 0:
+        check.fail(_join(path, "pixels"), "must be at least 1, got 0")
+    total = check.get(row, "total", path)
+    check.count(total, _join(path, "total"))
+    misclassified = check.get(row, "misclassified", path)
+    check.number(misclassified, _join(path, "misclassified"))
+    if misclassified > total:  # a mean over trials of counts out of total
+        check.fail(_join(path, "misclassified"), f"must be at most total ({total}), got {misclassified}")
+    # null in the attack experiment when no adversarial example was made; pi is absent there
+    check.fraction(check.get(row, "recognition_rate", path, required=False), _join(path, "recognition_rate"),
+                   nullable=True)
+    check.number(check.get(row, "pi", path, required=False), _join(path, "pi"), nullable=True)
+    for factor in ("w", "p", "r", "a"):
+        check.fraction(check.get(row, factor, path, required=False), _join(path, factor), nullable=True)
+
+
+def _check_sanity(check: _Checker, doc: dict[str, Any]) -> None:
+    """``sanity.flags`` (messages) and ``sanity.flag_names`` (short names, one per message) fail the gate."""
+    sanity = check.get(doc, "sanity", "", required=False)
+    if sanity is _MISSING:
+        return
+    check.object(sanity, "sanity")
+    flags = check.get(sanity, "flags", "sanity", required=False)
+    if flags is _MISSING:
+        flags = []
+    for i, message in enumerate(check.array(flags, "sanity.flags")):
+        check.text(message, _join("sanity.flags", i))
+    names = check.get(sanity, "flag_names", "sanity", required=False)
+    if names is _MISSING:
+        return
+    check.array(names, "sanity.flag_names")
+    if len(names) != len(flags):
+        check.fail("sanity.flag_names", f"must name each of the {len(flags)} flag(s) in sanity.flags, "
+                   f"got {len(names)} name(s)")
+    for i, name in enumerate(names):
+        if not isinstance(name, str) or not _FLAG_NAME.match(name):
+            check.fail(_join("sanity.flag_names", i), f"must be a short name of letters, digits and _, "
+                       f"got {_show(name)}")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
@@ -11,8 +13,11 @@ from typing import Any
 
 import pandas as pd
 
-from robench.errors import UsageError
+from robench.errors import RunError, UsageError
+from robench.results.locking import lock_run_dir
 from robench.results.schema import TIDY_COLUMNS, tidy_rows
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def default_run_dir(suite: str, model: str, base: str = "runs") -> Path:
@@ -20,10 +25,21 @@ def default_run_dir(suite: str, model: str, base: str = "runs") -> Path:
     root = Path(base) / _safe(suite) / _safe(model)
     path = root / stamp
     n = 1
-    while path.exists():  # never overwrite an earlier run
+    # mkdir claims the name atomically: two runs started in the same second get two directories.
+    while not _claim(path):  # never overwrite an earlier run
         path = root / f"{stamp}-{n}"
         n += 1
     return path
+
+
+def _claim(path: Path) -> bool:
+    try:
+        path.mkdir(parents=True)
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        raise UsageError(f"cannot create output directory {path}: {exc.strerror or exc}") from None
+    return True
 
 
 def _safe(name: str) -> str:
@@ -31,27 +47,73 @@ def _safe(name: str) -> str:
 
 
 def prepare_run_dir(path: Path) -> Path:
+    """Create and lock the run directory before any work, so a second run or a read-only place fails now."""
     from robench.results.progress import finished, has_progress
 
-    if (path / "results.json").exists() and (finished(path) or not has_progress(path)):
-        raise UsageError(f"{path} already holds results.json; choose another --out (runs are never overwritten)")
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--out {path} is a file, not a directory")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UsageError(f"cannot create output directory {path}: {exc}") from exc
+        raise UsageError(f"cannot create output directory {path}: {exc.strerror or exc}") from None
+    lock_run_dir(path)
+    # Checked under the lock: another run cannot finish in between.
+    if (path / "results.json").exists() and (finished(path) or not has_progress(path)):
+        raise UsageError(f"{path} already holds results.json; choose another --out (runs are never overwritten)")
     return path
+
+
+def current_umask() -> int:
+    # os.umask can only be read by setting it; it is set straight back.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def disk_full_error(path: Path) -> RunError:
+    """Name the disk, not the library call that noticed it."""
+    try:
+        free = f"{shutil.disk_usage(path.parent).free:,} bytes free"
+    except OSError:
+        free = "free space unknown"
+    return RunError(f"no space left on the device holding {path.parent} ({free}) while writing {path.name}; "
+                    "free some space and run the same command again (finished work is resumed, not redone)")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in _DISK_FULL
 
 
 def atomic_write(path: Path, text: str) -> None:
     """Write to a temporary file beside ``path`` and rename: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    write_file_atomically(path, text.encode("utf-8"))
+
+
+def write_file_atomically(path: Path, data: bytes) -> None:
+    """Bytes to a temporary file, then a rename; the file gets the mode the umask asks for."""
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    except OSError as exc:
+        raise _write_error(path, exc) from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # a full disk can surface only here
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp creates 0600 whatever the umask
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise _write_error(path, exc) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _write_error(path: Path, exc: OSError) -> RunError:
+    if is_disk_full(exc):
+        return disk_full_error(path)
+    return RunError(f"cannot write {path}: {exc.strerror or exc}")
 
 
 def write_results(path: Path, doc: dict[str, Any], tidy: pd.DataFrame, config: dict[str, Any]) -> None:

@@ -13,7 +13,15 @@ from pydantic import ValidationError
 
 from robench.errors import UsageError
 from robench.registry import did_you_mean
-from robench.suites.schema import Suite
+from robench.suites.schema import TRUST_CODE, Suite
+
+# Suites are a few dozen lines. These bounds are checked on the YAML event stream, before
+# anything is composed: a 1 KB file of nested aliases ("billion laughs") otherwise expands
+# to gigabytes, and deep nesting overflows the recursive composer.
+MAX_SUITE_BYTES = 1 << 20
+MAX_ALIASES = 100
+MAX_NODES = 100_000  # with every alias expanded
+MAX_DEPTH = 64
 
 
 @dataclass
@@ -42,27 +50,46 @@ def builtin_suites() -> dict[str, Path]:
 
 def find_suite(name_or_path: str) -> Path:
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
-            raise UsageError(f"suite file not found: {name_or_path}")
-        return path
+    try:
+        if path.suffix in (".yaml", ".yml") or path.exists():
+            if not path.is_file():
+                raise UsageError(f"suite file not found: {name_or_path}")
+            return path
+    except OSError as exc:  # e.g. a folder on the way that we may not enter
+        raise UsageError(f"cannot read suite file {name_or_path}: {exc.strerror or exc}") from None
     known = builtin_suites()
     if name_or_path in known:
         return known[name_or_path]
     raise UsageError(f"unknown suite {name_or_path!r}" + did_you_mean(name_or_path, list(known)))
 
 
-def load_suite(name_or_path: str) -> LoadedSuite:
+def load_suite(name_or_path: str, *, trust_code: bool = False) -> LoadedSuite:
+    """Read and validate a suite; ``trust_code`` lets it name ``module:factory`` architectures."""
     path = find_suite(name_or_path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"cannot read suite {path}: {exc}") from exc
-    return parse_suite(text, str(path))
+    return parse_suite(_read_suite_text(path), str(path), trust_code=trust_code)
 
 
-def parse_suite(text: str, source: str = "<suite>") -> LoadedSuite:
+def _read_suite_text(path: Path) -> str:
     try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_SUITE_BYTES + 1)  # never more: the file may be huge or endless
+    except OSError as exc:
+        raise UsageError(f"cannot read suite file {path}: {exc.strerror or exc}") from None
+    if len(raw) > MAX_SUITE_BYTES:
+        raise UsageError(f"{path}: suite file is larger than {MAX_SUITE_BYTES} bytes; a suite is a short YAML file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"cannot read suite file {path}: not UTF-8 text (byte {exc.start})") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # as text-mode reading did
+
+
+def parse_suite(text: str, source: str = "<suite>", *, trust_code: bool = False) -> LoadedSuite:
+    """Validate suite text. Without ``trust_code``, architectures that import Python code are refused."""
+    if len(text) > MAX_SUITE_BYTES:
+        raise UsageError(f"{source}: suite is larger than {MAX_SUITE_BYTES} characters; a suite is a short YAML file")
+    try:
+        _check_yaml_bounds(text, source)
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         if root is None:
             raise UsageError(f"{source}: the suite is empty")
@@ -78,10 +105,44 @@ def parse_suite(text: str, source: str = "<suite>") -> LoadedSuite:
     if not isinstance(data, dict):
         raise UsageError(f"{source}:1: a suite is a mapping with name: and attacks:")
     try:
-        suite = Suite.model_validate(data)
+        suite = Suite.model_validate(data, context={TRUST_CODE: trust_code})
     except ValidationError as exc:
         raise UsageError(_first_error(exc, lines, source)) from None
     return LoadedSuite(suite, source, text)
+
+
+def _check_yaml_bounds(text: str, source: str) -> None:
+    """Count aliases, depth and expanded size on the event stream (yaml.parse is not recursive)."""
+    aliases, depth, total = 0, 0, 0
+    open_collections: list[tuple[str | None, int]] = []  # (anchor, nodes counted before it)
+    anchor_sizes: dict[str, int] = {}
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        where = f"{source}:{event.start_mark.line + 1}"
+        if isinstance(event, yaml.AliasEvent):
+            aliases += 1
+            if aliases > MAX_ALIASES:
+                raise UsageError(f"{where}: too many YAML aliases ({aliases}; at most {MAX_ALIASES})")
+            if any(anchor == event.anchor for anchor, _ in open_collections):
+                raise UsageError(f"{where}: YAML alias *{event.anchor} refers to the collection it is in")
+            total += anchor_sizes.get(event.anchor, 1)
+        elif isinstance(event, yaml.ScalarEvent):
+            total += 1
+            if event.anchor:
+                anchor_sizes[event.anchor] = 1
+        elif isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise UsageError(f"{where}: nesting deeper than {MAX_DEPTH} levels")
+            open_collections.append((event.anchor, total))
+            total += 1
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+            anchor, before = open_collections.pop()
+            if anchor:
+                anchor_sizes[anchor] = total - before
+        if total > MAX_NODES:
+            raise UsageError(f"{where}: the YAML expands to more than {MAX_NODES} values (aliases expanded); "
+                             "write the entries out instead of nesting aliases")
 
 
 def _index_lines(node: yaml.Node, path: tuple, lines: dict[tuple, int], source: str) -> None:
@@ -89,8 +150,10 @@ def _index_lines(node: yaml.Node, path: tuple, lines: dict[tuple, int], source: 
     if isinstance(node, yaml.MappingNode):
         seen: dict[Any, int] = {}
         for key_node, value_node in node.value:
-            key = key_node.value
             line = key_node.start_mark.line + 1
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise UsageError(f"{source}:{line} {_dotted(path)}: keys must be plain names, not lists or mappings")
+            key = key_node.value
             if key in seen:
                 raise UsageError(
                     f"{source}:{line} {_dotted(path + (key,))}: duplicate key (first at line {seen[key]})"
@@ -125,5 +188,14 @@ def _first_error(exc: ValidationError, lines: dict[tuple, int], source: str) -> 
         msg = "unknown field"
     elif err["type"] == "missing":
         msg = "field required"
+    loc, line, msg = _point_at_named_field(loc, line, msg, lines)
     more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
     return f"{source}:{line or 1} {_dotted(loc)}: {msg}{more}"
+
+
+def _point_at_named_field(loc: tuple, line: int | None, msg: str, lines: dict[tuple, int]) -> tuple:
+    """Checks across fields report ``field: problem`` on the entry; point at that field's own line."""
+    field, sep, rest = msg.partition(": ")
+    if sep and field.isidentifier() and loc + (field,) in lines:
+        return loc + (field,), lines[loc + (field,)], rest
+    return loc, line, msg

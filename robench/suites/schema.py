@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from robench.expressions import eval_expr
+from robench.expressions import check_expr, eval_expr
 from robench.errors import UsageError
 
 Number = float | int | str
@@ -40,7 +40,7 @@ def _to_number(value: Any, names: dict[str, float] | None = None) -> float:
 class AttackSpec(BaseModel):
     """One attack entry; each eps in ``eps`` gives one result."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     attack: str
     label: str | None = None
@@ -125,9 +125,11 @@ class AttackSpec(BaseModel):
     def _step_text(cls, raw: Any) -> str | None:
         if raw is None:
             return None
-        value = _to_number(raw, {"eps": 1.0, "steps": 1.0})  # syntax check only
-        if value <= 0:
-            raise ValueError("must be > 0")
+        try:
+            # Syntax only: the value is checked at every real (eps, steps) once both are known.
+            check_expr(raw, {"eps", "steps"})
+        except UsageError as exc:
+            raise ValueError(str(exc)) from None
         return str(raw)
 
     @field_validator("random_start", mode="before")
@@ -165,7 +167,23 @@ class AttackSpec(BaseModel):
             for v in self.eps:
                 if v > LINF_MAX_EPS:
                     raise ValueError(f"eps {v:g} is absurd for linf in [0,1] pixel units (max {LINF_MAX_EPS:g})")
+        self._check_step_sizes()
         return self
+
+    def _check_step_sizes(self) -> None:
+        """Evaluate the step size at every eps of the entry: a typo must not run as a negative step."""
+        if self.attack not in DEFAULT_STEP_SIZE or self.step_size is None:
+            return  # the defaults are positive multiples of eps
+        steps = self.resolved_steps()
+        for eps in self.eps:
+            try:
+                value = self.step_size_for(eps)
+            except UsageError as exc:
+                raise ValueError(f"step_size: {exc} at eps {eps:g}, steps {steps}") from None
+            # At eps 0 nothing may move, so a zero step is right there; anywhere else it hides the attack.
+            if value < 0 or (value == 0 and eps > 0):
+                raise ValueError(f"step_size: {self.step_size!r} is {value:g} at eps {eps:g}, steps {steps}; "
+                                 "it must be > 0")
 
     def pixel_counts(self) -> list[int]:
         return self.pixels or list(DEFAULT_PIXELS)
@@ -181,8 +199,37 @@ class AttackSpec(BaseModel):
         return eval_expr(text, {"eps": eps, "steps": float(self.resolved_steps())})
 
 
+# Validation-context key set by the caller (``robench eval --trust-suite``): the suite may import code.
+TRUST_CODE = "trust_code"
+
+
+def _check_suite_arch(arch: str, trusted: bool) -> None:
+    """Suites are shared files: by default they may only name architectures that import nothing."""
+    from robench.models.loading import ARCHITECTURES, check_torchvision_arch, known_architectures
+
+    if arch in ARCHITECTURES:
+        return
+    if arch.startswith("torchvision:"):
+        try:
+            check_torchvision_arch(arch.split(":", 1)[1])
+        except UsageError as exc:
+            raise ValueError(str(exc)) from None
+        return
+    if ":" not in arch:
+        raise ValueError(f"{arch!r} is not an architecture; name torchvision:NAME or a registered "
+                         f"architecture (known: {', '.join(known_architectures())})")
+    if not trusted:
+        # Refused while validating, before anything could be imported: `os:abort` is a valid module:factory.
+        raise ValueError(f"{arch!r} imports Python code; suites may name torchvision:NAME or a registered "
+                         f"architecture (known: {', '.join(known_architectures())}); pass --trust-suite to "
+                         "allow module:factory")
+
+
 class SurrogateSpec(BaseModel):
-    """The model a transfer attack is computed on (same loading options as the target)."""
+    """The model a transfer attack is computed on (same loading options as the target).
+
+    ``arch: module:factory`` is accepted only when validated with context ``{"trust_code": True}``.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -196,6 +243,13 @@ class SurrogateSpec(BaseModel):
     @classmethod
     def _from_path(cls, data: Any) -> Any:
         return {"model": data} if isinstance(data, str) else data
+
+    @field_validator("arch")
+    @classmethod
+    def _arch_imports_nothing_unless_trusted(cls, arch: str | None, info: Any) -> str | None:
+        if arch is not None:
+            _check_suite_arch(arch, trusted=bool((info.context or {}).get(TRUST_CODE)))
+        return arch
 
 
 class Suite(BaseModel):
