@@ -104,6 +104,7 @@ def evaluate(
     compile_backend: str = "inductor",
     channels_last: bool = False,
     sweep_reuse: bool = False,
+    trust_checkpoint: bool = False,
 ) -> EvaluationResult:
     """Evaluate ``model`` on ``data`` under every attack of ``suite``.
 
@@ -113,9 +114,12 @@ def evaluate(
     ``Normalization``) if it expects normalised input. ``save_state`` receives
     progress snapshots and ``resume_state`` continues from one (see ``engine.run``);
     an interrupted run raises ``EvaluationInterrupted`` holding the partial result.
+    ``trust_checkpoint`` lets a ``model`` path that is a program (TorchScript, a pickled
+    module) load, which runs code from the file.
     """
     loaded = model if isinstance(model, LoadedModel) else (
-        load_model(model) if isinstance(model, str) else LoadedModel(model, type(model).__name__, "<module>")
+        load_model(model, trust_checkpoint=trust_checkpoint) if isinstance(model, str)
+        else LoadedModel(model, type(model).__name__, "<module>")
     )
     norm = PRESETS.get(normalization) if isinstance(normalization, str) else normalization
     norm = norm or loaded.normalization

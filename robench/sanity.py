@@ -7,14 +7,13 @@ a warning on stderr and a line under the table.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from robench.errors import RobenchError, RunError, UsageError
+from robench.errors import RobenchError, RunError, UsageError, describe
 
 ZERO_GRADIENT_WARN = 0.5  # fraction of exactly-zero input-gradient entries
 WHITE_BOX = {"fgsm", "bim", "pgd", "mifgsm"}
@@ -169,16 +168,7 @@ def explain_failure(model: nn.Module, x: torch.Tensor, exc: BaseException) -> Ro
     if mismatch is not None:
         what, fix = mismatch
         return UsageError(f"{what} (batch shape {shape}): {fix}")
-    return RunError(f"the model failed on the first batch (shape {shape}): {one_line(exc)}")
-
-
-def one_line(exc: BaseException) -> str:
-    """``Type: last line`` of an exception; TorchScript's interpreter traceback is dropped."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    last = lines[-1] if lines else ""
-    if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b:", last):
-        return last  # already names its type (the last line of a TorchScript traceback)
-    return f"{type(exc).__name__}: {last}" if last else type(exc).__name__
+    return RunError(f"the model failed on the first batch (shape {shape}): {describe(exc)}")
 
 
 def _first_layer_mismatch(model: nn.Module, x: torch.Tensor) -> tuple[str, str] | None:

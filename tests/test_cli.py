@@ -11,10 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from robench import __version__
-from robench.cli import app
+from cli_helpers import invoke, one_error_line
 
 ARCH = "robench.examples:digits_cnn"
 QUICK_SUITE = """\
@@ -26,17 +25,6 @@ attacks:
     eps: 8/255
     steps: 3
 """
-
-
-def invoke(*args, env=None):
-    return CliRunner().invoke(app, [str(a) for a in args], env=env)
-
-
-def one_error_line(result) -> str:
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("robench: error: "), lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -10,18 +10,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
 import robench
-from robench.cli import app
 from robench.examples import digits_cnn, train_classifier
+from cli_helpers import invoke
 
 SUITE = {"name": "cmp", "attacks": [{"attack": "fgsm", "eps": [0.05, 0.1]},
                                     {"attack": "pgd", "eps": [0.05, 0.1], "steps": 5, "final_iterate": True}]}
-
-
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,11 @@ import json
 import xml.etree.ElementTree as ET
 
 import pytest
-from typer.testing import CliRunner
 
-from robench.cli import app
 from robench.errors import UsageError
 from robench.gate import gate, junit_xml, parse_rule
 from robench.results.reading import read_result
+from cli_helpers import invoke
 
 
 def classification_doc(clean=0.9, pgd=(0.5, 0.3), fgsm=0.6, n=1000, fingerprint="f1", suite="s1", model="m"):
@@ -174,10 +173,6 @@ def test_junit_report(tmp_path):
     failures = root.findall(".//failure")
     assert root.get("tests") == str(len(out.rows)) and root.get("failures") == str(len(failures))
     assert any("baseline 0.5, current 0.4," in f.text for f in failures)
-
-
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def test_gate_command_exit_codes_and_json(tmp_path):

@@ -13,24 +13,12 @@ import sys
 import time
 
 import pytest
-from typer.testing import CliRunner
 
-from robench.cli import app
 from robench.results import writers
+from cli_helpers import invoke, one_error_line
 
 QUICK = "name: quick\nattacks:\n  - attack: fgsm\n    eps: [0.1]\n  - attack: pgd\n    eps: 0.1\n    steps: 3\n"
 HEAVY = "name: heavy\nattacks:\n  - attack: pgd\n    eps: [0.05, 0.1]\n    steps: 20\n    final_iterate: true\n"
-
-
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def one_error_line(result, kind: str = "error") -> str:
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith(f"robench: {kind}: "), lines[0]
-    return lines[0]
 
 
 def eval_args(tmp_path, *extra, suite_text: str = QUICK):
@@ -65,6 +53,14 @@ def test_out_of_range_options_are_usage_errors(tmp_path, option, value, message)
 def test_pixel_index_trials_are_bounded(tmp_path):
     result = invoke("pixel-index", "example:digits", tmp_path, "--trials", "100000000")
     assert result.exit_code == 2 and "--trials must be between 1 and 10000" in one_error_line(result)
+
+
+@pytest.mark.parametrize("option, value", [("--lr", "nan"), ("--margin", "inf"), ("--ce-weight", "-1"),
+                                           ("--msssim-weight", "nan"), ("--steps", "0")])
+def test_dmr_training_options_are_bounded(tmp_path, option, value):
+    result = invoke("dmr", "train", "example:digits", "--data", f"market1501:{tmp_path}", "--out",
+                    tmp_path / "g.pt", option, value)
+    assert result.exit_code == 2 and option in one_error_line(result)
 
 
 @pytest.mark.parametrize("field, message", [

@@ -16,25 +16,13 @@ import zlib
 import numpy as np
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
 
-from robench.cli import app
 from robench.data.images import load_folder, read_image8, scan_folder
 from robench.data.sources import DataOptions, from_arrays, load_data
 from robench.errors import UsageError
+from cli_helpers import invoke, one_error_line
 
 N_GOOD = 100  # digits per test folder: enough for all ten classes, small enough to stay fast
-
-
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def one_error_line(result) -> str:
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("robench: error: "), lines[0]
-    return lines[0]
 
 
 def run_eval(folder, out, *extra):

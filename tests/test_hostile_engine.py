@@ -10,30 +10,17 @@ import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
-from typer.testing import CliRunner
 
 import robench
 from robench.api import EvaluationInterrupted
-from robench.cli import app
 from robench.errors import RunError, UsageError
 from robench.models.wrapper import RobustModel
 from robench.run_state import restore
 from robench.sanity import explain_failure, first_batch_checks
+from cli_helpers import invoke, one_error_line, stop_after
 
 FGSM = {"name": "f", "attacks": [{"attack": "fgsm", "eps": 0.1}]}
 SUITE_YAML = "name: quick\nattacks:\n  - attack: fgsm\n    eps: 0.1\n"
-
-
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def one_error_line(result) -> str:
-    # A resume announces itself first; that notice is not part of the error.
-    lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("robench: resuming")]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("robench: error: "), lines[0]
-    return lines[0]
 
 
 class Wrap(nn.Module):
@@ -85,17 +72,6 @@ class Boom(nn.Module):
 class OneLogit(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.flatten(1).sum(dim=1, keepdim=True)
-
-
-def stop_after(batches: int):
-    seen = []
-
-    def on_batch(n):
-        seen.append(n)
-        if len(seen) == batches:
-            raise KeyboardInterrupt
-
-    return on_batch
 
 
 # -- resume ----------------------------------------------------------------------------------------------------

@@ -15,12 +15,11 @@ import pytest
 import torch
 from PIL import Image
 from torch import nn
-from typer.testing import CliRunner
 
 import robench.sanity
-from robench.cli import app
 from robench.errors import UsageError
 from robench.results.reading import read_result
+from cli_helpers import invoke, one_error_line
 
 LIMIT = "64"
 SUITE = """name: hostile
@@ -44,17 +43,6 @@ attacks:
     random_start: false
     final_iterate: true
 """
-
-
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def one_error_line(result) -> str:
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("robench: error: "), lines[0]
-    return lines[0]
 
 
 def tiny_embedding() -> nn.Module:

@@ -18,27 +18,15 @@ import torch
 import yaml
 from PIL import Image
 from torch import nn
-from typer.testing import CliRunner
 
-from robench.cli import app
 from robench.errors import UsageError
 from robench.models import ARCHITECTURES, load_model, register_architecture
 from robench.models import loading
 from robench.suites import Suite, builtin_suites, load_suite, parse_suite
+from cli_helpers import invoke, one_error_line
 
 ARCH = "robench.examples:digits_cnn"
 VICTIM_BYTES = b"precious data, do not touch"
-
-
-def invoke(*args, env=None):
-    return CliRunner().invoke(app, [str(a) for a in args], env=env)
-
-
-def one_error_line(result) -> str:
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("robench: error: "), lines[0]
-    return lines[0]
 
 
 class FileWriter(nn.Module):

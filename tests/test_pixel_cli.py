@@ -13,10 +13,11 @@ from typer.testing import CliRunner
 from robench.cli import app
 from robench.data.images import read_image8
 from robench.models import load_model
+from cli_helpers import invoke as invoke_robench
 
 
 def invoke(*args):
-    return CliRunner().invoke(app, ["pixel-index", *[str(a) for a in args]])
+    return invoke_robench("pixel-index", *args)
 
 
 @pytest.fixture(scope="module")

@@ -15,14 +15,13 @@ import pytest
 import torch
 from PIL import Image
 from torch import nn
-from typer.testing import CliRunner
 
-from robench.cli import app
 from robench.examples import train_classifier
 from robench.reid.datasets import load_reid
 from robench.reid.engine import identity_batches
 from robench.reid.generator import PerturbationGenerator, perturb
 from robench.reid.objectives import misranking_loss
+from cli_helpers import invoke
 
 FEATURE_LAYER = "6"  # the 32-d embedding before the classifier
 
@@ -83,10 +82,6 @@ def market(digits_split, tmp_path_factory):
     for i, (img, label) in enumerate(zip(x_tr[:600], y_tr[:600])):
         save(img, root / "bounding_box_train" / f"{int(label) + 1:04d}_c{1 + i % 2}s1_{i:06d}_00.png")
     return root
-
-
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def eval_args(model, market, suite, out, *extra):

@@ -15,20 +15,10 @@ import torch
 import robench
 from robench.api import EvaluationInterrupted
 from robench.attacks import PGD
+from cli_helpers import stop_after
 
 SUITE = {"name": "rel", "attacks": [{"attack": "pgd", "eps": [0.05, 0.1], "steps": 5},
                                     {"attack": "fgsm", "eps": 0.1}]}
-
-
-def stop_after(batches: int):
-    seen = []
-
-    def on_batch(n):
-        seen.append(n)
-        if len(seen) == batches:
-            raise KeyboardInterrupt
-
-    return on_batch
 
 
 def test_interrupt_then_resume_equals_an_uninterrupted_run(trained_model, test_tensors):

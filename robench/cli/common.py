@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator
 import typer
 from rich.console import Console
 
-from robench.errors import EXIT_RUN_FAILED, Interrupted, RobenchError, UsageError
+from robench.errors import EXIT_RUN_FAILED, Interrupted, RobenchError, UsageError, describe, one_line
 from robench.results.locking import release_run_dirs
 
 stderr = Console(stderr=True, soft_wrap=True)  # log lines stay whole for grep and CI logs
@@ -86,31 +86,12 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             _report("robench: run failed: out of memory")
             raise typer.Exit(EXIT_RUN_FAILED) from None
         except Exception as exc:  # noqa: BLE001 - anything else: the run could not complete
-            message = one_line(exc)
-            named = message.split(":", 1)[0].endswith(("Error", "Exception"))
-            _report(f"robench: run failed: {message if named else f'{type(exc).__name__}: {message}'}")
+            _report(f"robench: run failed: {describe(exc)}")
             raise typer.Exit(EXIT_RUN_FAILED) from None
         finally:
             release_run_dirs()
 
     return wrapper
-
-
-def one_line(exc: BaseException) -> str:
-    """A message fit for one log line.
-
-    TorchScript wraps a model's own exception in the interpreter's traceback;
-    its last line (``RuntimeError: boom``) is the part that means something.
-    """
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    if not lines:
-        return type(exc).__name__
-    if len(lines) > 1 and _TORCHSCRIPT_TRACE in str(exc):
-        return lines[-1]
-    return " ".join(lines) if len(lines) <= 3 else lines[0]
-
-
-_TORCHSCRIPT_TRACE = "The following operation failed in the TorchScript interpreter"
 
 
 def _report(line: str) -> None:

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 import typer
 
-from robench.cli.common import handle_errors, stderr
+from robench.cli.common import check_range, handle_errors, stderr
 from robench.errors import UsageError
 from robench.expressions import eval_expr
 from robench.models import load_model, resolve_normalization
@@ -67,8 +67,12 @@ def train(
                         ("val-every", val_every)):
         if value < 1:
             raise UsageError(f"--{name} is too small")
-    if msssim_weight < 0 or ce_weight < 0:
-        raise UsageError("--msssim-weight and --ce-weight must be >= 0")
+    # Bounded and finite: a NaN weight or rate passes every comparison and trains garbage.
+    for name, value, low, high in (("--lr", lr, 1e-12, 10.0), ("--margin", margin, 0.0, 100.0),
+                                   ("--ce-weight", ce_weight, 0.0, 1e6), ("--msssim-weight", msssim_weight, 0.0, 1e6),
+                                   ("--steps", steps, 1, 10_000_000), ("--width", width, 1, 4096),
+                                   ("--blocks", blocks, 1, 64)):
+        check_range(name, value, low, high)
     if not 0 <= val_fraction < 1:
         raise UsageError("--val-fraction must be in [0, 1)")
     dataset = load_reid_spec(data)

@@ -6,6 +6,7 @@ import hashlib
 import importlib
 import pickle
 import stat
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -227,7 +228,10 @@ def _load_program(path: Path, spec: str, kind: str, trust: bool, map_location: A
             f"save a state dict and pass {arch_option}, or save a TorchScript file"
         )
     try:
-        return torch.jit.load(str(path), map_location=map_location)
+        with warnings.catch_warnings():
+            # torch deprecates TorchScript loudly; a user who chose to load one needs no lecture on stderr.
+            warnings.filterwarnings("ignore", category=FutureWarning, message=".*torch.jit.load.*")
+            return torch.jit.load(str(path), map_location=map_location)
     except Exception as exc:  # noqa: BLE001 - any failure means unreadable
         raise RunError(f"cannot read TorchScript file {spec}: {exc}") from exc
 
