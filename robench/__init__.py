@@ -1,11 +1,14 @@
 """robench: adversarial-robustness evaluation for PyTorch."""
 
-__version__ = "0.1.0"
+from robench._version import __version__
+from robench.api import EvaluationResult, evaluate
+from robench.config import EvalConfig
+from robench.models import load_model
+from robench.pixels import pixel_index
+from robench.pixels.folder import pixel_index_folder
+from robench.reid.api import evaluate_reid
+from robench.runner import run_evaluation
+from robench.suites import load_suite
 
-from robench.api import EvaluationResult, evaluate  # noqa: E402
-from robench.models import load_model  # noqa: E402
-from robench.pixels import pixel_index  # noqa: E402  (also registers attack: pixels)
-from robench.reid import generator as _dmr_generator  # noqa: E402,F401  (registers attack: dmr)
-from robench.suites import load_suite  # noqa: E402
-
-__all__ = ["EvaluationResult", "__version__", "evaluate", "load_model", "load_suite", "pixel_index"]
+__all__ = ["EvalConfig", "EvaluationResult", "__version__", "evaluate", "evaluate_reid", "load_model", "load_suite",
+           "pixel_index", "pixel_index_folder", "run_evaluation"]

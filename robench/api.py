@@ -3,31 +3,28 @@
 from __future__ import annotations
 
 import json
-import platform
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
-from robench import __version__
 from robench.data.sources import DataOptions, ImageDataset, from_arrays, load_data
 from robench import distributed
 from robench.engine import dataset_fingerprint, run
 from robench.run_state import RunInterrupted, RunOutcome, merge_outcomes, outcome_state
-from robench.models.loading import LoadedModel, load_model
-from robench.models.preprocessing import PRESETS, Normalization
+from robench.config import EvalConfig, Resolved, data_option_fields, resolve
+from robench.models.loading import LoadedModel
+from robench.models.preprocessing import Normalization
 from robench.models.wrapper import RobustModel
-from robench.precision import device_name, resolve_device
-from robench.results.schema import SCHEMA, TIDY_COLUMNS, tidy_rows
+from robench.precision import resolve_device
+from robench.results.document import SCHEMA, data_block, env_block, header, model_block, suite_block
+from robench.results.tidy import tidy_frame
 from robench.sanity import WHITE_BOX, named_flags
 from robench.results.writers import write_run
-from robench.suites import LoadedSuite, Suite, load_suite
-from robench.suites.loader import parse_suite
+from robench.suites import LoadedSuite, Suite
 
 
 @dataclass
@@ -45,7 +42,8 @@ class EvaluationResult:
         return self.doc["robust_accuracy"]
 
     def tidy(self) -> pd.DataFrame:
-        return pd.DataFrame(tidy_rows(self.doc), columns=TIDY_COLUMNS)
+        """The rows of results.csv: one per value, the columns ``robench compare`` reads."""
+        return tidy_frame(self.doc)
 
     def to_json(self) -> str:
         return json.dumps(self.doc, indent=2)
@@ -55,20 +53,6 @@ class EvaluationResult:
         path.mkdir(parents=True, exist_ok=True)
         write_run(path, self.doc, self.samples, self.config)
         return path
-
-
-def _as_suite(suite: str | Suite | LoadedSuite | dict) -> LoadedSuite:
-    if isinstance(suite, LoadedSuite):
-        return suite
-    if isinstance(suite, Suite):
-        import yaml
-
-        return parse_suite(yaml.safe_dump(suite.model_dump(mode="json", exclude_none=True)), f"<{suite.name}>")
-    if isinstance(suite, dict):
-        import yaml
-
-        return parse_suite(yaml.safe_dump(suite), "<dict>")
-    return load_suite(suite)
 
 
 def _as_dataset(data: Any, options: DataOptions) -> ImageDataset:
@@ -111,53 +95,71 @@ def evaluate(
     ``data`` is a spec (``npz:file.npz``, ``cifar10``, ``example:digits``), an
     ``(x, y)`` pair (uint8 NHWC or float NCHW in [0,1]) or an ``ImageDataset``.
     The model sees images in [0,1]; pass ``normalization`` (a preset name or
-    ``Normalization``) if it expects normalised input. ``save_state`` receives
+    ``Normalization``) if it expects normalised input; without one, the suite's
+    suggestion applies, then the model's own. ``save_state`` receives
     progress snapshots and ``resume_state`` continues from one (see ``engine.run``);
     an interrupted run raises ``EvaluationInterrupted`` holding the partial result.
     ``trust_checkpoint`` lets a ``model`` path that is a program (TorchScript, a pickled
-    module) load, which runs code from the file.
+    module) load, which runs code from the file. The options are validated as an
+    ``EvalConfig`` (a bad value raises ``UsageError``); no argument is changed.
     """
-    loaded = model if isinstance(model, LoadedModel) else (
-        load_model(model, trust_checkpoint=trust_checkpoint) if isinstance(model, str)
-        else LoadedModel(model, type(model).__name__, "<module>")
+    data_fields = data_option_fields(data_options or DataOptions())
+    if limit is not None:
+        data_fields["limit"] = limit
+    config = EvalConfig(
+        model=model, data=data, suite=suite, normalize=normalization, device=device, batch_size=batch_size,
+        precision=precision, seed=seed, workers=workers, save_every=save_every, compile=compile,
+        compile_backend=compile_backend, channels_last=channels_last, sweep_reuse=sweep_reuse,
+        trust_checkpoint=trust_checkpoint, **data_fields,
     )
-    norm = PRESETS.get(normalization) if isinstance(normalization, str) else normalization
-    norm = norm or loaded.normalization
+    return evaluate_config(config, on_batch=on_batch, extra_config=extra_config, resume_state=resume_state,
+                           save_state=save_state)
+
+
+def evaluate_config(
+    config: EvalConfig,
+    resolved: Resolved | None = None,
+    *,
+    on_batch: Callable[[int], None] | None = None,
+    extra_config: dict[str, Any] | None = None,
+    resume_state: dict | None = None,
+    save_state: Callable[[dict], None] | None = None,
+) -> EvaluationResult:
+    """``evaluate`` for a validated config; ``resolved`` saves loading the model and suite again."""
+    resolved = resolved or resolve(config)
+    loaded, loaded_suite, data = resolved.loaded, resolved.suite, resolved.data
+    norm = resolved.normalization or loaded.normalization
     # Before anything touches the mode: the loaders call .eval() and record what they found.
     was_training = handed_over_in_train_mode(loaded)
     wrapped = RobustModel(loaded.model, norm)
-    loaded_suite = _as_suite(suite)
-    options = data_options or DataOptions()
-    options.limit = limit if limit is not None else options.limit
+    options = config.data_options()
     dataset = _as_dataset(data, options)
-    dev = distributed.local_device(resolve_device(device))
+    dev = distributed.local_device(resolve_device(config.device))
+    batch_size, precision, seed = config.batch_size, config.precision, config.seed
+    run_options = {"batch_size": batch_size, "precision": precision, "seed": seed, "workers": config.workers,
+                   "on_batch": on_batch, "compile": config.compile, "compile_backend": config.compile_backend,
+                   "channels_last": config.channels_last, "sweep_reuse": config.sweep_reuse}
     interrupted = None
     rank, size, _ = distributed.world()
     try:
         if size > 1:
-            outcome = _run_sharded(wrapped, dataset, loaded_suite, dev, rank, size, batch_size=batch_size,
-                                   precision=precision, seed=seed, workers=workers, on_batch=on_batch,
-                                   compile=compile, compile_backend=compile_backend, channels_last=channels_last,
-                                   sweep_reuse=sweep_reuse)
+            outcome = _run_sharded(wrapped, dataset, loaded_suite, dev, rank, size, **run_options)
         else:
-            outcome = run(wrapped, dataset, loaded_suite.suite, device=dev, batch_size=batch_size,
-                          precision=precision, seed=seed, workers=workers, on_batch=on_batch,
-                          resume_state=resume_state, save_state=save_state, save_every=save_every,
-                          compile=compile, compile_backend=compile_backend, channels_last=channels_last,
-                          sweep_reuse=sweep_reuse)
+            outcome = run(wrapped, dataset, loaded_suite.suite, device=dev, resume_state=resume_state,
+                          save_state=save_state, save_every=config.save_every, **run_options)
     except RunInterrupted as exc:
         outcome, interrupted = exc.outcome, exc
     if was_training:
         outcome.sanity["model_was_training"] = True
     doc = _document(outcome, loaded, norm, loaded_suite, dataset, dev, precision, seed, outcome.batch_size, data)
-    config = {
+    run_config = {
         "model": loaded.source, "arch": loaded.arch, "normalization": norm.as_dict() if norm else None,
         "data": data if isinstance(data, str) else dataset.name, "limit": options.limit,
         "suite": loaded_suite.suite.model_dump(mode="json"), "suite_source": loaded_suite.path,
         "device": str(dev), "batch_size": batch_size, "precision": precision, "seed": seed,
         **(extra_config or {}),
     }
-    result = EvaluationResult(doc, _samples(outcome), config)
+    result = EvaluationResult(doc, _samples(outcome), run_config)
     if interrupted is not None:
         raise EvaluationInterrupted(result) from interrupted
     return result
@@ -193,60 +195,48 @@ def _run_sharded(model: RobustModel, dataset: ImageDataset, suite: LoadedSuite, 
 def _document(outcome: RunOutcome, loaded: LoadedModel, norm: Normalization | None, suite: LoadedSuite,
               dataset: ImageDataset, device: torch.device, precision: str, seed: int, batch_size: int,
               data: Any) -> dict[str, Any]:
-    import torchvision
-
-    attacks = []
-    has_gradient = outcome.sanity.get("input_gradient", True) is not False
-    for e in outcome.entries:
-        attacks.append({
-            "attack": e.attack.name,
-            "label": e.spec.display_name(),
-            "norm": e.attack.norm,
-            "eps": e.eps,
-            "eps_space": suite.suite.eps_space,
-            "accuracy": e.accuracy.compute(),
-            "success_rate": e.fooled.compute(),
-            "n": e.accuracy.total,
-            "attacked": e.fooled.total,
-            "params": e.params(),
-            "seconds": round(e.seconds, 4),
-            "gradient_evals": e.gradient_evals,
-            "peak_memory_bytes": e.peak_memory,
-            "attack_chunk": e.chunk,
-            # Native gradient attacks on a model without an input gradient take no step: an upper bound.
-            "input_gradient": has_gradient if e.spec.attack in WHITE_BOX else None,
-        })
+    attacks = [_attack_entry(e, suite, outcome) for e in outcome.entries]
     accs = [a["accuracy"] for a in attacks if a["accuracy"] is not None]
     robust = float(outcome.robust_all.mean()) if outcome.robust_all is not None else None
     return {
-        "schema": SCHEMA,
-        "task": "classification",
-        "complete": outcome.complete,
+        **header(SCHEMA, "classification", outcome.complete),
         "progress": {"evaluated": outcome.n, "total": outcome.total},
-        "model": {"name": loaded.name, "source": loaded.source, "arch": loaded.arch,
-                  "sha256": loaded.sha256, "num_classes": outcome.num_classes,
-                  "normalization": norm.as_dict() if norm else None},
-        "suite": {"name": suite.suite.name, "source": suite.path, "sha256": suite.sha256,
-                  "eps_space": suite.suite.eps_space},
-        "data": {"spec": data if isinstance(data, str) else dataset.name, "n": outcome.n,
-                 "fingerprint": outcome.fingerprint, "skipped": dataset.skipped,
-                 "converted": dataset.converted},
+        "model": model_block(loaded, num_classes=outcome.num_classes, normalization=norm),
+        "suite": suite_block(suite.suite.name, suite.path, suite.sha256, eps_space=suite.suite.eps_space),
+        "data": data_block({"spec": data if isinstance(data, str) else dataset.name, "n": outcome.n},
+                           outcome.fingerprint, {"skipped": dataset.skipped, "converted": dataset.converted}),
         "clean": {"accuracy": outcome.clean.compute(), "n": outcome.clean.total,
                   "correct": outcome.clean.correct},
         "attacks": attacks,
         "robust_accuracy": robust,
         "mean_attack_accuracy": sum(accs) / len(accs) if accs else None,
         "sanity": _sanity(outcome, attacks),
-        "env": {
-            "robench": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "python": platform.python_version(), "numpy": np.__version__,
-            "device": str(device), "device_name": device_name(device), "precision": precision,
-            "seed": seed, "batch_size": batch_size, "checkpoint_sha256": loaded.sha256,
-            "processes": distributed.world()[1], "speed": outcome.speed,
-            "suite_sha256": suite.sha256, "dataset_fingerprint": outcome.fingerprint,
-            "seconds": round(outcome.seconds, 3),
-            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        },
+        "env": env_block(device, precision=precision, seed=seed, batch_size=batch_size,
+                         checkpoint_sha256=loaded.sha256, processes=distributed.world()[1], speed=outcome.speed,
+                         suite_sha256=suite.sha256, dataset_fingerprint=outcome.fingerprint,
+                         seconds=outcome.seconds),
+    }
+
+
+def _attack_entry(e: Any, suite: LoadedSuite, outcome: RunOutcome) -> dict[str, Any]:
+    has_gradient = outcome.sanity.get("input_gradient", True) is not False
+    return {
+        "attack": e.attack.name,
+        "label": e.spec.display_name(),
+        "norm": e.attack.norm,
+        "eps": e.eps,
+        "eps_space": suite.suite.eps_space,
+        "accuracy": e.accuracy.compute(),
+        "success_rate": e.fooled.compute(),
+        "n": e.accuracy.total,
+        "attacked": e.fooled.total,
+        "params": e.params(),
+        "seconds": round(e.seconds, 4),
+        "gradient_evals": e.gradient_evals,
+        "peak_memory_bytes": e.peak_memory,
+        "attack_chunk": e.chunk,
+        # Native gradient attacks on a model without an input gradient take no step: an upper bound.
+        "input_gradient": has_gradient if e.spec.attack in WHITE_BOX else None,
     }
 
 

@@ -20,10 +20,7 @@ import pandas as pd
 
 from robench.errors import UsageError
 from robench.registry import Registry
-from robench.results.reading import HIGHER_IS_BETTER
-
-PERCENT_METRICS = {"accuracy", "robust_accuracy", "mean_attack_accuracy", "success_rate", "rank1", "rank5",
-                   "rank10", "rank20", "mAP", "mINP", "recognition_rate"}
+from robench.results.metric_table import metric_info, rank_keys
 
 
 @dataclass
@@ -64,7 +61,16 @@ def _eps_label(eps: float | None, text: str | None = None) -> str:
 
 
 def _scale(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
-    return frame * 100.0 if metric in PERCENT_METRICS else frame
+    return frame * 100.0 if metric_info(metric).percent else frame
+
+
+def _metric_table(frame: pd.DataFrame, metric: str, models_on: str, title: str | None = None,
+                  row_groups: list[str] | None = None) -> ComparisonTable:
+    """The pivoted values shown as the metric table says: percent or not, its decimals, its direction."""
+    info = metric_info(metric)
+    title = title or (f"{metric} (%)" if info.percent else metric)
+    return ComparisonTable(_scale(frame, metric), title, info.decimals, info.higher_is_better, models_on,
+                           row_groups=row_groups)
 
 
 def _only(rows: pd.DataFrame, metric: str) -> pd.DataFrame:
@@ -93,8 +99,7 @@ def fdd_layout(rows: pd.DataFrame, metric: str = "accuracy") -> ComparisonTable:
     order = list(dict.fromkeys(data.setting))
     table = data.pivot_table(index="setting", columns="model", values="value", aggfunc="first", sort=False)
     table = table.reindex(order)[list(dict.fromkeys(data.model))]
-    return ComparisonTable(_scale(table, metric), f"{metric} (%)" if metric in PERCENT_METRICS else metric, 2,
-                           metric in HIGHER_IS_BETTER, "columns")
+    return _metric_table(table, metric, "columns")
 
 
 @LAYOUTS.register("alignment")
@@ -108,24 +113,28 @@ def alignment_layout(rows: pd.DataFrame, metric: str = "accuracy") -> Comparison
     if attacks:
         # The paper's Mean: the mean of the attack columns, clean excluded.
         table["Mean"] = table[attacks].mean(axis=1)
-    return ComparisonTable(_scale(table, metric), f"{metric} (%)" if metric in PERCENT_METRICS else metric, 2,
-                           metric in HIGHER_IS_BETTER, "rows")
+    return _metric_table(table, metric, "rows")
 
 
 @LAYOUTS.register("reid")
 def reid_layout(rows: pd.DataFrame, metric: str = "rank1") -> ComparisonTable:
-    metrics = [m for m in ("rank1", "rank5", "rank10", "mAP") if m in set(rows.metric)]
+    # The CMC ranks the runs report (--ranks), then mAP: the paper's columns, mINP left out.
+    present = set(rows.metric)
+    metrics = rank_keys(present) + [m for m in ("mAP",) if m in present]
     data = rows[rows.metric.isin(metrics)].copy()
     if data.empty:
         raise UsageError("no re-identification metrics in these results")
-    names = {"rank1": "Rank-1", "rank5": "Rank-5", "rank10": "Rank-10", "mAP": "mAP"}
+    names = {m: f"Rank-{m[4:]}" for m in metrics if m != "mAP"} | {"mAP": "mAP"}
     data["group"] = _setting_labels(data, {"clean": "Original", "clean+rerank": "Original + re-ranking"})
     data["column"] = [f"{g} {names[m]}" for g, m in zip(data.group, data.metric)]
     order = [f"{g} {names[m]}" for g in dict.fromkeys(data.group) for m in metrics]
     table = data.pivot_table(index="model", columns="column", values="value", aggfunc="first", sort=False)
     table = table[[c for c in order if c in table.columns]].reindex(list(dict.fromkeys(data.model)))
     aps = sorted({a for a in data.ap_convention if isinstance(a, str)})
-    return ComparisonTable(table * 100.0, f"CMC and mAP (%), AP {', '.join(aps) or '?'}", 1, True, "rows")
+    # Every column is a CMC value or mAP: percentages, higher is better, as the table says for both.
+    info = metric_info("mAP")
+    return ComparisonTable(table * 100.0, f"CMC and mAP (%), AP {', '.join(aps) or '?'}", info.decimals,
+                           info.higher_is_better, "rows")
 
 
 @LAYOUTS.register("pixel")
@@ -135,11 +144,9 @@ def pixel_layout(rows: pd.DataFrame, metric: str = "pi") -> ComparisonTable:
     table.columns = [f"{int(c)} px" for c in table.columns]
     groups = [entry for entry, _ in table.index]
     table.index = [f"{e} · {m}" for e, m in table.index]
-    decimals = 2 if metric in ("pi", "recognition_rate") else 1
     title = {"pi": "Pixel-index Pi", "misclassified": "misclassified images",
-             "recognition_rate": "recognition rate (%)"}.get(metric, metric)
-    return ComparisonTable(_scale(table, metric), title, decimals, metric in HIGHER_IS_BETTER, "rows",
-                           row_groups=groups)
+             "recognition_rate": "recognition rate (%)"}.get(metric)
+    return _metric_table(table, metric, "rows", title, row_groups=groups)
 
 
 def pivot_table(rows: pd.DataFrame, index: list[str], columns: list[str], metric: str) -> ComparisonTable:
@@ -152,7 +159,7 @@ def pivot_table(rows: pd.DataFrame, index: list[str], columns: list[str], metric
     table.index = [" · ".join(map(str, i)) if isinstance(i, tuple) else str(i) for i in table.index]
     table.columns = [" · ".join(map(str, c)) if isinstance(c, tuple) else str(c) for c in table.columns]
     models_on = "rows" if "model" in index else "columns"
-    return ComparisonTable(_scale(table, metric), metric, 2, metric in HIGHER_IS_BETTER, models_on)
+    return _metric_table(table, metric, models_on, title=metric)
 
 
 def default_layout(kind: str) -> str:

@@ -13,7 +13,6 @@ import contextlib
 import os
 from typing import Iterator
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -68,7 +67,3 @@ def gather(obj: object) -> list[object]:
     out: list[object] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
-
-
-def concat(parts: list[np.ndarray]) -> np.ndarray:
-    return np.concatenate([p for p in parts if p is not None]) if any(p is not None for p in parts) else None

@@ -20,13 +20,12 @@ from robench.sanity import check_output_shape, explain_failure, first_batch_chec
 from robench.speed import (SpeedReport, auto_batch_size, estimated_work, finish, should_compile, speed_up,
                            timed_first_call)
 from robench.entries import Entry, build_entries
-from robench.run_state import RunInterrupted, RunOutcome, merge_outcomes, outcome_state, restore
+from robench.run_state import RunInterrupted, RunOutcome, restore
 from robench.run_state import snapshot as take_snapshot
 from robench.suites import Suite
 from robench.suites.schema import REID_FIELDS
 
-__all__ = ["Entry", "RunInterrupted", "RunOutcome", "build_entries", "check_labels", "dataset_fingerprint",
-           "iterate_batches", "merge_outcomes", "outcome_state", "run"]
+__all__ = ["check_labels", "dataset_fingerprint", "dataset_labels", "iterate_batches", "run"]
 
 
 def iterate_batches(dataset: ImageDataset, batch_size: int, workers: int, pin: bool) -> Iterator:

@@ -25,12 +25,11 @@ import pandas as pd
 import robench.sanity
 from robench.errors import UsageError
 from robench.registry import did_you_mean
-from robench.results.reading import HIGHER_IS_BETTER, ResultFile, comparability_problems, results_frame
+from robench.results.metric_table import higher_is_better, is_proportion
+from robench.results.reading import ResultFile, comparability_problems, results_frame
 
 KEY = ["entry", "settings", "eps", "pixels", "metric"]
 Z_95 = 1.96
-# Metrics that are a fraction of n samples (queries), where sqrt(p(1-p)/n) is their standard error.
-PROPORTIONS = {"accuracy", "robust_accuracy", "success_rate", "rank1", "rank5", "rank10", "rank20", "recognition_rate"}
 _RULE = re.compile(r"^\s*(?P<metric>[^@\s]+)@(?P<entry>[^:]+):\s*(?P<value>[0-9.]+)\s*(?P<unit>pt|%)?\s*$")
 
 
@@ -64,7 +63,8 @@ def parse_rule(text: str) -> Rule:
 
 
 def standard_error(metric: str, value: float, n: Any) -> float | None:
-    if metric not in PROPORTIONS or n is None or not isinstance(n, (int, float)) or n <= 0 or math.isnan(n):
+    # Only a fraction of n samples (queries) has sqrt(p(1-p)/n) as its standard error.
+    if not is_proportion(metric) or n is None or not isinstance(n, (int, float)) or n <= 0 or math.isnan(n):
         return None
     p = min(max(value, 0.0), 1.0)
     return math.sqrt(p * (1 - p) / n)
@@ -200,7 +200,7 @@ def _compare_values(current: ResultFile, baseline: ResultFile, max_drop: float, 
         b, c = r.value_baseline, r.value_current
         if r.present == "both" and pd.isna(b) and pd.isna(c):
             continue  # null in both runs (e.g. mINP not computed): nothing to compare, nothing differs
-        higher = r.metric in HIGHER_IS_BETTER
+        higher = higher_is_better(r.metric)
         rule = next((x for x in rules if x.matches(r.metric, r.entry)), None)
         threshold = rule.threshold(b) if rule and not pd.isna(b) else max_drop
         row = {"entry": r.entry, "metric": r.metric, "eps": None if pd.isna(r.eps) else r.eps,

@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from robench.errors import UsageError
+from robench.results.metric_table import metric_info
 
 SUFFIXES = (".png", ".svg", ".pdf")
 
@@ -32,7 +33,7 @@ def plot_results(rows: pd.DataFrame, x: str, metric: str | None, out: Path) -> P
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
 
-    percent = metric in ("accuracy", "success_rate", "rank1", "rank5", "rank10", "mAP", "recognition_rate")
+    percent = metric_info(metric).percent
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     clean = rows[(rows.metric == metric) & (rows.entry == "clean")]
     # One colour per model, one line style per attack: curves of a model read as a family.

@@ -6,9 +6,11 @@ from typing import Any
 
 from rich.table import Table
 
+from robench.results.metric_table import metric_info
 
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.2f}"
+
+def _show(metric: str, value: float | None) -> str:
+    return metric_info(metric).show(value)
 
 
 def _eps(a: dict[str, Any]) -> str:
@@ -26,13 +28,15 @@ def results_table(doc: dict[str, Any]) -> Table:
     for col, justify in (("attack", "left"), ("norm", "left"), ("eps", "right"), ("accuracy %", "right"),
                          ("success %", "right"), ("time s", "right")):
         table.add_column(col, justify=justify)
-    table.add_row("clean", "", "", _pct(doc["clean"]["accuracy"]), "", "")
+    table.add_row("clean", "", "", _show("accuracy", doc["clean"]["accuracy"]), "", "")
     for a in doc["attacks"]:
         name = a["label"] if a["label"] == a["attack"] else f"{a['label']} ({a['attack']})"
-        table.add_row(name, a["norm"], _eps(a), _pct(a["accuracy"]), _pct(a["success_rate"]), f"{a['seconds']:.2f}")
+        table.add_row(name, a["norm"], _eps(a), _show("accuracy", a["accuracy"]),
+                      _show("success_rate", a["success_rate"]), f"{a['seconds']:.2f}")
     if doc["robust_accuracy"] is not None:
-        table.add_row("[bold]worst case[/bold]", "", "", f"[bold]{_pct(doc['robust_accuracy'])}[/bold]", "", "")
-        table.add_row("mean over attacks", "", "", _pct(doc["mean_attack_accuracy"]), "", "")
+        worst = _show("robust_accuracy", doc["robust_accuracy"])
+        table.add_row("[bold]worst case[/bold]", "", "", f"[bold]{worst}[/bold]", "", "")
+        table.add_row("mean over attacks", "", "", _show("mean_attack_accuracy", doc["mean_attack_accuracy"]), "", "")
     env = doc["env"]
     table.caption = (f"{env['device_name']} · {env['precision']} · seed {env['seed']} · "
                      f"batch {env['batch_size']} · {env['seconds']:.1f}s · robench {env['robench']}")

@@ -73,7 +73,7 @@ def test_tidy_rows_pivot(result):
     acc = tidy[tidy.metric == "accuracy"]
     table = acc.pivot_table(index=["attack", "eps"], values="value")
     assert table.loc[("clean", 0.0), "value"] == result.clean_accuracy
-    assert set(tidy.metric) == {"accuracy", "success_rate", "robust_accuracy"}
+    assert set(tidy.metric) == {"accuracy", "success_rate", "robust_accuracy", "mean_attack_accuracy"}
 
 
 def test_batch_size_does_not_change_results(trained_model, test_tensors, result):

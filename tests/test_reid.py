@@ -123,7 +123,7 @@ def test_clean_metrics_and_document(reid_models, market, tmp_path):
     assert trap["ap_convention"] == "trapezoid"
     assert trap["rank1"] == clean["rank1"] and trap["mAP"] != clean["mAP"]
     rows = (tmp_path / "a" / "results.csv").read_text().splitlines()
-    assert rows[0].startswith("model,suite,attack,label,eps,metric,value,n,ap_convention,reranked")
+    assert rows[0] == "model,kind,suite,entry,attack,norm,settings,eps,eps_text,pixels,metric,value,n,ap_convention"
 
 
 def test_white_box_attacks_lower_rank1_and_map(reid_models, market, tmp_path):

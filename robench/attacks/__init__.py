@@ -1,6 +1,5 @@
 """Attacks: the base class, native gradient attacks and the torchattacks adapter."""
 
-from robench.attacks import gradient  # noqa: F401  (registers the native attacks)
 from robench.attacks.base import Attack, AttackResult
 from robench.attacks.gradient import BIM, FGSM, MIFGSM, PGD
 from robench.attacks.registry import ATTACKS

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import os
 import signal
 import sys
@@ -14,7 +13,7 @@ from typing import Any, Callable, Iterator
 import typer
 from rich.console import Console
 
-from robench.errors import EXIT_RUN_FAILED, Interrupted, RobenchError, UsageError, describe, one_line
+from robench.errors import EXIT_RUN_FAILED, Interrupted, RobenchError, describe, one_line
 from robench.results.locking import release_run_dirs
 
 stderr = Console(stderr=True, soft_wrap=True)  # log lines stay whole for grep and CI logs
@@ -52,12 +51,6 @@ def interrupt_on_sigterm() -> Iterator[None]:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
-
-
-def check_range(option: str, value: float, low: float, high: float) -> None:
-    """Options are bounded and finite: nan slips through every comparison, 1e9 trials run for ever."""
-    if not (math.isfinite(value) and low <= value <= high):
-        raise UsageError(f"{option} must be between {low:g} and {high:g}, got {value:g}")
 
 
 def debug() -> bool:

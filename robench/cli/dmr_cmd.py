@@ -8,7 +8,8 @@ from typing import Optional
 import torch
 import typer
 
-from robench.cli.common import check_range, handle_errors, stderr
+from robench.cli.common import handle_errors, stderr
+from robench.config import check_range, parse_image_size
 from robench.errors import UsageError
 from robench.expressions import eval_expr
 from robench.models import load_model, resolve_normalization
@@ -54,7 +55,6 @@ def train(
     seed: int = typer.Option(0), device: str = typer.Option("auto"),
 ) -> None:
     """Train the generator; the checkpoint with the lowest validation mAP under attack is kept."""
-    from robench.cli.reid_eval import _size
 
     if out.exists():
         raise UsageError(f"{out} exists; generators are never overwritten")
@@ -85,7 +85,7 @@ def train(
     if classifier_layer is not None:
         head = ReIDFeatures(loaded.model, model.normalization, layer=classifier_layer).to(dev)
         logits_fn = head
-    images = ReIDImages(dataset.train, _size(image_size))
+    images = ReIDImages(dataset.train, parse_image_size(image_size))
     config = GeneratorConfig(eps=budget, width=width, blocks=blocks, margin=margin, exclude_self=not dmr_compat,
                              ce_weight=ce_weight if classifier_layer else 0.0, msssim_weight=msssim_weight,
                              ids_per_batch=ids_per_batch,

@@ -5,34 +5,21 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from robench import distributed
-from robench.api import EvaluationInterrupted, evaluate
-from robench.cli.common import check_range, handle_errors, interrupt_on_sigterm, stderr, stdout_console
+from robench.api import EvaluationResult
+from robench.cli.common import handle_errors, interrupt_on_sigterm, stderr, stdout_console
 from robench.cli.gate_cmd import run_gate
+from robench.config import EvalConfig
+from robench.errors import UsageError
 from robench.gate import check_allowed_flags, parse_rule
-from robench.results.progress import PROGRESS_FILE, has_progress, load_progress, run_key, save_progress
-from robench.results.reading import read_result
-from robench.cli.reid_eval import run_reid_eval
-from robench.data.images import check_pixel_limit
-from robench.data.sources import DataOptions
-from robench.errors import Interrupted, RunError, UsageError
-from robench.models import load_model, resolve_normalization
-from robench.reid.api import is_reid_spec
-from robench.precision import PRECISIONS
-from robench.speed import COMPILE_MODES
+from robench.reid.report import reid_table
 from robench.report import results_table
-from robench.results import default_run_dir, prepare_run_dir
-from robench.suites import load_suite
-
-
-MAX_SAVE_EVERY = 7 * 24 * 3600.0  # seconds
-MAX_WORKERS = 256
-MAX_BATCH_SIZE = 1 << 20
+from robench.results.reading import read_result
+from robench.runner import PreparedRun, prepare_run
 
 
 @handle_errors
@@ -116,130 +103,74 @@ def eval_command(
         for text in rule or []:
             parse_rule(text)
         check_allowed_flags(allow_flag or [])
-    batch_size = _batch_size(batch_size)
-    check_range("--save-every", save_every, 0, MAX_SAVE_EVERY)
-    check_range("--workers", workers, 0, MAX_WORKERS)
-    check_pixel_limit(max_image_pixels)
-    if compile not in COMPILE_MODES:
-        raise UsageError(f"--compile must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")
-    if precision not in PRECISIONS:
-        raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    loaded_suite = load_suite(suite, trust_code=trust_suite)
-    # An explicit --normalize/--mean/--std wins over the suite's suggestion.
-    preset = normalize if normalize else (None if (mean or std) else loaded_suite.suite.normalize)
-    normalization = resolve_normalization(preset, mean, std)
-    loaded = load_model(model, arch=arch, num_classes=num_classes, trust_checkpoint=trust_checkpoint)
-    data_spec = data or loaded_suite.suite.dataset
-    if data_spec is None and model.startswith("example:"):
-        data_spec = model
-    if data_spec is None:
-        raise UsageError(f"suite {loaded_suite.suite.name} names no dataset: pass --data")
-    if resume is not None and out is not None and resume != out:
-        raise UsageError("give either --resume DIR or --out DIR")
-    if resume is not None and not has_progress(resume):
-        raise UsageError(f"{resume} holds no interrupted run to resume")
-    rank, processes, _ = distributed.world()
-    main = rank == 0
-    if processes > 1 and (resume is not None or (out is not None and has_progress(out))):
-        raise UsageError("--resume is not available under torchrun; resume with a single process")
-    # Under torchrun every process evaluates its shard; only rank 0 writes anything.
-    run_dir = prepare_run_dir(resume or out or default_run_dir(loaded_suite.suite.name, loaded.name)) if main \
-        else Path(".")
-    if is_reid_spec(data_spec) or loaded_suite.suite.task == "reid":
-        run_reid_eval(
-            loaded, data_spec, loaded_suite, run_dir, normalization=normalization, trust_checkpoint=trust_checkpoint,
-            feature_layer=feature_layer, flip=flip, l2=l2, distance=distance, ranks=ranks, ap=ap,
-            denominator=denominator, rerank=rerank, perturb=perturb, surrogate=surrogate,
-            surrogate_arch=surrogate_arch, surrogate_num_classes=surrogate_num_classes, image_size=image_size,
-            reid_pattern=reid_pattern, device=device, batch_size=batch_size, seed=seed, workers=workers,
-            as_json=as_json, quiet=quiet,
-        )
-        if main:
-            _gate(run_dir, baseline, max_drop, rule, require_significant, junit, allow_flag)
-        return
-    options = DataOptions(root=data_root, download=download, limit=limit, resize=resize, crop=crop, split=split,
-                          gray=gray, max_image_pixels=max_image_pixels)
+    config = EvalConfig(
+        batch_size=batch_size, save_every=save_every, workers=workers, max_image_pixels=max_image_pixels,
+        compile=compile, precision=precision, distance=distance, ranks=ranks, ap=ap, denominator=denominator,
+        perturb=perturb, image_size=image_size, model=model, arch=arch, num_classes=num_classes,
+        trust_checkpoint=trust_checkpoint, trust_suite=trust_suite, suite=suite, data=data, normalize=normalize,
+        mean=mean, std=std, device=device, channels_last=channels_last, sweep_reuse=sweep_reuse, seed=seed,
+        limit=limit, data_root=data_root, download=download, split=split, resize=resize, crop=crop, gray=gray,
+        out=out, resume=resume, feature_layer=feature_layer, flip=flip, l2=l2, rerank=rerank,
+        reid_pattern=reid_pattern, surrogate=surrogate, surrogate_arch=surrogate_arch,
+        surrogate_num_classes=surrogate_num_classes,
+    )
+    prepared = prepare_run(config)
+    if prepared.task == "reid":
+        result = prepared.evaluate(on_step=None if quiet else _note, on_warning=None if quiet else _warn)
+    else:
+        result = _evaluate_with_progress(prepared, quiet)
+    prepared.finish(result)
+    if not prepared.main:
+        return  # under torchrun only rank 0 reports
+    if prepared.task == "reid":
+        _print(result.doc, reid_table(result.doc), as_json)
+    else:
+        _warn_about(result.doc, forced_channels=gray is not None)
+        _print(result.doc, results_table(result.doc), as_json)
+    stderr.print(f"results written to {prepared.run_dir}", highlight=False)
+    _gate(prepared.run_dir, baseline, max_drop, rule, require_significant, junit, allow_flag)
 
+
+def _evaluate_with_progress(prepared: PreparedRun, quiet: bool) -> EvaluationResult:
+    """The run, with a progress bar; Ctrl-C and SIGTERM stop it with the finished work saved."""
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), console=stderr, transient=True,
-                        disable=quiet or not sys.stderr.isatty() or not main)
-    key = run_key({"model": loaded.sha256 or loaded.source, "arch": loaded.arch, "suite": loaded_suite.sha256,
-                        "data": data_spec, "options": options.__dict__, "normalization": normalization,
-                        "device": device, "batch_size": batch_size, "precision": precision, "seed": seed,
-                        "compile": compile, "channels_last": channels_last, "sweep_reuse": sweep_reuse})
-    single = main and processes == 1
-    resume_state = load_progress(run_dir, key) if single and has_progress(run_dir) else None
-    if resume_state is not None:
-        stderr.print(f"robench: resuming {run_dir} after {resume_state['batches']} finished batch(es)",
-                     highlight=False)
+                        disable=quiet or not sys.stderr.isatty() or not prepared.main)
+    if prepared.resume_state is not None:
+        stderr.print(f"robench: resuming {prepared.run_dir} after {prepared.resume_state['batches']} finished "
+                     "batch(es)", highlight=False)
     # SIGTERM is turned into an interruption only while evaluating: the final progress file is on
     # disk before the results are written, so a kill at any later moment still resumes to the end.
     with progress, interrupt_on_sigterm():
-        task = progress.add_task(f"{loaded.name} · {loaded_suite.suite.name}", total=None)
-        try:
-            result = evaluate(
-                loaded, data_spec, loaded_suite, normalization=normalization, device=device,
-                batch_size=batch_size, precision=precision, seed=seed, workers=workers,
-                data_options=options, on_batch=lambda k: progress.advance(task, k),
-                resume_state=resume_state, save_every=save_every, compile=compile, channels_last=channels_last,
-                sweep_reuse=sweep_reuse,
-                save_state=progress_saver(run_dir, key) if single else None,
-            )
-        except EvaluationInterrupted as stopped:
-            if not main:
-                raise Interrupted("interrupted") from None
-            stopped.result.save(run_dir)
-            done = stopped.result.doc["progress"]
-            raise Interrupted(
-                f"interrupted after {done['evaluated']} of {done['total']} samples; partial results in "
-                f"{run_dir}/results.json (complete: false); run the same command with --resume {run_dir}") from None
-    if not main:
-        return
-    result.save(run_dir)
-    (run_dir / PROGRESS_FILE).unlink(missing_ok=True)
-    if result.doc["data"].get("skipped"):
-        stderr.print(f"robench: warning: skipped {len(result.doc['data']['skipped'])} unreadable file(s) "
-                     "(listed in results.json under data.skipped)", highlight=False)
-    if result.doc["data"].get("converted") and gray is None:  # forced conversions were asked for: no warning
-        stderr.print(f"robench: warning: converted {len(result.doc['data']['converted'])} image(s) to the channels "
-                     "of most images (listed in results.json under data.converted)", highlight=False)
-    for flag in result.doc["sanity"]["flags"]:
-        stderr.print(f"robench: warning: {flag}", highlight=False)
+        task = progress.add_task(f"{prepared.resolved.loaded.name} · {prepared.resolved.suite.suite.name}",
+                                 total=None)
+        return prepared.evaluate(on_batch=lambda k: progress.advance(task, k), on_warning=_warn)
+
+
+def _warn_about(doc: dict, forced_channels: bool) -> None:
+    if doc["data"].get("skipped"):
+        _warn(f"skipped {len(doc['data']['skipped'])} unreadable file(s) (listed in results.json under "
+              "data.skipped)")
+    if doc["data"].get("converted") and not forced_channels:  # forced conversions were asked for: no warning
+        _warn(f"converted {len(doc['data']['converted'])} image(s) to the channels of most images (listed in "
+              "results.json under data.converted)")
+    for flag in doc["sanity"]["flags"]:
+        _warn(flag)
+
+
+def _print(doc: dict, table: Any, as_json: bool) -> None:
     if as_json:
-        sys.stdout.write(json.dumps(result.doc, indent=2) + "\n")
+        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
     else:
-        stdout_console().print(results_table(result.doc))
-    stderr.print(f"results written to {run_dir}", highlight=False)
-    _gate(run_dir, baseline, max_drop, rule, require_significant, junit, allow_flag)
+        stdout_console().print(table)
 
 
-def _batch_size(text: str) -> int | str:
-    if text == "auto":
-        return text
-    # isdigit alone accepts "²" and other digits int() refuses.
-    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_BATCH_SIZE:
-        raise UsageError(f"--batch-size must be an integer from 1 to {MAX_BATCH_SIZE} or auto, got {text!r}")
-    return int(text)
+def _warn(message: str) -> None:
+    stderr.print(f"robench: warning: {message}", highlight=False)
 
 
-def progress_saver(run_dir: Path, key: str):
-    """Snapshots go to disk as the run goes; a full disk is a warning there, not the end of the run.
-
-    The last good progress file stays in place (writes are atomic), and the
-    results are still in memory: if space is freed, the final write succeeds.
-    """
-    warned = False
-
-    def save(state: dict) -> None:
-        nonlocal warned
-        try:
-            save_progress(run_dir, state, key)
-        except RunError as exc:
-            if not warned:
-                stderr.print(f"robench: warning: {exc}", highlight=False)
-                warned = True
-
-    return save
+def _note(message: str) -> None:
+    stderr.print(f"robench: {message}", highlight=False)
 
 
 def _gate(run_dir: Path, baseline: Optional[Path], max_drop: float, rules: Optional[List[str]],

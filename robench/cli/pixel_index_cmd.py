@@ -7,19 +7,20 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import pandas as pd
 import typer
 
-from robench.cli.common import check_range, handle_errors, stderr, stdout_console
+from robench.cli.common import handle_errors, stderr, stdout_console
+from robench.config import check_range
 from robench.data.images import check_pixel_limit, input_geometry
 from robench.errors import UsageError
 from robench.expressions import eval_expr
 from robench.models import load_model, resolve_normalization
 from robench.pixels.experiment import build_settings
-from robench.pixels.folder import pixel_index_folder, tidy_pixel_rows
+from robench.pixels.folder import pixel_index_folder
 from robench.pixels.perturb import CHANNEL_MODES
 from robench.pixels.report import pixel_tables
 from robench.results import default_run_dir, prepare_run_dir
+from robench.results.tidy import tidy_frame
 from robench.results.writers import write_results
 
 
@@ -127,7 +128,7 @@ def pixel_index_command(
               "max_image_pixels": max_image_pixels,
               "normalization": normalization.as_dict() if normalization else None, "on_attack": on_attack,
               "eps": attack_eps, "device": device, "batch_size": batch_size}
-    write_results(run_dir, doc, pd.DataFrame(tidy_pixel_rows(doc)), config)
+    write_results(run_dir, doc, tidy_frame(doc), config)
     if as_json:
         sys.stdout.write(json.dumps(doc, indent=2) + "\n")
     else:

@@ -2,33 +2,30 @@
 
 from __future__ import annotations
 
-import platform
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
+from torch import nn
 
-from robench import __version__
+from robench.config import as_loaded_model
 from robench.data.images import class_indices, load_folder, scan_folder
 from robench.errors import UsageError
 from robench.models.loading import LoadedModel
-from robench.models.preprocessing import Normalization
+from robench.models.preprocessing import PRESETS, Normalization
 from robench.models.wrapper import RobustModel
-from robench.pixels.experiment import PixelSetting, experiments_document, run_pixel_experiments
-from robench.precision import device_name, resolve_device
-
-SCHEMA = "robench.pixel-index/1"
+from robench.pixels.experiment import PixelSetting, build_settings, experiments_document, run_pixel_experiments
+from robench.precision import resolve_device
+from robench.results.document import PIXEL_SCHEMA, data_block, env_block, header, model_block
 
 
 def pixel_index_folder(
-    loaded: LoadedModel,
+    model: nn.Module | LoadedModel | str,
     folder: str | Path,
     *,
-    normalization: Normalization | None,
     pixels: list[int],
-    settings: list[PixelSetting],
+    normalization: Normalization | str | None = None,
+    settings: list[PixelSetting] | None = None,
     trials: int = 1,
     seed: int = 0,
     shared_positions: bool = False,
@@ -43,7 +40,17 @@ def pixel_index_folder(
     device: str = "auto",
     on_batch: Callable[[int], None] | None = None,
     warn: Callable[[str], None] | None = None,
+    trust_checkpoint: bool = False,
 ) -> dict[str, Any]:
+    """The Pixel-index of ``model`` on the images of ``folder`` (class sub-folders, or flat).
+
+    ``pixels`` lists how many pixels each trial changes; ``settings`` (see
+    ``build_settings``) adds the fixed-delta and area experiments to the full-range
+    one. Returns the results document of ``robench pixel-index``.
+    """
+    loaded = as_loaded_model(model, trust_checkpoint=trust_checkpoint)
+    settings = settings if settings is not None else build_settings([], [])
+    normalization = PRESETS.get(normalization) if isinstance(normalization, str) else normalization
     scan = scan_folder(folder)
     images, kept = load_folder(scan, resize, crop, gray, max_image_pixels)
     if scan.skipped and warn:
@@ -72,18 +79,12 @@ def pixel_index_folder(
         raise UsageError(f"no image of {scan.root} is classified correctly by the model before the change "
                          f"({counts.clean_total} read); check --class-map and the preprocessing options")
     h, w = images.shape[2:]
-    import torchvision
-
     return {
-        "schema": SCHEMA,
-        "task": "pixel-index",
-        "complete": True,
-        "model": {"name": loaded.name, "source": loaded.source, "arch": loaded.arch, "sha256": loaded.sha256,
-                  "normalization": normalization.as_dict() if normalization else None},
-        "data": {
-            "folder": str(folder), "image_files": len(scan.files), "read": len(kept), "input_size": [int(h), int(w)], "fingerprint": counts.fingerprint,
-            "reference": "folder labels" if labels is not None else "clean prediction",
-        },
+        **header(PIXEL_SCHEMA, "pixel-index", True),
+        "model": model_block(loaded, normalization=normalization),
+        "data": data_block({"folder": str(folder), "image_files": len(scan.files), "read": len(kept),
+                            "input_size": [int(h), int(w)]}, counts.fingerprint,
+                           {"reference": "folder labels" if labels is not None else "clean prediction"}),
         "images": {
             "read": len(kept),
             "evaluated": counts.evaluated,
@@ -96,25 +97,7 @@ def pixel_index_folder(
         "settings": {"pixels": pixels, "trials": trials, "seed": seed, "shared_positions": shared_positions,
                      "channels": channels, "attack_eps": attack_eps},
         "experiments": experiments_document(counts, settings, pixels, (int(h), int(w)), attack_eps),
-        "env": {
-            "robench": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "python": platform.python_version(), "numpy": np.__version__, "device": str(dev),
-            "device_name": device_name(dev), "seed": seed, "batch_size": batch_size,
-            "checkpoint_sha256": loaded.sha256, "dataset_fingerprint": counts.fingerprint,
-            "seconds": round(counts.seconds, 3), "forward_images": counts.forward_images,
-            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        },
+        "env": env_block(dev, seed=seed, batch_size=batch_size, checkpoint_sha256=loaded.sha256,
+                         dataset_fingerprint=counts.fingerprint, seconds=counts.seconds,
+                         forward_images=counts.forward_images),
     }
-
-
-def tidy_pixel_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per metric, like classification results: pandas pivots them into Tables 6-9."""
-    rows = []
-    model = doc["model"]["name"]
-    for exp in doc["experiments"]:
-        for r in exp["results"]:
-            for metric in ("misclassified", "recognition_rate", "pi"):
-                if r.get(metric) is not None:
-                    rows.append({"model": model, "experiment": exp["experiment"], "setting": exp["setting"],
-                                 "pixels": r["pixels"], "metric": metric, "value": r[metric], "n": r["total"]})
-    return rows

@@ -6,6 +6,8 @@ from typing import Any
 
 from rich.table import Table
 
+from robench.results.metric_table import metric_info
+
 
 def _count(value: float) -> str:
     return f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}"
@@ -33,9 +35,10 @@ def pixel_tables(doc: dict[str, Any]) -> list[Table]:
         for e in exps:
             res = e["results"]
             table.add_row(e["setting"], "misclassified", *(_count(r["misclassified"]) for r in res))
+            rate = metric_info("recognition_rate")
             table.add_row("", "recognition rate", *(
-                "-" if r["recognition_rate"] is None else f"{100 * r['recognition_rate']:.2f}%" for r in res))
+                "-" if r["recognition_rate"] is None else f"{rate.show(r['recognition_rate'])}%" for r in res))
             if kind != "attack":
-                table.add_row("", "Pi", *(f"{r['pi']:.2f}" for r in res), end_section=True)
+                table.add_row("", "Pi", *(metric_info("pi").show(r["pi"]) for r in res), end_section=True)
         tables.append(table)
     return tables

@@ -1,26 +1,23 @@
-"""``robench eval`` on a re-identification dataset: the results document."""
+"""Re-identification from Python: ``robench.evaluate_reid`` and the ReID data specs."""
 
 from __future__ import annotations
 
-import platform
-from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Callable
 
-import numpy as np
-import torch
+from torch import nn
 
-from robench import __version__, distributed
+from robench import distributed
+from robench.config import as_loaded_model, as_suite
 from robench.models.loading import LoadedModel
-from robench.models.preprocessing import Normalization
-from robench.precision import device_name, resolve_device
+from robench.models.preprocessing import PRESETS, Normalization
+from robench.precision import resolve_device
 from robench.reid.datasets import PATTERNS, ReIDData, load_reid
 from robench.reid.engine import ReIDOptions, run_reid
 from robench.reid.features import ReIDFeatures
-from robench.results.schema import SCHEMA
-from robench.suites import LoadedSuite
+from robench.results.document import SCHEMA, data_block, env_block, header, model_block, suite_block
+from robench.suites import LoadedSuite, Suite
 
 REID_KINDS = tuple(PATTERNS)
-METRIC_KEYS = ("rank1", "rank5", "rank10", "mAP", "mINP")
 
 
 def is_reid_spec(spec: str | None) -> bool:
@@ -32,22 +29,44 @@ def load_reid_spec(spec: str, pattern: str | None = None) -> ReIDData:
     return load_reid(kind.lower(), root, pattern)
 
 
+def _normalization(value: Normalization | str | None) -> Normalization | None:
+    return PRESETS.get(value) if isinstance(value, str) else value
+
+
 def evaluate_reid(
-    loaded: LoadedModel,
-    data: ReIDData,
-    suite: LoadedSuite,
+    model: nn.Module | LoadedModel | str,
+    data: ReIDData | str,
+    suite: str | Suite | LoadedSuite | dict,
     *,
-    normalization: Normalization | None,
-    options: ReIDOptions,
-    surrogate: LoadedModel | None = None,
-    surrogate_normalization: Normalization | None = None,
+    normalization: Normalization | str | None = None,
+    options: ReIDOptions | None = None,
+    surrogate: nn.Module | LoadedModel | str | None = None,
+    surrogate_normalization: Normalization | str | None = None,
     feature_layer: str | None = None,
     surrogate_layer: str | None = None,
     flip: bool = False,
     l2: bool = False,
     device: str = "auto",
-    on_step=None,
+    on_step: Callable[[str], None] | None = None,
+    pattern: str | None = None,
+    trust_checkpoint: bool = False,
 ) -> dict[str, Any]:
+    """Re-identification metrics (CMC, mAP, mINP) of ``model``'s features, clean and under ``suite``'s attacks.
+
+    ``data`` is a spec (``market1501:ROOT``, ``dukemtmc:ROOT``, ``reid:ROOT`` with
+    ``pattern``) or a loaded ``ReIDData``; ``options`` holds the protocol (distance,
+    ranks, AP convention, re-ranking, which split is perturbed). ``surrogate`` is
+    the model transfer attacks are computed on. Returns the results document
+    (the ``results.json`` of ``robench eval`` on the same data); no argument is changed.
+    """
+    loaded = as_loaded_model(model, trust_checkpoint=trust_checkpoint)
+    data = load_reid_spec(data, pattern) if isinstance(data, str) else data
+    suite = as_suite(suite)
+    normalization = _normalization(normalization)
+    options = options or ReIDOptions()
+    if surrogate is not None:
+        surrogate = as_loaded_model(surrogate, trust_checkpoint=trust_checkpoint)
+        surrogate_normalization = _normalization(surrogate_normalization)
     dev = distributed.local_device(resolve_device(device))
     target = ReIDFeatures(loaded.model, normalization, layer=feature_layer, flip=flip, l2=l2)
     sur = None
@@ -59,56 +78,23 @@ def evaluate_reid(
                                on_step=on_step if distributed.is_main_process() else None)
     else:
         outcome = run_reid(target, data, suite.suite, surrogate=sur, options=options, device=dev, on_step=on_step)
-    import torchvision
-
     return {
-        "schema": SCHEMA,
-        "task": "reid",
-        "complete": True,
-        "model": {"name": loaded.name, "source": loaded.source, "arch": loaded.arch, "sha256": loaded.sha256,
-                  "normalization": normalization.as_dict() if normalization else None,
-                  "feature_layer": feature_layer, "flip": flip, "l2": l2},
-        "surrogate": None if surrogate is None else {
-            "name": surrogate.name, "source": surrogate.source, "arch": surrogate.arch, "sha256": surrogate.sha256},
-        "suite": {"name": suite.suite.name, "source": suite.path, "sha256": suite.sha256},
-        "data": {"spec": f"{data.kind}:{data.root}", "queries": len(data.query), "gallery": len(data.gallery),
-                 "junk_excluded": data.junk, "skipped": data.skipped, "fingerprint": outcome.fingerprint},
+        **header(SCHEMA, "reid", True),
+        "model": model_block(loaded, normalization=normalization, feature_layer=feature_layer, flip=flip, l2=l2),
+        "surrogate": None if surrogate is None else model_block(surrogate),
+        "suite": suite_block(suite.suite.name, suite.path, suite.sha256),
+        "data": data_block({"spec": f"{data.kind}:{data.root}", "queries": len(data.query),
+                            "gallery": len(data.gallery), "junk_excluded": data.junk, "skipped": data.skipped},
+                           outcome.fingerprint),
         "protocol": {"distance": options.metric, "ranks": list(options.ranks), "ap_convention": options.ap,
                      "denominator": options.denominator, "perturb": options.perturb, "rerank": options.rerank},
         "clean": outcome.clean,
         "clean_reranked": outcome.clean_reranked,
         "attacks": outcome.attacks,
         "sanity": {"nonfinite_features": outcome.nonfinite_features},
-        "env": {
-            "robench": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "python": platform.python_version(), "numpy": np.__version__, "device": str(dev),
-            "device_name": device_name(dev), "precision": "fp32", "seed": options.seed,
-            "batch_size": options.batch_size, "checkpoint_sha256": loaded.sha256,
-            "processes": distributed.world()[1],
-            "suite_sha256": suite.sha256, "dataset_fingerprint": outcome.fingerprint,
-            "seconds": round(outcome.seconds, 3),
-            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        },
+        # A ReID run has no precision option: it always runs in fp32.
+        "env": env_block(dev, precision="fp32", seed=options.seed, batch_size=options.batch_size,
+                         checkpoint_sha256=loaded.sha256, processes=distributed.world()[1],
+                         suite_sha256=suite.sha256, dataset_fingerprint=outcome.fingerprint,
+                         seconds=outcome.seconds),
     }
-
-
-def reid_tidy_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per metric, as for classification; ``ap`` names the AP convention of mAP rows."""
-    model, suite = doc["model"]["name"], doc["suite"]["name"]
-    rows = []
-
-    def add(attack: str, label: str, eps: Any, metrics: dict | None, reranked: bool) -> None:
-        if not metrics:
-            return
-        for key in METRIC_KEYS:
-            if key in metrics and metrics[key] is not None:
-                rows.append({"model": model, "suite": suite, "attack": attack, "label": label, "eps": eps,
-                             "metric": key, "value": metrics[key], "n": metrics["queries"],
-                             "ap_convention": metrics["ap_convention"], "reranked": reranked})
-
-    add("clean", "clean", 0.0, doc["clean"], False)
-    add("clean", "clean", 0.0, doc.get("clean_reranked"), True)
-    for a in doc["attacks"]:
-        add(a["attack"], a["label"], a["eps"], a, False)
-        add(a["attack"], a["label"], a["eps"], a.get("reranked"), True)
-    return rows

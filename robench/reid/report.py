@@ -6,14 +6,12 @@ from typing import Any
 
 from rich.table import Table
 
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.1f}"
+from robench.results.metric_table import metric_info, rank_keys
 
 
 def reid_table(doc: dict[str, Any]) -> Table:
     clean = doc["clean"]
-    ranks = [k for k in clean if k.startswith("rank")]
+    ranks = rank_keys(clean)
     table = Table(title=f"robench · {doc['model']['name']} · suite {doc['suite']['name']} · {doc['data']['spec']} "
                         f"({doc['data']['queries']} queries, {doc['data']['gallery']} gallery)")
     for col in ("setting", "eps", "source", *[f"Rank-{k[4:]}" for k in ranks], f"mAP ({clean['ap_convention']})",
@@ -21,7 +19,7 @@ def reid_table(doc: dict[str, Any]) -> Table:
         table.add_column(col, justify="left" if col in ("setting", "source") else "right")
 
     def row(name: str, eps: str, source: str, m: dict[str, Any]) -> None:
-        table.add_row(name, eps, source, *(_pct(m[k]) for k in ranks), _pct(m["mAP"]), _pct(m.get("mINP")))
+        table.add_row(name, eps, source, *(metric_info(k).show(m.get(k)) for k in (*ranks, "mAP", "mINP")))
 
     row("original", "", "", clean)
     if doc.get("clean_reranked"):

@@ -18,15 +18,13 @@ from typing import Any, NoReturn
 import pandas as pd
 
 from robench.errors import UsageError
+from robench.results.document import PIXEL_SCHEMA, SCHEMA
+from robench.results.metric_table import RANK_KEY
+from robench.results.tidy import TIDY_COLUMNS, document_kind, tidy_rows
 
-KNOWN_SCHEMAS = ("robench.results/1", "robench.pixel-index/1")
-ROW_COLUMNS = ["model", "kind", "entry", "attack", "settings", "eps", "eps_text", "pixels", "metric", "value", "n",
-               "ap_convention", "source"]
-# Metrics where a larger value means a more robust model; the rest (attack success, Pi,
-# misclassification) are better when smaller.
-HIGHER_IS_BETTER = {"accuracy", "robust_accuracy", "mean_attack_accuracy", "rank1", "rank5", "rank10", "rank20",
-                    "mAP", "mINP", "recognition_rate"}
-SETTINGS_EXCLUDED = {"seconds", "gradient_evals", "peak_memory_bytes", "eps_expr"}
+KNOWN_SCHEMAS = (SCHEMA, PIXEL_SCHEMA)
+# The tidy rows of results.csv, plus the file each row was read from.
+ROW_COLUMNS = [*TIDY_COLUMNS, "source"]
 # Far above any real document (the largest are ReID runs listing skipped files), far below what hurts.
 MAX_RESULT_BYTES = 64 * 2 ** 20
 
@@ -39,9 +37,7 @@ class ResultFile:
 
     @property
     def kind(self) -> str:
-        if self.doc.get("schema") == "robench.pixel-index/1":
-            return "pixel"
-        return "reid" if self.doc.get("task") == "reid" else "classification"
+        return document_kind(self.doc)
 
     @property
     def fingerprint(self) -> str | None:
@@ -101,62 +97,9 @@ def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def settings_key(params: dict[str, Any] | None) -> str:
-    params = {k: v for k, v in (params or {}).items() if k not in SETTINGS_EXCLUDED}
-    return json.dumps(params, sort_keys=True, default=str)
-
-
 def result_rows(result: ResultFile, keep_null: bool = False) -> list[dict[str, Any]]:
-    """One row per value; null values are left out unless ``keep_null`` (the gate must see them)."""
-    doc, model = result.doc, result.label
-    rows: list[dict[str, Any]] = []
-
-    def add(entry: str, attack: str, settings: str, eps: Any, pixels: Any, metric: str, value: Any, n: Any,
-            ap: str | None = None, eps_text: str | None = None) -> None:
-        if value is None and not keep_null:
-            return
-        rows.append({"model": model, "kind": result.kind, "entry": entry, "attack": attack, "settings": settings,
-                     "eps": eps, "eps_text": eps_text, "pixels": pixels, "metric": metric,
-                     "value": None if value is None else float(value),
-                     "n": n, "ap_convention": ap, "source": str(result.path)})
-
-    if result.kind == "classification":
-        n = doc["clean"]["n"]
-        add("clean", "clean", "", 0.0, None, "accuracy", doc["clean"]["accuracy"], n)
-        for a in doc["attacks"]:
-            s = settings_key(a.get("params"))
-            pixels = a.get("params", {}).get("pixels")
-            text = a.get("params", {}).get("eps_expr")
-            add(a["label"], a["attack"], s, a["eps"], pixels, "accuracy", a["accuracy"], a["n"], eps_text=text)
-            add(a["label"], a["attack"], s, a["eps"], pixels, "success_rate", a["success_rate"], a.get("attacked"),
-                eps_text=text)
-        add("worst-case", "worst-case", "", None, None, "robust_accuracy", doc.get("robust_accuracy"), n)
-        add("mean", "mean", "", None, None, "mean_attack_accuracy", doc.get("mean_attack_accuracy"), None)
-    elif result.kind == "reid":
-        metric_keys = [k for k in doc["clean"] if k.startswith("rank")] + ["mAP", "mINP"]
-
-        def add_reid(entry: str, attack: str, settings: str, eps: Any, m: dict | None, text: str | None = None) -> None:
-            if not m:
-                return
-            for key in metric_keys:
-                add(entry, attack, settings, eps, None, key, m.get(key), m.get("queries"), m.get("ap_convention"),
-                    text)
-
-        add_reid("clean", "clean", "", 0.0, doc["clean"])
-        add_reid("clean+rerank", "clean", "rerank", 0.0, doc.get("clean_reranked"))
-        for a in doc["attacks"]:
-            s = settings_key(a.get("params"))
-            text = a.get("params", {}).get("eps_expr")
-            add_reid(a["label"], a["attack"], s, a["eps"], a, text)
-            add_reid(a["label"] + "+rerank", a["attack"], s + "|rerank", a["eps"], a.get("reranked"), text)
-    else:
-        for exp in doc["experiments"]:
-            entry = f"{exp['experiment']}:{exp['setting']}"
-            s = json.dumps({k: exp.get(k) for k in ("delta", "area", "eps")}, sort_keys=True)
-            for r in exp["results"]:
-                for metric in ("misclassified", "recognition_rate", "pi"):
-                    add(entry, exp["experiment"], s, None, r["pixels"], metric, r.get(metric), r["total"])
-    return rows
+    """The document's tidy rows labelled with the result's label; null values only with ``keep_null``."""
+    return [{**row, "source": str(result.path)} for row in tidy_rows(result.doc, result.label, keep_null)]
 
 
 def results_frame(results: list[ResultFile], keep_null: bool = False) -> pd.DataFrame:
@@ -191,7 +134,6 @@ _MISSING = object()
 _COUNT_MAX = 2 ** 53  # larger integers are not exact as floats, and no run has that many samples
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _FLAG_NAME = re.compile(r"^[A-Za-z0-9_]{1,64}$")
-_RANK_KEY = re.compile(r"^rank[0-9]+$")
 
 
 def _show(value: Any) -> str:
@@ -364,7 +306,7 @@ def _check_reid_metrics(check: _Checker, metrics: Any, path: str) -> None:
     check.object(metrics, path)
     for key, value in metrics.items():
         if key.startswith("rank"):  # every rank key is read as a CMC value
-            if not _RANK_KEY.match(key):
+            if not RANK_KEY.match(key):
                 check.fail(_join(path, key), "a CMC key must be rank followed by a number, e.g. rank1")
             check.fraction(value, _join(path, key))
     check.fraction(check.get(metrics, "mAP", path), _join(path, "mAP"))

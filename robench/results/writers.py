@@ -15,7 +15,7 @@ import pandas as pd
 
 from robench.errors import RunError, UsageError
 from robench.results.locking import lock_run_dir
-from robench.results.schema import TIDY_COLUMNS, tidy_rows
+from robench.results.tidy import tidy_frame
 
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
@@ -125,4 +125,4 @@ def write_results(path: Path, doc: dict[str, Any], tidy: pd.DataFrame, config: d
 
 def write_run(path: Path, doc: dict[str, Any], samples: pd.DataFrame, config: dict[str, Any]) -> None:
     atomic_write(path / "samples.csv", samples.to_csv(index=False))
-    write_results(path, doc, pd.DataFrame(tidy_rows(doc), columns=TIDY_COLUMNS), config)
+    write_results(path, doc, tidy_frame(doc), config)

@@ -1,0 +1,274 @@
+"""``EvalConfig``: every option of one evaluation, validated once.
+
+``robench eval`` and ``robench.evaluate`` both build one; the checks (ranges,
+choices, formats) live here and nowhere else, and their messages name the
+command-line option, as the CLI has always printed them.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from torch import nn
+
+from robench.data.images import check_pixel_limit
+from robench.data.sources import DataOptions
+from robench.errors import UsageError
+from robench.models.loading import LoadedModel, load_model
+from robench.models.preprocessing import Normalization, resolve_normalization
+from robench.precision import PRECISIONS
+from robench.registry import did_you_mean
+from robench.speed import COMPILE_MODES
+from robench.suites import LoadedSuite, Suite, load_suite
+from robench.suites.loader import parse_suite
+
+MAX_SAVE_EVERY = 7 * 24 * 3600.0  # seconds
+MAX_WORKERS = 256
+MAX_BATCH_SIZE = 1 << 20
+REID_BATCH_SIZE = 64  # what `--batch-size auto` means for ReID: a safe size on any GPU
+CHOICES = {"compile": COMPILE_MODES, "precision": PRECISIONS,
+           "distance": ("euclidean", "cosine"), "ap": ("noninterp", "trapezoid"),
+           "denominator": ("valid", "all"), "perturb": ("query", "gallery")}
+
+
+def check_range(option: str, value: float, low: float, high: float) -> None:
+    """Options are bounded and finite: nan slips through every comparison, 1e9 trials run for ever."""
+    if not (math.isfinite(value) and low <= value <= high):
+        raise UsageError(f"{option} must be between {low:g} and {high:g}, got {value:g}")
+
+
+def parse_image_size(text: str | None) -> tuple[int, int] | None:
+    """``--image-size HxW``, e.g. 256x128."""
+    if text is None:
+        return None
+    rows, _, cols = text.lower().partition("x")
+    if not (rows.isdigit() and cols.isdigit() and int(rows) > 0 and int(cols) > 0):
+        raise UsageError(f"--image-size takes HxW, e.g. 256x128, got {text!r}")
+    return int(rows), int(cols)
+
+
+def _choice(option: str, value: str) -> str:
+    if value not in CHOICES[option]:
+        raise UsageError(f"--{option} must be one of {', '.join(CHOICES[option])}, got {value!r}")
+    return value
+
+
+class EvalConfig(BaseModel):
+    """One evaluation: model, data, suite and every run option.
+
+    ``model``, ``data`` and ``suite`` also take objects (a module or ``LoadedModel``,
+    an ``(x, y)`` pair or ``ImageDataset``, a ``Suite``/``LoadedSuite``/dict), as
+    ``robench.evaluate`` does. Fields are checked in declaration order, so the
+    first problem reported is the one the command line has always reported first.
+    Any invalid value raises ``UsageError`` with a one-line message.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+    # checked first, in the order of the command line's checks
+    batch_size: int | str = 256
+    save_every: float = 2.0
+    workers: int = 0
+    max_image_pixels: int | None = None
+    compile: str = "auto"
+    precision: str = "fp32"
+    distance: str = "euclidean"
+    ranks: tuple[int, ...] = (1, 5, 10)
+    ap: str = "noninterp"
+    denominator: str = "valid"
+    perturb: str = "query"
+    image_size: tuple[int, int] | None = None
+    # what is evaluated
+    model: Any
+    arch: str | None = None
+    num_classes: int | None = None
+    trust_checkpoint: bool = False
+    trust_suite: bool = False
+    suite: Any = "pgd-linf"
+    data: Any = None
+    normalize: str | Normalization | None = None  # a preset name or a Normalization
+    mean: str | None = None
+    std: str | None = None
+    # how
+    device: str = "auto"
+    compile_backend: str = "inductor"
+    channels_last: bool = False
+    sweep_reuse: bool = False
+    seed: int = 0
+    # data options (see DataOptions)
+    limit: int | None = None
+    data_root: str | None = None
+    download: bool = False
+    split: str = "test"
+    resize: int | None = None
+    crop: int | None = None
+    gray: bool | None = None
+    # where the results go
+    out: Path | None = None
+    resume: Path | None = None
+    # re-identification
+    feature_layer: str | None = None
+    flip: bool = False
+    l2: bool = False
+    rerank: bool = False
+    reid_pattern: str | None = None
+    surrogate: str | None = None
+    surrogate_arch: str | None = None
+    surrogate_num_classes: int | None = None
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise UsageError(_first_problem(exc)) from None
+
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _batch_size(cls, value: Any) -> int | str:
+        if value == "auto":
+            return value
+        text = str(value)
+        # isdigit alone accepts "²" and other digits int() refuses.
+        if isinstance(value, bool) or not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_BATCH_SIZE:
+            # One message for the CLI and the Python API, with the words each of them has always used.
+            raise UsageError(f"--batch-size must be an integer (a positive integer or auto, at most "
+                             f"{MAX_BATCH_SIZE}), got {text!r}")
+        return int(text)
+
+    @field_validator("save_every")
+    @classmethod
+    def _save_every(cls, value: float) -> float:
+        check_range("--save-every", value, 0, MAX_SAVE_EVERY)
+        return value
+
+    @field_validator("workers")
+    @classmethod
+    def _workers(cls, value: int) -> int:
+        check_range("--workers", value, 0, MAX_WORKERS)
+        return value
+
+    @field_validator("max_image_pixels", mode="before")
+    @classmethod
+    def _max_image_pixels(cls, value: Any) -> Any:
+        check_pixel_limit(value)
+        return value
+
+    @field_validator(*CHOICES)
+    @classmethod
+    def _one_of(cls, value: str, info: Any) -> str:
+        return _choice(info.field_name, value)
+
+    @field_validator("ranks", mode="before")
+    @classmethod
+    def _ranks(cls, value: Any) -> tuple[int, ...]:
+        values = value
+        if isinstance(value, str):
+            try:
+                values = tuple(int(v) for v in value.split(",") if v.strip())
+            except ValueError:
+                raise UsageError(f"--ranks takes comma-separated integers, got {value!r}") from None
+        values = tuple(values)
+        if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+            raise UsageError(f"--ranks values must be >= 1, got {_as_text(value)!r}")
+        return values
+
+    @field_validator("image_size", mode="before")
+    @classmethod
+    def _image_size(cls, value: Any) -> tuple[int, int] | None:
+        return parse_image_size(value) if isinstance(value, str) else value
+
+    def data_options(self) -> DataOptions:
+        """A fresh DataOptions each call: nothing the run does can reach the caller's copy."""
+        return DataOptions(root=self.data_root, download=self.download, limit=self.limit, resize=self.resize,
+                           crop=self.crop, split=self.split, gray=self.gray, max_image_pixels=self.max_image_pixels)
+
+    def reid_batch_size(self) -> int:
+        return REID_BATCH_SIZE if self.batch_size == "auto" else int(self.batch_size)
+
+
+def data_option_fields(options: DataOptions) -> dict[str, Any]:
+    """EvalConfig's fields for a DataOptions (read, never changed)."""
+    return {"data_root": options.root, "download": options.download, "limit": options.limit,
+            "resize": options.resize, "crop": options.crop, "split": options.split, "gray": options.gray,
+            "max_image_pixels": options.max_image_pixels}
+
+
+def _as_text(value: Any) -> str:
+    return value if isinstance(value, str) else ",".join(str(v) for v in value)
+
+
+def _first_problem(exc: ValidationError) -> str:
+    """Pydantic's report, reduced to the first problem on one line, naming the field."""
+    error = exc.errors()[0]
+    field = ".".join(str(part) for part in error["loc"]) or "config"
+    if error["type"] == "extra_forbidden":
+        return f"unknown option {field!r}" + did_you_mean(field, list(EvalConfig.model_fields))
+    if error["type"] == "missing":
+        return f"{field} is required"
+    return f"{field}: {error['msg']}, got {error.get('input')!r}"
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What a config names, loaded once: the model, the suite, the normalisation and the data."""
+
+    loaded: LoadedModel
+    suite: LoadedSuite
+    normalization: Normalization | None  # None: the model's own (a checkpoint may record one)
+    data: Any
+
+
+def resolve(config: EvalConfig) -> Resolved:
+    """Load the suite and the model and settle normalisation and data, in the order errors are reported."""
+    suite = as_suite(config.suite, trust_code=config.trust_suite)
+    normalization = normalization_for(config, suite)
+    loaded = as_loaded_model(config.model, arch=config.arch, num_classes=config.num_classes,
+                             trust_checkpoint=config.trust_checkpoint)
+    data = config.data if config.data is not None else suite.suite.dataset
+    if data is None and isinstance(config.model, str) and config.model.startswith("example:"):
+        data = config.model  # the bundled example model comes with its data
+    if data is None:
+        raise UsageError(f"suite {suite.suite.name} names no dataset: pass --data")
+    return Resolved(loaded, suite, normalization, data)
+
+
+def normalization_for(config: EvalConfig, suite: LoadedSuite) -> Normalization | None:
+    """An explicit normalize/mean/std wins over the suite's suggestion."""
+    if isinstance(config.normalize, Normalization):
+        if config.mean or config.std:
+            raise UsageError("give either --normalize or --mean/--std, not both")
+        return config.normalize
+    explicit = config.normalize or config.mean or config.std
+    preset = config.normalize if explicit else suite.suite.normalize
+    return resolve_normalization(preset, config.mean, config.std)
+
+
+def as_loaded_model(model: nn.Module | LoadedModel | str, *, arch: str | None = None,
+                    num_classes: int | None = None, trust_checkpoint: bool = False) -> LoadedModel:
+    """A checkpoint path or spec is loaded; a module is taken as it is (not copied, not changed)."""
+    if isinstance(model, LoadedModel):
+        return model
+    if isinstance(model, str):
+        return load_model(model, arch=arch, num_classes=num_classes, trust_checkpoint=trust_checkpoint)
+    if isinstance(model, nn.Module):
+        return LoadedModel(model, type(model).__name__, "<module>")
+    raise UsageError(f"model must be a checkpoint path, an nn.Module or a LoadedModel, got {type(model).__name__}")
+
+
+def as_suite(suite: str | Suite | LoadedSuite | dict, *, trust_code: bool = False) -> LoadedSuite:
+    """A suite name or path, a Suite, a LoadedSuite or a dict in the YAML layout (never changed)."""
+    import yaml
+
+    if isinstance(suite, LoadedSuite):
+        return suite
+    if isinstance(suite, Suite):
+        text, source = yaml.safe_dump(suite.model_dump(mode="json", exclude_none=True)), f"<{suite.name}>"
+        return parse_suite(text, source, trust_code=trust_code)
+    if isinstance(suite, dict):
+        return parse_suite(yaml.safe_dump(suite), "<dict>", trust_code=trust_code)
+    return load_suite(suite, trust_code=trust_code)
