@@ -14,7 +14,8 @@ from torch import nn
 from robench.data.sources import DataOptions, ImageDataset, from_arrays, load_data
 from robench import distributed
 from robench.engine import dataset_fingerprint, run
-from robench.run_state import RunInterrupted, RunOutcome, merge_outcomes, outcome_state
+from robench.metrics import MetricCollection
+from robench.run_state import RunInterrupted, RunOutcome, merge_shards
 from robench.config import EvalConfig, Resolved, data_option_fields, resolve
 from robench.models.loading import LoadedModel
 from robench.models.preprocessing import Normalization
@@ -150,7 +151,7 @@ def evaluate_config(
     except RunInterrupted as exc:
         outcome, interrupted = exc.outcome, exc
     if was_training:
-        outcome.sanity["model_was_training"] = True
+        outcome.state.sanity["model_was_training"] = True
     doc = _document(outcome, loaded, norm, loaded_suite, dataset, dev, precision, seed, outcome.batch_size, data)
     run_config = {
         "model": loaded.source, "arch": loaded.arch, "normalization": norm.as_dict() if norm else None,
@@ -186,27 +187,28 @@ def _run_sharded(model: RobustModel, dataset: ImageDataset, suite: LoadedSuite, 
     shard = ImageDataset(dataset.base, dataset.name, dataset.indices[start:stop])
     with distributed.process_group(device):
         outcome = run(model, shard, suite.suite, device=device, **options)
-        states = distributed.gather(outcome_state(outcome))
+        gathered = distributed.gather({"state": outcome.state.state_dict(), "seconds": outcome.seconds})
     # Only rank 0 writes results: only it reads the whole dataset again for the fingerprint.
     fingerprint = dataset_fingerprint(dataset, outcome.batch_size) if rank == 0 else ""
-    return merge_outcomes(outcome, states, fingerprint, len(dataset))
+    return merge_shards(outcome, gathered, fingerprint, len(dataset))
 
 
 def _document(outcome: RunOutcome, loaded: LoadedModel, norm: Normalization | None, suite: LoadedSuite,
               dataset: ImageDataset, device: torch.device, precision: str, seed: int, batch_size: int,
               data: Any) -> dict[str, Any]:
-    attacks = [_attack_entry(e, suite, outcome) for e in outcome.entries]
+    state = outcome.state
+    attacks = [_attack_entry(e, counts, suite, outcome) for e, counts in outcome.with_entries()]
     accs = [a["accuracy"] for a in attacks if a["accuracy"] is not None]
-    robust = float(outcome.robust_all.mean()) if outcome.robust_all is not None else None
+    robust_all = state.robust_all()
+    robust = float(robust_all.mean()) if robust_all is not None else None
     return {
         **header(SCHEMA, "classification", outcome.complete),
-        "progress": {"evaluated": outcome.n, "total": outcome.total},
-        "model": model_block(loaded, num_classes=outcome.num_classes, normalization=norm),
+        "progress": {"evaluated": state.n, "total": outcome.total},
+        "model": model_block(loaded, num_classes=state.num_classes, normalization=norm),
         "suite": suite_block(suite.suite.name, suite.path, suite.sha256, eps_space=suite.suite.eps_space),
-        "data": data_block({"spec": data if isinstance(data, str) else dataset.name, "n": outcome.n},
+        "data": data_block({"spec": data if isinstance(data, str) else dataset.name, "n": state.n},
                            outcome.fingerprint, {"skipped": dataset.skipped, "converted": dataset.converted}),
-        "clean": {"accuracy": outcome.clean.compute(), "n": outcome.clean.total,
-                  "correct": outcome.clean.correct},
+        "clean": {"accuracy": state.clean.compute(), "n": state.clean.total, "correct": state.clean.correct},
         "attacks": attacks,
         "robust_accuracy": robust,
         "mean_attack_accuracy": sum(accs) / len(accs) if accs else None,
@@ -218,30 +220,30 @@ def _document(outcome: RunOutcome, loaded: LoadedModel, norm: Normalization | No
     }
 
 
-def _attack_entry(e: Any, suite: LoadedSuite, outcome: RunOutcome) -> dict[str, Any]:
-    has_gradient = outcome.sanity.get("input_gradient", True) is not False
+def _attack_entry(e: Any, counts: MetricCollection, suite: LoadedSuite, outcome: RunOutcome) -> dict[str, Any]:
+    has_gradient = outcome.state.sanity.get("input_gradient", True) is not False
     return {
         "attack": e.attack.name,
         "label": e.spec.display_name(),
         "norm": e.attack.norm,
         "eps": e.eps,
         "eps_space": suite.suite.eps_space,
-        "accuracy": e.accuracy.compute(),
-        "success_rate": e.fooled.compute(),
-        "n": e.accuracy.total,
-        "attacked": e.fooled.total,
+        "accuracy": counts.accuracy.compute(),
+        "success_rate": counts.fooled.compute(),
+        "n": counts.accuracy.total,
+        "attacked": counts.fooled.total,
         "params": e.params(),
-        "seconds": round(e.seconds, 4),
-        "gradient_evals": e.gradient_evals,
-        "peak_memory_bytes": e.peak_memory,
-        "attack_chunk": e.chunk,
+        "seconds": round(counts.seconds.compute(), 4),
+        "gradient_evals": counts.gradient_evals.compute(),
+        "peak_memory_bytes": counts.peak_memory.compute(),
+        "attack_chunk": counts.chunk.compute(),
         # Native gradient attacks on a model without an input gradient take no step: an upper bound.
         "input_gradient": has_gradient if e.spec.attack in WHITE_BOX else None,
     }
 
 
 def _sanity(outcome: RunOutcome, attacks: list[dict[str, Any]]) -> dict[str, Any]:
-    report = {**outcome.sanity, "nonfinite_logits": outcome.nonfinite_logits}
+    report = {**outcome.state.sanity, "nonfinite_logits": outcome.state.nonfinite}
     named = named_flags(report, attacks)
     report["flags"] = [message for _, message in named]
     report["flag_names"] = [name for name, _ in named]  # aligned with flags; stable for gates
@@ -249,10 +251,12 @@ def _sanity(outcome: RunOutcome, attacks: list[dict[str, Any]]) -> dict[str, Any
 
 
 def _samples(outcome: RunOutcome) -> pd.DataFrame:
-    frame = {"index": outcome.sample_index, "label": outcome.labels, "clean_pred": outcome.clean_pred,
-             "clean_correct": outcome.clean_pred == outcome.labels}
-    for e in outcome.entries:
-        frame[f"robust[{e.index}]:{e.spec.display_name()}@{e.eps_text}"] = e.robust.compute().numpy().astype(bool)
-    if outcome.robust_all is not None:
-        frame["robust_all"] = outcome.robust_all
+    state = outcome.state
+    labels, pred = state.per_sample("labels"), state.per_sample("pred")
+    frame = {"index": state.per_sample("index"), "label": labels, "clean_pred": pred, "clean_correct": pred == labels}
+    for e, counts in outcome.with_entries():
+        frame[f"robust[{e.index}]:{e.spec.display_name()}@{e.eps_text}"] = counts.robust.compute().numpy().astype(bool)
+    robust_all = state.robust_all()
+    if robust_all is not None:
+        frame["robust_all"] = robust_all
     return pd.DataFrame(frame)

@@ -13,15 +13,14 @@ import torch
 from robench.attacks import AttackResult
 from robench.data.sources import ImageDataset, TensorImages, as_float
 from robench.errors import RobenchError, RunError, UsageError
-from robench.metrics import Accuracy, Collected
 from robench.models.wrapper import RobustModel, evaluation_mode
 from robench.precision import PrecisionModel, matmul_precision
 from robench.sanity import check_output_shape, explain_failure, first_batch_checks
 from robench.speed import (SpeedReport, auto_batch_size, estimated_work, finish, should_compile, speed_up,
                            timed_first_call)
 from robench.entries import Entry, build_entries
-from robench.run_state import RunInterrupted, RunOutcome, restore
-from robench.run_state import snapshot as take_snapshot
+from robench.metrics import Scalar
+from robench.run_state import RunInterrupted, RunOutcome, RunState
 from robench.suites import Suite
 from robench.suites.schema import REID_FIELDS
 
@@ -105,24 +104,18 @@ def run(
     started = time.perf_counter()
     model.to(device)
     entries = build_entries(suite, model, seed)
-    clean = Accuracy()
-    idx_parts, y_parts, pred_parts = Collected(), Collected(), Collected()
-    robust_all = Collected()
     # One stream per field, joined at the end: the fingerprint does not depend on batch size.
     digests = [hashlib.sha256() for _ in range(3)]
-    labels_known = dataset_labels(dataset)
-    num_classes = -1
-    nonfinite = 0
     done = 0
     last_save = time.perf_counter()
-
-    def snapshot(batches: int) -> dict:
-        return take_snapshot(batches, batch_size, num_classes, nonfinite, clean, entries, idx_parts, y_parts,
-                             pred_parts, robust_all, sanity, _joined_digest(digests))
-
     finished = done
     was_training = any(m.training for m in model.model.modules())
-    sanity: dict = {"model_was_training": was_training}
+    state = RunState.for_entries(len(entries), {"model_was_training": was_training})
+
+    def outcome(complete: bool, fingerprint: str) -> RunOutcome:
+        return RunOutcome(state, entries, fingerprint, time.perf_counter() - started, complete=complete,
+                          total=len(dataset), batch_size=batch_size)
+
     with evaluation_mode(model), matmul_precision(precision):
         # eval() on the outer wrapper too: torchattacks restores the mode it finds.
         forward = PrecisionModel(model, precision, device).eval()
@@ -133,11 +126,11 @@ def run(
             batch_size = resume_state["batch_size"] if resume_state else _auto_batch_size(forward, model, dataset,
                                                                                            device)
         if resume_state is not None:
-            done, num_classes, nonfinite = restore(resume_state, batch_size, clean, entries, idx_parts, y_parts,
-                                                   pred_parts, robust_all, sanity)
+            done = state.restore(resume_state, batch_size)
             # The saved report describes the run's real first batch; keep it, as an uninterrupted run would.
-            sanity["model_was_training"] = bool(sanity.get("model_was_training")) or was_training
+            state.sanity["model_was_training"] = bool(state.sanity.get("model_was_training")) or was_training
         finished = done
+        context = _RunContext(forward, model, entries, device, dataset, dataset_labels(dataset), sweep_reuse)
         try:
             hashed = 0
             for b, (x, y, idx) in enumerate(iterate_batches(dataset, batch_size, workers, device.type == "cuda")):
@@ -149,53 +142,32 @@ def run(
                     if b + 1 == done:
                         _check_same_data(resume_state, digests, done, dataset.name)
                     continue
-                num_classes, nonfinite = _run_batch(x, y, idx, forward, entries, device, clean, idx_parts, y_parts,
-                                                    pred_parts, robust_all, num_classes, nonfinite, labels_known,
-                                                    dataset, sweep_reuse, model,
-                                                    first=_FirstBatch(sanity, resume_state is None, speed)
-                                                    if b == done else None)
+                _run_batch(x, y, idx, context, state,
+                           first=_FirstBatch(resume_state is None, speed) if b == done else None)
                 # Hashed once finished: a snapshot's data digest covers exactly its batches.
                 _hash_batch(digests, parts)
+                state.data_digest = _joined_digest(digests)
                 hashed = finished = b + 1
                 if on_batch:
                     on_batch(len(y))
                 if save_state and time.perf_counter() - last_save >= save_every:
-                    save_state(snapshot(finished))
+                    save_state(state.snapshot(finished, batch_size))
                     last_save = time.perf_counter()
             if hashed < done:  # fewer batches than the interrupted run finished
                 raise _data_changed(dataset.name, done)
         except BaseException as exc:
             # Interrupted (Ctrl-C, SIGTERM) or failed: keep every finished batch for --resume.
             if save_state and finished > done:
-                save_state(snapshot(finished))
+                save_state(state.snapshot(finished, batch_size))
             if isinstance(exc, KeyboardInterrupt):
-                partial = RunOutcome(clean.total, clean, entries, idx_parts.compute().numpy(),
-                                     y_parts.compute().numpy(), pred_parts.compute().numpy(),
-                                     robust_all.compute().numpy().astype(bool) if entries else None, "",
-                                     num_classes, time.perf_counter() - started, nonfinite, complete=False,
-                                     total=len(dataset), sanity=sanity, batch_size=batch_size)
-                raise RunInterrupted(partial) from exc
+                raise RunInterrupted(outcome(False, "")) from exc
             raise
     if save_state:
-        save_state(snapshot(finished))
+        save_state(state.snapshot(finished, batch_size))
     finish(speed)
-    return RunOutcome(
-        n=clean.total,
-        clean=clean,
-        entries=entries,
-        sample_index=idx_parts.compute().numpy(),
-        labels=y_parts.compute().numpy(),
-        clean_pred=pred_parts.compute().numpy(),
-        robust_all=robust_all.compute().numpy().astype(bool) if entries else None,
-        fingerprint=_joined_digest(digests),
-        num_classes=num_classes,
-        seconds=time.perf_counter() - started,
-        nonfinite_logits=nonfinite,
-        total=len(dataset),
-        sanity=sanity,
-        speed={**speed.as_dict(), "sweep_reuse": sweep_reuse, "batch_size_auto": auto_batch},
-        batch_size=batch_size,
-    )
+    result = outcome(True, _joined_digest(digests))
+    result.speed = {**speed.as_dict(), "sweep_reuse": sweep_reuse, "batch_size_auto": auto_batch}
+    return result
 
 
 def dataset_fingerprint(dataset: ImageDataset, batch_size: int, workers: int = 0) -> str:
@@ -257,18 +229,37 @@ def _first_forward(forward, model: RobustModel, x: torch.Tensor, first_call: Spe
 
 
 @dataclass
+class _RunContext:
+    """What stays fixed for a whole run; ``_run_batch`` reads it, the ``RunState`` receives the results."""
+
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    model: RobustModel
+    entries: list[Entry]
+    device: torch.device
+    dataset: ImageDataset
+    labels_known: np.ndarray | None  # every label, when the data gives them up front
+    sweep_reuse: bool
+
+
+@dataclass
 class _FirstBatch:
     """What the first batch a process computes (also after a resume) does besides its results."""
 
-    sanity: dict  # receives input_gradient and, unless restored from a snapshot, the checks' report
-    run_checks: bool
+    run_checks: bool  # False after a resume: the snapshot holds the real first batch's report
     speed: SpeedReport  # receives the first forward call's time (compilation included)
 
 
-def _run_batch(x, y, idx, forward, entries, device, clean, idx_parts, y_parts, pred_parts, robust_all,
-               num_classes, nonfinite, labels_known, dataset, sweep_reuse: bool = False,
-               model: RobustModel | None = None, first: _FirstBatch | None = None) -> tuple[int, int]:
-    """Clean pass and every entry on one batch; returns the (possibly learned) class count and NaN count.
+@dataclass
+class _EntryOutcome:
+    robust: torch.Tensor  # per sample of the batch
+    success: torch.Tensor | None  # among the attacked samples; None when none was attacked
+    seconds: float = 0.0
+    gradient_evals: int = 0
+    peak_memory: int | None = None
+
+
+def _run_batch(x, y, idx, context: _RunContext, state: RunState, first: _FirstBatch | None = None) -> None:
+    """Clean pass and every entry on one batch, committed to ``state`` at the end.
 
     ``first`` is given for the first batch: its clean pass is probed (a model failure is
     explained, the output must be (batch, classes)), the model is asked whether it has an
@@ -276,64 +267,75 @@ def _run_batch(x, y, idx, forward, entries, device, clean, idx_parts, y_parts, p
     any-iterate attack listed with increasing eps attacks at each eps only the samples it has
     not fooled at the previous one.
     """
-    x = x.to(device, non_blocking=True).float()
-    y = y.to(device, non_blocking=True).long()
-    if first is not None:
-        logits = _first_forward(forward, model, x, first.speed)
-    else:
-        with torch.no_grad():
-            logits = forward(x)
-    if num_classes < 0:
-        num_classes = logits.shape[1]
-    if labels_known is None:
-        check_labels(y.cpu().numpy(), num_classes, idx.numpy())
-    elif first is not None:  # labels known up front: check them all once, on the first batch
-        check_labels(labels_known, num_classes, dataset.indices)
+    x = x.to(context.device, non_blocking=True).float()
+    y = y.to(context.device, non_blocking=True).long()
+    logits = _clean_logits(x, y, idx, context, state, first)
     finite = torch.isfinite(logits).all(dim=1)
-    if first is not None:
-        # Two images suffice: the answer is about the model's graph, not the data.
-        first.sanity["input_gradient"] = model.has_input_gradient(x[:2])
-        if first.run_checks:
-            first.sanity.update(first_batch_checks(forward, x, y, logits))
     # A row with NaN/inf logits has no prediction (-1): it is never correct.
     pred = torch.where(finite, logits.argmax(dim=1), torch.full_like(y, -1))
     correct = pred == y
+    outcomes = _attack_entries(x, y, idx.to(context.device), correct, context, state)
+    # Commit the whole batch at once: an interruption leaves the state at a batch boundary.
+    totals = state.totals
+    totals.clean.update(correct)
+    totals.index.update(idx)
+    totals.labels.update(y)
+    totals.pred.update(pred)
+    totals.nonfinite.update(int((~finite).sum()))
+    worst = correct.clone()
+    for counts, result in zip(state.entries, outcomes):
+        counts.accuracy.update(result.robust)
+        counts.robust.update(result.robust)
+        if result.success is not None:
+            counts.fooled.update(result.success)
+        counts.seconds.update(result.seconds)
+        counts.gradient_evals.update(result.gradient_evals)
+        if result.peak_memory is not None:
+            counts.peak_memory.update(result.peak_memory)
+        worst &= result.robust
+    totals.robust_all.update(worst)
+
+
+def _clean_logits(x, y, idx, context: _RunContext, state: RunState, first: _FirstBatch | None) -> torch.Tensor:
+    """The clean forward pass with its label checks, and on the first batch the probe and sanity checks."""
+    if first is not None:
+        logits = _first_forward(context.forward, context.model, x, first.speed)
+    else:
+        with torch.no_grad():
+            logits = context.forward(x)
+    if state.num_classes < 0:
+        state.num_classes = logits.shape[1]
+    if context.labels_known is None:
+        check_labels(y.cpu().numpy(), state.num_classes, idx.numpy())
+    elif first is not None:  # labels known up front: check them all once, on the first batch
+        check_labels(context.labels_known, state.num_classes, context.dataset.indices)
+    if first is not None:
+        # Two images suffice: the answer is about the model's graph, not the data.
+        state.sanity["input_gradient"] = context.model.has_input_gradient(x[:2])
+        if first.run_checks:
+            state.sanity.update(first_batch_checks(context.forward, x, y, logits))
+    return logits
+
+
+def _attack_entries(x, y, idx, correct, context: _RunContext, state: RunState) -> list[_EntryOutcome]:
+    """Every entry on the clean-correct samples of one batch (nothing is committed here)."""
     attacked = torch.nonzero(correct).squeeze(1)
-    idx_device = idx.to(device)
     outcomes = []
     fooled_before: dict[int, tuple[float, torch.Tensor]] = {}  # per suite entry: (eps, fooled at that eps)
-    for entry in entries:
+    for entry, counts in zip(context.entries, state.entries):
         targets = attacked
-        prior = fooled_before.get(id(entry.spec)) if sweep_reuse and _reusable(entry) else None
+        prior = fooled_before.get(id(entry.spec)) if context.sweep_reuse and _reusable(entry) else None
         if prior is not None and entry.eps >= prior[0]:
             # Fooled at a smaller eps of the same attack: that example lies in this larger ball too.
             targets = attacked[~prior[1][attacked]]
-        robust, success, seconds, grad_evals, peak = _attack_batch(entry, forward, x, y, idx_device, correct,
-                                                                   targets, device)
+        result = _attack_batch(entry, counts.chunk, context, x, y, idx, correct, targets)
         if prior is not None and entry.eps >= prior[0]:
-            robust &= ~prior[1]
-            success = ~robust[attacked]
+            result.robust &= ~prior[1]
+            result.success = ~result.robust[attacked]
         if _reusable(entry):
-            fooled_before[id(entry.spec)] = (entry.eps, correct & ~robust)
-        outcomes.append((robust, success, seconds, grad_evals, peak))
-    # Commit the whole batch at once: an interruption leaves the accumulators at a batch boundary.
-    clean.update(correct)
-    idx_parts.update(idx)
-    y_parts.update(y)
-    pred_parts.update(pred)
-    worst = correct.clone()
-    for entry, (robust, success, seconds, grad_evals, peak) in zip(entries, outcomes):
-        entry.accuracy.update(robust)
-        entry.robust.update(robust)
-        if success is not None:
-            entry.fooled.update(success)
-        entry.seconds += seconds
-        entry.gradient_evals += grad_evals
-        if peak is not None:
-            entry.peak_memory = max(entry.peak_memory or 0, peak)
-        worst &= robust
-    robust_all.update(worst)
-    return num_classes, nonfinite + int((~finite).sum())
+            fooled_before[id(entry.spec)] = (entry.eps, correct & ~result.robust)
+        outcomes.append(result)
+    return outcomes
 
 
 def _reusable(entry: Entry) -> bool:
@@ -342,13 +344,14 @@ def _reusable(entry: Entry) -> bool:
             ("fgsm", "bim", "pgd", "mifgsm") and not isinstance(entry.attack.eps, torch.Tensor))
 
 
-def _attack_with_backoff(entry: Entry, forward, x, y, idx, device) -> AttackResult:
+def _attack_with_backoff(entry: Entry, chunk: Scalar, forward, x, y, idx, device) -> AttackResult:
     """Attack in chunks, halving the chunk on out-of-memory and retrying it.
 
     Results do not change: every sample's randomness is keyed by its index,
-    not by the chunk it lands in. The smallest chunk used is recorded.
+    not by the chunk it lands in. The smallest chunk used is recorded in ``chunk``
+    (right away: the next batches start from it).
     """
-    size = entry.chunk or len(x)
+    size = chunk.compute() or len(x)
     parts: list[AttackResult] = []
     start = 0
     while start < len(x):
@@ -361,7 +364,7 @@ def _attack_with_backoff(entry: Entry, forward, x, y, idx, device) -> AttackResu
             if size == 1:
                 raise RunError(f"{entry.spec.display_name()}: out of memory even for one image") from exc
             size = max(1, size // 2)
-            entry.chunk = size
+            chunk.update(size)
             continue
         start = stop
     if len(parts) == 1:
@@ -370,22 +373,21 @@ def _attack_with_backoff(entry: Entry, forward, x, y, idx, device) -> AttackResu
                         sum(p.gradient_evals for p in parts), sum(p.forward_evals for p in parts))
 
 
-def _attack_batch(entry: Entry, forward, x, y, idx, correct, attacked, device):
-    """Attack the clean-correct samples (misclassified ones are already not robust).
-
-    Returns (robust flags, success among the attacked or None, seconds, gradient evaluations, peak memory).
-    """
+def _attack_batch(entry: Entry, chunk: Scalar, context: _RunContext, x, y, idx, correct,
+                  attacked) -> _EntryOutcome:
+    """Attack the clean-correct samples ``attacked`` (misclassified ones are already not robust)."""
     robust = correct.clone()
     if not attacked.numel():
-        return robust, None, 0.0, 0, None
+        return _EntryOutcome(robust, None)
+    device = context.device
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    result = _attack_with_backoff(entry, forward, x[attacked], y[attacked], idx[attacked], device)
+    result = _attack_with_backoff(entry, chunk, context.forward, x[attacked], y[attacked], idx[attacked], device)
     peak = None
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device)
     robust[attacked] = ~result.success
-    return robust, result.success, time.perf_counter() - t0, result.gradient_evals, peak
+    return _EntryOutcome(robust, result.success, time.perf_counter() - t0, result.gradient_evals, peak)

@@ -1,14 +1,16 @@
-"""Suite entries: one (attack, eps) cell of a suite, built into a ready attack with its accumulators."""
+"""Suite entries: one (attack, eps) cell of a suite, built into a ready attack.
+
+An entry is configuration only; what a run counts for it lives in ``robench.run_state``.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from robench.attacks import ATTACKS, Attack
 from robench.attacks.torchattacks_adapter import PREFIX as TA_PREFIX
 from robench.attacks.torchattacks_adapter import TorchattacksAttack
 from robench.errors import UsageError
-from robench.metrics import Accuracy, Collected
 from robench.suites import AttackSpec, Suite
 
 
@@ -21,13 +23,6 @@ class Entry:
     eps: float | None  # None for attacks without a budget (e.g. ta.CW)
     eps_text: str
     attack: Attack
-    accuracy: Accuracy = field(default_factory=Accuracy)
-    fooled: Accuracy = field(default_factory=Accuracy)  # success among attacked samples
-    robust: Collected = field(default_factory=Collected)
-    seconds: float = 0.0
-    gradient_evals: int = 0
-    peak_memory: int | None = None
-    chunk: int | None = None  # set when out-of-memory forced smaller attack chunks
 
     def params(self) -> dict:
         info = {"eps_expr": self.eps_text if self.eps is not None else None, "final_iterate": self.attack.final_iterate, **self.attack.describe()}

@@ -1,127 +1,165 @@
-"""A run's results as data: the outcome, progress snapshots for --resume, and merging shards."""
+"""A run's results as data: one ``RunState`` for everything a run accumulates.
+
+Snapshots for ``--resume``, merging torchrun shards and the gather between
+processes all go through the metrics' ``state_dict``/``load_state_dict``/
+``merge``: no counter is copied by hand.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from robench.entries import Entry
 from robench.errors import UsageError
-from robench.metrics import Accuracy, Collected
+from robench.metrics import Accuracy, Collected, MetricCollection, Scalar
+
+PROGRESS_FORMAT = "robench.progress/2"
+
+
+def entry_metrics() -> MetricCollection:
+    """What a run counts for one suite entry (its configuration is the ``Entry``)."""
+    return MetricCollection(
+        accuracy=Accuracy(),  # robust among all samples
+        fooled=Accuracy(),  # success among the attacked (clean-correct) samples
+        robust=Collected(),  # per-sample robust flags
+        seconds=Scalar("sum", reduce="max", default=0.0),  # a process adds its batches; shards run side by side
+        gradient_evals=Scalar("sum"),
+        peak_memory=Scalar("max", default=None),  # bytes, GPU only
+        chunk=Scalar("min", default=None),  # set when out-of-memory forced smaller attack chunks
+    )
+
+
+def run_metrics() -> MetricCollection:
+    """What a run counts over all samples. The names are the progress file's keys."""
+    return MetricCollection(nonfinite=Scalar("sum"), clean=Accuracy(), index=Collected(), labels=Collected(),
+                            pred=Collected(), robust_all=Collected())
+
+
+@dataclass
+class RunState:
+    """Everything a run accumulates; ``entries[j]`` counts for the suite entry with index j."""
+
+    totals: MetricCollection = field(default_factory=run_metrics)
+    entries: list[MetricCollection] = field(default_factory=list)
+    num_classes: int = -1  # learned from the first batch's logits
+    sanity: dict = field(default_factory=dict)  # the first batch's checks (a resumed run does not see it again)
+    data_digest: str = ""  # hash of the finished batches' data: a resume tells when it changed
+
+    @classmethod
+    def for_entries(cls, count: int, sanity: dict | None = None) -> "RunState":
+        return cls(entries=[entry_metrics() for _ in range(count)], sanity=dict(sanity or {}))
+
+    # -- reading ---------------------------------------------------------------------------------------------
+    @property
+    def clean(self) -> Accuracy:
+        return self.totals.clean
+
+    @property
+    def n(self) -> int:
+        return self.totals.clean.total
+
+    @property
+    def nonfinite(self) -> int:
+        return self.totals.nonfinite.compute()
+
+    def per_sample(self, name: str) -> np.ndarray:
+        """``index``, ``labels``, ``pred`` or ``robust_all`` as one array over the finished samples."""
+        return self.totals.metrics[name].compute().numpy()
+
+    def robust_all(self) -> np.ndarray | None:
+        """Robust under every entry (None for a suite without entries)."""
+        return self.per_sample("robust_all").astype(bool) if self.entries else None
+
+    # -- combining -------------------------------------------------------------------------------------------
+    def merge(self, other: "RunState") -> None:
+        """Append ``other``'s samples (the next shard in rank order) and fold its counts in."""
+        if len(other.entries) != len(self.entries):
+            raise ValueError(f"cannot merge a run of {len(other.entries)} entries into one of {len(self.entries)}")
+        self.totals.merge(other.totals)
+        for mine, theirs in zip(self.entries, other.entries):
+            mine.merge(theirs)
+        self.num_classes = max(self.num_classes, other.num_classes)
+        self.sanity = self.sanity or dict(other.sanity)  # the first batch's report: the first shard's
+        # Hashes of two streams do not combine into the hash of the joined data: the whole set's
+        # fingerprint is computed again from the data (``engine.dataset_fingerprint``).
+        self.data_digest = ""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"totals": self.totals.state_dict(), "entries": [e.state_dict() for e in self.entries],
+                "num_classes": self.num_classes, "sanity": dict(self.sanity), "data_digest": self.data_digest}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> "RunState":
+        run = cls.for_entries(len(state["entries"]), state["sanity"])
+        run.totals.load_state_dict(state["totals"])
+        for metrics, saved in zip(run.entries, state["entries"]):
+            metrics.load_state_dict(saved)
+        run.num_classes, run.data_digest = state["num_classes"], state["data_digest"]
+        return run
+
+    @classmethod
+    def merged(cls, states: list[dict[str, Any]]) -> "RunState":
+        """Gathered ``state_dict``s in rank order -> one state, as if one process had run the whole set."""
+        run = cls.from_state_dict(states[0])
+        for state in states[1:]:
+            run.merge(cls.from_state_dict(state))
+        return run
+
+    # -- progress files --------------------------------------------------------------------------------------
+    def snapshot(self, batches: int, batch_size: int) -> dict[str, Any]:
+        """The finished batches as plain tensors and numbers (torch.save-able, weights_only)."""
+        return {"format": PROGRESS_FORMAT, "batches": batches, "batch_size": batch_size,
+                "num_classes": self.num_classes, **self.totals.state_values(), "sanity": dict(self.sanity),
+                "data_digest": self.data_digest, "entries": [e.state_values() for e in self.entries]}
+
+    def restore(self, snapshot: dict[str, Any], batch_size: int) -> int:
+        """Load a snapshot taken with the same suite and batch size; returns the batches it holds."""
+        check_format(snapshot)
+        if snapshot["batch_size"] != batch_size:
+            raise UsageError(f"cannot resume: the run used --batch-size {snapshot['batch_size']}, not {batch_size}")
+        if len(snapshot["entries"]) != len(self.entries):
+            raise UsageError("cannot resume: the suite has changed since the interrupted run")
+        self.totals.load_state_values({name: snapshot[name] for name in self.totals.metrics})
+        for metrics, saved in zip(self.entries, snapshot["entries"]):
+            metrics.load_state_values(saved)
+        self.num_classes, self.data_digest = snapshot["num_classes"], snapshot["data_digest"]
+        self.sanity.update(snapshot["sanity"])
+        return snapshot["batches"]
 
 
 @dataclass
 class RunOutcome:
-    n: int
-    clean: Accuracy
-    entries: list[Entry]
-    sample_index: np.ndarray
-    labels: np.ndarray
-    clean_pred: np.ndarray
-    robust_all: np.ndarray | None
+    """A finished (or interrupted) run: its state, the entries it ran and the run-level facts."""
+
+    state: RunState
+    entries: list[Entry]  # configuration; the counts are ``state.entries``
     fingerprint: str
-    num_classes: int
     seconds: float
-    nonfinite_logits: int
     complete: bool = True
-    total: int = 0  # samples in the dataset (n counts the evaluated ones)
-    sanity: dict = field(default_factory=dict)
+    total: int = 0  # samples in the dataset (state.n counts the evaluated ones)
     speed: dict = field(default_factory=dict)
     batch_size: int = 0  # the batch size used (resolved when asked for "auto")
 
-
-def outcome_state(o: "RunOutcome") -> dict:
-    """A run's per-sample results and counts, to be gathered from other processes."""
-    return {"clean": [o.clean.correct, o.clean.total], "index": o.sample_index, "labels": o.labels,
-            "pred": o.clean_pred, "robust_all": o.robust_all, "nonfinite": o.nonfinite_logits,
-            "num_classes": o.num_classes, "seconds": o.seconds, "sanity": o.sanity,
-            "entries": [{"accuracy": [e.accuracy.correct, e.accuracy.total], "fooled": [e.fooled.correct,
-                         e.fooled.total], "robust": e.robust.compute(), "seconds": e.seconds,
-                         "gradient_evals": e.gradient_evals, "peak_memory": e.peak_memory, "chunk": e.chunk}
-                        for e in o.entries]}
+    def with_entries(self) -> list[tuple[Entry, MetricCollection]]:
+        return list(zip(self.entries, self.state.entries))
 
 
-def merge_outcomes(template: "RunOutcome", states: list[dict], fingerprint: str, total: int) -> "RunOutcome":
-    """Shards in rank order -> one outcome, as if a single process had run the whole set."""
-    clean = Accuracy()
-    clean.correct = sum(s["clean"][0] for s in states)
-    clean.total = sum(s["clean"][1] for s in states)
-    for j, entry in enumerate(template.entries):
-        parts = [s["entries"][j] for s in states]
-        entry.accuracy, entry.fooled, entry.robust = Accuracy(), Accuracy(), Collected()
-        entry.accuracy.correct = sum(p["accuracy"][0] for p in parts)
-        entry.accuracy.total = sum(p["accuracy"][1] for p in parts)
-        entry.fooled.correct = sum(p["fooled"][0] for p in parts)
-        entry.fooled.total = sum(p["fooled"][1] for p in parts)
-        for p in parts:
-            entry.robust.update(p["robust"])
-        entry.seconds = max(p["seconds"] for p in parts)  # wall time: the shards run side by side
-        entry.gradient_evals = sum(p["gradient_evals"] for p in parts)
-        peaks = [p["peak_memory"] for p in parts if p["peak_memory"] is not None]
-        entry.peak_memory = max(peaks) if peaks else None
-        chunks = [p["chunk"] for p in parts if p["chunk"] is not None]
-        entry.chunk = min(chunks) if chunks else None
-    cat = lambda key: np.concatenate([s[key] for s in states]) if states[0][key] is not None else None  # noqa: E731
-    return RunOutcome(
-        n=clean.total, clean=clean, entries=template.entries, sample_index=cat("index"), labels=cat("labels"),
-        clean_pred=cat("pred"), robust_all=cat("robust_all"), fingerprint=fingerprint,
-        num_classes=states[0]["num_classes"], seconds=max(s["seconds"] for s in states),
-        nonfinite_logits=sum(s["nonfinite"] for s in states), total=total, sanity=states[0]["sanity"],
-        speed=template.speed, batch_size=template.batch_size,
-    )
+def merge_shards(outcome: RunOutcome, gathered: list[dict[str, Any]], fingerprint: str, total: int) -> RunOutcome:
+    """Every process's ``{"state": ..., "seconds": ...}`` in rank order -> the whole run's outcome."""
+    return RunOutcome(RunState.merged([g["state"] for g in gathered]), outcome.entries, fingerprint,
+                      seconds=max(g["seconds"] for g in gathered), total=total, speed=outcome.speed,
+                      batch_size=outcome.batch_size)
 
 
 class RunInterrupted(Exception):
     """Ctrl-C or SIGTERM during a run: ``outcome`` holds the finished batches (complete=False)."""
 
-    def __init__(self, outcome: "RunOutcome") -> None:
+    def __init__(self, outcome: RunOutcome) -> None:
         super().__init__("the run was interrupted")
         self.outcome = outcome
-
-
-PROGRESS_FORMAT = "robench.progress/2"
-
-
-def snapshot(batches: int, batch_size: int, num_classes: int, nonfinite: int, clean: Accuracy,
-             entries: list[Entry], idx_parts: Collected, y_parts: Collected, pred_parts: Collected,
-             robust_all: Collected, sanity: dict, data_digest: str) -> dict:
-    """Everything the finished batches produced, as plain tensors and numbers (torch.save-able).
-
-    ``sanity`` is the first batch's report (a resumed run does not see that batch
-    again) and ``data_digest`` hashes the finished batches' data, so a resume can
-    tell that the data changed under the same name.
-    """
-    return {
-        "format": PROGRESS_FORMAT, "batches": batches, "batch_size": batch_size, "num_classes": num_classes,
-        "nonfinite": nonfinite, "clean": [clean.correct, clean.total],
-        "index": idx_parts.compute(), "labels": y_parts.compute(), "pred": pred_parts.compute(),
-        "robust_all": robust_all.compute(), "sanity": dict(sanity), "data_digest": data_digest,
-        "entries": [{"accuracy": [e.accuracy.correct, e.accuracy.total], "fooled": [e.fooled.correct, e.fooled.total],
-                     "robust": e.robust.compute(), "seconds": e.seconds, "gradient_evals": e.gradient_evals,
-                     "peak_memory": e.peak_memory, "chunk": e.chunk} for e in entries],
-    }
-
-
-def restore(state: dict, batch_size: int, clean: Accuracy, entries: list[Entry], idx_parts: Collected,
-            y_parts: Collected, pred_parts: Collected, robust_all: Collected, sanity: dict) -> tuple[int, int, int]:
-    """Load a snapshot into the accumulators and ``sanity``; returns (batches, classes, non-finite count)."""
-    check_format(state)
-    if state["batch_size"] != batch_size:
-        raise UsageError(f"cannot resume: the run used --batch-size {state['batch_size']}, not {batch_size}")
-    if len(state["entries"]) != len(entries):
-        raise UsageError("cannot resume: the suite has changed since the interrupted run")
-    clean.correct, clean.total = state["clean"]
-    for part, key in ((idx_parts, "index"), (y_parts, "labels"), (pred_parts, "pred"), (robust_all, "robust_all")):
-        part.update(state[key])
-    for e, saved in zip(entries, state["entries"]):
-        e.accuracy.correct, e.accuracy.total = saved["accuracy"]
-        e.fooled.correct, e.fooled.total = saved["fooled"]
-        e.robust.update(saved["robust"])
-        e.seconds, e.gradient_evals = saved["seconds"], saved["gradient_evals"]
-        e.peak_memory, e.chunk = saved["peak_memory"], saved["chunk"]
-    sanity.update(state["sanity"])
-    return state["batches"], state["num_classes"], state["nonfinite"]
 
 
 def check_format(state: dict) -> None:

@@ -15,7 +15,7 @@ import robench
 from robench.api import EvaluationInterrupted
 from robench.errors import RunError, UsageError
 from robench.models.wrapper import RobustModel
-from robench.run_state import restore
+from robench.run_state import RunState
 from robench.sanity import explain_failure, first_batch_checks
 from cli_helpers import invoke, one_error_line, stop_after
 
@@ -105,7 +105,7 @@ def test_a_snapshot_of_the_old_format_is_refused(trained_model, test_tensors):
     with pytest.raises(UsageError, match="older robench .*start a new run"):
         robench.evaluate(trained_model, data, FGSM, device="cpu", batch_size=64, resume_state=old)
     with pytest.raises(UsageError, match="older robench"):
-        restore(old, 64, None, [], None, None, None, None, {})
+        RunState.for_entries(0).restore(old, 64)
 
 
 def test_resume_on_data_with_fewer_batches_is_refused(trained_model, test_tensors):

@@ -1,5 +1,5 @@
-"""Metric accumulators with mergeable states."""
+"""Metric accumulators with declared, mergeable states."""
 
-from robench.metrics.base import Accuracy, Collected, Metric
+from robench.metrics.base import Accuracy, Collected, Metric, MetricCollection, Scalar
 
-__all__ = ["Accuracy", "Collected", "Metric"]
+__all__ = ["Accuracy", "Collected", "Metric", "MetricCollection", "Scalar"]
