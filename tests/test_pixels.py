@@ -10,7 +10,6 @@ from fractions import Fraction
 import pytest
 import torch
 
-import robench.pixels  # noqa: F401  (registers attack: pixels)
 from robench.attacks.randomness import stream_key
 from robench.attacks.registry import ATTACKS
 from robench.errors import UsageError
