@@ -19,6 +19,7 @@ from robench.pixels.experiment import build_settings
 from robench.pixels.folder import pixel_index_folder
 from robench.pixels.perturb import CHANNEL_MODES
 from robench.pixels.report import pixel_tables
+from robench.suites.schema import MAX_TRIALS
 from robench.results import default_run_dir, prepare_run_dir
 from robench.results.tidy import tidy_frame
 from robench.results.writers import write_results
@@ -46,9 +47,6 @@ def _areas(text: str | None) -> list[tuple[int, int]]:
             raise UsageError(f"--area takes sides such as 200 or 200x150, got {part!r}")
         areas.append((int(rows), int(cols or rows)))
     return areas
-
-
-MAX_TRIALS = 10_000  # as for a suite's `trials:`
 
 
 @handle_errors

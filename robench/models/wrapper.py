@@ -34,26 +34,25 @@ class RobustModel(nn.Module):
         self.register_buffer("std", std, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.normalization is not None:
-            if self.mean.shape[1] not in (1, x.shape[1]):
-                raise UsageError(
-                    f"normalisation has {self.mean.shape[1]} channels but the images have {x.shape[1]}"
-                )
-            x_model = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
-        else:
-            x_model = x
-        return with_input_gradient(logits_from(self.model(x_model)), x)
+        return with_input_gradient(logits_from(self.model(self.normalize(x))), x)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Pixels in [0,1] to what the wrapped model expects."""
+        if self.normalization is None:
+            return x
+        if self.mean.shape[1] not in (1, x.shape[1]):
+            raise UsageError(f"normalisation has {self.mean.shape[1]} channels but the images have {x.shape[1]}")
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
     def has_input_gradient(self, x: torch.Tensor) -> bool:
         """Whether the model's own output is connected to its input through autograd.
 
         Asked of the unwrapped model: :meth:`forward` hides a missing connection.
+        Normalisation runs inside ``enable_grad`` too, so a caller's ``no_grad`` cannot cut the path.
         """
         x = x.detach().clone().requires_grad_(True)
-        if self.normalization is not None:
-            x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
         with torch.enable_grad():
-            return bool(logits_from(self.model(x)).requires_grad)
+            return bool(logits_from(self.model(self.normalize(x))).requires_grad)
 
     def pixel_std(self) -> torch.Tensor:
         """Per-channel std, used to convert eps from normalised to pixel units."""

@@ -27,6 +27,7 @@ OPTIONAL_FIELDS = {"steps", "step_size", "random_start", "restarts", "decay",
                    "pixels", "delta", "area", "trials", "shared_positions", "channels", "generator"} | REID_FIELDS
 BUDGET_FREE = {"pixels"}  # attacks whose size is not an eps (one result per pixel count)
 DEFAULT_PIXELS = [4, 8, 16, 32, 64]
+MAX_TRIALS = 10_000  # random draws per pixel count (suites and `robench pixel-index --trials`)
 LINF_MAX_EPS = 1.0  # pixel units: a larger L-inf radius allows any image at all
 
 
@@ -58,7 +59,7 @@ class AttackSpec(BaseModel):
     pixels: list[int] | None = None
     delta: int | None = Field(default=None, ge=0, le=255)
     area: list[int] | None = None
-    trials: int | None = Field(default=None, ge=1, le=10_000)
+    trials: int | None = Field(default=None, ge=1, le=MAX_TRIALS)
     shared_positions: bool | None = None
     channels: Literal["all", "first"] | None = None
     # re-identification: what the attack optimises and on which model
