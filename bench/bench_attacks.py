@@ -28,8 +28,8 @@ from torch import nn
 import robench
 from robench.attacks import FGSM, PGD
 from robench.models.wrapper import RobustModel, evaluation_mode
-from robench.precision import PrecisionModel, device_name, matmul_precision
-from robench.speed import speed_up
+from robench.evaluation.precision import PrecisionModel, device_name, matmul_precision
+from robench.evaluation.speed import speed_up
 
 
 def cifar_resnet18() -> nn.Module:

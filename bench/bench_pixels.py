@@ -24,7 +24,7 @@ import torchvision
 import robench
 from robench.models.wrapper import RobustModel, evaluation_mode
 from robench.pixels.experiment import build_settings, run_pixel_experiments
-from robench.precision import device_name
+from robench.evaluation.precision import device_name
 
 from bench_attacks import MODELS  # noqa: E402  (same models as the attack benchmark)
 

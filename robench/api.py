@@ -12,18 +12,18 @@ import torch
 from torch import nn
 
 from robench.data.sources import DataOptions, ImageDataset, from_arrays, load_data
-from robench import distributed
-from robench.engine import dataset_fingerprint, run
+from robench.evaluation import distributed
+from robench.evaluation.engine import dataset_fingerprint, run
 from robench.metrics import MetricCollection
-from robench.run_state import RunInterrupted, RunOutcome, merge_shards
+from robench.evaluation.state import RunInterrupted, RunOutcome, merge_shards
 from robench.config import EvalConfig, Resolved, data_option_fields, resolve
 from robench.models.loading import LoadedModel
 from robench.models.preprocessing import Normalization
 from robench.models.wrapper import RobustModel
-from robench.precision import resolve_device
+from robench.evaluation.precision import resolve_device
 from robench.results.document import SCHEMA, data_block, env_block, header, model_block, suite_block
 from robench.results.tidy import tidy_frame
-from robench.sanity import WHITE_BOX, named_flags
+from robench.evaluation.sanity import named_flags
 from robench.results.writers import write_run
 from robench.suites import LoadedSuite, Suite
 
@@ -89,7 +89,9 @@ def evaluate(
     compile_backend: str = "inductor",
     channels_last: bool = False,
     sweep_reuse: bool = False,
+    refill: bool = True,
     trust_checkpoint: bool = False,
+    plugins: tuple[str, ...] | list[str] = (),
 ) -> EvaluationResult:
     """Evaluate ``model`` on ``data`` under every attack of ``suite``.
 
@@ -101,7 +103,9 @@ def evaluate(
     progress snapshots and ``resume_state`` continues from one (see ``engine.run``);
     an interrupted run raises ``EvaluationInterrupted`` holding the partial result.
     ``trust_checkpoint`` lets a ``model`` path that is a program (TorchScript, a pickled
-    module) load, which runs code from the file. The options are validated as an
+    module) load, which runs code from the file. ``plugins`` are modules that register
+    attacks (imported first; a suite's ``plugins:`` may name them). ``refill`` (continuous
+    batching) changes the speed, never the results. The options are validated as an
     ``EvalConfig`` (a bad value raises ``UsageError``); no argument is changed.
     """
     data_fields = data_option_fields(data_options or DataOptions())
@@ -110,8 +114,8 @@ def evaluate(
     config = EvalConfig(
         model=model, data=data, suite=suite, normalize=normalization, device=device, batch_size=batch_size,
         precision=precision, seed=seed, workers=workers, save_every=save_every, compile=compile,
-        compile_backend=compile_backend, channels_last=channels_last, sweep_reuse=sweep_reuse,
-        trust_checkpoint=trust_checkpoint, **data_fields,
+        compile_backend=compile_backend, channels_last=channels_last, sweep_reuse=sweep_reuse, refill=refill,
+        trust_checkpoint=trust_checkpoint, plugins=tuple(plugins), **data_fields,
     )
     return evaluate_config(config, on_batch=on_batch, extra_config=extra_config, resume_state=resume_state,
                            save_state=save_state)
@@ -139,7 +143,7 @@ def evaluate_config(
     batch_size, precision, seed = config.batch_size, config.precision, config.seed
     run_options = {"batch_size": batch_size, "precision": precision, "seed": seed, "workers": config.workers,
                    "on_batch": on_batch, "compile": config.compile, "compile_backend": config.compile_backend,
-                   "channels_last": config.channels_last, "sweep_reuse": config.sweep_reuse}
+                   "channels_last": config.channels_last, "sweep_reuse": config.sweep_reuse, "refill": config.refill}
     interrupted = None
     rank, size, _ = distributed.world()
     try:
@@ -237,8 +241,8 @@ def _attack_entry(e: Any, counts: MetricCollection, suite: LoadedSuite, outcome:
         "gradient_evals": counts.gradient_evals.compute(),
         "peak_memory_bytes": counts.peak_memory.compute(),
         "attack_chunk": counts.chunk.compute(),
-        # Native gradient attacks on a model without an input gradient take no step: an upper bound.
-        "input_gradient": has_gradient if e.spec.attack in WHITE_BOX else None,
+        # Gradient attacks on a model without an input gradient take no step: an upper bound.
+        "input_gradient": has_gradient if e.attack.family == "gradient" else None,
     }
 
 

@@ -18,12 +18,13 @@ from torch import nn
 
 from robench.data.images import check_pixel_limit
 from robench.data.sources import DataOptions
+from robench.attacks.registry import load_plugins
 from robench.errors import UsageError
 from robench.models.loading import LoadedModel, load_model
 from robench.models.preprocessing import Normalization, resolve_normalization
-from robench.precision import PRECISIONS
+from robench.evaluation.precision import PRECISIONS
 from robench.registry import did_you_mean
-from robench.speed import COMPILE_MODES
+from robench.evaluation.speed import COMPILE_MODES
 from robench.suites import LoadedSuite, Suite, load_suite
 from robench.suites.loader import parse_suite
 
@@ -99,7 +100,9 @@ class EvalConfig(BaseModel):
     compile_backend: str = "inductor"
     channels_last: bool = False
     sweep_reuse: bool = False
+    refill: bool = True  # continuous batching: fooled or finished samples' slots go to the next ones
     seed: int = 0
+    plugins: tuple[str, ...] = ()  # modules that register attacks, imported before the suite is read
     # data options (see DataOptions)
     limit: int | None = None
     data_root: str | None = None
@@ -225,7 +228,8 @@ class Resolved:
 
 def resolve(config: EvalConfig) -> Resolved:
     """Load the suite and the model and settle normalisation and data, in the order errors are reported."""
-    suite = as_suite(config.suite, trust_code=config.trust_suite)
+    load_plugins(config.plugins)
+    suite = as_suite(config.suite, trust_code=config.trust_suite, plugins=config.plugins)
     normalization = normalization_for(config, suite)
     loaded = as_loaded_model(config.model, arch=config.arch, num_classes=config.num_classes,
                              trust_checkpoint=config.trust_checkpoint)
@@ -260,15 +264,19 @@ def as_loaded_model(model: nn.Module | LoadedModel | str, *, arch: str | None = 
     raise UsageError(f"model must be a checkpoint path, an nn.Module or a LoadedModel, got {type(model).__name__}")
 
 
-def as_suite(suite: str | Suite | LoadedSuite | dict, *, trust_code: bool = False) -> LoadedSuite:
-    """A suite name or path, a Suite, a LoadedSuite or a dict in the YAML layout (never changed)."""
+def as_suite(suite: str | Suite | LoadedSuite | dict, *, trust_code: bool = False,
+             plugins: tuple[str, ...] = ()) -> LoadedSuite:
+    """A suite name or path, a Suite, a LoadedSuite or a dict in the YAML layout (never changed).
+
+    ``plugins`` are the modules the caller allows a suite's ``plugins:`` to import.
+    """
     import yaml
 
     if isinstance(suite, LoadedSuite):
         return suite
     if isinstance(suite, Suite):
         text, source = yaml.safe_dump(suite.model_dump(mode="json", exclude_none=True)), f"<{suite.name}>"
-        return parse_suite(text, source, trust_code=trust_code)
+        return parse_suite(text, source, trust_code=trust_code, plugins=plugins)
     if isinstance(suite, dict):
-        return parse_suite(yaml.safe_dump(suite), "<dict>", trust_code=trust_code)
-    return load_suite(suite, trust_code=trust_code)
+        return parse_suite(yaml.safe_dump(suite), "<dict>", trust_code=trust_code, plugins=plugins)
+    return load_suite(suite, trust_code=trust_code, plugins=plugins)

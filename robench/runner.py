@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from robench import distributed
+from robench.evaluation import distributed
 from robench.api import EvaluationInterrupted, EvaluationResult, evaluate_config
 from robench.config import EvalConfig, Resolved, resolve
 from robench.errors import Interrupted, RunError, UsageError

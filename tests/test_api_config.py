@@ -224,17 +224,35 @@ def test_attack_registry_is_complete_without_the_package_init():
 
 
 def test_registry_refuses_a_second_class_under_a_built_in_name():
+    from robench.attacks import PGD
+
     registry = AttackRegistry(BUILTIN_ATTACKS)
     assert "PGD" in registry and "apgd" not in registry
 
-    class Impostor:
+    class Impostor(PGD):
+        name = "impostor"
+
+    class NotAnAttack:
         pass
 
-    with pytest.raises(ValueError, match="'pgd' is built in"):
-        registry.add("pgd", Impostor)
+    for taken in ("pgd", "PGD", "ta.PGD"):
+        with pytest.raises(UsageError, match=f"{taken!r} is taken by robench"):
+            registry.add(taken, Impostor)
+    with pytest.raises(UsageError, match="'pgd' is taken by robench"):
+        robench.register_attack(Impostor, name="pgd")
+    with pytest.raises(UsageError, match="is not an attack"):
+        registry.add("notanattack", NotAnAttack)
     registry.add("impostor", Impostor)
+    registry.add("impostor", Impostor)  # the same class again changes nothing
     assert registry.get("impostor") is Impostor and "impostor" in registry.names()
-    assert registry.get("fgsm").__name__ == "FGSM"
+    assert registry.get("pgd") is PGD and registry.get("fgsm").__name__ == "FGSM"
+
+    class Second(PGD):
+        name = "impostor"
+
+    with pytest.raises(UsageError, match="'impostor' is already registered"):
+        registry.add("impostor", Second)
+    assert registry.get("impostor") is Impostor
 
 
 def module_name(path: Path) -> str:

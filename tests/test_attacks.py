@@ -7,6 +7,7 @@ import torch
 
 from robench.attacks import ATTACKS, BIM, FGSM, MIFGSM, PGD
 from robench.attacks.base import Attack
+from robench.attacks.gradient import GradientAttack
 from robench.errors import UsageError
 
 TOL = 1e-6
@@ -36,24 +37,24 @@ def l2(delta):
     return delta.flatten(1).norm(dim=1)
 
 
-def accuracy_under(attack, model, x, y):
-    return 1.0 - attack(model, x, y).success.float().mean().item()
+def accuracy_under(attack, model, x, y, eps):
+    return 1.0 - attack(model, x, y, eps).success.float().mean().item()
 
 
 @pytest.mark.parametrize(
     "attack",
     [
-        FGSM(0.1),
-        BIM(0.1, steps=5, step_size=0.03),
-        PGD(0.1, steps=5, step_size=0.03),
-        PGD(0.1, steps=5, step_size=0.03, final_iterate=True),
-        MIFGSM(0.1, steps=5, step_size=0.02),
+        FGSM(),
+        BIM(steps=5, step_size=0.03),
+        PGD(steps=5, step_size=0.03),
+        PGD(steps=5, step_size=0.03, final_iterate=True),
+        MIFGSM(steps=5, step_size=0.02),
     ],
     ids=["fgsm", "bim", "pgd", "pgd-final", "mifgsm"],
 )
 def test_linf_results_stay_in_ball_and_image_range(attack, trained_model, data):
     x, y = data
-    result = attack(trained_model, x, y)
+    result = attack(trained_model, x, y, 0.1)
     assert result.x_adv.shape == x.shape
     assert linf(result.x_adv - x).max() <= 0.1 + TOL
     assert result.x_adv.min() >= 0.0 and result.x_adv.max() <= 1.0
@@ -63,7 +64,7 @@ def test_linf_results_stay_in_ball_and_image_range(attack, trained_model, data):
 
 def test_l2_pgd_stays_in_ball(trained_model, data):
     x, y = data
-    result = PGD(1.0, norm="l2", steps=10, step_size=0.25)(trained_model, x, y)
+    result = PGD(norm="l2", steps=10, step_size=0.25)(trained_model, x, y, 1.0)
     norms = l2(result.x_adv - x)
     assert norms.max() <= 1.0 + 1e-5
     assert norms.max() > 0.5
@@ -72,18 +73,20 @@ def test_l2_pgd_stays_in_ball(trained_model, data):
 
 def test_per_channel_eps_bounds_each_channel(trained_model):
     x = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    eps = torch.tensor([0.01, 0.05, 0.1]).view(3, 1, 1)
+    # eps 0.05 in normalised units with these channel scales is 0.01, 0.05 and 0.1 in pixels.
+    scale = torch.tensor([0.2, 1.0, 2.0]).view(3, 1, 1)
+    eps = 0.05 * scale
     model = torch.nn.Sequential(ChannelMean(), trained_model)
     y = torch.zeros(6, dtype=torch.long)
-    result = PGD(eps, steps=3, step_size=eps / 2, final_iterate=True)(model, x, y)
+    result = PGD(steps=3, step_size="eps/2", final_iterate=True, eps_scale=scale)(model, x, y, 0.05)
     per_channel = (result.x_adv - x).abs().amax(dim=(0, 2, 3))
     assert torch.all(per_channel <= eps.flatten() + TOL)
 
 
 def test_success_flags_match_the_model(trained_model, data):
     x, y = data
-    for attack in (FGSM(0.15), PGD(0.15, steps=10, step_size=0.04)):
-        result = attack(trained_model, x, y)
+    for attack in (FGSM(), PGD(steps=10, step_size=0.04)):
+        result = attack(trained_model, x, y, 0.15)
         with torch.no_grad():
             fooled = trained_model(result.x_adv).argmax(1) != y
         assert torch.equal(result.success, fooled)
@@ -92,16 +95,17 @@ def test_success_flags_match_the_model(trained_model, data):
 
 def test_accuracy_falls_as_eps_grows(trained_model, data):
     x, y = data
-    accs = [accuracy_under(PGD(e, steps=10, step_size=2.5 * e / 10), trained_model, x, y) for e in (0.02, 0.08, 0.2)]
+    pgd = PGD(steps=10, step_size="2.5*eps/steps")  # one attack object for the whole sweep
+    accs = [accuracy_under(pgd, trained_model, x, y, e) for e in (0.02, 0.08, 0.2)]
     assert accs[0] > accs[1] > accs[2]
     assert accs[0] <= 1.0 and accs[2] < 0.2
 
 
 def test_iterative_attacks_beat_fgsm(trained_model, data):
     x, y = data
-    fgsm = accuracy_under(FGSM(0.1), trained_model, x, y)
-    bim = accuracy_under(BIM(0.1, steps=10, step_size=0.01), trained_model, x, y)
-    pgd = accuracy_under(PGD(0.1, steps=20, step_size=0.025), trained_model, x, y)
+    fgsm = accuracy_under(FGSM(), trained_model, x, y, 0.1)
+    bim = accuracy_under(BIM(steps=10, step_size=0.01), trained_model, x, y, 0.1)
+    pgd = accuracy_under(PGD(steps=20, step_size=0.025), trained_model, x, y, 0.1)
     assert bim < fgsm and pgd < fgsm
 
 
@@ -112,8 +116,8 @@ def test_any_iterate_is_at_least_as_strong_as_final_iterate(trained_model, data)
     gained = 0
     for step_size in (0.08, 0.1, 0.2):
         kwargs = dict(steps=10, step_size=step_size)
-        final = PGD(0.1, final_iterate=True, **kwargs)(trained_model, x, y).success
-        anyit = PGD(0.1, final_iterate=False, **kwargs)(trained_model, x, y).success
+        final = PGD(final_iterate=True, **kwargs)(trained_model, x, y, 0.1).success
+        anyit = PGD(final_iterate=False, **kwargs)(trained_model, x, y, 0.1).success
         assert torch.all(anyit >= final), "a sample fooled at the last iterate is fooled at some iterate"
         gained += int(anyit.sum() - final.sum())
     assert gained > 0
@@ -121,16 +125,18 @@ def test_any_iterate_is_at_least_as_strong_as_final_iterate(trained_model, data)
 
 def test_early_stop_saves_gradient_evaluations(trained_model, data):
     x, y = data
-    anyit = PGD(0.2, steps=20, step_size=0.025)(trained_model, x, y)
-    final = PGD(0.2, steps=20, step_size=0.025, final_iterate=True)(trained_model, x, y)
+    anyit = PGD(steps=20, step_size=0.025)(trained_model, x, y, 0.2)
+    final = PGD(steps=20, step_size=0.025, final_iterate=True)(trained_model, x, y, 0.2)
     assert final.gradient_evals == 20 * len(x)
     assert anyit.gradient_evals < final.gradient_evals / 2
+    # One restart: the only forward-only pass is the base's scoring of every returned example.
+    assert final.forward_evals == anyit.forward_evals == len(x)
 
 
 def test_restarts_only_help(trained_model, data):
     x, y = data
-    one = PGD(0.06, steps=5, step_size=0.02, restarts=1)(trained_model, x, y).success
-    three = PGD(0.06, steps=5, step_size=0.02, restarts=3)(trained_model, x, y).success
+    one = PGD(steps=5, step_size=0.02, restarts=1)(trained_model, x, y, 0.06).success
+    three = PGD(steps=5, step_size=0.02, restarts=3)(trained_model, x, y, 0.06).success
     assert torch.all(three >= one)
     assert three.sum() > one.sum()
 
@@ -138,18 +144,23 @@ def test_restarts_only_help(trained_model, data):
 def test_results_do_not_depend_on_batch_composition(trained_model, data):
     x, y = data
     ids = torch.arange(len(x)) + 1000
-    attack = PGD(0.08, steps=5, step_size=0.03)
-    whole = attack(trained_model, x, y, ids)
-    parts = [attack(trained_model, x[s:s + 17], y[s:s + 17], ids[s:s + 17]) for s in range(0, len(x), 17)]
+    attack = PGD(steps=5, step_size=0.03)
+    whole = attack(trained_model, x, y, 0.08, ids)
+    parts = [attack(trained_model, x[s:s + 17], y[s:s + 17], 0.08, ids[s:s + 17]) for s in range(0, len(x), 17)]
     assert torch.equal(whole.success, torch.cat([p.success for p in parts]))
     assert torch.allclose(whole.x_adv, torch.cat([p.x_adv for p in parts]), atol=1e-6)
+    # Batches of 17 inside one call, with slots refilled as samples finish or not.
+    for refill in (True, False):
+        batched = attack(trained_model, x, y, 0.08, ids, batch_size=17, refill=refill)
+        assert torch.equal(whole.success, batched.success)
+        assert torch.allclose(whole.x_adv, batched.x_adv, atol=1e-6)
 
 
 def test_seed_changes_random_start_and_same_seed_repeats(trained_model, data):
     x, y = data
-    a = PGD(0.05, steps=1, step_size=0.01, seed=1, final_iterate=True)(trained_model, x, y).x_adv
-    b = PGD(0.05, steps=1, step_size=0.01, seed=1, final_iterate=True)(trained_model, x, y).x_adv
-    c = PGD(0.05, steps=1, step_size=0.01, seed=2, final_iterate=True)(trained_model, x, y).x_adv
+    a = PGD(steps=1, step_size=0.01, seed=1, final_iterate=True)(trained_model, x, y, 0.05).x_adv
+    b = PGD(steps=1, step_size=0.01, seed=1, final_iterate=True)(trained_model, x, y, 0.05).x_adv
+    c = PGD(steps=1, step_size=0.01, seed=2, final_iterate=True)(trained_model, x, y, 0.05).x_adv
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
 
@@ -157,14 +168,14 @@ def test_seed_changes_random_start_and_same_seed_repeats(trained_model, data):
 def test_global_rng_is_untouched(trained_model, data):
     x, y = data
     before = torch.get_rng_state()
-    PGD(0.05, steps=2, step_size=0.02)(trained_model, x, y)
-    PGD(1.0, norm="l2", steps=2, step_size=0.5)(trained_model, x, y)
+    PGD(steps=2, step_size=0.02)(trained_model, x, y, 0.05)
+    PGD(norm="l2", steps=2, step_size=0.5)(trained_model, x, y, 1.0)
     assert torch.equal(before, torch.get_rng_state())
 
 
 def test_random_start_is_uniform_in_the_ball():
     x = torch.full((400, 1, 8, 8), 0.5)
-    start = PGD(0.1).init(x, torch.arange(400), restart=0) - x
+    start = PGD().init(x, 0.1, torch.arange(400), restart=0) - x
     assert start.abs().max() <= 0.1 + TOL
     assert abs(start.mean().item()) < 0.002
     # Uniform on [-eps, eps] has standard deviation eps/sqrt(3).
@@ -174,15 +185,15 @@ def test_random_start_is_uniform_in_the_ball():
 def test_mifgsm_without_momentum_equals_bim(trained_model, data):
     x, y = data
     kwargs = dict(steps=5, step_size=0.02, final_iterate=True)
-    mi = MIFGSM(0.1, decay=0.0, **kwargs)(trained_model, x, y)
-    bim = BIM(0.1, **kwargs)(trained_model, x, y)
+    mi = MIFGSM(decay=0.0, **kwargs)(trained_model, x, y, 0.1)
+    bim = BIM(**kwargs)(trained_model, x, y, 0.1)
     # The L1 normalisation is a positive per-sample scale: the signs, hence the steps, are equal.
     assert torch.equal(mi.x_adv, bim.x_adv)
 
 
 def test_attacks_do_not_leave_gradients_on_the_model(trained_model, data):
     x, y = data
-    PGD(0.1, steps=2, step_size=0.05)(trained_model, x, y)
+    PGD(steps=2, step_size=0.05)(trained_model, x, y, 0.1)
     assert all(p.grad is None for p in trained_model.parameters())
 
 
@@ -190,14 +201,34 @@ def test_registry_and_validation():
     assert ATTACKS.get("PGD") is PGD
     with pytest.raises(UsageError, match="did you mean 'pgd'"):
         ATTACKS.get("pgdd")
-    with pytest.raises(UsageError, match="steps must be >= 1"):
-        PGD(0.1, steps=0)
+    with pytest.raises(UsageError, match="steps: Input should be greater than or equal to 1"):
+        PGD(steps=0)
     with pytest.raises(UsageError, match="norm"):
-        FGSM(0.1, norm="l1")
+        FGSM(norm="l1")
     with pytest.raises(UsageError, match="only defined for linf"):
-        PGD(torch.ones(3, 1, 1) * 0.1, norm="l2")
+        PGD(norm="l2", eps_scale=torch.ones(3, 1, 1) * 0.1)
+    with pytest.raises(UsageError, match="fgsm: steps: Extra inputs are not permitted"):
+        FGSM(steps=5)
+    args = (torch.nn.Flatten(), torch.zeros(2, 1, 2, 2), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(UsageError, match="eps is a number"):
+        PGD()(*args, torch.ones(1, 1, 1) * 0.1)
+    with pytest.raises(UsageError, match="eps must be >= 0"):
+        PGD()(*args, -0.1)
+    with pytest.raises(UsageError, match="needs an eps"):
+        PGD()(*args)
+
+
+def test_step_size_is_an_expression_evaluated_at_the_call_eps():
+    assert PGD(steps=4, step_size=0.03).params.step_size == "0.03"
+    assert PGD.step_size_at(PGD(steps=4).params, 0.1) == 2.5 * 0.1 / 4
+    assert BIM.step_size_at(BIM(steps=4).params, 0.1) == 0.1 / 4
+    assert FGSM.step_size_at(FGSM().params, 0.1) == 0.1
+    assert PGD.step_size_at(PGD(steps=5, step_size="eps/2").params, 0.2) == 0.1
 
 
 def test_base_class_needs_a_step():
+    args = (torch.nn.Flatten(), torch.zeros(2, 1, 2, 2), torch.zeros(2, dtype=torch.long), 0.1)
     with pytest.raises(NotImplementedError):
-        Attack(0.1)(torch.nn.Flatten(), torch.zeros(2, 1, 2, 2), torch.zeros(2, dtype=torch.long))
+        Attack()(*args)
+    with pytest.raises(NotImplementedError):
+        GradientAttack()(*args)

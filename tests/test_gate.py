@@ -9,7 +9,7 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from robench.errors import UsageError
-from robench.gate import gate, junit_xml, parse_rule
+from robench.reporting.gate import gate, junit_xml, parse_rule
 from robench.results.reading import read_result
 from cli_helpers import invoke
 

@@ -28,7 +28,8 @@ def eval_args(tmp_path, *extra, suite_text: str = QUICK):
 
 
 def robench_cmd(*args):
-    return [sys.executable, "-m", "robench", "eval", "example:digits", "--batch-size", "16", "--limit", "160",
+    # 40 batches of 4, committed in segments of 8: progress to interrupt and partial results to keep
+    return [sys.executable, "-m", "robench", "eval", "example:digits", "--batch-size", "4", "--limit", "160",
             "--save-every", "0", "--quiet", *args]
 
 

@@ -15,8 +15,8 @@ import robench
 from robench.api import EvaluationInterrupted
 from robench.errors import RunError, UsageError
 from robench.models.wrapper import RobustModel
-from robench.run_state import RunState
-from robench.sanity import explain_failure, first_batch_checks
+from robench.evaluation.state import RunState
+from robench.evaluation.sanity import explain_failure, first_batch_checks
 from cli_helpers import invoke, one_error_line, stop_after
 
 FGSM = {"name": "f", "attacks": [{"attack": "fgsm", "eps": 0.1}]}
@@ -96,55 +96,55 @@ def test_flags_survive_a_resume_whose_batches_were_all_done(trained_model, test_
 
 
 def test_a_snapshot_of_the_old_format_is_refused(trained_model, test_tensors):
-    data = test_tensors[0][:192], test_tensors[1][:192]
+    data = test_tensors[0][:192], test_tensors[1][:192]  # 12 batches of 16: segments of 8 and 4
     saved = []
     with pytest.raises(EvaluationInterrupted):
-        robench.evaluate(trained_model, data, FGSM, device="cpu", batch_size=64,
-                         on_batch=stop_after(2), save_state=saved.append)
+        robench.evaluate(trained_model, data, FGSM, device="cpu", batch_size=16,
+                         on_batch=stop_after(1), save_state=saved.append)
     old = {**saved[-1], "format": "robench.progress/1"}
     with pytest.raises(UsageError, match="older robench .*start a new run"):
-        robench.evaluate(trained_model, data, FGSM, device="cpu", batch_size=64, resume_state=old)
+        robench.evaluate(trained_model, data, FGSM, device="cpu", batch_size=16, resume_state=old)
     with pytest.raises(UsageError, match="older robench"):
-        RunState.for_entries(0).restore(old, 64)
+        RunState.for_entries(0).restore(old, 16)
 
 
 def test_resume_on_data_with_fewer_batches_is_refused(trained_model, test_tensors):
     x, y = test_tensors
     saved = []
-    with pytest.raises(EvaluationInterrupted):
-        robench.evaluate(trained_model, (x[:256], y[:256]), FGSM, device="cpu", batch_size=64,
-                         on_batch=stop_after(3), save_state=saved.append)
-    with pytest.raises(UsageError, match="data changed .*first 3 batches"):
-        robench.evaluate(trained_model, (x[:100], y[:100]), FGSM, device="cpu", batch_size=64,
+    with pytest.raises(EvaluationInterrupted):  # 16 batches of 16: two segments of 8
+        robench.evaluate(trained_model, (x[:256], y[:256]), FGSM, device="cpu", batch_size=16,
+                         on_batch=stop_after(1), save_state=saved.append)
+    with pytest.raises(UsageError, match="data changed .*first 8 batches"):  # 100 samples: 7 batches
+        robench.evaluate(trained_model, (x[:100], y[:100]), FGSM, device="cpu", batch_size=16,
                          resume_state=saved[-1])
 
 
 def test_resume_after_the_npz_was_rewritten_is_refused(tmp_path, digits_split, monkeypatch):
     _, x_te, _, y_te = digits_split
-    x_te, y_te = x_te[:256], y_te[:256]  # four batches of 64
+    x_te, y_te = x_te[:256], y_te[:256]  # 16 batches of 16: two segments of 8
     data = tmp_path / "digits.npz"
     np.savez(data, x=x_te, y=y_te)
     suite = tmp_path / "quick.yaml"
     suite.write_text(SUITE_YAML)
     out = tmp_path / "run"
-    args = ("eval", "example:digits", "--data", f"npz:{data}", "--suite", suite, "--batch-size", 64,
+    args = ("eval", "example:digits", "--data", f"npz:{data}", "--suite", suite, "--batch-size", 16,
             "--save-every", 0, "--quiet", "--out", out)
 
-    import robench.engine as engine
+    import robench.evaluation.engine as engine
 
-    real_run_batch = engine._run_batch
+    real_run_segment = engine._run_segment
     calls = []
 
-    def interrupted_on_third(*a, **k):
+    def interrupted_on_second(*a, **k):
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == 2:
             raise KeyboardInterrupt
-        return real_run_batch(*a, **k)
+        return real_run_segment(*a, **k)
 
-    monkeypatch.setattr(engine, "_run_batch", interrupted_on_third)
+    monkeypatch.setattr(engine, "_run_segment", interrupted_on_second)
     stopped = invoke(*args)
     assert stopped.exit_code == 130, stopped.stderr
-    monkeypatch.setattr(engine, "_run_batch", real_run_batch)
+    monkeypatch.setattr(engine, "_run_segment", real_run_segment)
     progress = (out / "progress.pt").read_bytes()
 
     # Same path, other content: labels of the first images shuffled.
@@ -154,7 +154,7 @@ def test_resume_after_the_npz_was_rewritten_is_refused(tmp_path, digits_split, m
     refused = invoke(*args)
     assert refused.exit_code == 2, refused.stderr
     line = one_error_line(refused)
-    assert "the data changed since the interrupted run (its first 2 batches differ)" in line
+    assert "the data changed since the interrupted run (its first 8 batches differ)" in line
     assert "another --out" in line
     assert (out / "progress.pt").read_bytes() == progress, "the progress file must be left untouched"
 

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-import robench.sanity
+import robench.evaluation.sanity
 from robench.errors import UsageError
 from robench.results.reading import read_result
 from cli_helpers import invoke, one_error_line
@@ -301,7 +301,7 @@ def test_unknown_allow_flag_suggests_the_name(runs, doc, tmp_path):
 def test_flag_names_of_older_documents_are_derived(runs, doc, tmp_path):
     # An older writer: sanity.flags without flag_names. Make FGSM really beat PGD so the check agrees.
     doc["attacks"][0]["accuracy"] = doc["attacks"][1]["accuracy"] - 0.05
-    doc["sanity"]["flags"] = robench.sanity.flags_from(doc["sanity"], doc["attacks"])
+    doc["sanity"]["flags"] = robench.evaluation.sanity.flags_from(doc["sanity"], doc["attacks"])
     doc["sanity"].pop("flag_names", None)
     assert len(doc["sanity"]["flags"]) == 1
     current = write(tmp_path / "cur.json", doc)

@@ -20,7 +20,7 @@ def batch(test_tensors):
 @pytest.mark.parametrize("eps", [0.05, 0.1, 0.2])
 def test_fgsm_matches_torchattacks(trained_model, batch, eps):
     x, y = batch
-    ours = FGSM(eps, final_iterate=True)(trained_model, x, y).x_adv
+    ours = FGSM(final_iterate=True)(trained_model, x, y, eps).x_adv
     ref = torchattacks.FGSM(trained_model, eps=eps)(x, y)
     assert torch.allclose(ours, ref, atol=1e-6)
     with torch.no_grad():
@@ -29,7 +29,7 @@ def test_fgsm_matches_torchattacks(trained_model, batch, eps):
     assert not correct.all()
     # Default (any-iterate) semantics: an image misclassified before the attack is
     # already fooled and is left as it is; every other image gets the same step.
-    default = FGSM(eps)(trained_model, x, y).x_adv
+    default = FGSM()(trained_model, x, y, eps).x_adv
     assert torch.equal(default[~correct], x[~correct])
     assert torch.allclose(default[correct], ref[correct], atol=1e-6)
 
@@ -37,7 +37,7 @@ def test_fgsm_matches_torchattacks(trained_model, batch, eps):
 @pytest.mark.parametrize("eps", [0.05, 0.1])
 def test_bim_final_iterate_matches_torchattacks(trained_model, batch, eps):
     x, y = batch
-    ours = BIM(eps, steps=10, step_size=eps / 10, final_iterate=True)(trained_model, x, y)
+    ours = BIM(steps=10, step_size=eps / 10, final_iterate=True)(trained_model, x, y, eps)
     ref = torchattacks.BIM(trained_model, eps=eps, alpha=eps / 10, steps=10)(x, y)
     assert torch.allclose(ours.x_adv, ref, atol=1e-6)
     with torch.no_grad():
@@ -48,7 +48,7 @@ def test_bim_final_iterate_matches_torchattacks(trained_model, batch, eps):
 def test_pgd_final_iterate_agrees_with_torchattacks(trained_model, batch):
     x, y = batch
     eps, alpha = 0.1, 0.025
-    ours = PGD(eps, steps=10, step_size=alpha, final_iterate=True)(trained_model, x, y)
+    ours = PGD(steps=10, step_size=alpha, final_iterate=True)(trained_model, x, y, eps)
     with torch.random.fork_rng():
         torch.manual_seed(0)
         ref = torchattacks.PGD(trained_model, eps=eps, alpha=alpha, steps=10, random_start=True)(x, y)

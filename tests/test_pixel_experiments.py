@@ -30,7 +30,8 @@ def test_pixel_suite_fields_are_validated():
     with pytest.raises(UsageError, match="delta: pgd does not take"):
         parse_suite("name: a\nattacks:\n  - attack: pgd\n    eps: 0.1\n    delta: 3\n")
     spec = parse_suite("name: a\nattacks:\n  - attack: pixels\n    area: 4\n").suite.attacks[0]
-    assert spec.area == [4, 4] and spec.pixel_counts() == [4, 8, 16, 32, 64]
+    assert spec.settings.area == [4, 4] and spec.settings.pixels == [4, 8, 16, 32, 64]
+    assert spec.model_dump()["area"] == [4, 4], "the suite's hash holds the validated value"
 
 
 def test_experiment_counts_match_direct_trials(trained_model, digits_split):

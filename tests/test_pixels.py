@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from robench.attacks.randomness import stream_key
+from robench.attacks.pixels import PixelChange
 from robench.attacks.registry import ATTACKS
 from robench.errors import UsageError
 from robench.pixels import change_pixels, pixel_index, pixel_index_terms, pixel_trials
@@ -261,7 +262,7 @@ def test_global_rng_untouched(trained_model, test_tensors):
     change_pixels(random_images(8), 3, sample_ids=torch.arange(8), key=1)
     change_pixels(random_images(8), 3, sample_ids=torch.arange(8), key=1, shared_positions=True, delta=5)
     pixel_trials(trained_model, x, y, torch.arange(20), n_pixels=2, trials=2, key=0)
-    ATTACKS.get("pixels")(n_pixels=2, trials=2)(trained_model, x, y, torch.arange(20))
+    ATTACKS.get("pixels")(pixels=[2], trials=2)(trained_model, x, y, sample_ids=torch.arange(20))
     assert torch.equal(before, torch.get_rng_state())
 
 
@@ -322,8 +323,15 @@ def test_pixel_trials_are_the_per_trial_changes(trained_model, digits_correct):
 def test_pixels_attack_success_matches_the_model(trained_model, digits_correct):
     x, y = digits_correct
     ids = torch.arange(len(x))
-    attack = ATTACKS.get("pixels")(0.3, n_pixels=12, trials=4, seed=3, stream=2, norm="linf")  # eps, norm ignored
-    result = attack(trained_model, x, y, ids)
+    assert ATTACKS.get("pixels") is PixelChange
+    attack = PixelChange(pixels=[12], trials=4, seed=3, stream=2)
+    assert attack.norm == "l0" and attack.n_pixels == 12
+    # The budget is the pixel count: an eps or an L-p norm is refused, not ignored.
+    with pytest.raises(UsageError, match="takes no eps"):
+        attack(trained_model, x, y, 0.3, ids)
+    with pytest.raises(UsageError, match="supports norm l0"):
+        PixelChange(pixels=[12], norm="linf")
+    result = attack(trained_model, x, y, sample_ids=ids)
     with torch.no_grad():
         fooled_adv = trained_model(result.x_adv).argmax(1) != y
     assert torch.equal(result.success, fooled_adv)
@@ -337,6 +345,8 @@ def test_pixels_attack_success_matches_the_model(trained_model, digits_correct):
         expected = change_pixels(x[pick], 12, sample_ids=ids[pick], key=stream_key(3, 2, t))
         assert torch.equal(result.x_adv[pick], expected)
     assert changed(x, result.x_adv).flatten(1).sum(1).max() <= 12
-    assert result.gradient_evals == 0 and result.forward_evals == 4 * len(x)
-    described = attack.describe()
+    # One forward per trial, plus the base's scoring of each returned example.
+    assert result.gradient_evals == 0 and result.forward_evals == (4 + 1) * len(x)
+    assert PixelChange.cost(attack.params).forward * len(x) == result.forward_evals
+    described = attack.describe(None)
     assert described["pixels"] == 12 and described["trials"] == 4 and described["delta"] is None

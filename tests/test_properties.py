@@ -21,8 +21,8 @@ def test_any_attack_stays_in_the_ball_and_the_image_range(trained_model, name, e
     x = torch.rand(12, 1, 8, 8, generator=gen)
     y = torch.randint(0, 10, (12,), generator=gen)
     kwargs = {} if name == "fgsm" else {"steps": steps}
-    attack = ATTACKS[name](eps, norm=norm, final_iterate=final, seed=seed, **kwargs)
-    out = attack(trained_model, x, y).x_adv
+    attack = ATTACKS[name](norm=norm, final_iterate=final, seed=seed, **kwargs)
+    out = attack(trained_model, x, y, eps).x_adv
     delta = (out - x).flatten(1)
     size = delta.abs().max(dim=1).values if norm == "linf" else delta.norm(dim=1)
     assert torch.all(size <= eps + 1e-5)

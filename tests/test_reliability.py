@@ -15,6 +15,7 @@ import torch
 import robench
 from robench.api import EvaluationInterrupted
 from robench.attacks import PGD
+from robench.evaluation.engine import SEGMENT_BATCHES
 from cli_helpers import stop_after
 
 SUITE = {"name": "rel", "attacks": [{"attack": "pgd", "eps": [0.05, 0.1], "steps": 5},
@@ -22,16 +23,18 @@ SUITE = {"name": "rel", "attacks": [{"attack": "pgd", "eps": [0.05, 0.1], "steps
 
 
 def test_interrupt_then_resume_equals_an_uninterrupted_run(trained_model, test_tensors):
-    plain = robench.evaluate(trained_model, test_tensors, SUITE, device="cpu", batch_size=64)
+    # 540 samples in batches of 32: 17 batches, committed in segments of SEGMENT_BATCHES (8, 8, 1).
+    assert SEGMENT_BATCHES == 8
+    plain = robench.evaluate(trained_model, test_tensors, SUITE, device="cpu", batch_size=32)
     saved = []
     with pytest.raises(EvaluationInterrupted) as info:
-        robench.evaluate(trained_model, test_tensors, SUITE, device="cpu", batch_size=64,
-                         on_batch=stop_after(3), save_state=saved.append)
+        robench.evaluate(trained_model, test_tensors, SUITE, device="cpu", batch_size=32,
+                         on_batch=stop_after(1), save_state=saved.append)
     partial = info.value.result
-    assert partial.doc["complete"] is False and partial.doc["progress"] == {"evaluated": 192, "total": 540}
-    assert len(partial.samples) == 192
-    assert saved and saved[-1]["batches"] == 3
-    resumed = robench.evaluate(trained_model, test_tensors, SUITE, device="cpu", batch_size=64,
+    assert partial.doc["complete"] is False and partial.doc["progress"] == {"evaluated": 256, "total": 540}
+    assert len(partial.samples) == 256
+    assert saved and saved[-1]["batches"] == 8
+    resumed = robench.evaluate(trained_model, test_tensors, SUITE, device="cpu", batch_size=32,
                                resume_state=saved[-1])
     assert resumed.doc["complete"] is True
     assert resumed.samples.equals(plain.samples)
@@ -39,7 +42,7 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(trained_model, test_t
         assert a["accuracy"] == b["accuracy"] and a["success_rate"] == b["success_rate"]
     assert resumed.doc["env"]["dataset_fingerprint"] == plain.doc["env"]["dataset_fingerprint"]
     with pytest.raises(robench.errors.UsageError, match="batch-size"):
-        robench.evaluate(trained_model, test_tensors, SUITE, device="cpu", batch_size=32, resume_state=saved[-1])
+        robench.evaluate(trained_model, test_tensors, SUITE, device="cpu", batch_size=64, resume_state=saved[-1])
 
 
 def test_out_of_memory_halves_the_chunk_and_keeps_the_results(trained_model, test_tensors, monkeypatch):
@@ -47,11 +50,11 @@ def test_out_of_memory_halves_the_chunk_and_keeps_the_results(trained_model, tes
     real_call = PGD.__call__
     sizes = []
 
-    def small_memory(self, model, x, y, sample_ids=None):
-        sizes.append(len(x))
-        if len(x) > 40:
+    def small_memory(self, model, x, y, eps=None, sample_ids=None, *, batch_size=None, refill=True):
+        sizes.append(batch_size)
+        if batch_size > 40:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real_call(self, model, x, y, sample_ids)
+        return real_call(self, model, x, y, eps, sample_ids, batch_size=batch_size, refill=refill)
 
     monkeypatch.setattr(PGD, "__call__", small_memory)
     squeezed = robench.evaluate(trained_model, test_tensors, SUITE, device="cpu", batch_size=256)
@@ -64,7 +67,7 @@ def test_out_of_memory_halves_the_chunk_and_keeps_the_results(trained_model, tes
 
 
 def test_out_of_memory_for_a_single_image_is_a_clear_error(trained_model, test_tensors, monkeypatch):
-    def never_fits(self, model, x, y, sample_ids=None):
+    def never_fits(self, model, x, y, eps=None, sample_ids=None, **_):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
 
     monkeypatch.setattr(PGD, "__call__", never_fits)
@@ -76,7 +79,8 @@ HEAVY = "name: heavy\nattacks:\n  - attack: pgd\n    eps: [0.05, 0.1]\n    steps
 
 
 def robench_cmd(*args):
-    return [sys.executable, "-m", "robench", "eval", "example:digits", "--batch-size", "16", "--limit", "160",
+    # 40 batches of 4: five segments, so there is progress to interrupt and to resume
+    return [sys.executable, "-m", "robench", "eval", "example:digits", "--batch-size", "4", "--limit", "160",
             "--save-every", "0", "--quiet", *args]
 
 

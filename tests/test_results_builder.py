@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from robench.cli import app
 from robench.examples import example_data_path
-from robench.gate import standard_error
+from robench.reporting.gate import standard_error
 from robench.results.metric_table import higher_is_better, is_proportion, metric_info, rank_keys
 from robench.results.reading import read_result, results_frame
 from robench.results.tidy import TIDY_COLUMNS, tidy_frame

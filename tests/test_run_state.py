@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from robench.data.sources import ImageDataset, from_arrays
-from robench.engine import run
+from robench.evaluation.engine import run
 from robench.metrics import Accuracy, Collected, Scalar
 from robench.models.wrapper import RobustModel
-from robench.run_state import PROGRESS_FORMAT, RunInterrupted, RunState, entry_metrics
+from robench.evaluation.state import PROGRESS_FORMAT, RunInterrupted, RunState, entry_metrics
 from robench.suites import parse_suite
 
 SUITE = "name: core\nattacks:\n  - attack: fgsm\n    eps: [0.05, 0.1]\n  - attack: pgd\n    eps: 0.1\n    steps: 3\n"
@@ -171,8 +171,9 @@ def test_snapshot_restore_and_continue_equals_an_uninterrupted_run(engine_inputs
         if len(seen) == 2:
             raise KeyboardInterrupt
 
+    # Progress is committed a segment (SEGMENT_BATCHES batches) at a time; without refill, a batch at a time.
     with pytest.raises(RunInterrupted) as info:
-        evaluate(engine_inputs, on_batch=stop_after_two, save_state=saved.append, save_every=0)
+        evaluate(engine_inputs, on_batch=stop_after_two, save_state=saved.append, save_every=0, refill=False)
     assert info.value.outcome.state.n == 2 * BATCH and info.value.outcome.complete is False
     snapshot = saved_and_loaded(saved[-1])
     # The progress file's layout is that of robench.progress/2: each metric's states in declared order.
@@ -180,6 +181,7 @@ def test_snapshot_restore_and_continue_equals_an_uninterrupted_run(engine_inputs
     assert snapshot["clean"] == [info.value.outcome.state.clean.correct, 2 * BATCH]
     assert set(snapshot["entries"][0]) == {"accuracy", "fooled", "robust", "seconds", "gradient_evals",
                                            "peak_memory", "chunk"}
+    # Resumed with refill on: the segments start at batch 2, the results are those of the plain run.
     resumed = evaluate(engine_inputs, resume_state=snapshot).state
     assert_same_states(resumed.state_dict(), plain.state_dict(), skip=TIMING)
     assert resumed.sanity == plain.sanity

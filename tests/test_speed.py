@@ -7,7 +7,7 @@ import torch
 
 import robench
 from robench.errors import UsageError
-from robench.speed import AUTO_COMPILE_MIN_WORK, estimated_work, should_compile
+from robench.evaluation.speed import AUTO_COMPILE_MIN_WORK, estimated_work, should_compile
 from robench.suites.loader import parse_suite
 
 SUITE = {"name": "sp", "attacks": [{"attack": "fgsm", "eps": 0.1}, {"attack": "pgd", "eps": [0.05, 0.1], "steps": 5}]}
@@ -70,7 +70,7 @@ def test_sweep_reuse_leaves_final_iterate_entries_alone(trained_model, test_tens
 
 
 def test_auto_batch_size_probes_down_to_what_fits():
-    from robench.speed import CPU_BATCH, auto_batch_size
+    from robench.evaluation.speed import CPU_BATCH, auto_batch_size
 
     tried = []
 

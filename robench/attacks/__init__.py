@@ -1,7 +1,14 @@
-"""Attacks: the base class, native gradient attacks and the torchattacks adapter."""
+"""Attacks: one class per file, the base contract, gradient loop, objectives and the registry."""
 
-from robench.attacks.base import Attack, AttackResult
-from robench.attacks.gradient import BIM, FGSM, MIFGSM, PGD
-from robench.attacks.registry import ATTACKS
+from robench.attacks.base import Attack, AttackParams, AttackResult, Cost, RunOutput
+from robench.attacks.bim import BIM
+from robench.attacks.fgsm import FGSM
+from robench.attacks.gradient import GradientAttack, StepSizeParams, StepState
+from robench.attacks.mifgsm import MIFGSM
+from robench.attacks.objectives import CrossEntropy, Objective
+from robench.attacks.pgd import PGD
+from robench.attacks.registry import ATTACKS, register_attack
 
-__all__ = ["ATTACKS", "Attack", "AttackResult", "BIM", "FGSM", "MIFGSM", "PGD"]
+__all__ = ["ATTACKS", "Attack", "AttackParams", "AttackResult", "BIM", "Cost", "CrossEntropy", "FGSM",
+           "GradientAttack", "MIFGSM", "Objective", "PGD", "RunOutput", "StepSizeParams", "StepState",
+           "register_attack"]

@@ -1,165 +1,260 @@
-"""The attack base class: an attack writes its step, the base does the rest.
+"""The attack contract: an attack writes ``run``; the base's final ``__call__`` does the rest.
 
-The base handles projection to the eps-ball and to [0,1], per-sample
-success, early stopping of samples already fooled (they stop costing
-compute), restarts, and the bookkeeping of which iterate counts:
+An attack is one class in one file. It declares
 
-* any-iterate (default): a sample fooled at *any* iterate counts as fooled
-  and that iterate is kept as its adversarial example (AutoAttack's rule);
-* final-iterate (``final_iterate=True``): only the last iterate of a restart
-  counts, as torchattacks and most papers report.
+* ``name`` and its parameters as a pydantic model (``Params``: defaults, bounds,
+  unknown fields refused), which the suite schema validates an entry against;
+* its traits: ``family`` (gradient, query, transfer, generator, or external for
+  wrapped third-party code), the threat models it supports (``norms``), whether it
+  takes an eps (``eps_budget``) and its ``cost`` per sample (gradient and forward
+  passes as a function of its parameters).
+
+eps is an argument of each call, not of the attack: one attack object serves a
+whole eps sweep. Whatever ``run`` returns, ``__call__`` checks that it lies in the
+threat model (an attack returning points outside it is an error naming the attack),
+projects away float rounding, and scores every output on the model, as Foolbox 3's
+final ``__call__`` does: the reported success is that of the returned examples.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, final
 
 import torch
+from pydantic import BaseModel, ConfigDict
 from torch import nn
-from torch.nn import functional as F
 
-from robench.attacks import randomness
-from robench.errors import UsageError
+from robench.attacks.objectives import CrossEntropy, Objective
+from robench.errors import RunError, UsageError
 
-Eps = float | torch.Tensor  # a scalar, or per-channel radii of shape (C, 1, 1)
+Eps = float | torch.Tensor  # a radius in pixel units: a scalar, or per-channel radii of shape (C, 1, 1)
+Family = Literal["gradient", "query", "transfer", "generator", "external"]
+EpsBudget = Literal["required", "optional", "none"]
+
+# Points this far outside the threat model are float rounding (projected away); farther is an error.
+ROUNDING = 1e-5
+
+
+class AttackParams(BaseModel):
+    """Base of every attack's parameter model: unknown fields are refused, values must be finite."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Passes through the model per attacked sample and eps, at most (early stop only lowers them)."""
+
+    gradient: int = 0  # forward + backward
+    forward: int = 0  # forward only (queries)
 
 
 @dataclass
 class AttackResult:
     x_adv: torch.Tensor
-    success: torch.Tensor  # bool per sample: the model is fooled by x_adv
+    success: torch.Tensor  # bool per sample: the model is fooled by x_adv (scored by the base)
     gradient_evals: int = 0  # forward+backward passes, counted per sample
-    forward_evals: int = 0  # forward-only passes, counted per sample
+    forward_evals: int = 0  # forward-only passes, counted per sample (the base's scoring pass included)
+
+
+@dataclass
+class RunOutput:
+    """What ``run`` returns: the examples and the passes it made (the base scores the examples)."""
+
+    x_adv: torch.Tensor
+    gradient_evals: int = 0
+    forward_evals: int = 0
 
 
 class Attack:
-    """Base class for attacks that follow gradients of a loss in input space."""
+    """Base class of every attack. Subclasses set the class attributes and write ``run``."""
 
     name: ClassVar[str] = "attack"
+    Params: ClassVar[type[AttackParams]] = AttackParams
+    family: ClassVar[Family] = "gradient"
     norms: ClassVar[tuple[str, ...]] = ("linf", "l2")
+    eps_budget: ClassVar[EpsBudget] = "required"
+    sweep: ClassVar[str | None] = None  # without an eps: the list parameter whose values give one result each
 
     def __init__(
         self,
-        eps: Eps,
+        params: AttackParams | dict[str, Any] | None = None,
         *,
-        norm: str = "linf",
-        steps: int = 1,
-        restarts: int = 1,
+        norm: str | None = None,
         final_iterate: bool = False,
+        loss: Objective | None = None,
+        eps_scale: torch.Tensor | None = None,
         seed: int = 0,
         stream: int = 0,
+        **fields: Any,
     ) -> None:
+        """``params`` (or its fields as keywords) are validated by ``Params``.
+
+        ``eps_scale`` (per channel, shape (C, 1, 1)) converts eps and other radii given in
+        the suite's units to pixels: the L-inf ball of radius r in z-score space is a box
+        of radius r*std_c in pixels. ``loss`` is what gradient attacks ascend
+        (cross-entropy on the label by default) and what says whether a sample is fooled.
+        """
+        self.params = self.validate_params(params, fields)
+        norm = norm or self.norms[0]
         if norm not in self.norms:
             raise UsageError(f"{self.name} supports norm {' or '.join(self.norms)}, not {norm!r}")
-        if norm == "l2" and isinstance(eps, torch.Tensor) and eps.numel() > 1:
+        if eps_scale is not None and norm != "linf":
             raise UsageError("per-channel eps (normalised eps space) is only defined for linf")
-        if steps < 1:
-            raise UsageError(f"{self.name}: steps must be >= 1, got {steps}")
-        if restarts < 1:
-            raise UsageError(f"{self.name}: restarts must be >= 1, got {restarts}")
-        self.eps = eps
         self.norm = norm
-        self.steps = steps
-        self.restarts = restarts
-        self.final_iterate = final_iterate
+        self.loss = loss or CrossEntropy()
+        # Without a per-sample "fooled" (a ranking), only the final iterate can count; attacks
+        # that are not gradient loops return one final example anyway.
+        self.final_iterate = final_iterate or not self.loss.scores or self.family != "gradient"
+        self.eps_scale = eps_scale
         self.seed = seed
         self.stream = stream
 
-    # -- hooks for subclasses -------------------------------------------------
-    def init(self, x: torch.Tensor, sample_ids: torch.Tensor, restart: int) -> torch.Tensor:
-        """Starting point of a restart (projected by the base)."""
-        return x
+    @classmethod
+    def validate_params(cls, params: AttackParams | dict[str, Any] | None, fields: dict[str, Any]) -> AttackParams:
+        if isinstance(params, cls.Params) and not fields:
+            return params
+        given = dict(params.model_dump(exclude_unset=True) if isinstance(params, BaseModel) else params or {})
+        try:
+            return cls.Params.model_validate({**given, **fields})
+        except Exception as exc:  # pydantic's ValidationError, one line for the user
+            errors = getattr(exc, "errors", None)
+            if errors is None:
+                raise
+            first = errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise UsageError(f"{cls.name}: {where}: {first['msg'].removeprefix('Value error, ')}") from None
 
-    def init_state(self, x_adv: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-sample state carried across steps (compacted with the batch)."""
-        return {}
+    # -- traits ----------------------------------------------------------------------------------------------
+    @classmethod
+    def cost(cls, params: AttackParams) -> Cost:
+        """Passes per sample and eps for these parameters (what --compile auto and progress weigh)."""
+        return Cost(gradient=1)
 
-    def step(self, x_adv: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor], t: int) -> torch.Tensor:
+    @classmethod
+    def sweep_label(cls, value: Any) -> str:
+        """How a value of the ``sweep`` parameter is written in tables (as eps is for the others)."""
+        return str(value)
+
+    @classmethod
+    def check_at(cls, params: AttackParams, eps: float) -> None:
+        """Raise ``ValueError("field: problem")`` if the parameters make no sense at ``eps`` (suite units)."""
+
+    @classmethod
+    def iterative(cls) -> bool:
+        """Several gradient steps at the default parameters: the attacks a weaker one must not beat."""
+        return cls.family == "gradient" and cls.cost(cls.Params()).gradient > 1
+
+    # -- what a subclass writes ------------------------------------------------------------------------------
+    def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Eps | None,
+            sample_ids: torch.Tensor, batch_size: int, refill: bool) -> RunOutput:
+        """Adversarial examples for ``x`` (the base checks, projects and scores them).
+
+        ``batch_size`` bounds the samples sent to the model at once; ``refill`` lets an attack
+        that retires samples early refill their slots from the rest of ``x``.
+        """
         raise NotImplementedError
 
-    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        # Summed, not averaged: a mean over a large batch shrinks each sample's
-        # gradient by 1/N and underflows in fp16.
-        return F.cross_entropy(logits.float(), y, reduction="sum")
+    def describe(self, eps: float | None) -> dict[str, Any]:
+        """The parameters as results.json records them, at the entry's eps (suite units)."""
+        return {"norm": self.norm, **self.params.model_dump(mode="json")}
 
-    def describe(self) -> dict[str, Any]:
-        return {"norm": self.norm, "steps": self.steps, "restarts": self.restarts}
+    def effective_eps(self, eps: float | None) -> float | None:
+        """The eps a call with ``eps`` runs at (an attack with an optional budget may have its own)."""
+        return eps
 
-    # -- machinery ------------------------------------------------------------
-    def project(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    # -- machinery -------------------------------------------------------------------------------------------
+    def radius(self, eps: float | None, x: torch.Tensor) -> Eps | None:
+        """eps in pixel units, on ``x``'s device."""
+        if eps is None:
+            return None
+        if self.eps_scale is None:
+            return eps
+        return eps * self.eps_scale.to(device=x.device, dtype=x.dtype)
+
+    def project(self, x_adv: torch.Tensor, x: torch.Tensor, radius: Eps | None) -> torch.Tensor:
         """Nearest point of the eps-ball around ``x`` that is also in [0,1]."""
-        eps = self._eps_on(x)
-        if self.norm == "linf":
+        if radius is not None and self.norm == "linf":
             # min/max rather than x + clamp(x_adv - x): no rounding from the subtraction,
             # so iterates equal the reference implementations bit for bit.
-            x_adv = torch.minimum(torch.maximum(x_adv, x - eps), x + eps)
-        else:
+            x_adv = torch.minimum(torch.maximum(x_adv, x - radius), x + radius)
+        elif radius is not None and self.norm == "l2":
             delta = x_adv - x
             norms = delta.flatten(1).norm(dim=1).view(-1, *[1] * (x.dim() - 1))
-            factor = torch.clamp(eps / (norms + 1e-12), max=1.0)
+            factor = torch.clamp(radius / (norms + 1e-12), max=1.0)
             x_adv = x + delta * factor
         return x_adv.clamp(0.0, 1.0)
 
-    def _eps_on(self, x: torch.Tensor) -> Eps:
-        if isinstance(self.eps, torch.Tensor):
-            return self.eps.to(device=x.device, dtype=x.dtype)
-        return self.eps
-
-    def random_key(self, restart: int) -> int:
-        return randomness.stream_key(self.seed, self.stream, restart)
-
-    def loss_and_grad(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = x.detach().requires_grad_(True)
-        with torch.enable_grad():
-            logits = model(x)
-            loss = self.loss(logits, y)
-            (grad,) = torch.autograd.grad(loss, x)
-        return logits.detach(), grad.detach()
-
-    def is_fooled(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return logits.argmax(dim=1) != y
-
+    @final
     @torch.no_grad()
-    def __call__(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, sample_ids: torch.Tensor | None = None
-    ) -> AttackResult:
-        n = len(x)
-        if sample_ids is None:
-            sample_ids = torch.arange(n)
-        sample_ids = sample_ids.to(x.device)
-        x_best = x.clone()
-        success = torch.zeros(n, dtype=torch.bool, device=x.device)
-        grad_evals = fwd_evals = 0
-        for restart in range(self.restarts):
-            active = torch.nonzero(~success).squeeze(1)
-            if active.numel() == 0:
-                break
-            x0, y0 = x[active], y[active]
-            xa = self.project(self.init(x0, sample_ids[active], restart), x0)
-            state = self.init_state(xa)
-            for t in range(self.steps):
-                logits, grad = self.loss_and_grad(model, xa, y0)
-                grad_evals += len(xa)
-                if not self.final_iterate:
-                    fooled = self.is_fooled(logits, y0)
-                    if fooled.any():
-                        success[active[fooled]] = True
-                        x_best[active[fooled]] = xa[fooled]
-                        keep = ~fooled
-                        active, x0, y0, xa, grad = active[keep], x0[keep], y0[keep], xa[keep], grad[keep]
-                        state = {k: v[keep] for k, v in state.items()}
-                        if active.numel() == 0:
-                            break
-                xa = self.project(self.step(xa, grad, state, t), x0)
-            if active.numel() == 0:
-                continue
-            fooled = self.is_fooled(model(xa), y0)
-            fwd_evals += len(xa)
-            success[active[fooled]] = True
-            # Unfooled samples keep their last iterate: the strongest point we have.
-            x_best[active] = xa
-        return AttackResult(x_best, success, grad_evals, fwd_evals)
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | None = None,
+                 sample_ids: torch.Tensor | None = None, *, batch_size: int | None = None,
+                 refill: bool = True) -> AttackResult:
+        """Attack ``x`` at ``eps`` (suite units); every output is checked, projected and scored."""
+        eps = self._check_eps(eps)
+        ids = torch.arange(len(x), device=x.device) if sample_ids is None else sample_ids.to(x.device)
+        size = max(1, batch_size or len(x))
+        if len(x) == 0:
+            return AttackResult(x.clone(), torch.zeros(0, dtype=torch.bool, device=x.device))
+        out = self.run(model, x, y, eps, ids, size, refill)
+        x_adv = self._into_threat_model(out.x_adv, x, eps)
+        success, scored = self._score(model, x_adv, y, size)
+        return AttackResult(x_adv, success, out.gradient_evals, out.forward_evals + scored)
+
+    def _check_eps(self, eps: float | None) -> float | None:
+        if isinstance(eps, torch.Tensor):
+            raise UsageError(f"{self.name}: eps is a number in the suite's units; per-channel radii come from "
+                             "eps_scale")
+        if self.eps_budget == "required" and eps is None:
+            raise UsageError(f"{self.name} needs an eps")
+        if self.eps_budget == "none" and eps is not None:
+            raise UsageError(f"{self.name} takes no eps")
+        if eps is not None and (eps < 0 or eps != eps):
+            raise UsageError(f"{self.name}: eps must be >= 0, got {eps}")
+        return self.effective_eps(eps)
+
+    def _into_threat_model(self, x_adv: torch.Tensor, x: torch.Tensor, eps: float | None) -> torch.Tensor:
+        if x_adv.shape != x.shape:
+            raise RunError(f"{self.name} returned shape {tuple(x_adv.shape)} for inputs of shape {tuple(x.shape)}")
+        x_adv = x_adv.to(x.dtype)
+        excess = self.violation(x_adv, x, eps)
+        if bool((excess > ROUNDING).any()):
+            worst = int(excess.argmax())
+            raise RunError(f"{self.name} returned sample {worst} outside its threat model ({self.norm}, eps "
+                           f"{eps}): {float(excess[worst]):.3g} beyond the allowed change or [0,1]")
+        # Only rows outside (by rounding) move: projecting a point already inside could still nudge it (L2).
+        outside = excess > 0
+        if bool(outside.any()):
+            x_adv = x_adv.clone()
+            x_adv[outside] = self.project(x_adv[outside], x[outside], self._row_radius(eps, x[outside]))
+        return x_adv
+
+    def _row_radius(self, eps: float | None, x: torch.Tensor) -> Eps | None:
+        return self.radius(eps, x)
+
+    def violation(self, x_adv: torch.Tensor, x: torch.Tensor, eps: float | None) -> torch.Tensor:
+        """Per sample: how far ``x_adv`` lies outside the threat model (0 inside)."""
+        box = torch.maximum(-x_adv, x_adv - 1).flatten(1).amax(dim=1).clamp_min(0)
+        radius = self.radius(eps, x)
+        if radius is None:
+            return box
+        delta = x_adv - x
+        if self.norm == "linf":
+            ball = (delta.abs() - radius).flatten(1).amax(dim=1).clamp_min(0)
+        else:
+            ball = (delta.flatten(1).norm(dim=1) - radius).clamp_min(0)
+        return torch.maximum(box, ball)
+
+    def _score(self, model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, size: int) -> tuple[torch.Tensor, int]:
+        """Fooled or not, per returned example (False throughout for objectives without that notion)."""
+        success = torch.zeros(len(x_adv), dtype=torch.bool, device=x_adv.device)
+        if not self.loss.scores:
+            return success, 0
+        for start in range(0, len(x_adv), size):
+            part = slice(start, start + size)
+            success[part] = self.loss.fooled(model(x_adv[part]), y[part])
+        return success, len(x_adv)
 
 
 def sign_or_normalized(grad: torch.Tensor, norm: str) -> torch.Tensor:

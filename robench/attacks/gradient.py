@@ -1,121 +1,245 @@
-"""Native gradient attacks: FGSM, BIM, PGD (L-inf and L2), MI-FGSM."""
+"""Gradient attacks: a subclass writes ``step`` (and optionally ``init``/``init_state``).
+
+``GradientAttack.run`` drives the steps over a pool of slots (:mod:`robench.attacks.pool`):
+a sample leaves its slot when it is fooled (any-iterate) or has run all its steps and
+restarts, and with ``refill`` the slot is given to the next sample still to attack, so
+the model keeps seeing full batches. Each slot carries its own step counter, restart
+and state; random starts are keyed by the sample's index, so every outcome is the one
+the plain path (no refill) gives.
+
+Which iterate counts:
+
+* any-iterate (default): a sample fooled at *any* iterate counts as fooled and that
+  iterate is kept as its adversarial example (AutoAttack's rule);
+* final-iterate (``final_iterate=True``): only the last iterate of a restart counts,
+  as torchattacks and most papers report.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+from pydantic import Field, field_validator
+from torch import nn
 
 from robench.attacks import randomness
-from robench.attacks.base import Attack, Eps, sign_or_normalized
-from robench.attacks.registry import ATTACKS
+from robench.attacks.base import Attack, AttackParams, Cost, Eps, RunOutput, sign_or_normalized
+from robench.attacks.pool import Pool
+from robench.errors import UsageError
+from robench.expressions import check_expr, eval_expr
+
+MAX_STEPS = 100_000
 
 
-class IterativeGradient(Attack):
-    """x <- project(x + step_size * direction(grad)); optional random start.
+class StepSizeParams(AttackParams):
+    """Steps and the step size: an expression in ``eps`` and ``steps`` (suite units), e.g. ``2.5*eps/steps``."""
 
-    Without a step size, each step is ``step_ratio * eps / steps`` (the
-    suites' defaults: eps/steps for BIM and MI-FGSM, 2.5*eps/steps for PGD).
-    """
+    steps: int = Field(default=10, ge=1, le=MAX_STEPS)
+    step_size: str | None = None  # None: the attack's default_step_size
 
-    step_ratio: float = 1.0
-
-    def __init__(
-        self,
-        eps: Eps,
-        *,
-        step_size: Eps | None = None,
-        random_start: bool | float | torch.Tensor = False,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(eps, **kwargs)
-        self.step_size = step_size if step_size is not None else self.step_ratio * eps / self.steps
-        self.random_start = random_start
-
-    def init(self, x: torch.Tensor, sample_ids: torch.Tensor, restart: int) -> torch.Tensor:
-        if self.random_start is False or self.random_start is None:
-            return x
-        # True: uniform in the eps-ball; a number: uniform in a ball of that radius
-        # (the hierarchical-feature-alignment paper starts in U(-alpha, alpha)).
-        radius = self.eps if self.random_start is True else self.random_start
-        if isinstance(radius, torch.Tensor):
-            radius = radius.to(device=x.device, dtype=x.dtype)
-        key = self.random_key(restart)
-        shape = tuple(x.shape[1:])
-        if self.norm == "linf":
-            u = randomness.uniform(sample_ids, shape, key, x.device).to(x.dtype)
-            return x + (2.0 * u - 1.0) * radius
-        direction = randomness.normal(sample_ids, shape, key, x.device).to(x.dtype)
-        direction = sign_or_normalized(direction, "l2")
-        r = randomness.uniform(sample_ids, (1,), key ^ 0x5BD1E995, x.device).to(x.dtype)
-        return x + direction * r.view(-1, *[1] * (x.dim() - 1)) * radius
-
-    def step(self, x_adv, grad, state, t):
-        step = self.step_size
-        if isinstance(step, torch.Tensor):
-            step = step.to(device=x_adv.device, dtype=x_adv.dtype)
-        return x_adv + step * sign_or_normalized(grad, self.norm)
-
-    def describe(self) -> dict[str, Any]:
-        info = super().describe()
-        info["step_size"] = _scalar(self.step_size)
-        info["random_start"] = _scalar(self.random_start)
-        return info
+    @field_validator("step_size", mode="before")
+    @classmethod
+    def _expression(cls, raw: Any) -> str | None:
+        if raw is None:
+            return None
+        try:
+            # Syntax only here: the value is checked at every real (eps, steps) of a suite entry.
+            check_expr(raw, {"eps", "steps"})
+        except UsageError as exc:
+            raise ValueError(str(exc)) from None
+        return str(raw)
 
 
-def _scalar(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return [round(float(v), 8) for v in value.flatten()]
+def random_start_value(raw: Any) -> Any:
+    """``true`` (uniform in the eps-ball), ``false``, or a radius >= 0 in the suite's units."""
+    if raw is None or isinstance(raw, bool):
+        return raw
+    try:
+        value = eval_expr(raw)
+    except UsageError as exc:
+        raise ValueError(str(exc)) from None
+    if value < 0:
+        raise ValueError("must be true, false or a radius >= 0")
     return value
 
 
-@ATTACKS.register("fgsm")
-class FGSM(IterativeGradient):
-    """One step of size eps (Goodfellow et al. 2015)."""
+class StepState(dict):
+    """Per-sample tensors of the slots (kept aligned with the pool), plus the call's constants."""
 
-    name = "fgsm"
-
-    def __init__(self, eps: Eps, **kwargs: Any) -> None:
-        kwargs.pop("steps", None)
-        kwargs.setdefault("step_size", eps)
-        super().__init__(eps, steps=1, **kwargs)
+    def __init__(self, radius: Eps, step_size: Eps, norm: str) -> None:
+        super().__init__()
+        self.radius = radius
+        self.step_size = step_size
+        self.norm = norm
 
 
-@ATTACKS.register("bim")
-class BIM(IterativeGradient):
-    """Iterated FGSM clipped to the eps-ball, no random start (Kurakin et al. 2017)."""
+class GradientAttack(Attack):
+    """Ascends ``loss`` by gradient steps from ``init``, projecting every iterate."""
 
-    name = "bim"
+    family: ClassVar[str] = "gradient"
+    default_step_size: ClassVar[str] = "eps/steps"
+
+    # -- what a subclass writes ------------------------------------------------------------------------------
+    def init(self, x: torch.Tensor, start: Eps | None, sample_ids: torch.Tensor, restart: int) -> torch.Tensor:
+        """Starting point of a restart (projected by the caller); ``start`` is the random-start radius or None."""
+        if start is None:
+            return x
+        key = randomness.stream_key(self.seed, self.stream, restart)
+        shape = tuple(x.shape[1:])
+        if self.norm == "linf":
+            u = randomness.uniform(sample_ids, shape, key, x.device).to(x.dtype)
+            return x + (2.0 * u - 1.0) * start
+        direction = randomness.normal(sample_ids, shape, key, x.device).to(x.dtype)
+        direction = sign_or_normalized(direction, "l2")
+        r = randomness.uniform(sample_ids, (1,), key ^ 0x5BD1E995, x.device).to(x.dtype)
+        return x + direction * r.view(-1, *[1] * (x.dim() - 1)) * start
+
+    def init_state(self, x_adv: torch.Tensor, state: StepState) -> dict[str, torch.Tensor]:
+        """Per-sample tensors for new slots (one row per row of ``x_adv``); ``state`` holds the constants."""
+        return {}
+
+    def step(self, x_adv: torch.Tensor, grad: torch.Tensor, loss: torch.Tensor, state: StepState,
+             t: torch.Tensor) -> torch.Tensor:
+        """The next iterate (projected by the caller); ``loss`` and ``t`` are per sample."""
+        raise NotImplementedError
+
+    # -- parameters read by the loop -------------------------------------------------------------------------
+    def steps(self) -> int:
+        return getattr(self.params, "steps", 1)
+
+    def restarts(self) -> int:
+        return getattr(self.params, "restarts", 1)
+
+    @classmethod
+    def cost(cls, params: AttackParams) -> Cost:
+        return Cost(gradient=getattr(params, "steps", 1) * getattr(params, "restarts", 1), forward=1)
+
+    @classmethod
+    def step_size_at(cls, params: AttackParams, eps: float) -> float:
+        """The step size in the suite's units at ``eps``."""
+        text = getattr(params, "step_size", None) or cls.default_step_size
+        return eval_expr(text, {"eps": eps, "steps": float(getattr(params, "steps", 1))})
+
+    @classmethod
+    def check_at(cls, params: AttackParams, eps: float) -> None:
+        """A step size that is negative, or zero where eps is not, would hide the attack."""
+        if getattr(params, "step_size", None) is None:
+            return  # the defaults are positive multiples of eps
+        steps = getattr(params, "steps", 1)
+        try:
+            value = cls.step_size_at(params, eps)
+        except UsageError as exc:
+            raise ValueError(f"step_size: {exc} at eps {eps:g}, steps {steps}") from None
+        # At eps 0 nothing may move, so a zero step is right there; anywhere else it hides the attack.
+        if value < 0 or (value == 0 and eps > 0):
+            raise ValueError(f"step_size: {params.step_size!r} is {value:g} at eps {eps:g}, steps {steps}; "
+                             "it must be > 0")
+
+    def start_radius(self, eps: float) -> float | bool | None:
+        """The random start in suite units (True: the eps-ball) or None for none."""
+        start = getattr(self.params, "random_start", None)
+        if start is None or start is False:
+            # An objective whose gradient vanishes at x itself starts one step away.
+            return self.step_size_at(self.params, eps) if self.loss.needs_random_start else None
+        return start
+
+    def describe(self, eps: float | None) -> dict[str, Any]:
+        start = self.start_radius(eps)
+        # The parameters as resolved at this eps (a step size as a number, in pixels).
+        return {**super().describe(eps), "steps": self.steps(), "restarts": self.restarts(),
+                "step_size": _recorded(self.radius(self.step_size_at(self.params, eps), _CPU)),
+                "random_start": False if start is None else
+                (True if start is True else _recorded(self.radius(start, _CPU)))}
+
+    # -- the loop --------------------------------------------------------------------------------------------
+    def loss_and_grad(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+        x = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            outputs = model(x)
+            losses = self.loss(outputs, y)
+            (grad,) = torch.autograd.grad(losses.sum(), x)
+        return outputs.detach(), losses.detach(), grad.detach()
+
+    def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | None,
+            sample_ids: torch.Tensor, batch_size: int, refill: bool) -> RunOutput:
+        radius = self.radius(eps, x)
+        state = StepState(radius, self.radius(self.step_size_at(self.params, eps), x), self.norm)
+        start = self.start_radius(eps)
+        start = None if start is None else (radius if start is True else self.radius(start, x))
+        steps, last_restart = self.steps(), self.restarts() - 1
+        any_iterate = not self.final_iterate and self.loss.scores
+        if self.loss.coupled:
+            batch_size = len(x)  # the loss of each sample depends on its batch: never split it
+        pool = Pool(x, state)
+        x_best = x.clone()
+        grad_evals = fwd_evals = 0
+
+        def begin(rows: torch.Tensor, restart: torch.Tensor) -> torch.Tensor:
+            """Projected starting points; slots of one restart number share its random stream."""
+            xa = torch.empty_like(x[rows])
+            for k in restart.unique().tolist():
+                mine = restart == k
+                xa[mine] = self.init(x[rows[mine]], start, sample_ids[rows[mine]], k)
+            return self.project(xa, x[rows], radius)
+
+        while True:
+            if pool.free(batch_size) and pool.queued() and (refill or pool.empty()):
+                rows = pool.next_rows(batch_size)
+                xa = begin(rows, torch.zeros_like(rows))
+                pool.admit(rows, xa, self.init_state(xa, state))
+            if pool.empty():
+                break
+            ending = pool.t == steps  # the end of a restart that is not the last one
+            if bool(ending.any()):
+                fwd_evals += self._end_restarts(model, x, y, pool, ending, x_best, begin, state)
+                continue
+            outputs, losses, grad = self.loss_and_grad(model, pool.xa, y[pool.rows])
+            grad_evals += pool.size()
+            if any_iterate:
+                fooled = self.loss.fooled(outputs, y[pool.rows])
+                if bool(fooled.any()):
+                    x_best[pool.rows[fooled]] = pool.xa[fooled]
+                    keep = ~fooled
+                    losses, grad = losses[keep], grad[keep]
+                    pool.keep(keep)
+                    if pool.empty():
+                        continue
+            xa = self.step(pool.xa, grad, losses, state, pool.t)
+            pool.xa = self.project(xa, x[pool.rows], radius)
+            pool.t += 1
+            finished = (pool.t == steps) & (pool.restart == last_restart)
+            if bool(finished.any()):
+                # The last iterate of the last restart: the base scores it.
+                x_best[pool.rows[finished]] = pool.xa[finished]
+                pool.keep(~finished)
+        return RunOutput(x_best, grad_evals, fwd_evals)
+
+    def _end_restarts(self, model, x, y, pool: Pool, ending: torch.Tensor, x_best: torch.Tensor, begin,
+                      state: StepState) -> int:
+        """Score the final iterate of the slots ending a restart; the fooled leave, the others restart."""
+        xa, rows = pool.xa[ending], pool.rows[ending]
+        fooled = self.loss.fooled(model(xa), y[rows]) if self.loss.scores else torch.zeros_like(rows, dtype=torch.bool)
+        # Unfooled samples keep their last iterate until a later restart does better.
+        x_best[rows] = xa
+        leaving = torch.zeros_like(ending)
+        leaving[ending] = fooled
+        restarting = ending & ~leaving
+        if bool(restarting.any()):
+            again = pool.rows[restarting]
+            restart = pool.restart[restarting] + 1
+            pool.xa[restarting] = begin(again, restart)
+            pool.restart[restarting] = restart
+            pool.t[restarting] = 0
+            pool.reset_state(restarting, self.init_state(pool.xa[restarting], state))
+        pool.keep(~leaving)
+        return len(rows)
 
 
-@ATTACKS.register("pgd")
-class PGD(IterativeGradient):
-    """BIM from a random start in the eps-ball, with restarts (Madry et al. 2018)."""
-
-    name = "pgd"
-    step_ratio = 2.5  # Madry et al.: room to move across the ball from a random start
-
-    def __init__(self, eps: Eps, *, random_start: bool | float | torch.Tensor = True, **kwargs: Any) -> None:
-        super().__init__(eps, random_start=random_start, **kwargs)
+_CPU = torch.empty(0)  # describes radii on the CPU, in float32 as the suites' tensors are
 
 
-@ATTACKS.register("mifgsm")
-class MIFGSM(IterativeGradient):
-    """Momentum iterative FGSM (Dong et al. 2018): accumulate L1-normalised gradients."""
-
-    name = "mifgsm"
-
-    def __init__(self, eps: Eps, *, decay: float = 1.0, **kwargs: Any) -> None:
-        super().__init__(eps, **kwargs)
-        self.decay = decay
-
-    def init_state(self, x_adv):
-        return {"momentum": torch.zeros_like(x_adv)}
-
-    def step(self, x_adv, grad, state, t):
-        l1 = grad.abs().flatten(1).mean(dim=1).view(-1, *[1] * (grad.dim() - 1))
-        state["momentum"] = self.decay * state["momentum"] + grad / (l1 + 1e-12)
-        return super().step(x_adv, state["momentum"], state, t)
-
-    def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "decay": self.decay}
+def _recorded(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return [round(float(v), 8) for v in value.flatten()]
+    return value

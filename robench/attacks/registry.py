@@ -1,62 +1,127 @@
-"""The attack registry (names are case-insensitive; ``ta.*`` routes to torchattacks).
+"""The attack registry: names (case-insensitive) to attack classes.
 
-The built-in attacks are listed here by name and import path, so the registry
-is complete as soon as this module is imported: no other module has to be
-imported first for its decorators to run. Their modules are imported on the
-first lookup of one of their names; the ``@ATTACKS.register`` decorators in
-those modules then confirm the entry instead of adding a new one.
+Three sources, none needing a side-effect import of robench's own modules:
+
+* the built-in attacks, listed below by import path and imported on first lookup;
+* ``ta.<Name>``: any torchattacks attack, through the adapter (an optional extra);
+* user attacks: ``robench.register_attack(cls)``, modules named by ``--plugin`` or a
+  suite's ``plugins:`` (imported before validation; they call ``register_attack``), and
+  installed packages declaring an entry point in the group ``robench.attacks``
+  (``name = "package.module:AttackClass"``), discovered when a name is not found.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
+import inspect
+from typing import Any
 
+from robench.errors import UsageError
 from robench.registry import Registry
 
 BUILTIN_ATTACKS = {
-    "fgsm": "robench.attacks.gradient:FGSM",
-    "bim": "robench.attacks.gradient:BIM",
-    "pgd": "robench.attacks.gradient:PGD",
-    "mifgsm": "robench.attacks.gradient:MIFGSM",
-    "pixels": "robench.pixels.attack:PixelChange",
-    "dmr": "robench.reid.generator:GeneratorAttack",
+    "fgsm": "robench.attacks.fgsm:FGSM",
+    "bim": "robench.attacks.bim:BIM",
+    "pgd": "robench.attacks.pgd:PGD",
+    "mifgsm": "robench.attacks.mifgsm:MIFGSM",
+    "pixels": "robench.attacks.pixels:PixelChange",
+    "dmr": "robench.attacks.dmr:GeneratorAttack",
 }
+ENTRY_POINT_GROUP = "robench.attacks"
+TA_PREFIX = "ta."
 
 
 class AttackRegistry(Registry[type]):
-    """A registry whose built-in entries are import paths, resolved when first needed."""
-
     def __init__(self, builtins: dict[str, str]) -> None:
         super().__init__("attack")
-        self._lazy = dict(builtins)
+        self._builtins = dict(builtins)
+        self._entry_points_loaded = False
 
     def add(self, name: str, obj: type) -> None:
+        check_attack_class(obj)
         key = name.lower()
-        if key in self._lazy and self._lazy[key] == f"{obj.__module__}:{obj.__qualname__}":
-            self._resolved(key, obj)
-            return
-        if key in self._lazy:
-            raise ValueError(f"attack {name!r} is built in ({self._lazy[key]}); register under another name")
-        super().add(name, obj)
+        if key in self._builtins or key.startswith(TA_PREFIX):
+            raise UsageError(f"attack name {name!r} is taken by robench; register {obj.__name__} under another name")
+        if key in self._items and self._items[key] is not obj:
+            existing = self._items[key]
+            raise UsageError(f"attack {name!r} is already registered ({existing.__module__}.{existing.__qualname__})")
+        self._items[key] = obj
 
     def get(self, name: str) -> type:
         key = name.lower()
-        if key in self._lazy:
-            module, _, attr = self._lazy[key].partition(":")
-            found = getattr(importlib.import_module(module), attr)
-            if key in self._lazy:  # the module's decorator normally resolved it already
-                self._resolved(key, found)
+        if name.startswith(TA_PREFIX):
+            from robench.attacks.torchattacks_adapter import torchattacks_attack
+
+            return torchattacks_attack(name)
+        if key in self._builtins:
+            module, _, attr = self._builtins[key].partition(":")
+            return getattr(importlib.import_module(module), attr)
+        if key not in self._items:
+            self.load_entry_points()
         return super().get(name)
 
     def __contains__(self, name: str) -> bool:
-        return name.lower() in self._lazy or super().__contains__(name)
+        key = name.lower()
+        if key in self._builtins or super().__contains__(key):
+            return True
+        self.load_entry_points()
+        return super().__contains__(key)
 
     def names(self) -> list[str]:
-        return sorted(set(self._lazy) | set(super().names()))
+        self.load_entry_points()
+        return sorted(set(self._builtins) | set(super().names()))
 
-    def _resolved(self, key: str, obj: type) -> None:
-        self._lazy.pop(key, None)
-        self._items[key] = obj
+    def load_entry_points(self) -> None:
+        """Register the attacks installed packages declare (once; a broken one is named)."""
+        if self._entry_points_loaded:
+            return
+        # Marked loaded only when all loaded: a broken plugin is named again at the next lookup.
+        for point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            try:
+                cls = point.load()
+            except Exception as exc:  # noqa: BLE001 - the plugin's own error, reported as one line
+                raise UsageError(f"attack plugin {point.name} ({point.value}) failed to load: {exc}") from exc
+            if cls not in self._items.values():
+                self.add(point.name, cls)
+        self._entry_points_loaded = True
+
+
+def check_attack_class(cls: Any) -> None:
+    """A registered attack must be an ``Attack`` subclass with a name and a parameter model."""
+    from robench.attacks.base import Attack, AttackParams
+
+    if not (inspect.isclass(cls) and issubclass(cls, Attack)):
+        raise UsageError(f"{cls!r} is not an attack: subclass robench.attacks.Attack")
+    if not (inspect.isclass(cls.Params) and issubclass(cls.Params, AttackParams)):
+        raise UsageError(f"{cls.__name__}.Params must subclass robench.attacks.AttackParams")
+    from robench.attacks.gradient import GradientAttack
+
+    if cls.run is Attack.run or (issubclass(cls, GradientAttack) and cls.step is GradientAttack.step):
+        raise UsageError(f"{cls.__name__} writes neither run nor step")
 
 
 ATTACKS = AttackRegistry(BUILTIN_ATTACKS)
+
+
+def register_attack(cls: type | None = None, *, name: str | None = None) -> Any:
+    """Register an attack class under ``name`` (default: its ``name`` attribute); usable as a decorator."""
+
+    def add(attack: type) -> type:
+        ATTACKS.add(name or attack.name, attack)
+        return attack
+
+    return add if cls is None else add(cls)
+
+
+def load_plugins(modules: list[str] | tuple[str, ...], where: str = "--plugin") -> None:
+    """Import plugin modules (they register their attacks); a failure is one line naming the module."""
+    for module in modules:
+        if not isinstance(module, str) or not module.replace(".", "").replace("_", "").isalnum():
+            raise UsageError(f"{where}: {module!r} is not a module name (e.g. my_package.attacks)")
+        try:
+            importlib.import_module(module)
+        except UsageError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the plugin's own error, reported as one line
+            raise UsageError(f"{where}: cannot import {module}: {type(exc).__name__}: {exc}") from exc

@@ -1,20 +1,24 @@
-"""Any torchattacks attack as a suite entry: ``attack: ta.Square``.
+"""Any torchattacks attack as a suite entry: ``attack: ta.Square`` with its arguments under ``params:``.
 
 torchattacks is an optional extra (it pins an old ``requests`` and ships a
 top-level ``robustbench`` package). Its attacks draw from the global RNG, so
-each call runs inside ``torch.random.fork_rng`` with a seed derived from
-the run's seed: the caller's global RNG state is left untouched.
+each batch runs inside ``torch.random.fork_rng`` with a seed derived from the
+run's seed and the batch's first sample: the caller's global RNG state is left
+untouched. Outcomes therefore depend on how samples are batched, unlike robench's
+own attacks.
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+from pydantic import Field, model_validator
 from torch import nn
 
-from robench.attacks.base import Attack, AttackResult, Eps
+from robench.attacks import randomness
+from robench.attacks.base import Attack, AttackParams, RunOutput
 from robench.errors import UsageError
 from robench.registry import did_you_mean
 
@@ -40,44 +44,64 @@ def torchattacks_names() -> list[str]:
     )
 
 
-class TorchattacksAttack(Attack):
-    """Runs ``torchattacks.<name>`` and scores its final output per sample."""
+class TorchattacksParams(AttackParams):
+    """The wrapped class's own constructor arguments (eps comes from the entry)."""
 
-    def __init__(self, ta_name: str, eps: Eps | None, *, norm: str = "linf", params: dict[str, Any] | None = None,
-                 seed: int = 0, stream: int = 0, **_: Any) -> None:
-        ta = _torchattacks()
-        names = torchattacks_names()
-        if ta_name not in names:
-            raise UsageError(f"unknown torchattacks attack {PREFIX}{ta_name}"
-                             + did_you_mean(PREFIX + ta_name, [PREFIX + n for n in names]))
-        self.cls = getattr(ta, ta_name)
-        self.name = PREFIX + ta_name
-        self.params = dict(params or {})
-        accepted = inspect.signature(self.cls.__init__).parameters
-        unknown = sorted(set(self.params) - set(accepted))
+    params: dict[str, Any] = Field(default_factory=dict)
+    accepted: ClassVar[tuple[str, ...]] = ()
+
+    @model_validator(mode="after")
+    def _accepted_by_the_class(self) -> "TorchattacksParams":
+        unknown = sorted(set(self.params) - set(self.accepted))
         if unknown:
-            raise UsageError(
-                f"{self.name} takes no parameter(s) {', '.join(unknown)}; "
-                f"it takes {', '.join(p for p in accepted if p not in ('self', 'model'))}"
-            )
-        if isinstance(eps, torch.Tensor) and eps.numel() > 1:
+            raise ValueError(f"params: {', '.join(unknown)} not accepted; the class takes "
+                             f"{', '.join(p for p in self.accepted if p not in ('self', 'model'))}")
+        return self
+
+
+class TorchattacksAttack(Attack):
+    """Runs ``torchattacks.<name>`` batch by batch; the base checks and scores its output."""
+
+    family: ClassVar[str] = "external"  # its internals are not robench's to describe
+    norms: ClassVar[tuple[str, ...]] = ("linf", "l2")
+    eps_budget: ClassVar[str] = "optional"  # e.g. ta.CW has no eps
+    ta_class: ClassVar[Any] = None
+
+    def __init__(self, params: Any = None, **kwargs: Any) -> None:
+        if kwargs.get("eps_scale") is not None:
             raise UsageError(f"{self.name}: per-channel eps is not supported for torchattacks attacks")
-        if eps is not None and "eps" in accepted:
-            self.params["eps"] = float(eps)
-        super().__init__(float(eps or 0.0), norm=norm, final_iterate=True, seed=seed, stream=stream)
+        super().__init__(params, final_iterate=True, **{k: v for k, v in kwargs.items() if k != "final_iterate"})
 
-    def describe(self) -> dict[str, Any]:
-        return {"norm": self.norm, **{k: v for k, v in self.params.items() if k != "eps"}}
+    def describe(self, eps: float | None) -> dict[str, Any]:
+        return {"norm": self.norm, **{k: v for k, v in self.params.params.items() if k != "eps"}}
 
-    @torch.no_grad()
-    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                 sample_ids: torch.Tensor | None = None) -> AttackResult:
+    def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | None,
+            sample_ids: torch.Tensor, batch_size: int, refill: bool) -> RunOutput:
+        arguments = dict(self.params.params)
+        if eps is not None and "eps" in self.Params.accepted:
+            arguments["eps"] = float(eps)
+        x_adv = torch.empty_like(x)
         devices = [x.device.index or 0] if x.device.type == "cuda" else []
-        first_id = int(sample_ids[0]) if sample_ids is not None and len(sample_ids) else 0
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self.random_key(first_id))
-            attack = self.cls(model, **self.params)
-            with torch.enable_grad():
-                x_adv = attack(x, y).detach()
-        success = model(x_adv).argmax(dim=1) != y
-        return AttackResult(x_adv, success, gradient_evals=0, forward_evals=len(x))
+        for start in range(0, len(x), batch_size):
+            part = slice(start, start + batch_size)
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(randomness.stream_key(self.seed, self.stream, int(sample_ids[start])))
+                attack = self.ta_class(model, **arguments)
+                with torch.enable_grad():
+                    x_adv[part] = attack(x[part], y[part]).detach()
+        return RunOutput(x_adv)
+
+
+def torchattacks_attack(name: str) -> type[Attack]:
+    """The attack class for ``ta.<Name>``: the adapter bound to that torchattacks class."""
+    ta = _torchattacks()
+    short = name[len(PREFIX):] if name.startswith(PREFIX) else name
+    names = torchattacks_names()
+    if short not in names:
+        raise UsageError(f"unknown torchattacks attack {PREFIX}{short}"
+                         + did_you_mean(PREFIX + short, [PREFIX + n for n in names]))
+    cls = getattr(ta, short)
+    accepted = tuple(inspect.signature(cls.__init__).parameters)
+    params = type(f"{short}Params", (TorchattacksParams,), {"accepted": accepted, "__module__": __name__})
+    return type(f"Torchattacks{short}", (TorchattacksAttack,),
+                {"name": PREFIX + short, "Params": params, "ta_class": cls, "__module__": __name__})

@@ -6,6 +6,7 @@ import typer
 
 from robench import __version__
 from robench.cli import dmr_cmd, suites_cmd
+from robench.cli.attacks_cmd import attacks_command
 from robench.cli.compare_cmd import compare_command, plot_command
 from robench.cli.eval_cmd import eval_command
 from robench.cli.gate_cmd import gate_command
@@ -24,6 +25,7 @@ app.command("compare")(compare_command)
 app.command("plot")(plot_command)
 app.command("gate")(gate_command)
 app.add_typer(suites_cmd.app, name="suites")
+app.command("attacks")(attacks_command)
 app.add_typer(dmr_cmd.app, name="dmr")
 
 

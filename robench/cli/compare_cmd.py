@@ -9,7 +9,7 @@ from typing import List, Optional
 import typer
 
 from robench.cli.common import handle_errors, stderr, stdout_console
-from robench.compare import LAYOUTS, default_layout, pivot_table, render, rich_table
+from robench.reporting.compare import LAYOUTS, default_layout, pivot_table, render, rich_table
 from robench.errors import UsageError
 from robench.results.reading import comparability_problems, read_result, results_frame
 
@@ -76,7 +76,7 @@ def plot_command(
     out: Path = typer.Option(..., "--out", "-o", help="Figure file: .png, .svg or .pdf."),
 ) -> None:
     """Accuracy-vs-eps curves per model and attack, or misclassification vs pixel count."""
-    from robench.plots import plot_results
+    from robench.reporting.plots import plot_results
 
     read = _read_all(results, label)
     axis = x or ("pixels" if read[0].kind == "pixel" else "eps")

@@ -13,7 +13,7 @@ from robench.config import check_range, parse_image_size
 from robench.errors import UsageError
 from robench.expressions import eval_expr
 from robench.models import load_model, resolve_normalization
-from robench.precision import resolve_device
+from robench.evaluation.precision import resolve_device
 from robench.reid.api import is_reid_spec, load_reid_spec
 from robench.reid.datasets import ReIDImages
 from robench.reid.features import ReIDFeatures

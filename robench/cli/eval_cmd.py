@@ -15,9 +15,9 @@ from robench.cli.common import handle_errors, interrupt_on_sigterm, stderr, stdo
 from robench.cli.gate_cmd import run_gate
 from robench.config import EvalConfig
 from robench.errors import UsageError
-from robench.gate import check_allowed_flags, parse_rule
+from robench.reporting.gate import check_allowed_flags, parse_rule
 from robench.reid.report import reid_table
-from robench.report import results_table
+from robench.reporting.tables import results_table
 from robench.results.reading import read_result
 from robench.runner import PreparedRun, prepare_run
 
@@ -35,7 +35,10 @@ def eval_command(
                                           help="Allow unpickling full Python objects and TorchScript programs "
                                           "(runs code from the file)."),
     trust_suite: bool = typer.Option(False, "--trust-suite",
-                                     help="Allow a suite to import Python code (module:factory architectures)."),
+                                     help="Allow a suite to import Python code (module:factory architectures, "
+                                     "plugins:)."),
+    plugin: Optional[List[str]] = typer.Option(None, "--plugin", help="Import MODULE first: it registers attacks "
+                                               "(robench.register_attack). Repeatable."),
     normalize: Optional[str] = typer.Option(None, "--normalize", help="Preset: imagenet, cifar10, cifar100, "
                                             "mnist, fashion-mnist, none."),
     mean: Optional[str] = typer.Option(None, help="Per-channel mean, e.g. '0.485,0.456,0.406'."),
@@ -49,6 +52,8 @@ def eval_command(
     channels_last: bool = typer.Option(False, "--channels-last", help="NHWC memory format for convolutions."),
     sweep_reuse: bool = typer.Option(False, "--sweep-reuse", help="Any-iterate eps sweeps: a sample fooled at a "
                                      "smaller eps is not attacked again at a larger one."),
+    refill: bool = typer.Option(True, "--refill/--no-refill", help="Continuous batching: slots of fooled or "
+                                "finished samples go to the next ones (the same results, faster)."),
     seed: int = typer.Option(0, help="Seed of the per-sample random streams (random starts)."),
     limit: Optional[int] = typer.Option(None, help="Evaluate a fixed subset of N samples."),
     data_root: Optional[str] = typer.Option(None, "--data-root", help="Where torchvision datasets live."),
@@ -108,7 +113,8 @@ def eval_command(
         compile=compile, precision=precision, distance=distance, ranks=ranks, ap=ap, denominator=denominator,
         perturb=perturb, image_size=image_size, model=model, arch=arch, num_classes=num_classes,
         trust_checkpoint=trust_checkpoint, trust_suite=trust_suite, suite=suite, data=data, normalize=normalize,
-        mean=mean, std=std, device=device, channels_last=channels_last, sweep_reuse=sweep_reuse, seed=seed,
+        mean=mean, std=std, device=device, channels_last=channels_last, sweep_reuse=sweep_reuse, refill=refill,
+        seed=seed, plugins=tuple(plugin or ()),
         limit=limit, data_root=data_root, download=download, split=split, resize=resize, crop=crop, gray=gray,
         out=out, resume=resume, feature_layer=feature_layer, flip=flip, l2=l2, rerank=rerank,
         reid_pattern=reid_pattern, surrogate=surrogate, surrogate_arch=surrogate_arch,

@@ -12,7 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from robench.cli.common import handle_errors, stderr, stdout_console
-from robench.gate import GateOutcome, gate, junit_xml, parse_rule
+from robench.reporting.gate import GateOutcome, gate, junit_xml, parse_rule
 from robench.results.reading import read_result
 
 VERDICT_STYLE = {"regression": "bold red", "missing": "bold red", "not comparable": "bold red",

@@ -19,7 +19,7 @@ from robench.pixels.experiment import build_settings
 from robench.pixels.folder import pixel_index_folder
 from robench.pixels.perturb import CHANNEL_MODES
 from robench.pixels.report import pixel_tables
-from robench.suites.schema import MAX_TRIALS
+from robench.pixels.perturb import MAX_TRIALS
 from robench.results import default_run_dir, prepare_run_dir
 from robench.results.tidy import tidy_frame
 from robench.results.writers import write_results

@@ -1,8 +1,8 @@
 """Random few-pixel changes and the Pixel-index (Zhang & Cai, "Robustness Augmentation
 of Deep Learning Model Based on Pixel Change")."""
 
-from robench.pixels.attack import PixelChange, pixel_trials
+from robench.pixels.perturb import pixel_trials
 from robench.pixels.index import pixel_index, pixel_index_terms
 from robench.pixels.perturb import change_pixels
 
-__all__ = ["PixelChange", "change_pixels", "pixel_index", "pixel_index_terms", "pixel_trials"]
+__all__ = ["change_pixels", "pixel_index", "pixel_index_terms", "pixel_trials"]

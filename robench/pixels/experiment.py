@@ -24,7 +24,7 @@ import torch
 from robench.attacks import FGSM, randomness
 from robench.errors import UsageError
 from robench.models.wrapper import RobustModel, evaluation_mode
-from robench.pixels.attack import pixel_trials
+from robench.pixels.perturb import pixel_trials
 from robench.pixels.index import pixel_index_terms
 from robench.pixels.perturb import area_box, value_range
 
@@ -130,7 +130,7 @@ def run_pixel_experiments(
 def _attack_experiment(model, x, ref, ids, out: PixelCounts, pixels, trials, seed, eps, change) -> None:
     """Table 9: adversarial examples (saved as 8-bit images), then random pixel changes."""
     with torch.enable_grad():
-        x_adv = FGSM(eps, final_iterate=True)(model, x, ref).x_adv
+        x_adv = FGSM(final_iterate=True)(model, x, ref, eps).x_adv
     x_adv = torch.round(x_adv * 255.0) / 255.0  # an adversarial *image*: quantised like any other
     still = model(x_adv).argmax(dim=1) != ref
     out.forward_images += len(x) * 2

@@ -15,7 +15,7 @@ from robench.models.loading import LoadedModel
 from robench.models.preprocessing import PRESETS, Normalization
 from robench.models.wrapper import RobustModel
 from robench.pixels.experiment import PixelSetting, build_settings, experiments_document, run_pixel_experiments
-from robench.precision import resolve_device
+from robench.evaluation.precision import resolve_device
 from robench.results.document import PIXEL_SCHEMA, data_block, env_block, header, model_block
 
 

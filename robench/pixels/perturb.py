@@ -35,12 +35,16 @@ image gets the same change whatever batch it is in, and no global RNG is used.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+from torch import nn
 
 from robench.attacks import randomness
 from robench.errors import UsageError
 
 CHANNEL_MODES = ("all", "first")
+MAX_TRIALS = 10_000  # random draws per pixel count (suites and `robench pixel-index --trials`)
 
 
 def area_box(height: int, width: int, area: tuple[int, int] | None) -> tuple[int, int, int, int]:
@@ -100,3 +104,27 @@ def change_pixels(
         new[:, 1:] = old[:, 1:]
     levels.scatter_(2, index, new)
     return (levels / 255.0).reshape(n, c, h, w).to(x.dtype)
+
+
+def pixel_trials(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    sample_ids: torch.Tensor,
+    *,
+    n_pixels: int,
+    trials: int,
+    key: int,
+    **change: Any,
+) -> torch.Tensor:
+    """Bool [trials, N]: is each image misclassified after each trial's change.
+
+    Trial t uses ``stream_key(key, t)``, so trials are independent draws and a
+    result does not depend on how the images were batched.
+    """
+    out = torch.empty(trials, len(x), dtype=torch.bool, device=x.device)
+    with torch.no_grad():
+        for t in range(trials):
+            changed = change_pixels(x, n_pixels, sample_ids=sample_ids, key=randomness.stream_key(key, t), **change)
+            out[t] = model(changed).argmax(dim=1) != y
+    return out

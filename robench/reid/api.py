@@ -6,11 +6,11 @@ from typing import Any, Callable
 
 from torch import nn
 
-from robench import distributed
+from robench.evaluation import distributed
 from robench.config import as_loaded_model, as_suite
 from robench.models.loading import LoadedModel
 from robench.models.preprocessing import PRESETS, Normalization
-from robench.precision import resolve_device
+from robench.evaluation.precision import resolve_device
 from robench.reid.datasets import PATTERNS, ReIDData, load_reid
 from robench.reid.engine import ReIDOptions, run_reid
 from robench.reid.features import ReIDFeatures

@@ -19,14 +19,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from robench import distributed
-from robench.entries import Entry, build_entries
+from robench.evaluation import distributed
+from robench.evaluation.entries import Entry, build_entries
 from robench.errors import UsageError
 from robench.models.wrapper import evaluation_mode
 from robench.reid.datasets import ReIDData, ReIDImages, ReIDSplit
 from robench.reid.features import ReIDFeatures, extract
 from robench.reid.metrics import distance_matrix, rank_metrics
-from robench.reid.objectives import apply_objective
+from robench.attacks.objectives import Objective, Unscored
+from robench.reid.objectives import objective
 from robench.suites import Suite
 
 DEFAULT_IDS_PER_BATCH = 8
@@ -140,14 +141,14 @@ def run_reid(
 ) -> ReIDOutcome:
     started = time.perf_counter()
     target.to(device)
-    entries = build_entries(suite, target, options.seed)
-    for e in entries:
-        if e.spec.source == "surrogate" and surrogate is None:
-            raise UsageError(f"{e.spec.display_name()} is a transfer attack: the suite or --surrogate must name "
+    for spec in suite.attacks:
+        if spec.source == "surrogate" and surrogate is None:
+            raise UsageError(f"{spec.display_name()} is a transfer attack: the suite or --surrogate must name "
                              "a surrogate model")
-        if e.spec.attack not in ("fgsm", "bim", "pgd", "mifgsm", "dmr"):
-            raise UsageError(f"{e.spec.attack} does not apply to re-identification models; use dmr, or fgsm, bim, "
-                             "pgd or mifgsm with an objective (away, odfa, misrank)")
+        if spec.attack_class.family not in ("gradient", "generator", "transfer"):
+            raise UsageError(f"{spec.attack} does not apply to re-identification models; use dmr, or a gradient "
+                             "attack (fgsm, bim, pgd, mifgsm) with an objective (away, odfa, misrank)")
+    entries = build_entries(suite, target, options.seed, loss_for=entry_objective)
     models = [target] + ([surrogate.to(device)] if surrogate is not None else [])
     contexts = [evaluation_mode(m) for m in models]
     for ctx in contexts:
@@ -196,21 +197,33 @@ class _ImageCache:
         return torch.stack([self.cache[i] for i in indices]).float().div_(255.0)
 
 
+def _margin(spec) -> float:
+    return spec.margin if spec.margin is not None else 0.3
+
+
+def _exclude_self(spec) -> bool:
+    # dmr_compat reproduces the released DMR code (self inside the positive mask).
+    return not spec.dmr_compat if spec.dmr_compat else (spec.exclude_self is not False)
+
+
+def entry_objective(spec) -> Objective | None:
+    """The loss object of a gradient entry (default: away from the clean features)."""
+    if spec.attack_class.family != "gradient":
+        return Unscored()  # a ranking has no per-image "fooled" to score
+    return objective(spec.objective or "away", margin=_margin(spec), exclude_self=_exclude_self(spec))
+
+
 def _run_entry(entry: Entry, target: ReIDFeatures, surrogate: ReIDFeatures | None, data: ReIDData,
                qf: torch.Tensor, gf: torch.Tensor, options: ReIDOptions, device: torch.device,
                images: _ImageCache) -> dict[str, Any]:
     spec = entry.spec
-    generated = spec.attack == "dmr"  # a trained generator: no objective, no gradients
-    objective = None if generated else (spec.objective or "away")
-    margin = spec.margin if spec.margin is not None else 0.3
-    # dmr_compat reproduces the released DMR code (self inside the positive mask).
-    exclude_self = not spec.dmr_compat if spec.dmr_compat else (spec.exclude_self is not False)
-    attack = entry.attack if generated else apply_objective(entry.attack, objective, margin=margin,
-                                                             exclude_self=exclude_self)
+    generated = entry.attack.family != "gradient"  # a trained generator: no objective, no gradients
+    objective_name = None if generated else (spec.objective or "away")
+    margin, exclude_self = _margin(spec), _exclude_self(spec)
     source = surrogate if spec.source == "surrogate" else target
     split = data.query if options.perturb == "query" else data.gallery
     t0 = time.perf_counter()
-    if objective == "misrank":
+    if objective_name == "misrank":
         groups = identity_batches(split.pids, spec.ids_per_batch or DEFAULT_IDS_PER_BATCH)
     else:
         groups = [list(range(s, min(s + options.batch_size, len(split)))) for s in range(0, len(split), options.batch_size)]
@@ -221,12 +234,12 @@ def _run_entry(entry: Entry, target: ReIDFeatures, surrogate: ReIDFeatures | Non
     for group in groups:
         x = images.batch(group).to(device)
         idx = torch.tensor(group, device=device)
-        if objective == "misrank" or generated:
+        if objective_name == "misrank" or generated:
             y = torch.from_numpy(split.pids[group]).to(device)
         else:
             with torch.no_grad():
                 y = source(x).float()
-        x_adv = attack(source, x, y, idx).x_adv
+        x_adv = entry(source, x, y, idx, batch_size=len(group)).x_adv
         with torch.no_grad():
             adv_features[idx] = target(x_adv).float()
         done.extend(group)
@@ -240,10 +253,10 @@ def _run_entry(entry: Entry, target: ReIDFeatures, surrogate: ReIDFeatures | Non
         metrics = _metrics(qf, adv_features, data.query, data.gallery, options, False)
         reranked = _metrics(qf, adv_features, data.query, data.gallery, options, True) if options.rerank else None
     params = entry.params()
-    params.update({"objective": objective or "generator", "source": "surrogate" if generated else
+    params.update({"objective": objective_name or "generator", "source": "surrogate" if generated else
                    (spec.source or "target"), "perturb": options.perturb})
-    if objective == "misrank":
+    if objective_name == "misrank":
         params.update({"margin": margin, "exclude_self": exclude_self, "dmr_compat": bool(spec.dmr_compat),
                        "ids_per_batch": spec.ids_per_batch or DEFAULT_IDS_PER_BATCH})
     return {"attack": entry.attack.name, "label": spec.display_name(), "norm": entry.attack.norm,
-            "eps": entry.eps if entry.eps is not None else float(entry.attack.eps), **metrics, "reranked": reranked, "params": params, "seconds": round(seconds, 4)}
+            "eps": entry.attack.effective_eps(entry.eps), **metrics, "reranked": reranked, "params": params, "seconds": round(seconds, 4)}

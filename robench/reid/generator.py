@@ -20,8 +20,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from robench.attacks.base import Attack, AttackResult
-from robench.attacks.registry import ATTACKS
 from robench.errors import RunError, UsageError
 from robench.reid.objectives import misranking_loss
 from robench.reid.perceptual import ms_ssim
@@ -105,29 +103,6 @@ def load_generator(path: str | Path) -> tuple[PerturbationGenerator, GeneratorCo
     generator = PerturbationGenerator(config.width, config.blocks)
     generator.load_state_dict(blob["state_dict"])
     return generator.eval(), config
-
-
-@ATTACKS.register("dmr")
-class GeneratorAttack(Attack):
-    """Applies a trained DMR generator: one forward pass, no gradients of the target."""
-
-    name = "dmr"
-
-    def __init__(self, eps: float | None = None, *, generator: str, seed: int = 0, stream: int = 0, **_: Any) -> None:
-        self.generator, self.config = load_generator(generator)
-        self.path = generator
-        budget = self.config.eps if eps is None else float(eps)
-        super().__init__(budget, norm="linf", final_iterate=True, seed=seed, stream=stream)
-
-    def describe(self) -> dict[str, Any]:
-        return {"norm": "linf", "generator": str(self.path), "trained_eps": self.config.eps}
-
-    @torch.no_grad()
-    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                 sample_ids: torch.Tensor | None = None) -> AttackResult:
-        self.generator.to(x.device)
-        x_adv = self.project(perturb(self.generator, x, float(self.eps)), x)
-        return AttackResult(x_adv, torch.zeros(len(x), dtype=torch.bool, device=x.device), 0, 0)
 
 
 def split_validation_ids(pids: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

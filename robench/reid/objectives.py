@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from robench.attacks.base import Attack
+from robench.attacks.objectives import Objective
 from robench.errors import UsageError
 
 OBJECTIVES = ("away", "odfa", "misrank")
@@ -34,7 +34,13 @@ def pairwise_euclidean(f: torch.Tensor) -> torch.Tensor:
 
 def misranking_loss(features: torch.Tensor, pids: torch.Tensor, margin: float = 0.3,
                     exclude_self: bool = True) -> torch.Tensor:
-    """Sum over the batch of [farthest other-id distance - closest same-id distance + margin]_+.
+    """Sum over the batch of [farthest other-id distance - closest same-id distance + margin]_+."""
+    return misranking_terms(features, pids, margin, exclude_self).sum()
+
+
+def misranking_terms(features: torch.Tensor, pids: torch.Tensor, margin: float = 0.3,
+                     exclude_self: bool = True) -> torch.Tensor:
+    """Per image: [farthest other-id distance - closest same-id distance + margin]_+.
 
     ``exclude_self=False`` reproduces the released DMR code, whose positive
     mask includes the image itself: the closest "same-id" distance is then
@@ -53,34 +59,48 @@ def misranking_loss(features: torch.Tensor, pids: torch.Tensor, margin: float = 
     close_positive = torch.where(positive.any(dim=1), close_positive, torch.zeros_like(close_positive))
     has_negative = negative.any(dim=1)
     per_image = F.relu(far_negative - close_positive + margin)
-    return torch.where(has_negative, per_image, torch.zeros_like(per_image)).sum()
+    return torch.where(has_negative, per_image, torch.zeros_like(per_image))
 
 
-def apply_objective(attack: Attack, objective: str, *, margin: float = 0.3, exclude_self: bool = True) -> Attack:
-    """Turn a classification gradient attack into a feature-space one, in place.
+class FeatureAway(Objective):
+    """||f(x') - f(x)||^2 per image; ``y`` holds the clean features."""
 
-    ``y`` given to the attack is then the clean features (away, odfa) or the
-    person ids (misrank).
-    """
-    if objective not in OBJECTIVES:
-        raise UsageError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    scores = False
+    needs_random_start = True  # the gradient is zero at x' = x
 
-    def loss(features: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        f = features.float()
-        if objective == "away":
-            return ((f - y) ** 2).sum()
-        if objective == "odfa":
-            return -((f + y) ** 2).sum()
-        return -misranking_loss(f, y, margin, exclude_self)
+    def __call__(self, outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return ((outputs.float() - y) ** 2).flatten(1).sum(dim=1)
 
-    def never_fooled(features: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(len(features), dtype=torch.bool, device=features.device)
 
-    # Instance attributes shadow the class's methods: the stepping and projection stay as they are.
-    attack.loss = loss  # type: ignore[method-assign]
-    attack.is_fooled = never_fooled  # type: ignore[method-assign]
-    attack.final_iterate = True
-    if objective == "away" and getattr(attack, "random_start", None) in (False, None):
-        attack.random_start = attack.step_size  # type: ignore[attr-defined]
-    attack.objective = objective  # type: ignore[attr-defined]
-    return attack
+class OppositeDirection(Objective):
+    """-||f(x') + f(x)||^2 per image: pull the feature towards the opposite of the clean one."""
+
+    scores = False
+
+    def __call__(self, outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return -((outputs.float() + y) ** 2).flatten(1).sum(dim=1)
+
+
+class MisRanking(Objective):
+    """The negated mis-ranking loss per image; ``y`` holds person ids, batches hold whole identities."""
+
+    scores = False
+    coupled = True  # each image's loss compares it with the others of its batch
+
+    def __init__(self, margin: float = 0.3, exclude_self: bool = True) -> None:
+        self.margin = margin
+        self.exclude_self = exclude_self
+
+    def __call__(self, outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return -misranking_terms(outputs.float(), y, self.margin, self.exclude_self)
+
+
+def objective(name: str, *, margin: float = 0.3, exclude_self: bool = True) -> Objective:
+    """The loss object for a suite entry's ``objective``."""
+    if name == "away":
+        return FeatureAway()
+    if name == "odfa":
+        return OppositeDirection()
+    if name == "misrank":
+        return MisRanking(margin, exclude_self)
+    raise UsageError(f"objective must be one of {', '.join(OBJECTIVES)}, got {name!r}")

@@ -31,7 +31,7 @@ import torch
 from robench._version import __version__
 from robench.models.loading import LoadedModel
 from robench.models.preprocessing import Normalization
-from robench.precision import device_name
+from robench.evaluation.precision import device_name
 
 SCHEMA = "robench.results/1"
 PIXEL_SCHEMA = "robench.pixel-index/1"

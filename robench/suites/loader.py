@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from robench.attacks.registry import load_plugins
 from robench.errors import UsageError
 from robench.registry import did_you_mean
 from robench.suites.schema import TRUST_CODE, Suite
@@ -33,8 +35,24 @@ class LoadedSuite:
     @property
     def sha256(self) -> str:
         """Hash of the validated content, so comments and layout do not matter."""
-        canon = json.dumps(self.suite.model_dump(mode="json"), sort_keys=True)
+        canon = json.dumps(_hash_form(self.suite), sort_keys=True)
         return hashlib.sha256(canon.encode()).hexdigest()
+
+
+# The attack fields every entry was hashed with (None when unset) before attacks declared their own
+# parameters. Fixed, so existing hashes and the baselines compared by them stay valid; a parameter
+# added since (by any attack, built in or not) enters the hash only where an entry sets it.
+HASHED_FIELDS = ("steps", "step_size", "random_start", "restarts", "decay", "pixels", "delta", "area", "trials",
+                 "shared_positions", "channels", "generator")
+
+
+def _hash_form(suite: Suite) -> dict[str, Any]:
+    """The validated content in the shape suites have always been hashed in."""
+    doc = suite.model_dump(mode="json")
+    for entry in doc["attacks"]:
+        for name in HASHED_FIELDS:
+            entry.setdefault(name, None)
+    return doc
 
 
 def builtin_dir() -> Path:
@@ -63,10 +81,11 @@ def find_suite(name_or_path: str) -> Path:
     raise UsageError(f"unknown suite {name_or_path!r}" + did_you_mean(name_or_path, list(known)))
 
 
-def load_suite(name_or_path: str, *, trust_code: bool = False) -> LoadedSuite:
-    """Read and validate a suite; ``trust_code`` lets it name ``module:factory`` architectures."""
+def load_suite(name_or_path: str, *, trust_code: bool = False, plugins: tuple[str, ...] = ()) -> LoadedSuite:
+    """Read and validate a suite; ``trust_code`` lets it name ``module:factory`` architectures and import
+    any of its ``plugins:``, ``plugins`` the modules the user named (``--plugin``)."""
     path = find_suite(name_or_path)
-    return parse_suite(_read_suite_text(path), str(path), trust_code=trust_code)
+    return parse_suite(_read_suite_text(path), str(path), trust_code=trust_code, plugins=plugins)
 
 
 def _read_suite_text(path: Path) -> str:
@@ -84,8 +103,10 @@ def _read_suite_text(path: Path) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")  # as text-mode reading did
 
 
-def parse_suite(text: str, source: str = "<suite>", *, trust_code: bool = False) -> LoadedSuite:
-    """Validate suite text. Without ``trust_code``, architectures that import Python code are refused."""
+def parse_suite(text: str, source: str = "<suite>", *, trust_code: bool = False,
+                plugins: tuple[str, ...] = ()) -> LoadedSuite:
+    """Validate suite text. Without ``trust_code``, architectures and plugins that import Python code are
+    refused, except the plugin modules the caller names in ``plugins`` (``--plugin``)."""
     if len(text) > MAX_SUITE_BYTES:
         raise UsageError(f"{source}: suite is larger than {MAX_SUITE_BYTES} characters; a suite is a short YAML file")
     try:
@@ -104,11 +125,27 @@ def parse_suite(text: str, source: str = "<suite>", *, trust_code: bool = False)
         raise UsageError(f"{where}: malformed YAML: {problem}") from None
     if not isinstance(data, dict):
         raise UsageError(f"{source}:1: a suite is a mapping with name: and attacks:")
+    _import_plugins(data.get("plugins"), lines, source, trust_code, plugins)
     try:
         suite = Suite.model_validate(data, context={TRUST_CODE: trust_code})
     except ValidationError as exc:
         raise UsageError(_first_error(exc, lines, source)) from None
     return LoadedSuite(suite, source, text)
+
+
+def _import_plugins(modules: Any, lines: dict[tuple, int], source: str, trust_code: bool,
+                    named: tuple[str, ...]) -> None:
+    """A suite's ``plugins:`` are imported before its entries are validated, when the user allows it."""
+    if modules is None:
+        return
+    where = f"{source}:{lines.get(('plugins',), 1)} plugins"
+    if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
+        raise UsageError(f"{where}: a list of module names")
+    for module in modules:
+        if not (trust_code or module in named or module in sys.modules):
+            raise UsageError(f"{where}: importing {module} runs its code; pass --plugin {module} (or "
+                             "--trust-suite) to allow it")
+    load_plugins(modules, where)
 
 
 def _check_yaml_bounds(text: str, source: str) -> None:

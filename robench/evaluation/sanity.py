@@ -16,8 +16,6 @@ from torch.nn import functional as F
 from robench.errors import RobenchError, RunError, UsageError, describe
 
 ZERO_GRADIENT_WARN = 0.5  # fraction of exactly-zero input-gradient entries
-WHITE_BOX = {"fgsm", "bim", "pgd", "mifgsm"}
-ITERATIVE = {"bim", "pgd", "mifgsm"}
 BATCH_TOLERANCE = 1e-2  # relative to the logit scale: absorbs float noise and bf16 autocast
 SMALL_BATCH = 8  # second, small probe batch: cross-sample effects shrink as batches grow
 
@@ -126,21 +124,34 @@ def flags_from(report: dict[str, Any], attacks: list[dict[str, Any]]) -> list[st
     return [message for _, message in named_flags(report, attacks)]
 
 
+def attack_kind(name: str) -> str:
+    """"iterative", "single-step" (white-box) or "black-box", read from the attack class's traits."""
+    from robench.attacks import ATTACKS
+
+    try:
+        cls = ATTACKS.get(name)
+    except Exception:  # noqa: BLE001 - an attack this install cannot load (a plugin, ta.* without the extra)
+        return "black-box"
+    if cls.family != "gradient":
+        return "black-box"
+    return "iterative" if cls.iterative() else "single-step"
+
+
 def masking_flags(attacks: list[dict[str, Any]]) -> list[str]:
     """A weaker attack beating an iterative white-box one of the same norm and eps points at masked gradients."""
     flags = []
     strong = {}
+    kinds = {a["attack"]: attack_kind(a["attack"]) for a in attacks}
     for a in attacks:
-        if a["attack"] in ITERATIVE and a["eps"] is not None and a["accuracy"] is not None:
+        if kinds[a["attack"]] == "iterative" and a["eps"] is not None and a["accuracy"] is not None:
             key = (a["norm"], round(a["eps"], 10))
             strong[key] = min(strong.get(key, 1.0), a["accuracy"])
     for a in attacks:
-        if a["attack"] in ITERATIVE or a["eps"] is None or a["accuracy"] is None:
+        if kinds[a["attack"]] == "iterative" or a["eps"] is None or a["accuracy"] is None:
             continue
         key = (a["norm"], round(a["eps"], 10))
         if key in strong and a["accuracy"] < strong[key] - 1e-12:
-            kind = "single-step" if a["attack"] in WHITE_BOX else "black-box"
-            flags.append(f"{a['label']} ({kind}) at eps {a['eps']:g} beats the iterative white-box attacks "
+            flags.append(f"{a['label']} ({kinds[a['attack']]}) at eps {a['eps']:g} beats the iterative white-box attacks "
                          f"({100 * a['accuracy']:.2f}% vs {100 * strong[key]:.2f}%): a sign of gradient masking")
     return flags
 

@@ -22,7 +22,7 @@ from xml.sax.saxutils import escape, quoteattr
 
 import pandas as pd
 
-import robench.sanity
+import robench.evaluation.sanity
 from robench.errors import UsageError
 from robench.registry import did_you_mean
 from robench.results.metric_table import higher_is_better, is_proportion
@@ -72,7 +72,7 @@ def standard_error(metric: str, value: float, n: Any) -> float | None:
 
 # Sanity flag names robench writes (``sanity.flag_names``), and "unnamed": what an older document's
 # flag gets when its name cannot be worked out.
-KNOWN_FLAGS = (*robench.sanity.FLAG_NAMES, "unnamed")
+KNOWN_FLAGS = (*robench.evaluation.sanity.FLAG_NAMES, "unnamed")
 ALLOW_ALL = "all"
 FAILING = ("regression", "missing")
 # A value that is null in one run and a number in the other: the runs do not measure the same thing.
@@ -121,7 +121,7 @@ class GateOutcome:
             row.update({"entry": "sanity", "metric": "sanity_flag", "flag": flag.name, "message": flag.message,
                         "verdict": "allowed flag" if flag.allowed else "sanity flag"})
             rows.append(row)
-        return {"schema": "robench.gate/1", "comparable": self.comparable, "problems": self.problems,
+        return {"schema": "robench.reporting.gate/1", "comparable": self.comparable, "problems": self.problems,
                 "passed": self.exit_code == 0, "exit_code": self.exit_code,
                 "regressions": int(self.rows.verdict.isin(FAILING).sum()),
                 "sanity_flags_failed": len(self.failing_flags),
@@ -155,7 +155,7 @@ def _derived_names(sanity: dict[str, Any], attacks: list[Any], messages: list[st
     if not messages:
         return []
     try:
-        pairs = robench.sanity.named_flags(sanity, attacks)
+        pairs = robench.evaluation.sanity.named_flags(sanity, attacks)
     # Naming is best effort: an older document may lack a field the current checks read.
     except Exception:  # noqa: BLE001
         return ["unnamed"] * len(messages)

@@ -14,17 +14,17 @@ from robench.attacks import AttackResult
 from robench.data.sources import ImageDataset, TensorImages, as_float
 from robench.errors import RobenchError, RunError, UsageError
 from robench.models.wrapper import RobustModel, evaluation_mode
-from robench.precision import PrecisionModel, matmul_precision
-from robench.sanity import check_output_shape, explain_failure, first_batch_checks
-from robench.speed import (SpeedReport, auto_batch_size, estimated_work, finish, should_compile, speed_up,
+from robench.evaluation.precision import PrecisionModel, matmul_precision
+from robench.evaluation.sanity import check_output_shape, explain_failure, first_batch_checks
+from robench.evaluation.speed import (SpeedReport, auto_batch_size, estimated_work, finish, should_compile, speed_up,
                            timed_first_call)
-from robench.entries import Entry, build_entries
+from robench.evaluation.entries import Entry, build_entries
 from robench.metrics import Scalar
-from robench.run_state import RunInterrupted, RunOutcome, RunState
+from robench.evaluation.state import RunInterrupted, RunOutcome, RunState
 from robench.suites import Suite
 from robench.suites.schema import REID_FIELDS
 
-__all__ = ["check_labels", "dataset_fingerprint", "dataset_labels", "iterate_batches", "run"]
+__all__ = ["check_labels", "dataset_fingerprint", "dataset_labels", "iterate_batches", "run", "segment_batches"]
 
 
 def iterate_batches(dataset: ImageDataset, batch_size: int, workers: int, pin: bool) -> Iterator:
@@ -81,6 +81,7 @@ def run(
     compile_backend: str = "inductor",
     channels_last: bool = False,
     sweep_reuse: bool = False,
+    refill: bool = True,
 ) -> RunOutcome:
     """Evaluate every entry of ``suite``, batch by batch.
 
@@ -89,6 +90,10 @@ def run(
     interrupted; ``resume_state`` (such a snapshot) skips the batches it
     holds. Randomness is keyed by sample index, so a resumed run equals an
     uninterrupted one.
+
+    Batches are attacked a segment at a time (several batches, see ``segment_batches``):
+    with ``refill``, an attack keeps ``batch_size`` samples in flight and refills the
+    slots of fooled or finished samples from the rest of the segment.
     """
     if len(dataset) == 0:
         raise UsageError("the dataset is empty")
@@ -130,29 +135,44 @@ def run(
             # The saved report describes the run's real first batch; keep it, as an uninterrupted run would.
             state.sanity["model_was_training"] = bool(state.sanity.get("model_was_training")) or was_training
         finished = done
-        context = _RunContext(forward, model, entries, device, dataset, dataset_labels(dataset), sweep_reuse)
+        context = _RunContext(forward, model, entries, device, dataset, dataset_labels(dataset), sweep_reuse,
+                              batch_size, refill)
+        # Without refill nothing gains from longer queues: a batch at a time, committed as it finishes.
+        per_segment = segment_batches(batch_size, dataset) if refill else 1
         try:
             hashed = 0
-            for b, (x, y, idx) in enumerate(iterate_batches(dataset, batch_size, workers, device.type == "cuda")):
-                parts = _batch_bytes(x, y, idx)
-                if b < done:
-                    # Finished before the interruption: only the fingerprint needs its data.
-                    _hash_batch(digests, parts)
-                    hashed = b + 1
-                    if b + 1 == done:
-                        _check_same_data(resume_state, digests, done, dataset.name)
-                    continue
-                _run_batch(x, y, idx, context, state,
-                           first=_FirstBatch(resume_state is None, speed) if b == done else None)
+            pending: list[tuple] = []  # batches of the segment being gathered: (x, y, idx, bytes)
+
+            def run_segment() -> None:
+                nonlocal finished, last_save
+                first = _FirstBatch(resume_state is None, speed) if finished == done else None
+                _run_segment([b[:3] for b in pending], context, state, first)
                 # Hashed once finished: a snapshot's data digest covers exactly its batches.
-                _hash_batch(digests, parts)
+                for batch in pending:
+                    _hash_batch(digests, batch[3])
                 state.data_digest = _joined_digest(digests)
-                hashed = finished = b + 1
+                finished += len(pending)
                 if on_batch:
-                    on_batch(len(y))
+                    on_batch(sum(len(b[1]) for b in pending))
+                pending.clear()
                 if save_state and time.perf_counter() - last_save >= save_every:
                     save_state(state.snapshot(finished, batch_size))
                     last_save = time.perf_counter()
+
+            for b, (x, y, idx) in enumerate(iterate_batches(dataset, batch_size, workers, device.type == "cuda")):
+                parts = _batch_bytes(x, y, idx)
+                hashed = b + 1
+                if b < done:
+                    # Finished before the interruption: only the fingerprint needs its data.
+                    _hash_batch(digests, parts)
+                    if b + 1 == done:
+                        _check_same_data(resume_state, digests, done, dataset.name)
+                    continue
+                pending.append((x, y, idx, parts))
+                if len(pending) == per_segment:
+                    run_segment()
+            if pending:
+                run_segment()
             if hashed < done:  # fewer batches than the interrupted run finished
                 raise _data_changed(dataset.name, done)
         except BaseException as exc:
@@ -166,7 +186,8 @@ def run(
         save_state(state.snapshot(finished, batch_size))
     finish(speed)
     result = outcome(True, _joined_digest(digests))
-    result.speed = {**speed.as_dict(), "sweep_reuse": sweep_reuse, "batch_size_auto": auto_batch}
+    result.speed = {**speed.as_dict(), "sweep_reuse": sweep_reuse, "batch_size_auto": auto_batch, "refill": refill,
+                    "segment_batches": per_segment}
     return result
 
 
@@ -228,9 +249,21 @@ def _first_forward(forward, model: RobustModel, x: torch.Tensor, first_call: Spe
     return logits
 
 
+SEGMENT_BATCHES = 8  # batches attacked together: the pool refills across them
+SEGMENT_BYTES = 1 << 30  # ... within this much input data (a segment sits on the device)
+
+
+def segment_batches(batch_size: int, dataset: ImageDataset) -> int:
+    """How many batches make one segment: refilling needs a queue longer than the pool, and
+    progress is committed (and resumed) a segment at a time, so segments stay short."""
+    image = dataset[0][0]
+    fit = SEGMENT_BYTES // max(1, image.numel() * 4 * batch_size)
+    return int(max(1, min(SEGMENT_BATCHES, fit)))
+
+
 @dataclass
 class _RunContext:
-    """What stays fixed for a whole run; ``_run_batch`` reads it, the ``RunState`` receives the results."""
+    """What stays fixed for a whole run; ``_run_segment`` reads it, the ``RunState`` receives the results."""
 
     forward: Callable[[torch.Tensor], torch.Tensor]
     model: RobustModel
@@ -239,6 +272,8 @@ class _RunContext:
     dataset: ImageDataset
     labels_known: np.ndarray | None  # every label, when the data gives them up front
     sweep_reuse: bool
+    batch_size: int  # images per forward pass: the clean batches and the attacks' pools
+    refill: bool
 
 
 @dataclass
@@ -251,31 +286,37 @@ class _FirstBatch:
 
 @dataclass
 class _EntryOutcome:
-    robust: torch.Tensor  # per sample of the batch
+    robust: torch.Tensor  # per sample of the segment
     success: torch.Tensor | None  # among the attacked samples; None when none was attacked
     seconds: float = 0.0
     gradient_evals: int = 0
     peak_memory: int | None = None
 
 
-def _run_batch(x, y, idx, context: _RunContext, state: RunState, first: _FirstBatch | None = None) -> None:
-    """Clean pass and every entry on one batch, committed to ``state`` at the end.
+def _run_segment(batches: list[tuple], context: _RunContext, state: RunState,
+                 first: _FirstBatch | None = None) -> None:
+    """Clean pass batch by batch, then every entry over the whole segment, committed to ``state`` at the end.
 
-    ``first`` is given for the first batch: its clean pass is probed (a model failure is
-    explained, the output must be (batch, classes)), the model is asked whether it has an
-    input gradient, and the checks of :mod:`robench.sanity` run. With ``sweep_reuse``, an
-    any-iterate attack listed with increasing eps attacks at each eps only the samples it has
-    not fooled at the previous one.
+    ``first`` is given for the first segment: its first batch's clean pass is probed (a model
+    failure is explained, the output must be (batch, classes)), the model is asked whether it
+    has an input gradient, and the checks of :mod:`robench.evaluation.sanity` run. With ``sweep_reuse``,
+    an any-iterate attack listed with increasing eps attacks at each eps only the samples it
+    has not fooled at the previous one.
     """
-    x = x.to(context.device, non_blocking=True).float()
-    y = y.to(context.device, non_blocking=True).long()
-    logits = _clean_logits(x, y, idx, context, state, first)
-    finite = torch.isfinite(logits).all(dim=1)
-    # A row with NaN/inf logits has no prediction (-1): it is never correct.
-    pred = torch.where(finite, logits.argmax(dim=1), torch.full_like(y, -1))
+    xs, ys, preds, finites = [], [], [], []
+    for b, (x, y, idx) in enumerate(batches):
+        x = x.to(context.device, non_blocking=True).float()
+        y = y.to(context.device, non_blocking=True).long()
+        logits = _clean_logits(x, y, idx, context, state, first if b == 0 else None)
+        finite = torch.isfinite(logits).all(dim=1)
+        # A row with NaN/inf logits has no prediction (-1): it is never correct.
+        preds.append(torch.where(finite, logits.argmax(dim=1), torch.full_like(y, -1)))
+        xs.append(x), ys.append(y), finites.append(finite)
+    x, y, pred, finite = torch.cat(xs), torch.cat(ys), torch.cat(preds), torch.cat(finites)
+    idx = torch.cat([b[2] for b in batches])
     correct = pred == y
     outcomes = _attack_entries(x, y, idx.to(context.device), correct, context, state)
-    # Commit the whole batch at once: an interruption leaves the state at a batch boundary.
+    # Commit the whole segment at once: an interruption leaves the state at a segment boundary.
     totals = state.totals
     totals.clean.update(correct)
     totals.index.update(idx)
@@ -318,7 +359,7 @@ def _clean_logits(x, y, idx, context: _RunContext, state: RunState, first: _Firs
 
 
 def _attack_entries(x, y, idx, correct, context: _RunContext, state: RunState) -> list[_EntryOutcome]:
-    """Every entry on the clean-correct samples of one batch (nothing is committed here)."""
+    """Every entry on the clean-correct samples of one segment (nothing is committed here)."""
     attacked = torch.nonzero(correct).squeeze(1)
     outcomes = []
     fooled_before: dict[int, tuple[float, torch.Tensor]] = {}  # per suite entry: (eps, fooled at that eps)
@@ -328,7 +369,7 @@ def _attack_entries(x, y, idx, correct, context: _RunContext, state: RunState) -
         if prior is not None and entry.eps >= prior[0]:
             # Fooled at a smaller eps of the same attack: that example lies in this larger ball too.
             targets = attacked[~prior[1][attacked]]
-        result = _attack_batch(entry, counts.chunk, context, x, y, idx, correct, targets)
+        result = _attack_segment(entry, counts.chunk, context, x, y, idx, correct, targets)
         if prior is not None and entry.eps >= prior[0]:
             result.robust &= ~prior[1]
             result.success = ~result.robust[attacked]
@@ -339,42 +380,35 @@ def _attack_entries(x, y, idx, correct, context: _RunContext, state: RunState) -
 
 
 def _reusable(entry: Entry) -> bool:
-    """Sweep reuse needs any-iterate semantics (a fooled example stays valid) and a scalar eps."""
-    return (entry.eps is not None and not entry.attack.final_iterate and entry.spec.attack in
-            ("fgsm", "bim", "pgd", "mifgsm") and not isinstance(entry.attack.eps, torch.Tensor))
+    """Sweep reuse needs nested threat models (an eps-ball), any-iterate semantics (a fooled example
+    stays valid) and eps in pixel units (per-channel radii are kept out, as before)."""
+    attack = entry.attack
+    return (entry.eps is not None and attack.eps_budget != "none" and not attack.final_iterate
+            and attack.eps_scale is None)
 
 
-def _attack_with_backoff(entry: Entry, chunk: Scalar, forward, x, y, idx, device) -> AttackResult:
-    """Attack in chunks, halving the chunk on out-of-memory and retrying it.
+def _attack_with_backoff(entry: Entry, chunk: Scalar, context: _RunContext, x, y, idx) -> AttackResult:
+    """Attack with a pool of ``batch_size`` slots, halving it on out-of-memory and starting again.
 
-    Results do not change: every sample's randomness is keyed by its index,
-    not by the chunk it lands in. The smallest chunk used is recorded in ``chunk``
-    (right away: the next batches start from it).
+    Results do not change: every sample's randomness is keyed by its index, not by the
+    slot it lands in. The smallest pool used is recorded in ``chunk`` (right away: the
+    next segments start from it).
     """
-    size = chunk.compute() or len(x)
-    parts: list[AttackResult] = []
-    start = 0
-    while start < len(x):
-        stop = min(start + size, len(x))
+    size = chunk.compute() or context.batch_size
+    while True:
         try:
-            parts.append(entry.attack(forward, x[start:stop], y[start:stop], idx[start:stop]))
+            return entry(context.forward, x, y, idx, batch_size=size, refill=context.refill)
         except torch.cuda.OutOfMemoryError as exc:
-            if device.type == "cuda":
+            if context.device.type == "cuda":
                 torch.cuda.empty_cache()
             if size == 1:
                 raise RunError(f"{entry.spec.display_name()}: out of memory even for one image") from exc
             size = max(1, size // 2)
             chunk.update(size)
-            continue
-        start = stop
-    if len(parts) == 1:
-        return parts[0]
-    return AttackResult(torch.cat([p.x_adv for p in parts]), torch.cat([p.success for p in parts]),
-                        sum(p.gradient_evals for p in parts), sum(p.forward_evals for p in parts))
 
 
-def _attack_batch(entry: Entry, chunk: Scalar, context: _RunContext, x, y, idx, correct,
-                  attacked) -> _EntryOutcome:
+def _attack_segment(entry: Entry, chunk: Scalar, context: _RunContext, x, y, idx, correct,
+                    attacked) -> _EntryOutcome:
     """Attack the clean-correct samples ``attacked`` (misclassified ones are already not robust)."""
     robust = correct.clone()
     if not attacked.numel():
@@ -384,7 +418,7 @@ def _attack_batch(entry: Entry, chunk: Scalar, context: _RunContext, x, y, idx, 
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    result = _attack_with_backoff(entry, chunk, context.forward, x[attacked], y[attacked], idx[attacked], device)
+    result = _attack_with_backoff(entry, chunk, context, x[attacked], y[attacked], idx[attacked])
     peak = None
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -25,11 +25,12 @@ AUTO_COMPILE_MIN_WORK = 200_000
 
 
 def estimated_work(n_samples: int, suite) -> int:
-    """Forward+backward image passes the suite needs at most (no early stopping)."""
+    """Forward+backward image passes the suite needs at most (no early stopping), from the attacks' costs."""
     work = 0
     for spec in suite.attacks:
-        per_eps = spec.resolved_steps() * (spec.restarts or 1) if spec.attack in ("fgsm", "bim", "pgd", "mifgsm") else 1
-        work += per_eps * max(1, len(spec.eps)) * n_samples
+        cls = spec.attack_class
+        cells = len(getattr(spec.settings, cls.sweep)) if cls.sweep else max(1, len(spec.eps))
+        work += max(1, cls.cost(spec.settings).gradient) * cells * n_samples
     return work
 
 

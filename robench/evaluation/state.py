@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from robench.entries import Entry
+from robench.evaluation.entries import Entry
 from robench.errors import UsageError
 from robench.metrics import Accuracy, Collected, MetricCollection, Scalar
 

@@ -1,0 +1,1 @@
+"""Evaluation: the loop over segments, run state, entries, sanity checks, speed-ups, precision, sharding."""

@@ -1,0 +1,64 @@
+"""Suite entries: one (attack, eps) cell of a suite, with its attack ready to call.
+
+An entry is configuration only; what a run counts for it lives in ``robench.evaluation.state``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from robench.attacks import Attack, Objective
+from robench.errors import UsageError
+from robench.suites import AttackSpec, Suite
+
+
+@dataclass
+class Entry:
+    """One cell of the suite: one result row. ``eps`` is in the suite's units (None: no eps)."""
+
+    spec: AttackSpec
+    index: int  # position among all entries: keys the random stream
+    eps: float | None
+    eps_text: str
+    attack: Attack
+
+    def params(self) -> dict[str, Any]:
+        return {"eps_expr": self.eps_text if self.eps is not None else None,
+                "final_iterate": self.attack.final_iterate, **self.attack.describe(self.eps)}
+
+    def __call__(self, model, x, y, sample_ids, *, batch_size: int, refill: bool = True):
+        return self.attack(model, x, y, self.eps, sample_ids, batch_size=batch_size, refill=refill)
+
+
+def build_entries(suite: Suite, model, seed: int,
+                  loss_for: Callable[[AttackSpec], Objective | None] | None = None) -> list[Entry]:
+    """One entry per eps of each attack (per value of its sweep, e.g. pixel counts, for budget-free ones).
+
+    ``loss_for`` gives the objective of an attack entry (re-identification); default: cross-entropy.
+    """
+    std = model.pixel_std() if suite.eps_space == "normalized" else None
+    if std is not None and model.normalization is None:
+        raise UsageError(
+            f"suite {suite.name} gives eps in normalised units: the model needs --normalize or --mean/--std"
+        )
+    scale = std.detach().cpu() if std is not None else None
+    entries: list[Entry] = []
+    for spec in suite.attacks:
+        cls = spec.attack_class
+        loss = loss_for(spec) if loss_for else None
+        for settings, eps, text in _cells(spec, cls):
+            budget = cls.eps_budget != "none"  # a pixel count has no eps to convert
+            attack = cls(settings, norm=spec.norm if budget else None, final_iterate=spec.final_iterate, loss=loss,
+                         eps_scale=scale if budget else None, seed=seed, stream=len(entries))
+            entries.append(Entry(spec, len(entries), eps, text, attack))
+    return entries
+
+
+def _cells(spec: AttackSpec, cls: type) -> list[tuple[Any, float | None, str]]:
+    """(parameters, eps, eps as written) of each result row of one suite entry."""
+    sweep = getattr(cls, "sweep", None)
+    if sweep:
+        return [(spec.settings.model_copy(update={sweep: [value]}), None, cls.sweep_label(value))
+                for value in getattr(spec.settings, sweep)]
+    return [(spec.settings, eps, text) for eps, text in zip(spec.eps or [None], spec.eps_text or [""])]

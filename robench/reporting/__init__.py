@@ -1,0 +1,1 @@
+"""Reporting: tables, comparisons, plots and the CI gate, all read from result documents."""
