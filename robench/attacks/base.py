@@ -60,11 +60,18 @@ class AttackResult:
 
 @dataclass
 class RunOutput:
-    """What ``run`` returns: the examples and the passes it made (the base scores the examples)."""
+    """What ``run`` returns: the examples and the passes it made.
+
+    A run that has already put a returned example through the model (the gradient loop
+    has, for the iterate that fooled a sample) may say so: ``scored`` marks those samples
+    and ``fooled`` holds the verdicts. The base scores every other output.
+    """
 
     x_adv: torch.Tensor
     gradient_evals: int = 0
     forward_evals: int = 0
+    scored: torch.Tensor | None = None
+    fooled: torch.Tensor | None = None
 
 
 class Attack:
@@ -198,8 +205,12 @@ class Attack:
         if len(x) == 0:
             return AttackResult(x.clone(), torch.zeros(0, dtype=torch.bool, device=x.device))
         out = self.run(model, x, y, eps, ids, size, refill)
-        x_adv = self._into_threat_model(out.x_adv, x, eps)
-        success, scored = self._score(model, x_adv, y, size)
+        x_adv, moved = self._into_threat_model(out.x_adv, x, eps)
+        known = torch.zeros(len(x), dtype=torch.bool, device=x.device) if out.scored is None else out.scored & ~moved
+        success = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+        if out.fooled is not None:
+            success[known] = out.fooled[known]
+        scored = self._score(model, x_adv, y, ~known, success, size)
         return AttackResult(x_adv, success, out.gradient_evals, out.forward_evals + scored)
 
     def _check_eps(self, eps: float | None) -> float | None:
@@ -214,7 +225,9 @@ class Attack:
             raise UsageError(f"{self.name}: eps must be >= 0, got {eps}")
         return self.effective_eps(eps)
 
-    def _into_threat_model(self, x_adv: torch.Tensor, x: torch.Tensor, eps: float | None) -> torch.Tensor:
+    def _into_threat_model(self, x_adv: torch.Tensor, x: torch.Tensor,
+                           eps: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The examples, rows outside by rounding projected, and which rows moved."""
         if x_adv.shape != x.shape:
             raise RunError(f"{self.name} returned shape {tuple(x_adv.shape)} for inputs of shape {tuple(x.shape)}")
         x_adv = x_adv.to(x.dtype)
@@ -223,15 +236,17 @@ class Attack:
             worst = int(excess.argmax())
             raise RunError(f"{self.name} returned sample {worst} outside its threat model ({self.norm}, eps "
                            f"{eps}): {float(excess[worst]):.3g} beyond the allowed change or [0,1]")
-        # Only rows outside (by rounding) move: projecting a point already inside could still nudge it (L2).
+        # Project only rows outside by rounding (projecting a point inside could still nudge it, in L2), and
+        # report the rows whose values changed: their earlier verdicts no longer apply.
         outside = excess > 0
+        moved = torch.zeros_like(outside)
         if bool(outside.any()):
             x_adv = x_adv.clone()
-            x_adv[outside] = self.project(x_adv[outside], x[outside], self._row_radius(eps, x[outside]))
-        return x_adv
-
-    def _row_radius(self, eps: float | None, x: torch.Tensor) -> Eps | None:
-        return self.radius(eps, x)
+            rows = torch.nonzero(outside).squeeze(1)
+            projected = self.project(x_adv[rows], x[rows], self.radius(eps, x[rows]))
+            moved[rows] = (projected != x_adv[rows]).flatten(1).any(dim=1)
+            x_adv[rows] = projected
+        return x_adv, moved
 
     def violation(self, x_adv: torch.Tensor, x: torch.Tensor, eps: float | None) -> torch.Tensor:
         """Per sample: how far ``x_adv`` lies outside the threat model (0 inside)."""
@@ -246,15 +261,19 @@ class Attack:
             ball = (delta.flatten(1).norm(dim=1) - radius).clamp_min(0)
         return torch.maximum(box, ball)
 
-    def _score(self, model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, size: int) -> tuple[torch.Tensor, int]:
-        """Fooled or not, per returned example (False throughout for objectives without that notion)."""
-        success = torch.zeros(len(x_adv), dtype=torch.bool, device=x_adv.device)
+    def _score(self, model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, todo: torch.Tensor,
+               success: torch.Tensor, size: int) -> int:
+        """Fooled or not for the examples ``todo``, into ``success``; returns the forward passes made.
+
+        Objectives without a per-sample "fooled" (a ranking) leave everything False.
+        """
         if not self.loss.scores:
-            return success, 0
-        for start in range(0, len(x_adv), size):
-            part = slice(start, start + size)
+            return 0
+        rows = torch.nonzero(todo).squeeze(1)
+        for start in range(0, len(rows), size):
+            part = rows[start:start + size]
             success[part] = self.loss.fooled(model(x_adv[part]), y[part])
-        return success, len(x_adv)
+        return len(rows)
 
 
 def sign_or_normalized(grad: torch.Tensor, norm: str) -> torch.Tensor:

@@ -173,6 +173,7 @@ class GradientAttack(Attack):
             batch_size = len(x)  # the loss of each sample depends on its batch: never split it
         pool = Pool(x, state)
         x_best = x.clone()
+        scored = torch.zeros(len(x), dtype=torch.bool, device=x.device)  # fooled by the x_best the loop saw
         grad_evals = fwd_evals = 0
 
         def begin(rows: torch.Tensor, restart: torch.Tensor) -> torch.Tensor:
@@ -192,7 +193,7 @@ class GradientAttack(Attack):
                 break
             ending = pool.t == steps  # the end of a restart that is not the last one
             if bool(ending.any()):
-                fwd_evals += self._end_restarts(model, x, y, pool, ending, x_best, begin, state)
+                fwd_evals += self._end_restarts(model, x, y, pool, ending, x_best, scored, begin, state)
                 continue
             outputs, losses, grad = self.loss_and_grad(model, pool.xa, y[pool.rows])
             grad_evals += pool.size()
@@ -200,6 +201,7 @@ class GradientAttack(Attack):
                 fooled = self.loss.fooled(outputs, y[pool.rows])
                 if bool(fooled.any()):
                     x_best[pool.rows[fooled]] = pool.xa[fooled]
+                    scored[pool.rows[fooled]] = True
                     keep = ~fooled
                     losses, grad = losses[keep], grad[keep]
                     pool.keep(keep)
@@ -213,15 +215,17 @@ class GradientAttack(Attack):
                 # The last iterate of the last restart: the base scores it.
                 x_best[pool.rows[finished]] = pool.xa[finished]
                 pool.keep(~finished)
-        return RunOutput(x_best, grad_evals, fwd_evals)
+        # The loop scored only examples that fooled the model; the base scores the last iterates.
+        return RunOutput(x_best, grad_evals, fwd_evals, scored=scored, fooled=scored.clone())
 
-    def _end_restarts(self, model, x, y, pool: Pool, ending: torch.Tensor, x_best: torch.Tensor, begin,
-                      state: StepState) -> int:
+    def _end_restarts(self, model, x, y, pool: Pool, ending: torch.Tensor, x_best: torch.Tensor,
+                      scored: torch.Tensor, begin, state: StepState) -> int:
         """Score the final iterate of the slots ending a restart; the fooled leave, the others restart."""
         xa, rows = pool.xa[ending], pool.rows[ending]
         fooled = self.loss.fooled(model(xa), y[rows]) if self.loss.scores else torch.zeros_like(rows, dtype=torch.bool)
         # Unfooled samples keep their last iterate until a later restart does better.
         x_best[rows] = xa
+        scored[rows[fooled]] = True
         leaving = torch.zeros_like(ending)
         leaving[ending] = fooled
         restarting = ending & ~leaving

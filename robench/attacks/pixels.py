@@ -64,7 +64,7 @@ class PixelChange(Attack):
 
     @classmethod
     def cost(cls, params: AttackParams) -> Cost:
-        return Cost(forward=params.trials + 1)
+        return Cost(forward=params.trials)
 
     @classmethod
     def sweep_label(cls, value: Any) -> str:
@@ -85,12 +85,16 @@ class PixelChange(Attack):
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | None,
             sample_ids: torch.Tensor, batch_size: int, refill: bool) -> RunOutput:
         x_adv = x.clone()
+        fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
         for start in range(0, len(x), batch_size):
             part = slice(start, start + batch_size)
-            x_adv[part] = self._trials(model, x[part], y[part], sample_ids[part])
-        return RunOutput(x_adv, forward_evals=len(x) * self.params.trials)
+            x_adv[part], fooled[part] = self._trials(model, x[part], y[part], sample_ids[part])
+        # Every returned image is one the model was shown: the trials' verdicts are its score.
+        return RunOutput(x_adv, forward_evals=len(x) * self.params.trials,
+                         scored=torch.ones_like(fooled), fooled=fooled)
 
-    def _trials(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def _trials(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         key = randomness.stream_key(self.seed, self.stream)
         success = torch.zeros(len(x), dtype=torch.bool, device=x.device)
         x_adv = x.clone()
@@ -103,7 +107,7 @@ class PixelChange(Attack):
             take = ~success if t == last else fooled & ~success
             x_adv[take] = changed[take]
             success |= fooled
-        return x_adv
+        return x_adv, success
 
     def violation(self, x_adv: torch.Tensor, x: torch.Tensor, eps: float | None) -> torch.Tensor:
         """Changed pixel positions beyond the count, on the 8-bit grid the changes are made on."""

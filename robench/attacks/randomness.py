@@ -13,9 +13,9 @@ import torch
 _MASK32 = 0xFFFFFFFF
 
 
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    # A 32-bit integer finaliser (xorshift-multiply); values held in int64 so
-    # the products never overflow a signed 64-bit integer in a harmful way.
+def _mix32(x):
+    # A 32-bit integer finaliser (xorshift-multiply) on int64 tensors or Python ints alike:
+    # products of a 32-bit value and a 27-bit constant never overflow a signed 64-bit integer.
     x = x & _MASK32
     x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
     x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
@@ -23,9 +23,9 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 
 
 def stream_key(seed: int, *parts: int) -> int:
-    key = torch.tensor(seed & _MASK32, dtype=torch.int64)
+    key = seed & _MASK32
     for part in parts:
-        key = _mix32(key ^ _mix32(torch.tensor(part & _MASK32, dtype=torch.int64) + 0x9E3779B9))
+        key = _mix32(key ^ _mix32((part & _MASK32) + 0x9E3779B9))
     return int(key)
 
 
@@ -45,5 +45,5 @@ def uniform(sample_ids: torch.Tensor, shape: tuple[int, ...], key: int, device: 
 def normal(sample_ids: torch.Tensor, shape: tuple[int, ...], key: int, device: torch.device) -> torch.Tensor:
     """Standard normal numbers via Box-Muller from two independent uniform streams."""
     u1 = uniform(sample_ids, shape, key, device).clamp_min_(1e-7)
-    u2 = uniform(sample_ids, shape, _mix32(torch.tensor(key + 0x3C6EF372)).item(), device)
+    u2 = uniform(sample_ids, shape, _mix32(key + 0x3C6EF372), device)
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * torch.pi * u2)
