@@ -184,10 +184,13 @@ class GradientAttack(Attack):
                 xa[mine] = self.init(x[rows[mine]], start, sample_ids[rows[mine]], k)
             return self.project(xa, x[rows], radius)
 
+        # Every sample's first starting point at once: one draw instead of one per admission.
+        everyone = torch.arange(len(x), device=x.device)
+        first = begin(everyone, torch.zeros_like(everyone))
         while True:
             if pool.free(batch_size) and pool.queued() and (refill or pool.empty()):
                 rows = pool.next_rows(batch_size)
-                xa = begin(rows, torch.zeros_like(rows))
+                xa = first[rows]
                 pool.admit(rows, xa, self.init_state(xa, state))
             if pool.empty():
                 break
