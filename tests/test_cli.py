@@ -205,3 +205,18 @@ def test_imagefolder_skips_and_lists_bad_files(digits_split, tmp_path):
     assert doc["clean"]["n"] == 60 and doc["clean"]["accuracy"] > 0.9
     names = sorted(s["file"].rsplit("/", 1)[-1] for s in doc["data"]["skipped"])
     assert names == ["cut.png", "notes.txt", "zero.png"]
+
+
+def test_attacks_lists_every_attack_with_its_traits_and_defaults():
+    result = invoke("attacks", "--json")
+    assert result.exit_code == 0, result.stderr
+    rows = {row["name"]: row for row in json.loads(result.stdout)}
+    assert set(rows) >= {"fgsm", "bim", "pgd", "mifgsm", "pixels", "dmr"}
+    assert rows["pgd"]["family"] == "gradient" and rows["pgd"]["norms"] == ["linf", "l2"]
+    assert rows["pgd"]["params"] == {"steps": 10, "step_size": "2.5*eps/steps", "random_start": True, "restarts": 1}
+    assert rows["pixels"]["eps"] == "none" and rows["pixels"]["norms"] == ["l0"]
+    assert rows["dmr"]["params"]["generator"] == "(required)"
+    table = invoke("attacks")
+    assert table.exit_code == 0 and "mifgsm" in table.stdout and "decay=1.0" in table.stdout
+    missing = invoke("attacks", "--plugin", "no_such_module_here")
+    assert missing.exit_code == 2 and "no_such_module_here" in one_error_line(missing)
