@@ -65,13 +65,15 @@ def random_start_value(raw: Any) -> Any:
 
 
 class StepState(dict):
-    """Per-sample tensors of the slots (kept aligned with the pool), plus the call's constants."""
+    """Per-sample tensors of the slots (kept aligned with the pool), the call's constants, and
+    ``clean``: the slots' clean inputs, set by the loop before each ``step`` (for projections)."""
 
     def __init__(self, radius: Eps, step_size: Eps, norm: str) -> None:
         super().__init__()
         self.radius = radius
         self.step_size = step_size
         self.norm = norm
+        self.clean: torch.Tensor | None = None
 
 
 class GradientAttack(Attack):
@@ -210,8 +212,9 @@ class GradientAttack(Attack):
                     pool.keep(keep)
                     if pool.empty():
                         continue
+            state.clean = x[pool.rows]
             xa = self.step(pool.xa, grad, losses, state, pool.t)
-            pool.xa = self.project(xa, x[pool.rows], radius)
+            pool.xa = self.project(xa, state.clean, radius)
             pool.t += 1
             finished = (pool.t == steps) & (pool.restart == last_restart)
             if bool(finished.any()):

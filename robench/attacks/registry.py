@@ -25,6 +25,7 @@ BUILTIN_ATTACKS = {
     "bim": "robench.attacks.bim:BIM",
     "pgd": "robench.attacks.pgd:PGD",
     "mifgsm": "robench.attacks.mifgsm:MIFGSM",
+    "apgd": "robench.attacks.apgd:APGD",
     "pixels": "robench.attacks.pixels:PixelChange",
     "dmr": "robench.attacks.dmr:GeneratorAttack",
 }
