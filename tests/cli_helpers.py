@@ -1,7 +1,9 @@
-"""Helpers shared by the test modules that drive the command line in-process."""
+"""Helpers shared by the test modules: the command line in-process, interruptions, a batch-free model."""
 
 from __future__ import annotations
 
+import torch
+from torch import nn
 from typer.testing import CliRunner
 
 from robench.cli import app
@@ -31,3 +33,14 @@ def stop_after(batches: int):
             raise KeyboardInterrupt
 
     return on_batch
+
+
+class RowByRow(nn.Module):
+    """The model applied to one image at a time: outputs and gradients cannot depend on the batch."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.model(x[i:i + 1]) for i in range(len(x))])

@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
-from torch import nn
 
 from robench.attacks import ATTACKS
 from robench.attacks.apgd import APGD, DLR, checkpoints
-from tests.cli_helpers import invoke, one_error_line
+
+from cli_helpers import RowByRow, invoke, one_error_line
 
 EPS = 0.1  # the digits CNN keeps about half its accuracy under PGD-10 here
 
@@ -51,17 +51,6 @@ def test_robust_accuracy_matches_torchattacks(trained_model, test_tensors):
         with torch.no_grad():
             ref.append((trained_model(adv).argmax(dim=1) == y).float().mean().item())
     assert abs(sum(ours) / 3 - sum(ref) / 3) <= 0.005 + 1e-9, (ours, ref)
-
-
-class RowByRow(nn.Module):
-    """The model run image by image: its floats cannot depend on how samples are packed."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.model(x[i:i + 1]) for i in range(len(x))])
 
 
 @pytest.mark.parametrize("loss", ["ce", "dlr"])

@@ -17,7 +17,7 @@ import robench
 from robench.api import EvaluationInterrupted
 from robench.attacks import MIFGSM, PGD
 from robench.evaluation.engine import SEGMENT_BATCHES
-from cli_helpers import invoke, stop_after
+from cli_helpers import RowByRow, invoke, stop_after
 
 # Timing and memory facts of a run: the only parts of results.json allowed to differ.
 VOLATILE = {"seconds", "finished_at", "speed", "peak_memory_bytes", "attack_chunk"}
@@ -173,17 +173,6 @@ def test_refill_keeps_the_gradient_batches_full(trained_model, test_tensors):
     assert sum(calls[True]) == sum(calls[False])
     assert pgd["gradient_evals"] == off["attacks"][0]["gradient_evals"]
     assert max(calls[True]) == batch
-
-
-class RowByRow(nn.Module):
-    """The model applied to one image at a time: outputs and gradients cannot depend on the batch."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.model(x[i:i + 1]) for i in range(len(x))])
 
 
 ATTACKS = {  # name: (attack, eps)

@@ -19,10 +19,10 @@ from __future__ import annotations
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from robench.attacks.base import AttackParams, Cost, sign_or_normalized
-from robench.attacks.gradient import MAX_STEPS, GradientAttack, StepState, random_start_value
+from robench.attacks.gradient import MAX_STEPS, GradientAttack, RandomStartParams, StepState
 from robench.attacks.objectives import CrossEntropy, Objective
 from robench.errors import UsageError
 
@@ -50,19 +50,11 @@ class DLR(Objective):
         return {"loss": "dlr"}
 
 
-class APGDParams(AttackParams):
+class APGDParams(RandomStartParams):
     steps: int = Field(default=100, ge=1, le=MAX_STEPS)
     loss: Literal["ce", "dlr"] = "ce"
     rho: float = Field(default=0.75, gt=0, le=1)  # halve when the loss rose in fewer than rho of the steps
     alpha: float = Field(default=0.75, gt=0, le=1)  # momentum: weight of the new step (1 - alpha: the last move)
-    # true: uniform in the eps-ball; a number: uniform in a ball of that radius (suite units); false: at x.
-    random_start: bool | float = True
-    restarts: int = Field(default=1, ge=1, le=1000)
-
-    @field_validator("random_start", mode="before")
-    @classmethod
-    def _start(cls, raw: Any) -> Any:
-        return random_start_value(raw)
 
 
 def checkpoints(steps: int) -> list[int]:

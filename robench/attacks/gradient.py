@@ -64,6 +64,20 @@ def random_start_value(raw: Any) -> Any:
     return value
 
 
+class RandomStartParams(AttackParams):
+    """A random start and restarts, read by the gradient loop."""
+
+    # true: uniform in the eps-ball; a number: uniform in a ball of that radius (suite units;
+    # the hierarchical-feature-alignment paper starts in U(-alpha, alpha)); false: at x.
+    random_start: bool | float = True
+    restarts: int = Field(default=1, ge=1, le=1000)
+
+    @field_validator("random_start", mode="before")
+    @classmethod
+    def _start(cls, raw: Any) -> Any:
+        return random_start_value(raw)
+
+
 class StepState(dict):
     """Per-sample tensors of the slots (kept aligned with the pool), the call's constants, and
     ``clean``: the slots' clean inputs, set by the loop before each ``step`` (for projections)."""
@@ -200,10 +214,11 @@ class GradientAttack(Attack):
             if bool(ending.any()):
                 fwd_evals += self._end_restarts(model, x, y, pool, ending, x_best, scored, begin, state)
                 continue
-            outputs, losses, grad = self.loss_and_grad(model, pool.xa, y[pool.rows])
+            targets = y[pool.rows]
+            outputs, losses, grad = self.loss_and_grad(model, pool.xa, targets)
             grad_evals += pool.size()
             if any_iterate:
-                fooled = self.loss.fooled(outputs, y[pool.rows])
+                fooled = self.loss.fooled(outputs, targets)
                 if bool(fooled.any()):
                     x_best[pool.rows[fooled]] = pool.xa[fooled]
                     scored[pool.rows[fooled]] = True

@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
-
-from pydantic import Field, field_validator
+from typing import ClassVar
 
 from robench.attacks.base import AttackParams
 from robench.attacks.bim import BIM
-from robench.attacks.gradient import StepSizeParams, random_start_value
+from robench.attacks.gradient import RandomStartParams, StepSizeParams
 
 
-class PGDParams(StepSizeParams):
-    # true: uniform in the eps-ball; a number: uniform in a ball of that radius (suite units;
-    # the hierarchical-feature-alignment paper starts in U(-alpha, alpha)); false: at x.
-    random_start: bool | float = True
-    restarts: int = Field(default=1, ge=1, le=1000)
-
-    @field_validator("random_start", mode="before")
-    @classmethod
-    def _start(cls, raw: Any) -> Any:
-        return random_start_value(raw)
+class PGDParams(RandomStartParams, StepSizeParams):
+    """Steps and step size, a random start (default: uniform in the eps-ball) and restarts."""
 
 
 class PGD(BIM):

@@ -70,7 +70,7 @@ class TorchattacksAttack(Attack):
     def __init__(self, params: Any = None, **kwargs: Any) -> None:
         if kwargs.get("eps_scale") is not None:
             raise UsageError(f"{self.name}: per-channel eps is not supported for torchattacks attacks")
-        super().__init__(params, final_iterate=True, **{k: v for k, v in kwargs.items() if k != "final_iterate"})
+        super().__init__(params, **kwargs)  # not a gradient loop of robench's: final-iterate (see the base)
 
     def describe(self, eps: float | None) -> dict[str, Any]:
         return {"norm": self.norm, **{k: v for k, v in self.params.params.items() if k != "eps"}}
