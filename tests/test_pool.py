@@ -268,7 +268,8 @@ RESUME_SUITE = {"name": "resume", "attacks": [
 @pytest.mark.parametrize("resume_refill", [True, False])
 def test_resume_with_refill_equals_an_uninterrupted_run(trained_model, test_tensors, resume_refill):
     data = (test_tensors[0][:200], test_tensors[1][:200])
-    batch = 8  # 25 batches: segments of 8 batches (64 samples), 64 + 64 + 64 + 8
+    batch = 4  # 50 batches: a segment of SEGMENT_BATCHES batches, then the rest
+    assert 200 > batch * SEGMENT_BATCHES
     plain = robench.evaluate(trained_model, data, RESUME_SUITE, device="cpu", batch_size=batch, refill=False,
                              compile="off")
     saved = []
@@ -290,10 +291,11 @@ def test_resume_with_refill_equals_an_uninterrupted_run(trained_model, test_tens
 
 
 def test_out_of_memory_back_off_with_refill_keeps_the_results(trained_model, test_tensors, monkeypatch):
-    data = (test_tensors[0][:160], test_tensors[1][:160])
+    n = 16 * (SEGMENT_BATCHES + 1)  # in batches of 16: two segments (SEGMENT_BATCHES batches + 1)
+    assert n <= len(test_tensors[1])
+    data = (test_tensors[0][:n], test_tensors[1][:n])
     suite = {"name": "oom", "attacks": [{"attack": "pgd", "eps": [0.05, 0.1], "steps": 5, "restarts": 2},
                                         {"attack": "fgsm", "eps": 0.1}]}
-    # 160 samples in batches of 16: 10 batches, two segments (8 + 2 batches).
     plain = robench.evaluate(trained_model, data, suite, device="cpu", batch_size=16, refill=False, compile="off")
     real_call = PGD.__call__
     sizes, refills = [], []

@@ -23,18 +23,20 @@ SUITE = {"name": "rel", "attacks": [{"attack": "pgd", "eps": [0.05, 0.1], "steps
 
 
 def test_interrupt_then_resume_equals_an_uninterrupted_run(trained_model, test_tensors):
-    # 540 samples in batches of 32: 17 batches, committed in segments of SEGMENT_BATCHES (8, 8, 1).
-    assert SEGMENT_BATCHES == 8
-    plain = robench.evaluate(trained_model, test_tensors, SUITE, device="cpu", batch_size=32)
+    # 540 samples in batches of 8: 68 batches, committed in segments of SEGMENT_BATCHES (32, 32, 4).
+    batch = 8
+    assert 540 > 2 * batch * SEGMENT_BATCHES
+    plain = robench.evaluate(trained_model, test_tensors, SUITE, device="cpu", batch_size=batch)
     saved = []
     with pytest.raises(EvaluationInterrupted) as info:
-        robench.evaluate(trained_model, test_tensors, SUITE, device="cpu", batch_size=32,
+        robench.evaluate(trained_model, test_tensors, SUITE, device="cpu", batch_size=batch,
                          on_batch=stop_after(1), save_state=saved.append)
     partial = info.value.result
-    assert partial.doc["complete"] is False and partial.doc["progress"] == {"evaluated": 256, "total": 540}
-    assert len(partial.samples) == 256
-    assert saved and saved[-1]["batches"] == 8
-    resumed = robench.evaluate(trained_model, test_tensors, SUITE, device="cpu", batch_size=32,
+    first = batch * SEGMENT_BATCHES
+    assert partial.doc["complete"] is False and partial.doc["progress"] == {"evaluated": first, "total": 540}
+    assert len(partial.samples) == first
+    assert saved and saved[-1]["batches"] == SEGMENT_BATCHES
+    resumed = robench.evaluate(trained_model, test_tensors, SUITE, device="cpu", batch_size=batch,
                                resume_state=saved[-1])
     assert resumed.doc["complete"] is True
     assert resumed.samples.equals(plain.samples)
