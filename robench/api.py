@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
@@ -72,6 +73,8 @@ def evaluate(
     data: Any,
     suite: str | Suite | LoadedSuite | dict,
     *,
+    eps: float | str | Sequence[float | str] | None = None,
+    norm: str | None = None,
     normalization: Normalization | str | None = None,
     device: str = "auto",
     batch_size: int | str = 256,
@@ -105,15 +108,17 @@ def evaluate(
     ``trust_checkpoint`` lets a ``model`` path that is a program (TorchScript, a pickled
     module) load, which runs code from the file. ``plugins`` are modules that register
     attacks (imported first; a suite's ``plugins:`` may name them). ``refill`` (continuous
-    batching) changes the speed, never the results. The options are validated as an
+    batching) changes the speed, never the results. ``eps`` (a number, an expression such as
+    ``"8/255"``, or a list of them) and ``norm`` (``"linf"`` or ``"l2"``) replace those of every
+    suite entry that has an eps budget, as ``--eps``/``--norm`` do. The options are validated as an
     ``EvalConfig`` (a bad value raises ``UsageError``); no argument is changed.
     """
     data_fields = data_option_fields(data_options or DataOptions())
     if limit is not None:
         data_fields["limit"] = limit
     config = EvalConfig(
-        model=model, data=data, suite=suite, normalize=normalization, device=device, batch_size=batch_size,
-        precision=precision, seed=seed, workers=workers, save_every=save_every, compile=compile,
+        model=model, data=data, suite=suite, eps=eps, norm=norm, normalize=normalization, device=device,
+        batch_size=batch_size, precision=precision, seed=seed, workers=workers, save_every=save_every, compile=compile,
         compile_backend=compile_backend, channels_last=channels_last, sweep_reuse=sweep_reuse, refill=refill,
         trust_checkpoint=trust_checkpoint, plugins=tuple(plugins), **data_fields,
     )
@@ -161,6 +166,7 @@ def evaluate_config(
         "model": loaded.source, "arch": loaded.arch, "normalization": norm.as_dict() if norm else None,
         "data": data if isinstance(data, str) else dataset.name, "limit": options.limit,
         "suite": loaded_suite.suite.model_dump(mode="json"), "suite_source": loaded_suite.path,
+        "suite_overrides": loaded_suite.overrides,
         "device": str(dev), "batch_size": batch_size, "precision": precision, "seed": seed,
         **(extra_config or {}),
     }
@@ -209,7 +215,8 @@ def _document(outcome: RunOutcome, loaded: LoadedModel, norm: Normalization | No
         **header(SCHEMA, "classification", outcome.complete),
         "progress": {"evaluated": state.n, "total": outcome.total},
         "model": model_block(loaded, num_classes=state.num_classes, normalization=norm),
-        "suite": suite_block(suite.suite.name, suite.path, suite.sha256, eps_space=suite.suite.eps_space),
+        "suite": suite_block(suite.suite.name, suite.path, suite.sha256, eps_space=suite.suite.eps_space,
+                             overrides=suite.overrides),
         "data": data_block({"spec": data if isinstance(data, str) else dataset.name, "n": state.n},
                            outcome.fingerprint, {"skipped": dataset.skipped, "converted": dataset.converted}),
         "clean": {"accuracy": state.clean.compute(), "n": state.clean.total, "correct": state.clean.correct},
@@ -243,7 +250,22 @@ def _attack_entry(e: Any, counts: MetricCollection, suite: LoadedSuite, outcome:
         "attack_chunk": counts.chunk.compute(),
         # Gradient attacks on a model without an input gradient take no step: an upper bound.
         "input_gradient": has_gradient if e.attack.family == "gradient" else None,
+        **({"parts": _parts_log(e.attack.parts(), counts)} if e.attack.parts() else {}),
     }
+
+
+def _parts_log(parts: list[str], counts: MetricCollection) -> list[dict[str, Any]]:
+    """A composite attack's log (AutoAttack's): per part, the points it broke first and the accuracy after it."""
+    found = counts.found_by.compute()
+    n = counts.accuracy.total
+    broken = [int((found == k).sum()) for k in range(len(parts))]
+    robust = counts.accuracy.correct
+    log = []
+    for k, name in enumerate(parts):
+        # Robust after part k: robust at the end, plus what the later parts broke.
+        after = robust + sum(broken[k + 1:])
+        log.append({"attack": name, "broken": broken[k], "accuracy_after": after / n if n else None})
+    return log
 
 
 def _sanity(outcome: RunOutcome, attacks: list[dict[str, Any]]) -> dict[str, Any]:
@@ -259,7 +281,12 @@ def _samples(outcome: RunOutcome) -> pd.DataFrame:
     labels, pred = state.per_sample("labels"), state.per_sample("pred")
     frame = {"index": state.per_sample("index"), "label": labels, "clean_pred": pred, "clean_correct": pred == labels}
     for e, counts in outcome.with_entries():
-        frame[f"robust[{e.index}]:{e.spec.display_name()}@{e.eps_text}"] = counts.robust.compute().numpy().astype(bool)
+        column = f"[{e.index}]:{e.spec.display_name()}@{e.eps_text}"
+        frame[f"robust{column}"] = counts.robust.compute().numpy().astype(bool)
+        parts = e.attack.parts()
+        if parts:  # the part that broke each sample ("" where none did)
+            names = np.array(["", *parts], dtype=object)
+            frame[f"found_by{column}"] = names[counts.found_by.compute().numpy().astype(np.int64) + 1]
     robust_all = state.robust_all()
     if robust_all is not None:
         frame["robust_all"] = robust_all

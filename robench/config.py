@@ -26,7 +26,8 @@ from robench.evaluation.precision import PRECISIONS
 from robench.registry import did_you_mean
 from robench.evaluation.speed import COMPILE_MODES
 from robench.suites import LoadedSuite, Suite, load_suite
-from robench.suites.loader import parse_suite
+from robench.expressions import eval_expr
+from robench.suites.loader import parse_suite, with_overrides
 
 MAX_SAVE_EVERY = 7 * 24 * 3600.0  # seconds
 MAX_WORKERS = 256
@@ -35,6 +36,7 @@ REID_BATCH_SIZE = 64  # what `--batch-size auto` means for ReID: a safe size on 
 CHOICES = {"compile": COMPILE_MODES, "precision": PRECISIONS,
            "distance": ("euclidean", "cosine"), "ap": ("noninterp", "trapezoid"),
            "denominator": ("valid", "all"), "perturb": ("query", "gallery")}
+OVERRIDE_NORMS = ("linf", "l2")  # what --norm may replace a suite's norms with
 
 
 def check_range(option: str, value: float, low: float, high: float) -> None:
@@ -51,6 +53,30 @@ def parse_image_size(text: str | None) -> tuple[int, int] | None:
     if not (rows.isdigit() and cols.isdigit() and int(rows) > 0 and int(cols) > 0):
         raise UsageError(f"--image-size takes HxW, e.g. 256x128, got {text!r}")
     return int(rows), int(cols)
+
+
+def parse_eps_override(value: Any) -> tuple[str, ...]:
+    """``--eps``: a number, an expression (``8/255``) or several, as a list or comma-separated.
+
+    The written text is kept (tables show ``4/255``); each value must be a finite number >= 0.
+    """
+    items = value.split(",") if isinstance(value, str) else [value] if isinstance(value, (int, float)) else value
+    if not isinstance(items, (list, tuple)):
+        raise UsageError(f"--eps takes a number, an expression such as 8/255, or a list of them, got {value!r}")
+    texts = []
+    for item in items:
+        if isinstance(item, str):
+            item = item.strip()
+        try:
+            number = eval_expr(item)
+        except UsageError as exc:
+            raise UsageError(f"--eps: {exc}") from None
+        if number < 0:
+            raise UsageError(f"--eps values must be >= 0, got {item}")
+        texts.append(str(item))
+    if not texts:
+        raise UsageError("--eps needs at least one value")
+    return tuple(texts)
 
 
 def _choice(option: str, value: str) -> str:
@@ -91,6 +117,8 @@ class EvalConfig(BaseModel):
     trust_checkpoint: bool = False
     trust_suite: bool = False
     suite: Any = "pgd-linf"
+    eps: tuple[str, ...] | None = None  # replaces the eps of every entry that has one (expressions, as written)
+    norm: str | None = None  # replaces the norm of those entries
     data: Any = None
     normalize: str | Normalization | None = None  # a preset name or a Normalization
     mean: str | None = None
@@ -180,6 +208,18 @@ class EvalConfig(BaseModel):
             raise UsageError(f"--ranks values must be >= 1, got {_as_text(value)!r}")
         return values
 
+    @field_validator("eps", mode="before")
+    @classmethod
+    def _eps(cls, value: Any) -> tuple[str, ...] | None:
+        return None if value is None else parse_eps_override(value)
+
+    @field_validator("norm")
+    @classmethod
+    def _norm(cls, value: str | None) -> str | None:
+        if value is not None and value not in OVERRIDE_NORMS:
+            raise UsageError(f"--norm must be one of {', '.join(OVERRIDE_NORMS)}, got {value!r}")
+        return value
+
     @field_validator("image_size", mode="before")
     @classmethod
     def _image_size(cls, value: Any) -> tuple[int, int] | None:
@@ -230,6 +270,7 @@ def resolve(config: EvalConfig) -> Resolved:
     """Load the suite and the model and settle normalisation and data, in the order errors are reported."""
     load_plugins(config.plugins)
     suite = as_suite(config.suite, trust_code=config.trust_suite, plugins=config.plugins)
+    suite = with_overrides(suite, eps=config.eps, norm=config.norm)
     normalization = normalization_for(config, suite)
     loaded = as_loaded_model(config.model, arch=config.arch, num_classes=config.num_classes,
                              trust_checkpoint=config.trust_checkpoint)

@@ -15,6 +15,7 @@ import robench
 from robench.api import EvaluationInterrupted
 from robench.errors import RunError, UsageError
 from robench.models.wrapper import RobustModel
+from robench.evaluation.engine import SEGMENT_BATCHES
 from robench.evaluation.state import RunState
 from robench.evaluation.sanity import explain_failure, first_batch_checks
 from cli_helpers import invoke, one_error_line, stop_after
@@ -83,7 +84,7 @@ def test_flags_survive_a_resume_whose_batches_were_all_done(trained_model, test_
                              save_state=saved.append, save_every=0)
     assert "batch_dependence" in first.doc["sanity"]["flag_names"]
     final = saved[-1]
-    assert final["format"] == "robench.progress/2" and final["batches"] == 3  # 300 samples, 3 batches of 128
+    assert final["format"] == "robench.progress/3" and final["batches"] == 3  # 300 samples, 3 batches of 128
     # Killed after the final snapshot, before results.json: the resume has nothing left to compute.
     resumed = robench.evaluate(Centred(trained_model), data, FGSM, device="cpu", batch_size=128,
                                resume_state=final)
@@ -101,33 +102,39 @@ def test_a_snapshot_of_the_old_format_is_refused(trained_model, test_tensors):
     with pytest.raises(EvaluationInterrupted):
         robench.evaluate(trained_model, data, FGSM, device="cpu", batch_size=16,
                          on_batch=stop_after(1), save_state=saved.append)
-    old = {**saved[-1], "format": "robench.progress/1"}
-    with pytest.raises(UsageError, match="older robench .*start a new run"):
-        robench.evaluate(trained_model, data, FGSM, device="cpu", batch_size=16, resume_state=old)
-    with pytest.raises(UsageError, match="older robench"):
-        RunState.for_entries(0).restore(old, 16)
+    for older in ("robench.progress/1", "robench.progress/2"):
+        old = {**saved[-1], "format": older}
+        with pytest.raises(UsageError, match="older robench .*start a new run"):
+            robench.evaluate(trained_model, data, FGSM, device="cpu", batch_size=16, resume_state=old)
+        with pytest.raises(UsageError, match="older robench"):
+            RunState.for_entries(0).restore(old, 16)
 
 
 def test_resume_on_data_with_fewer_batches_is_refused(trained_model, test_tensors):
     x, y = test_tensors
     saved = []
-    with pytest.raises(EvaluationInterrupted):  # 16 batches of 16: two segments of 8
-        robench.evaluate(trained_model, (x[:256], y[:256]), FGSM, device="cpu", batch_size=16,
+    batch = 4
+    first = batch * SEGMENT_BATCHES  # the samples of the first segment, the one committed
+    with pytest.raises(EvaluationInterrupted):  # two segments of SEGMENT_BATCHES batches
+        robench.evaluate(trained_model, (x[:2 * first], y[:2 * first]), FGSM, device="cpu", batch_size=batch,
                          on_batch=stop_after(1), save_state=saved.append)
-    with pytest.raises(UsageError, match="data changed .*first 8 batches"):  # 100 samples: 7 batches
-        robench.evaluate(trained_model, (x[:100], y[:100]), FGSM, device="cpu", batch_size=16,
+    fewer = first - 3 * batch  # fewer batches than the interrupted run finished
+    with pytest.raises(UsageError, match=f"data changed .*first {SEGMENT_BATCHES} batches"):
+        robench.evaluate(trained_model, (x[:fewer], y[:fewer]), FGSM, device="cpu", batch_size=batch,
                          resume_state=saved[-1])
 
 
 def test_resume_after_the_npz_was_rewritten_is_refused(tmp_path, digits_split, monkeypatch):
     _, x_te, _, y_te = digits_split
-    x_te, y_te = x_te[:256], y_te[:256]  # 16 batches of 16: two segments of 8
+    batch = 4
+    first = batch * SEGMENT_BATCHES
+    x_te, y_te = x_te[:2 * first], y_te[:2 * first]  # two segments of SEGMENT_BATCHES batches
     data = tmp_path / "digits.npz"
     np.savez(data, x=x_te, y=y_te)
     suite = tmp_path / "quick.yaml"
     suite.write_text(SUITE_YAML)
     out = tmp_path / "run"
-    args = ("eval", "example:digits", "--data", f"npz:{data}", "--suite", suite, "--batch-size", 16,
+    args = ("eval", "example:digits", "--data", f"npz:{data}", "--suite", suite, "--batch-size", batch,
             "--save-every", 0, "--quiet", "--out", out)
 
     import robench.evaluation.engine as engine
@@ -154,7 +161,7 @@ def test_resume_after_the_npz_was_rewritten_is_refused(tmp_path, digits_split, m
     refused = invoke(*args)
     assert refused.exit_code == 2, refused.stderr
     line = one_error_line(refused)
-    assert "the data changed since the interrupted run (its first 8 batches differ)" in line
+    assert f"the data changed since the interrupted run (its first {SEGMENT_BATCHES} batches differ)" in line
     assert "another --out" in line
     assert (out / "progress.pt").read_bytes() == progress, "the progress file must be left untouched"
 

@@ -267,6 +267,7 @@ def test_builtin_suites_load_with_unchanged_hashes():
 
 # The hashes the built-in suites have had since they were written.
 BUILTIN_SUITE_SHA256 = {
+    "autoattack": "52e64dac43a2e0391889b173067dd8b9a4c137fdf91f7c4355c715ebd7df4d44",
     "alignment-cifar10": "35a0d6391be685d9e5fd328b85d837b02968081a4e3625c7d6e5ca73ffeb2d8d",
     "alignment-fashion-mnist": "c76353027ff6f508eebe0fb0eeac366539f511ee3c476f5e0e18e383ab92b986",
     "alignment-mnist": "f7b9190ac2bac4df76659da7614be15890a0ce6d48d3815b1d97554b08ee7b85",

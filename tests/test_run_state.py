@@ -176,11 +176,11 @@ def test_snapshot_restore_and_continue_equals_an_uninterrupted_run(engine_inputs
         evaluate(engine_inputs, on_batch=stop_after_two, save_state=saved.append, save_every=0, refill=False)
     assert info.value.outcome.state.n == 2 * BATCH and info.value.outcome.complete is False
     snapshot = saved_and_loaded(saved[-1])
-    # The progress file's layout is that of robench.progress/2: each metric's states in declared order.
-    assert snapshot["format"] == PROGRESS_FORMAT == "robench.progress/2" and snapshot["batches"] == 2
+    # The progress file's layout is that of robench.progress/3: each metric's states in declared order.
+    assert snapshot["format"] == PROGRESS_FORMAT == "robench.progress/3" and snapshot["batches"] == 2
     assert snapshot["clean"] == [info.value.outcome.state.clean.correct, 2 * BATCH]
     assert set(snapshot["entries"][0]) == {"accuracy", "fooled", "robust", "seconds", "gradient_evals",
-                                           "peak_memory", "chunk"}
+                                           "peak_memory", "chunk", "found_by"}
     # Resumed with refill on: the segments start at batch 2, the results are those of the plain run.
     resumed = evaluate(engine_inputs, resume_state=snapshot).state
     assert_same_states(resumed.state_dict(), plain.state_dict(), skip=TIMING)

@@ -1,17 +1,53 @@
 """APGD: auto-PGD with a self-tuning step size (Croce & Hein 2020, the ensemble of AutoAttack).
 
-Momentum steps from a random start in the eps-ball. The step size starts at 2*eps and
-is halved at checkpoints ``w_j = ceil(p_j * steps)`` (``p_0 = 0``, ``p_1 = 0.22``,
-``p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)``) when the loss rose in fewer than a
-fraction ``rho`` of the steps since the last checkpoint, or when the step size was not
-halved at the last checkpoint and the best loss has not improved since; a halving
-restarts from the best point found so far.
+``apgd-ce`` and ``apgd-dlr`` are AutoAttack's APGD on the cross-entropy and on the
+difference-of-logits-ratio loss; ``apgd`` takes the loss as a parameter. The algorithm
+follows the reference implementation (fra31/auto-attack, ``APGDAttack`` in
+``autopgd_base.py``) for L-inf and L2:
+
+* random start: L-inf ``x + eps * t / max|t|`` with ``t`` uniform in [-1, 1] (the largest
+  entry has size eps); L2 ``x + eps * t / ||t||`` with ``t`` standard normal (on the eps
+  sphere); then clipped to [0, 1];
+* step size 2*eps at first; momentum steps
+  ``z = P(x_k + eta * direction)``, ``x_{k+1} = P(x_k + a (z - x_k) + (1 - a) (x_k - x_{k-1}))``
+  with ``a = 1`` for the first step and ``alpha`` (0.75) after;
+* checkpoints: the first after ``max(int(0.22 n), 1)`` steps, each period then shorter by
+  ``max(int(0.03 n), 1)`` down to ``max(int(0.06 n), 1)`` (:func:`checkpoints`; for
+  n = 100: 22, 41, 57, 70, 80, 87, 93, 99);
+* at a checkpoint closing a period of ``k`` steps the step size is halved when the loss
+  rose at most ``k * rho`` times in the period (compared in float32, as the reference
+  does), or when the step size was not halved at the previous checkpoint and the best loss
+  has not improved since (never at the first checkpoint: the reference starts as if it had
+  just halved). The first period's count compares the first step's loss with 0 (the
+  reference compares it with its still-empty loss history, not with the loss of the start);
+  later periods compare each loss with the one before, the loss of the previous
+  checkpoint's iterate included. A halving restarts from the best point and its gradient;
+* a sample counts as fooled if any iterate, the start included, fooled it.
 
 All of the schedule is per sample (step size factor, best point and loss, counters,
 previous iterate), kept in the slots' state and driven by the per-sample step counter,
 so results do not depend on the batch size or on the pool's refill. The loop hands
 ``step`` the loss at the current iterate: step ``t`` first books the loss of ``x_t``
-(best point, increase count, checkpoint test at ``t = w_j``), then takes the step.
+(best point, rise count, checkpoint test at ``t = w_j``), then takes the step.
+
+Deviations from the reference, all deliberate:
+
+* random numbers come from robench's counter-based streams keyed by the sample's index
+  and the restart (never torch's global RNG): the same distributions, so the same
+  algorithm, but not the reference's bits; results do not depend on the batch size;
+* a fooled sample keeps the first iterate that fooled it and leaves its slot (the
+  reference keeps attacking it and keeps the last such iterate; the verdict is the same,
+  any-iterate either way). A sample never fooled keeps its last iterate (the reference
+  returns the clean input): both are robust points of the ball;
+* EOT (``eot`` > 1, AutoAttack's ``rand`` version uses 20): the gradient of a step is the
+  mean over ``eot`` forward+backward passes at the same iterate, as in the reference; the
+  loss booked by the schedule is the mean of the draws' losses (the reference books the
+  last draw's), and whether the iterate fooled the model is read from the first draw's
+  outputs (the reference reads the last draw's; the draws are alike, so the chance is the
+  same);
+* ``random_start: false`` (start at ``x``) or a radius, ``alpha`` and per-channel eps are
+  robench's additions; the defaults are the reference's. The losses are computed in float32
+  whatever the model's precision. L1 is not implemented.
 """
 
 from __future__ import annotations
@@ -20,8 +56,10 @@ from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
+from torch import nn
 
-from robench.attacks.base import AttackParams, Cost, sign_or_normalized
+from robench.attacks import randomness
+from robench.attacks.base import AttackParams, Cost, Eps, sign_or_normalized
 from robench.attacks.gradient import MAX_STEPS, GradientAttack, RandomStartParams, StepState
 from robench.attacks.objectives import CrossEntropy, Objective
 from robench.errors import UsageError
@@ -50,23 +88,34 @@ class DLR(Objective):
         return {"loss": "dlr"}
 
 
-class APGDParams(RandomStartParams):
+class APGDCommonParams(RandomStartParams):
+    """What every APGD variant takes: the reference's defaults (100 steps, rho 0.75, 1 restart)."""
+
     steps: int = Field(default=100, ge=1, le=MAX_STEPS)
-    loss: Literal["ce", "dlr"] = "ce"
-    rho: float = Field(default=0.75, gt=0, le=1)  # halve when the loss rose in fewer than rho of the steps
+    rho: float = Field(default=0.75, gt=0, le=1)  # halve when the loss rose at most rho of a period's steps
     alpha: float = Field(default=0.75, gt=0, le=1)  # momentum: weight of the new step (1 - alpha: the last move)
+    eot: int = Field(default=1, ge=1, le=1000)  # gradient passes averaged per step (randomised models)
+
+
+class APGDParams(APGDCommonParams):
+    loss: Literal["ce", "dlr"] = "ce"
 
 
 def checkpoints(steps: int) -> list[int]:
-    """The checkpoints w_1 < w_2 < ... up to ``steps``, in exact integer arithmetic (p_j in hundredths)."""
-    marks, before, p = [], 0, 22
-    while True:
-        w = -(-p * steps // 100)  # ceil(p/100 * steps)
-        if w > steps:
-            return marks
-        if not marks or w > marks[-1]:
-            marks.append(w)
-        before, p = p, p + max(p - before - 3, 6)
+    """The steps after which the step size is checked, by the reference's integer rule.
+
+    The first period is ``max(int(0.22 n), 1)`` steps; each next one is shorter by
+    ``max(int(0.03 n), 1)``, down to ``max(int(0.06 n), 1)``. The float products are the
+    reference's own (``int(0.22 * n)``), so every ``n`` gives its periods.
+    """
+    period = max(int(0.22 * steps), 1)
+    shrink, shortest = max(int(0.03 * steps), 1), max(int(0.06 * steps), 1)
+    marks, mark = [], period
+    while mark <= steps:
+        marks.append(mark)
+        period = max(period - shrink, shortest)
+        mark += period
+    return marks
 
 
 class APGD(GradientAttack):
@@ -74,6 +123,7 @@ class APGD(GradientAttack):
     Params: ClassVar[type[AttackParams]] = APGDParams
     norms: ClassVar[tuple[str, ...]] = ("linf", "l2")
     default_step_size: ClassVar[str] = "2*eps"  # the initial step size; halved per sample by the schedule
+    fixed_loss: ClassVar[str | None] = None  # the variants named after their loss have no loss parameter
 
     def __init__(self, params: AttackParams | dict[str, Any] | None = None, *, loss: Objective | str | None = None,
                  **kwargs: Any) -> None:
@@ -81,38 +131,81 @@ class APGD(GradientAttack):
             given = params.model_dump(exclude_unset=True) if isinstance(params, AttackParams) else dict(params or {})
             params, loss = {**given, "loss": loss}, None
         super().__init__(params, loss=loss, **kwargs)
-        if self.params.loss == "dlr":
-            if loss is not None and not isinstance(loss, (CrossEntropy, DLR)):
-                raise UsageError(f"{self.name}: loss: dlr is for classifiers; this run gives its own objective")
-            self.loss = DLR()
-        self._marks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        own = self.own_objective()
+        if own is not None:
+            if loss is not None and not isinstance(loss, (CrossEntropy, type(own))):
+                raise UsageError(f"{self.name}: the {self.loss_name()} loss is for classifiers; "
+                                 "this run gives its own objective")
+            self.loss = own
+        self._schedules: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def loss_name(self) -> str:
+        return self.fixed_loss or self.params.loss
+
+    def own_objective(self) -> Objective | None:
+        """The objective the loss names; None keeps the run's (cross-entropy for classifiers)."""
+        return DLR() if self.loss_name() == "dlr" else None
 
     @classmethod
     def cost(cls, params: AttackParams) -> Cost:
-        return Cost(gradient=params.steps * params.restarts, forward=1)
+        return Cost(gradient=params.eot * params.steps * params.restarts, forward=1)
 
+    def gradient_passes(self) -> int:
+        return self.params.eot
+
+    # -- random start and gradient --------------------------------------------------------------------------
+    def init(self, x: torch.Tensor, start: Eps | None, sample_ids: torch.Tensor, restart: int) -> torch.Tensor:
+        """The reference's start: a uniform (L-inf) or normal (L2) draw rescaled to size ``start``."""
+        if start is None:
+            return x
+        key = randomness.stream_key(self.seed, self.stream, restart)
+        shape, view = tuple(x.shape[1:]), (-1, *[1] * (x.dim() - 1))
+        if self.norm == "linf":
+            t = 2.0 * randomness.uniform(sample_ids, shape, key, x.device).to(x.dtype) - 1.0
+            size = t.flatten(1).abs().amax(dim=1)
+        else:
+            t = randomness.normal(sample_ids, shape, key, x.device).to(x.dtype)
+            size = (t ** 2).flatten(1).sum(dim=1).sqrt()
+        return x + start * (t / (size.view(view) + 1e-12))
+
+    def loss_and_grad(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+        """Mean loss and gradient over ``eot`` passes; the outputs are the first pass's."""
+        outputs, losses, grad = super().loss_and_grad(model, x, y)
+        draws = self.params.eot
+        if draws == 1:
+            return outputs, losses, grad
+        for _ in range(draws - 1):
+            _, more_losses, more_grad = super().loss_and_grad(model, x, y)
+            losses, grad = losses + more_losses, grad + more_grad
+        return outputs, losses / draws, grad / draws
+
+    # -- the step-size schedule -----------------------------------------------------------------------------
     def schedule(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per step index t (0..steps): whether t is a checkpoint, and the length of the period it ends."""
+        """Per step index t (0..steps): whether t is a checkpoint, and the most rises that count as oscillating."""
         steps = self.params.steps
-        if steps not in self._marks:
+        if steps not in self._schedules:
             is_mark = torch.zeros(steps + 1, dtype=torch.bool)
-            period = torch.ones(steps + 1, dtype=torch.int64)
+            most_rises = torch.zeros(steps + 1, dtype=torch.float32)
             last = 0
             for w in checkpoints(steps):
-                is_mark[w], period[w], last = True, w - last, w
-            self._marks[steps] = (is_mark, period)
-        is_mark, period = self._marks[steps]
-        return is_mark.to(device), period.to(device)
+                # k * rho in double, then float32: the reference compares float32 counts with it.
+                is_mark[w], most_rises[w], last = True, (w - last) * self.params.rho, w
+            self._schedules[steps] = (is_mark, most_rises)
+        is_mark, most_rises = self._schedules[steps]
+        return is_mark.to(device), most_rises.to(device)
 
     def init_state(self, x_adv: torch.Tensor, state: StepState) -> dict[str, torch.Tensor]:
-        n = len(x_adv)
-        zeros = torch.zeros(n, dtype=torch.float32, device=x_adv.device)
-        # Step 0 fills in the best point, its gradient and the losses from the first evaluation.
-        return {"scale": torch.ones(n, dtype=x_adv.dtype, device=x_adv.device),  # step size / initial
+        n, device = len(x_adv), x_adv.device
+        zeros = torch.zeros(n, dtype=torch.float32, device=device)
+        # Step 0 fills in the best point, its gradient and its loss from the first evaluation.
+        return {"scale": torch.ones(n, dtype=x_adv.dtype, device=device),  # step size / initial
                 "x_prev": x_adv.clone(), "x_best": x_adv.clone(), "grad_best": torch.zeros_like(x_adv),
-                "loss_best": zeros.clone(), "loss_prev": zeros.clone(), "loss_best_mark": zeros.clone(),
-                "rises": torch.zeros(n, dtype=torch.int64, device=x_adv.device),
-                "halved_last": torch.zeros(n, dtype=torch.bool, device=x_adv.device)}
+                "loss_best": zeros.clone(), "loss_best_mark": zeros.clone(),
+                # The reference's loss history starts at zeros: the first step's loss is compared with 0.
+                "loss_prev": zeros.clone(),
+                "rises": torch.zeros(n, dtype=torch.int64, device=device),
+                # As if halved just before the first checkpoint: the no-improvement test skips it.
+                "halved_last": torch.ones(n, dtype=torch.bool, device=device)}
 
     def step(self, x_adv: torch.Tensor, grad: torch.Tensor, loss: torch.Tensor, state: StepState,
              t: torch.Tensor) -> torch.Tensor:
@@ -120,29 +213,16 @@ class APGD(GradientAttack):
         view = (-1, *[1] * (x_adv.dim() - 1))
         first = t == 0
         later = ~first
-        # Book the loss of the current iterate x_t.
+        # Book the loss of the current iterate x_t (the start's loss is not part of the history).
         state["rises"] = state["rises"] + (later & (loss > state["loss_prev"])).long()
-        state["loss_prev"] = loss
+        state["loss_prev"] = torch.where(later, loss, state["loss_prev"])
         better = first | (loss > state["loss_best"])
         b = better.view(view)
         state["x_best"] = torch.where(b, x_adv, state["x_best"])
         state["grad_best"] = torch.where(b, grad, state["grad_best"])
         state["loss_best"] = torch.where(better, loss, state["loss_best"])
         state["loss_best_mark"] = torch.where(first, loss, state["loss_best_mark"])
-        # Checkpoints: halve the step size and go back to the best point.
-        is_mark, period = self.schedule(x_adv.device)
-        at = is_mark[t] & later
-        if bool(at.any()):
-            oscillating = state["rises"].double() < self.params.rho * period[t].double()
-            stalled = ~state["halved_last"] & (state["loss_best"] <= state["loss_best_mark"])
-            halve = at & (oscillating | stalled)
-            state["halved_last"] = torch.where(at, halve, state["halved_last"])
-            state["loss_best_mark"] = torch.where(at, state["loss_best"], state["loss_best_mark"])
-            state["rises"] = torch.where(at, torch.zeros_like(state["rises"]), state["rises"])
-            state["scale"] = torch.where(halve, state["scale"] * 0.5, state["scale"])
-            h = halve.view(view)
-            x_adv = torch.where(h, state["x_best"], x_adv)
-            grad = torch.where(h, state["grad_best"], grad)
+        x_adv, grad = self._checkpoint(x_adv, grad, state, t, later)
         # The momentum step: z = P(x_k + eta * direction); x_{k+1} = P(x_k + a (z - x_k) + (1 - a) (x_k - x_{k-1})).
         a = torch.where(first, torch.ones_like(state["scale"]), torch.full_like(state["scale"], self.params.alpha))
         a = a.view(view)
@@ -151,3 +231,36 @@ class APGD(GradientAttack):
         eta = state.step_size * state["scale"].view(view)
         z = self.project(x_adv + eta * sign_or_normalized(grad, state.norm), state.clean, state.radius)
         return x_adv + (z - x_adv) * a + moved * (1 - a)
+
+    def _checkpoint(self, x_adv: torch.Tensor, grad: torch.Tensor, state: StepState, t: torch.Tensor,
+                    later: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """At a checkpoint: halve the step size where the loss oscillated or stalled, from the best point."""
+        is_mark, most_rises = self.schedule(x_adv.device)
+        at = is_mark[t] & later
+        if not bool(at.any()):
+            return x_adv, grad
+        oscillating = state["rises"].float() <= most_rises[t]
+        stalled = ~state["halved_last"] & (state["loss_best"] <= state["loss_best_mark"])
+        halve = at & (oscillating | stalled)
+        state["halved_last"] = torch.where(at, halve, state["halved_last"])
+        state["loss_best_mark"] = torch.where(at, state["loss_best"], state["loss_best_mark"])
+        state["rises"] = torch.where(at, torch.zeros_like(state["rises"]), state["rises"])
+        state["scale"] = torch.where(halve, state["scale"] * 0.5, state["scale"])
+        h = halve.view(-1, *[1] * (x_adv.dim() - 1))
+        return torch.where(h, state["x_best"], x_adv), torch.where(h, state["grad_best"], grad)
+
+
+class APGDCE(APGD):
+    """AutoAttack's APGD-CE: APGD on the cross-entropy."""
+
+    name: ClassVar[str] = "apgd-ce"
+    Params: ClassVar[type[AttackParams]] = APGDCommonParams
+    fixed_loss: ClassVar[str | None] = "ce"
+
+
+class APGDDLR(APGD):
+    """AutoAttack's APGD-DLR: APGD on the difference of logits ratio (needs at least 3 classes)."""
+
+    name: ClassVar[str] = "apgd-dlr"
+    Params: ClassVar[type[AttackParams]] = APGDCommonParams
+    fixed_loss: ClassVar[str | None] = "dlr"

@@ -56,6 +56,7 @@ class AttackResult:
     success: torch.Tensor  # bool per sample: the model is fooled by x_adv (scored by the base)
     gradient_evals: int = 0  # forward+backward passes, counted per sample
     forward_evals: int = 0  # forward-only passes, counted per sample (the base's scoring pass included)
+    found_by: torch.Tensor | None = None  # composite attacks: per sample, the index of the part that fooled it, or -1
 
 
 @dataclass
@@ -72,6 +73,7 @@ class RunOutput:
     forward_evals: int = 0
     scored: torch.Tensor | None = None
     fooled: torch.Tensor | None = None
+    found_by: torch.Tensor | None = None  # composite attacks: the part (index into ``parts()``) per sample, or -1
 
 
 class Attack:
@@ -167,6 +169,10 @@ class Attack:
         """The parameters as results.json records them, at the entry's eps (suite units)."""
         return {"norm": self.norm, **self.params.model_dump(mode="json")}
 
+    def parts(self) -> list[str]:
+        """The attacks a composite attack runs one after the other (empty for a single attack)."""
+        return []
+
     def effective_eps(self, eps: float | None) -> float | None:
         """The eps a call with ``eps`` runs at (an attack with an optional budget may have its own)."""
         return eps
@@ -211,7 +217,11 @@ class Attack:
         if out.fooled is not None:
             success[known] = out.fooled[known]
         scored = self._score(model, x_adv, y, ~known, success, size)
-        return AttackResult(x_adv, success, out.gradient_evals, out.forward_evals + scored)
+        found_by = None
+        if out.found_by is not None:  # a part counts only where the returned example fools the model
+            found = out.found_by.to(x.device)
+            found_by = torch.where(success, found, torch.full_like(found, -1))
+        return AttackResult(x_adv, success, out.gradient_evals, out.forward_evals + scored, found_by)
 
     def _check_eps(self, eps: float | None) -> float | None:
         if isinstance(eps, torch.Tensor):

@@ -1,4 +1,5 @@
-"""Gradient attacks: a subclass writes ``step`` (and optionally ``init``/``init_state``).
+"""Gradient attacks: a subclass writes ``step`` (and optionally ``init``/``init_state``, and
+``loss_labels``/``gradient_passes`` for per-slot targets or several passes per step).
 
 ``GradientAttack.run`` drives the steps over a pool of slots (:mod:`robench.attacks.pool`):
 a sample leaves its slot when it is fooled (any-iterate) or has run all its steps and
@@ -115,6 +116,19 @@ class GradientAttack(Attack):
         """Per-sample tensors for new slots (one row per row of ``x_adv``); ``state`` holds the constants."""
         return {}
 
+    def loss_labels(self, labels: torch.Tensor, rows: torch.Tensor, restart: torch.Tensor) -> torch.Tensor:
+        """What the loss of the slots is computed against: their labels, by default.
+
+        ``rows`` are the slots' positions in the inputs and ``restart`` their restart numbers, so a
+        targeted attack can give each slot the target of its current restart. Whether a sample is
+        fooled is always judged on its label.
+        """
+        return labels
+
+    def gradient_passes(self) -> int:
+        """Forward+backward passes per slot and step (``loss_and_grad`` may average several)."""
+        return 1
+
     def step(self, x_adv: torch.Tensor, grad: torch.Tensor, loss: torch.Tensor, state: StepState,
              t: torch.Tensor) -> torch.Tensor:
         """The next iterate (projected by the caller); ``loss`` and ``t`` are per sample."""
@@ -214,11 +228,12 @@ class GradientAttack(Attack):
             if bool(ending.any()):
                 fwd_evals += self._end_restarts(model, x, y, pool, ending, x_best, scored, begin, state)
                 continue
-            targets = y[pool.rows]
-            outputs, losses, grad = self.loss_and_grad(model, pool.xa, targets)
-            grad_evals += pool.size()
+            labels = y[pool.rows]
+            outputs, losses, grad = self.loss_and_grad(model, pool.xa,
+                                                       self.loss_labels(labels, pool.rows, pool.restart))
+            grad_evals += pool.size() * self.gradient_passes()
             if any_iterate:
-                fooled = self.loss.fooled(outputs, targets)
+                fooled = self.loss.fooled(outputs, labels)
                 if bool(fooled.any()):
                     x_best[pool.rows[fooled]] = pool.xa[fooled]
                     scored[pool.rows[fooled]] = True

@@ -26,6 +26,12 @@ BUILTIN_ATTACKS = {
     "pgd": "robench.attacks.pgd:PGD",
     "mifgsm": "robench.attacks.mifgsm:MIFGSM",
     "apgd": "robench.attacks.apgd:APGD",
+    "apgd-ce": "robench.attacks.apgd:APGDCE",
+    "apgd-dlr": "robench.attacks.apgd:APGDDLR",
+    "apgd-t": "robench.attacks.apgd_targeted:APGDTargeted",
+    "fab-t": "robench.attacks.fab:FABTargeted",
+    "square": "robench.attacks.square:Square",
+    "autoattack": "robench.attacks.autoattack:AutoAttack",
     "pixels": "robench.attacks.pixels:PixelChange",
     "dmr": "robench.attacks.dmr:GeneratorAttack",
 }

@@ -26,6 +26,11 @@ from robench.runner import PreparedRun, prepare_run
 def eval_command(
     model: str = typer.Argument(..., help="Checkpoint file (TorchScript, .pt/.pth, .safetensors) or example:digits."),
     suite: str = typer.Option("pgd-linf", "--suite", "-s", help="Built-in suite name or YAML path."),
+    eps: Optional[str] = typer.Option(None, "--eps", help="Run every suite entry that has an eps at this one "
+                                      "instead: a value as in suites (8/255, 0.03) or a comma-separated sweep "
+                                      "(2/255,4/255,8/255). Recorded in the results."),
+    norm: Optional[str] = typer.Option(None, "--norm", help="Run those entries under this norm instead: linf or "
+                                       "l2. Recorded in the results."),
     data: Optional[str] = typer.Option(None, "--data", "-d", help="npz:PATH, imagefolder:PATH, example:digits, "
                                        "or mnist/fashion-mnist/cifar10/cifar100/svhn/stl10[:split]. "
                                        "Default: the suite's dataset."),
@@ -112,7 +117,8 @@ def eval_command(
         batch_size=batch_size, save_every=save_every, workers=workers, max_image_pixels=max_image_pixels,
         compile=compile, precision=precision, distance=distance, ranks=ranks, ap=ap, denominator=denominator,
         perturb=perturb, image_size=image_size, model=model, arch=arch, num_classes=num_classes,
-        trust_checkpoint=trust_checkpoint, trust_suite=trust_suite, suite=suite, data=data, normalize=normalize,
+        trust_checkpoint=trust_checkpoint, trust_suite=trust_suite, suite=suite, eps=eps, norm=norm,
+        data=data, normalize=normalize,
         mean=mean, std=std, device=device, channels_last=channels_last, sweep_reuse=sweep_reuse, refill=refill,
         seed=seed, plugins=tuple(plugin or ()),
         limit=limit, data_root=data_root, download=download, split=split, resize=resize, crop=crop, gray=gray,

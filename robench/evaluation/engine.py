@@ -294,6 +294,7 @@ class _EntryOutcome:
     seconds: float = 0.0
     gradient_evals: int = 0
     peak_memory: int | None = None
+    found_by: torch.Tensor | None = None  # composite attacks: per sample of the segment, the part or -1
 
 
 def _run_segment(batches: list[tuple], context: _RunContext, state: RunState,
@@ -336,6 +337,8 @@ def _run_segment(batches: list[tuple], context: _RunContext, state: RunState,
         counts.gradient_evals.update(result.gradient_evals)
         if result.peak_memory is not None:
             counts.peak_memory.update(result.peak_memory)
+        if result.found_by is not None:
+            counts.found_by.update(result.found_by)
         worst &= result.robust
     totals.robust_all.update(worst)
 
@@ -414,8 +417,9 @@ def _attack_segment(entry: Entry, chunk: Scalar, context: _RunContext, x, y, idx
                     attacked) -> _EntryOutcome:
     """Attack the clean-correct samples ``attacked`` (misclassified ones are already not robust)."""
     robust = correct.clone()
+    found_by = torch.full_like(idx, -1) if entry.attack.parts() else None
     if not attacked.numel():
-        return _EntryOutcome(robust, None)
+        return _EntryOutcome(robust, None, found_by=found_by)
     device = context.device
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -427,4 +431,6 @@ def _attack_segment(entry: Entry, chunk: Scalar, context: _RunContext, x, y, idx
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device)
     robust[attacked] = ~result.success
-    return _EntryOutcome(robust, result.success, time.perf_counter() - t0, result.gradient_evals, peak)
+    if found_by is not None and result.found_by is not None:
+        found_by[attacked] = result.found_by
+    return _EntryOutcome(robust, result.success, time.perf_counter() - t0, result.gradient_evals, peak, found_by)

@@ -137,9 +137,14 @@ def attack_kind(name: str) -> str:
     return "iterative" if cls.iterative() else "single-step"
 
 
+# A black-box part of a composite attack (AutoAttack's Square) that lowers its robust accuracy by more
+# than this after the white-box parts points at masked gradients (the reference's check uses 0.2 points).
+BLACK_BOX_GAIN_WARN = 0.002
+
+
 def masking_flags(attacks: list[dict[str, Any]]) -> list[str]:
     """A weaker attack beating an iterative white-box one of the same norm and eps points at masked gradients."""
-    flags = []
+    flags = [flag for a in attacks for flag in _composite_masking(a)]
     strong = {}
     kinds = {a["attack"]: attack_kind(a["attack"]) for a in attacks}
     for a in attacks:
@@ -153,6 +158,23 @@ def masking_flags(attacks: list[dict[str, Any]]) -> list[str]:
         if key in strong and a["accuracy"] < strong[key] - 1e-12:
             flags.append(f"{a['label']} ({kinds[a['attack']]}) at eps {a['eps']:g} beats the iterative white-box attacks "
                          f"({100 * a['accuracy']:.2f}% vs {100 * strong[key]:.2f}%): a sign of gradient masking")
+    return flags
+
+
+def _composite_masking(entry: dict[str, Any]) -> list[str]:
+    """A composite entry's black-box part breaking points that its white-box parts before it did not."""
+    flags, white_box_before = [], False
+    for part in entry.get("parts") or []:
+        kind = attack_kind(part["attack"])
+        if kind != "black-box":
+            white_box_before = True
+            continue
+        n = entry.get("n") or 0
+        if white_box_before and n and part["broken"] / n > BLACK_BOX_GAIN_WARN:
+            eps = f" at eps {entry['eps']:g}" if entry.get("eps") is not None else ""
+            flags.append(f"{entry['label']}{eps}: {part['attack']} (black-box) broke {part['broken']} point(s) the "
+                         f"white-box attacks before it did not (robust accuracy {100 * part['broken'] / n:.2f} "
+                         "points lower): a sign of gradient masking")
     return flags
 
 

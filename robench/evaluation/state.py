@@ -16,7 +16,7 @@ from robench.evaluation.entries import Entry
 from robench.errors import UsageError
 from robench.metrics import Accuracy, Collected, MetricCollection, Scalar
 
-PROGRESS_FORMAT = "robench.progress/2"
+PROGRESS_FORMAT = "robench.progress/3"
 
 
 def entry_metrics() -> MetricCollection:
@@ -29,6 +29,7 @@ def entry_metrics() -> MetricCollection:
         gradient_evals=Scalar("sum"),
         peak_memory=Scalar("max", default=None),  # bytes, GPU only
         chunk=Scalar("min", default=None),  # set when out-of-memory forced smaller attack chunks
+        found_by=Collected(),  # composite attacks: per sample, the part that fooled it (-1: none)
     )
 
 
@@ -164,9 +165,8 @@ class RunInterrupted(Exception):
 
 def check_format(state: dict) -> None:
     found = state.get("format") if isinstance(state, dict) else None
-    if found == "robench.progress/1":
-        raise UsageError("cannot resume: the progress file was written by an older robench (robench.progress/1), "
-                         "which did not record the data's digest or the sanity checks; start a new run with "
-                         "another --out")
+    if found in ("robench.progress/1", "robench.progress/2"):
+        raise UsageError(f"cannot resume: the progress file was written by an older robench ({found}), which "
+                         "recorded less about each run; start a new run with another --out")
     if found != PROGRESS_FORMAT:
         raise UsageError("cannot resume: the progress file is not robench's")

@@ -82,7 +82,7 @@ def evaluate_reid(
         **header(SCHEMA, "reid", True),
         "model": model_block(loaded, normalization=normalization, feature_layer=feature_layer, flip=flip, l2=l2),
         "surrogate": None if surrogate is None else model_block(surrogate),
-        "suite": suite_block(suite.suite.name, suite.path, suite.sha256),
+        "suite": suite_block(suite.suite.name, suite.path, suite.sha256, overrides=suite.overrides),
         "data": data_block({"spec": f"{data.kind}:{data.root}", "queries": len(data.query),
                             "gallery": len(data.gallery), "junk_excluded": data.junk, "skipped": data.skipped},
                            outcome.fingerprint),

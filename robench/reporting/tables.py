@@ -33,6 +33,9 @@ def results_table(doc: dict[str, Any]) -> Table:
         name = a["label"] if a["label"] == a["attack"] else f"{a['label']} ({a['attack']})"
         table.add_row(name, a["norm"], _eps(a), _show("accuracy", a["accuracy"]),
                       _show("success_rate", a["success_rate"]), f"{a['seconds']:.2f}")
+        for part in a.get("parts") or []:  # a composite's log: robust accuracy after each of its attacks
+            table.add_row(f"  after {part['attack']}", "", "", _show("accuracy", part["accuracy_after"]),
+                          f"{part['broken']} broken", "")
     if doc["robust_accuracy"] is not None:
         worst = _show("robust_accuracy", doc["robust_accuracy"])
         table.add_row("[bold]worst case[/bold]", "", "", f"[bold]{worst}[/bold]", "", "")

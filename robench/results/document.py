@@ -57,8 +57,11 @@ def model_block(loaded: LoadedModel, *, num_classes: Any = ABSENT, normalization
                      "num_classes": num_classes, "normalization": norm, **details})
 
 
-def suite_block(name: str, source: str | None, sha256: str, *, eps_space: Any = ABSENT) -> dict[str, Any]:
-    return _present({"name": name, "source": source, "sha256": sha256, "eps_space": eps_space})
+def suite_block(name: str, source: str | None, sha256: str, *, eps_space: Any = ABSENT,
+                overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``sha256`` is that of the suite as run; ``overrides`` (``--eps``/``--norm``) appear only when given."""
+    return _present({"name": name, "source": source, "sha256": sha256, "eps_space": eps_space,
+                     "overrides": ABSENT if overrides is None else overrides})
 
 
 def data_block(described: dict[str, Any], fingerprint: str, details: dict[str, Any] | None = None) -> dict[str, Any]:

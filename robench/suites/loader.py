@@ -7,7 +7,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 from pydantic import ValidationError
@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from robench.attacks.registry import load_plugins
 from robench.errors import UsageError
 from robench.registry import did_you_mean
-from robench.suites.schema import TRUST_CODE, Suite
+from robench.suites.schema import TRUST_CODE, AttackSpec, Suite
 
 # Suites are a few dozen lines. These bounds are checked on the YAML event stream, before
 # anything is composed: a 1 KB file of nested aliases ("billion laughs") otherwise expands
@@ -31,6 +31,8 @@ class LoadedSuite:
     suite: Suite
     path: str
     text: str
+    # ``--eps``/``--norm`` applied on top of the file (see ``with_overrides``); None for the suite as written.
+    overrides: dict[str, Any] | None = None
 
     @property
     def sha256(self) -> str:
@@ -53,6 +55,59 @@ def _hash_form(suite: Suite) -> dict[str, Any]:
         for name in HASHED_FIELDS:
             entry.setdefault(name, None)
     return doc
+
+
+def with_overrides(loaded: LoadedSuite, *, eps: Sequence[str] | None = None,
+                   norm: str | None = None) -> LoadedSuite:
+    """A new suite whose entries with an eps budget run at ``eps`` (expressions) and under ``norm``.
+
+    Entries that name no eps (an attack without a budget, such as ``pixels``, or one that
+    runs at its own, such as ``dmr`` without ``eps:``) are kept as they are; the record in
+    ``overrides`` lists the entries that were changed. The changed entries are validated
+    again, so every check that depends on eps or the norm (the radius, the step size at
+    each eps, the norms the attack supports) runs on the values that will be used.
+    ``loaded`` is not changed, and its hash stays that of the file's suite.
+    """
+    if eps is None and norm is None:
+        return loaded
+    suite, changed, attacks = loaded.suite, [], []
+    for index, spec in enumerate(suite.attacks):
+        if not spec.eps:
+            attacks.append(spec.model_copy(deep=True))
+            continue
+        attacks.append(_overridden_entry(suite.name, index, spec, eps, norm))
+        changed.append({"index": index, "label": spec.display_name()})
+    fields = {name: getattr(suite, name) for name in Suite.model_fields}
+    try:
+        # The entries are validated instances (kept as they are): only the suite-wide checks run here.
+        overridden = Suite.model_validate({**fields, "attacks": attacks})
+    except ValidationError as exc:
+        raise UsageError(f"{_flags(eps, norm)}: suite {suite.name}: {_message(exc)}") from None
+    record = {"eps": list(eps) if eps is not None else None, "norm": norm, "entries": changed}
+    return LoadedSuite(overridden, loaded.path, loaded.text, record)
+
+
+def _overridden_entry(suite_name: str, index: int, spec: AttackSpec, eps: Sequence[str] | None,
+                      norm: str | None) -> AttackSpec:
+    fields = spec.model_dump(mode="json", exclude_none=True)
+    # The written text of each eps travels with it, so tables show "4/255" rather than its decimals.
+    fields["eps"] = list(eps) if eps is not None else list(spec.eps_text or spec.eps)
+    if norm is not None:
+        fields["norm"] = norm
+    try:
+        return AttackSpec.model_validate(fields)
+    except ValidationError as exc:
+        raise UsageError(f"{_flags(eps, norm)}: suite {suite_name} attacks[{index}] ({spec.display_name()}): "
+                         f"{_message(exc)}") from None
+
+
+def _flags(eps: Sequence[str] | None, norm: str | None) -> str:
+    given = ([f"--eps {','.join(eps)}"] if eps is not None else []) + ([f"--norm {norm}"] if norm else [])
+    return " ".join(given)
+
+
+def _message(exc: ValidationError) -> str:
+    return exc.errors()[0]["msg"].removeprefix("Value error, ")
 
 
 def builtin_dir() -> Path:

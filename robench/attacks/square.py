@@ -1,0 +1,367 @@
+"""Square: a score-based random search on the margin loss (Andriushchenko et al. 2020).
+
+AutoAttack's black-box member; it needs only the model's logits, so it is the part of
+the ensemble that masked or obfuscated gradients cannot stop.
+
+What follows the reference (fra31/auto-attack, ``autoattack/square.py``):
+
+* the loss is the margin ``z_y - max_{i != y} z_i`` on fp32 logits; a proposal replaces
+  the sample's current iterate when its margin is strictly lower, or when it fools the model;
+* L-inf: the start is vertical stripes, ``x + eps * sign`` with one sign per channel and
+  column; each proposal sets a random ``s x s`` square of every channel to ``+-eps`` around
+  ``x`` (one sign per channel), projected on the eps-ball and [0,1];
+* the side of the square is ``max(round(sqrt(p * n_features / c)), 1)``, clipped to the
+  image side, with ``p`` from the reference's schedule: ``p_init``, halved after iterations
+  10, 50, 200, 500, 1000, 2000, 4000, 6000 and 8000 of a 10,000-iteration run, the iteration
+  number rescaled to the query budget (``int(i / queries * 10000)``);
+* L2: the start is a grid of centred bumps (windows of side ``h // 5`` offset by
+  ``(h - 5s) // 2``, each a bump of nested squares weighted ``1/(k+1)^2``, its lower half
+  negated, randomly transposed, with a random sign per channel), scaled to norm eps; each
+  proposal draws two windows of odd side at least 3: the first gets a fresh bump plus its
+  old content, rescaled to take the mass of both windows and the budget left, the second
+  is cleared, and the whole perturbation is rescaled to norm eps and clipped to [0,1];
+* a window's offset is drawn among the first ``h - s`` positions, as the reference does
+  (the offset ``h - s`` itself is never drawn);
+* a restart starts again from a fresh random start, for the samples still not fooled.
+
+Deliberate deviations from AutoAttack's port:
+
+* Every sample draws its own window positions, signs and bump orientations, as the paper's
+  own code (max-andr/square-attack) does image by image; AutoAttack's port draws one position
+  (one orientation, one set of L-inf channel signs) per iteration for the whole batch. Each
+  sample's proposals are distributed the same either way; only the correlation between the
+  samples of a batch goes, and with it any dependence of a sample's result on its batch.
+  Random numbers come from ``robench.attacks.randomness`` keyed by (seed, entry, restart,
+  sample index, query).
+* ``queries`` is the budget of model queries per sample and restart, the start's evaluation
+  included, as the paper's code counts it: the start and ``queries - 1`` proposals, the
+  schedule rescaled over ``queries``. AutoAttack's ``n_queries`` counts the proposals after
+  the start, one query more.
+* A sample leaves as soon as the model's top class is not its label (the verdict the base
+  reports); the reference tests ``margin <= 0``, which differs only on exact ties.
+* A sample never fooled returns its lowest-margin iterate over all restarts (the reference
+  returns the clean input); either way it counts as robust.
+* In the L2 start, a window side below 1 (images under 5 pixels, where the reference
+  divides by zero) is raised to 1, and only windows that fit in the image are placed.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import ClassVar
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from robench.attacks import randomness
+from robench.attacks.base import Attack, AttackParams, Cost, Eps, RunOutput
+from robench.attacks.pool import Pool
+from robench.errors import UsageError
+
+MAX_QUERIES = 1_000_000
+# The reference's schedule of p: halved after each of these iterations of a 10,000-iteration run.
+SCHEDULE_RUN = 10_000
+SCHEDULE_MARKS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
+
+
+class SquareParams(AttackParams):
+    """The query budget per restart, the initial share of the image a square covers, and restarts."""
+
+    queries: int = Field(default=5000, ge=1, le=MAX_QUERIES)
+    p_init: float = Field(default=0.8, gt=0, le=1)
+    restarts: int = Field(default=1, ge=1, le=1000)
+
+
+def p_at(i: int, queries: int, p_init: float) -> float:
+    """The reference's p for proposal ``i`` (0-based), with the iteration rescaled to the budget."""
+    it = int(i / queries * SCHEDULE_RUN)
+    halvings = sum(it > mark for mark in SCHEDULE_MARKS)
+    return p_init / 2 ** halvings
+
+
+@lru_cache(maxsize=32)
+def square_sides(norm: str, queries: int, p_init: float, c: int, h: int, w: int,
+                 device: str = "cpu") -> torch.Tensor:
+    """Side of the square of each proposal i = 0 .. queries - 2 (long, on ``device``)."""
+    sides = []
+    for i in range(max(queries - 1, 0)):
+        side = int(round(math.sqrt(p_at(i, queries, p_init) * h * w)))  # p * n_features / c, n_features = c*h*w
+        if norm == "linf":
+            side = max(side, 1)
+        else:
+            side = max(side, 3)
+            side += 1 - side % 2  # odd: the bump has a centre
+        sides.append(min(side, h, w))
+    return torch.tensor(sides, dtype=torch.long, device=device)
+
+
+def _nested_squares(rows: int, cols: int) -> torch.Tensor:
+    """Half a bump: squares nested around the centre, the k-th (Chebyshev radius k) weighted 1/(k+1)^2, unit norm."""
+    if rows == 0:
+        return torch.zeros(0, cols, dtype=torch.float64)
+    ci, cj = rows // 2, cols // 2
+    i = torch.arange(rows, dtype=torch.float64).view(-1, 1)
+    j = torch.arange(cols, dtype=torch.float64).view(1, -1)
+    radius = torch.maximum((i - ci).abs(), (j - cj).abs())
+    outer = max(ci, cj) + 1  # squares k = 0 .. outer - 1 are drawn
+    k = torch.arange(outer, dtype=torch.float64)
+    weights = 1.0 / (k + 1) ** 2
+    # A cell at radius d lies in every square k >= d.
+    value = (weights.view(1, 1, -1) * (k.view(1, 1, -1) >= radius.unsqueeze(-1))).sum(-1)
+    return value / value.norm()
+
+
+@lru_cache(maxsize=64)
+def bump(side: int) -> torch.Tensor:
+    """The reference's L2 window pattern of ``side x side``: upper half up, lower half down, unit norm (float32)."""
+    top = _nested_squares(side // 2, side)
+    bottom = -_nested_squares(side - side // 2, side)
+    pattern = torch.cat([top, bottom])
+    return (pattern / pattern.norm()).float()
+
+
+@lru_cache(maxsize=16)
+def bump_table(largest: int, device: str = "cpu") -> torch.Tensor:
+    """``table[s]`` is ``bump(s)`` in the top-left corner of a ``largest x largest`` zero canvas."""
+    table = torch.zeros(largest + 1, largest, largest)
+    for side in range(1, largest + 1):
+        table[side, :side, :side] = bump(side)
+    return table.to(device)
+
+
+def margin(outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """z_y - max_{i != y} z_i in fp32 (the model may run in bf16)."""
+    z = outputs.float()
+    true = z.gather(1, y.view(-1, 1)).squeeze(1)
+    others = z.scatter(1, y.view(-1, 1), float("-inf")).amax(dim=1)
+    return true - others
+
+
+def windows(top: torch.Tensor, left: torch.Tensor, side: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Per sample, the ``side x side`` window at (top, left) as a (n, 1, h, w) mask."""
+    r = torch.arange(h, device=top.device).view(1, -1)
+    c = torch.arange(w, device=top.device).view(1, -1)
+    rows = (r >= top.view(-1, 1)) & (r < (top + side).view(-1, 1))
+    cols = (c >= left.view(-1, 1)) & (c < (left + side).view(-1, 1))
+    return (rows.unsqueeze(2) & cols.unsqueeze(1)).unsqueeze(1)
+
+
+def offsets(u: torch.Tensor, room: torch.Tensor) -> torch.Tensor:
+    """The reference's random offset: floor(u * room), i.e. one of 0 .. room - 1 (0 when room is 0)."""
+    return (u * room.to(u.dtype)).long()
+
+
+def placed_bumps(top: torch.Tensor, left: torch.Tensor, side: torch.Tensor, flip: torch.Tensor,
+                 h: int, w: int) -> torch.Tensor:
+    """Per sample, ``bump(side)`` (transposed where ``flip``) in the window at (top, left), 0 elsewhere: (n,1,h,w)."""
+    largest = min(h, w)
+    table = bump_table(largest, str(top.device))
+    i = torch.arange(h, device=top.device).view(1, -1, 1) - top.view(-1, 1, 1)
+    j = torch.arange(w, device=top.device).view(1, 1, -1) - left.view(-1, 1, 1)
+    inside = (i >= 0) & (i < side.view(-1, 1, 1)) & (j >= 0) & (j < side.view(-1, 1, 1))
+    i, j = i.clamp(0, largest - 1), j.clamp(0, largest - 1)
+    flip = flip.view(-1, 1, 1)
+    i, j = torch.where(flip, j, i), torch.where(flip, i, j)
+    return (table[side.view(-1, 1, 1), i, j] * inside).unsqueeze(1)
+
+
+def signs(u: torch.Tensor) -> torch.Tensor:
+    return torch.where(u < 0.5, -1.0, 1.0)
+
+
+class Square(Attack):
+    name: ClassVar[str] = "square"
+    Params: ClassVar[type[AttackParams]] = SquareParams
+    family: ClassVar[str] = "query"
+    norms: ClassVar[tuple[str, ...]] = ("linf", "l2")
+    eps_budget: ClassVar[str] = "required"
+
+    @classmethod
+    def cost(cls, params: AttackParams) -> Cost:
+        # Every query of every restart, and the base's scoring of an L2 example projected for rounding.
+        return Cost(forward=params.queries * params.restarts + 1)
+
+    # -- randomness ------------------------------------------------------------------------------------------
+    def draw(self, sample_ids: torch.Tensor, restart: torch.Tensor, t: torch.Tensor, count: int) -> torch.Tensor:
+        """``count`` uniform numbers per slot, from the stream of its (sample, restart, query).
+
+        A restart's streams do not depend on the number of restarts, so a run with more restarts
+        repeats a run with fewer and goes on. Streams are numbered sample * queries + query; past
+        2^32 of them (about 850,000 samples at the default budget) numbers repeat, which only
+        correlates draws of far-apart samples.
+        """
+        ids = sample_ids * self.params.queries + t
+        restarts = restart.unique().tolist()
+        if len(restarts) == 1:
+            return randomness.uniform(ids, (count,), self._restart_key(restarts[0]), sample_ids.device)
+        u = torch.empty(len(ids), count, device=sample_ids.device)
+        for k in restarts:
+            mine = restart == k
+            u[mine] = randomness.uniform(ids[mine], (count,), self._restart_key(k), sample_ids.device)
+        return u
+
+    def _restart_key(self, restart: int) -> int:
+        return randomness.stream_key(self.seed, self.stream, restart)
+
+    # -- random starts ---------------------------------------------------------------------------------------
+    def start(self, x: torch.Tensor, radius: Eps, sample_ids: torch.Tensor, restart: torch.Tensor) -> torch.Tensor:
+        """A restart's starting point (query 0 of its stream)."""
+        t = torch.zeros_like(sample_ids)
+        if self.norm == "linf":
+            return self._stripes(x, radius, sample_ids, restart, t)
+        return self._bump_grid(x, radius, sample_ids, restart, t)
+
+    def _stripes(self, x, radius, sample_ids, restart, t) -> torch.Tensor:
+        n, c, _, w = x.shape
+        u = self.draw(sample_ids, restart, t, c * w)
+        stripes = signs(u).view(n, c, 1, w).to(x.dtype)
+        return (x + radius * stripes).clamp(0.0, 1.0)
+
+    def _bump_grid(self, x, radius, sample_ids, restart, t) -> torch.Tensor:
+        n, c, h, w = x.shape
+        side = max(h // 5, 1)
+        first = max((h - 5 * side) // 2, 0)  # the reference centres five windows along the height
+        tops = [first + k * side for k in range(h // side) if first + (k + 1) * side <= h]
+        lefts = [first + k * side for k in range(w // side) if first + (k + 1) * side <= w]
+        if not tops or not lefts:
+            return x.clone()
+        # Each pixel's window (or none) and its place in it, so all windows are filled at once.
+        window_of = torch.full((h, w), -1, dtype=torch.long)
+        row_in = torch.zeros(h, w, dtype=torch.long)
+        col_in = torch.zeros(h, w, dtype=torch.long)
+        for a, top in enumerate(tops):
+            for b, left in enumerate(lefts):
+                window_of[top:top + side, left:left + side] = a * len(lefts) + b
+                row_in[top:top + side, left:left + side] = torch.arange(side).view(-1, 1)
+                col_in[top:top + side, left:left + side] = torch.arange(side).view(1, -1)
+        count = len(tops) * len(lefts)
+        window_of, row_in, col_in = (m.to(x.device) for m in (window_of, row_in, col_in))
+        u = self.draw(sample_ids, restart, t, count * (c + 1)).view(n, count, c + 1)
+        placed = window_of >= 0
+        k = window_of.clamp_min(0)
+        flip = (u[:, :, 0] > 0.5)[:, k]  # (n, h, w): this window's bump transposed
+        i, j = torch.where(flip, col_in, row_in), torch.where(flip, row_in, col_in)
+        pattern = bump(side).to(x.device)[i, j] * placed  # (n, h, w)
+        channel_signs = signs(u[:, :, 1:])[:, k].permute(0, 3, 1, 2)  # (n, c, h, w)
+        delta = (pattern.unsqueeze(1) * channel_signs).to(x.dtype)
+        return (x + self._to_radius(delta, radius)).clamp(0.0, 1.0)
+
+    @staticmethod
+    def _to_radius(delta: torch.Tensor, radius: Eps) -> torch.Tensor:
+        norms = delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+        return delta / (norms + 1e-12) * radius
+
+    # -- proposals -------------------------------------------------------------------------------------------
+    def propose(self, xa: torch.Tensor, x: torch.Tensor, radius: Eps, sample_ids: torch.Tensor,
+                restart: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Query ``t`` >= 1 of each slot: its current iterate ``xa`` changed in random windows."""
+        _, c, h, w = x.shape
+        side = square_sides(self.norm, self.params.queries, self.params.p_init, c, h, w, str(x.device))[t - 1]
+        if self.norm == "linf":
+            return self._square(xa, x, radius, side, self.draw(sample_ids, restart, t, 2 + c))
+        return self._two_windows(xa, x, radius, side, self.draw(sample_ids, restart, t, 5 + c))
+
+    def _square(self, xa, x, radius, side, u) -> torch.Tensor:
+        n, c, h, w = x.shape
+        inside = windows(offsets(u[:, 0], h - side), offsets(u[:, 1], w - side), side, h, w)
+        # +-2 eps from the current iterate, projected: the square lands on x +- eps whatever it held.
+        step = 2 * radius * signs(u[:, 2:]).view(n, c, 1, 1).to(x.dtype) * inside
+        return self.project(xa + step, x, radius)
+
+    def _two_windows(self, xa, x, radius, side, u) -> torch.Tensor:
+        n, c, h, w = x.shape
+        delta = xa - x
+        top, left = offsets(u[:, 0], h - side), offsets(u[:, 1], w - side)
+        first = windows(top, left, side, h, w)
+        second = windows(offsets(u[:, 2], h - side), offsets(u[:, 3], w - side), side, h, w)
+
+        def channel_norm(v: torch.Tensor) -> torch.Tensor:
+            return v.square().sum(dim=(-2, -1), keepdim=True).sqrt()
+
+        image_norm = delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+        # The new window takes the mass both windows held, per channel, plus an equal share of the unused budget.
+        mass = torch.clamp(radius ** 2 - image_norm ** 2, min=0) / c + channel_norm(delta * (first | second)) ** 2
+        old = delta * first / (1e-12 + channel_norm(delta * first))
+        fresh = placed_bumps(top, left, side, u[:, 4] > 0.5, h, w).to(x.dtype)
+        new = old + fresh * signs(u[:, 5:]).view(n, c, 1, 1).to(x.dtype)
+        new = new / (1e-12 + channel_norm(new)) * mass.sqrt()
+        delta = torch.where(second, torch.zeros_like(delta), delta)
+        delta = torch.where(first, new, delta)
+        return (x + self._to_radius(delta, radius)).clamp(0.0, 1.0)
+
+    # -- the loop --------------------------------------------------------------------------------------------
+    def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | None,
+            sample_ids: torch.Tensor, batch_size: int, refill: bool) -> RunOutput:
+        """Slots query the model together; a sample leaves when fooled or when its last restart is spent."""
+        if x.dim() != 4:
+            raise UsageError(f"square attacks images (N, C, H, W), got inputs of shape {tuple(x.shape)}")
+        if not self.loss.scores:
+            raise UsageError("square needs a classifier's logits and labels")
+        radius = self.radius(eps, x)
+        queries, last_restart = self.params.queries, self.params.restarts - 1
+        pool = Pool(x, {})
+        x_out = x.clone()
+        margin_out = torch.full((len(x),), float("inf"), device=x.device)
+        scored = torch.zeros(len(x), dtype=torch.bool, device=x.device)  # x_out[i] went through the model
+        fooled = torch.zeros_like(scored)
+        forwards = 0
+        # Every sample's first start at once: one draw instead of one per admission.
+        firsts = self.start(x, radius, sample_ids, torch.zeros_like(sample_ids))
+        while True:
+            if pool.free(batch_size) and pool.queued() and (refill or pool.empty()):
+                rows = pool.next_rows(batch_size)
+                pool.admit(rows, firsts[rows], {"margin": torch.full((len(rows),), float("inf"), device=x.device)})
+            if pool.empty():
+                break
+            rows = pool.rows
+            candidate = self._candidates(pool, x, radius, sample_ids)
+            outputs = model(candidate)
+            forwards += pool.size()
+            margins, hit = margin(outputs, y[rows]), self.loss.fooled(outputs, y[rows])
+            # The start is always taken; later, a lower margin or a fooling proposal replaces the iterate.
+            better = (pool.t == 0) | hit | (margins < pool.state["margin"])
+            pool.xa = torch.where(better.view(-1, 1, 1, 1), candidate, pool.xa)
+            pool.state["margin"] = torch.where(better, margins, pool.state["margin"])
+            pool.t += 1
+            x_out[rows[hit]], scored[rows[hit]], fooled[rows[hit]] = candidate[hit], True, True
+            spent = ~hit & (pool.t == queries)
+            leaving = hit | (spent & (pool.restart == last_restart))
+            if bool(spent.any()):
+                self._keep_lowest(pool, spent, x_out, margin_out, scored)
+                self._restart(pool, spent & ~leaving, x, radius, sample_ids)
+            pool.keep(~leaving)
+        return RunOutput(x_out, forward_evals=forwards, scored=scored, fooled=fooled)
+
+    def _candidates(self, pool: Pool, x: torch.Tensor, radius: Eps, sample_ids: torch.Tensor) -> torch.Tensor:
+        """The slots' next queries: a start where t is 0 (already in ``pool.xa``), a proposal elsewhere."""
+        moving = pool.t > 0
+        if not bool(moving.any()):
+            return pool.xa
+        candidate = pool.xa.clone()
+        rows = pool.rows[moving]
+        candidate[moving] = self.propose(pool.xa[moving], x[rows], radius, sample_ids[rows],
+                                         pool.restart[moving], pool.t[moving])
+        return candidate
+
+    @staticmethod
+    def _keep_lowest(pool: Pool, spent: torch.Tensor, x_out: torch.Tensor, margin_out: torch.Tensor,
+                     scored: torch.Tensor) -> None:
+        """A restart that ends unfooled: its iterate is the sample's answer if its margin is the lowest yet."""
+        rows, margins = pool.rows[spent], pool.state["margin"][spent]
+        lower = margins < margin_out[rows]
+        x_out[rows[lower]] = pool.xa[spent][lower]
+        margin_out[rows[lower]] = margins[lower]
+        scored[rows[lower]] = True
+
+    def _restart(self, pool: Pool, again: torch.Tensor, x: torch.Tensor, radius: Eps,
+                 sample_ids: torch.Tensor) -> None:
+        if not bool(again.any()):
+            return
+        rows = pool.rows[again]
+        restart = pool.restart[again] + 1
+        pool.xa[again] = self.start(x[rows], radius, sample_ids[rows], restart)
+        pool.restart[again] = restart
+        pool.t[again] = 0
+        pool.state["margin"][again] = float("inf")

@@ -1,0 +1,186 @@
+"""AutoAttack as one composite entry: its log, its bounds against its members and PGD, invariance, masking."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+import robench
+from robench.attacks import ATTACKS
+from robench.attacks.autoattack import VERSIONS, AutoAttack
+from robench.errors import UsageError
+from cli_helpers import invoke
+
+EPS = 0.1  # digits: PGD-50 leaves roughly half the points robust here, so every bound below can bite
+# Members cut down for the tests that are about the machinery, not the strength (CPU time).
+QUICK = {"apgd-ce": {"steps": 20}, "apgd-t": {"steps": 10, "targets": 3}, "fab-t": {"steps": 10, "targets": 3},
+         "square": {"queries": 300}}
+
+
+def _subset(test_tensors, n):
+    return test_tensors[0][:n], test_tensors[1][:n]
+
+
+@pytest.fixture(scope="module")
+def standard_run(trained_model, test_tensors):
+    """AutoAttack standard (reference settings) beside PGD-50, on 120 digits."""
+    suite = {"name": "aa", "attacks": [
+        {"attack": "autoattack", "eps": EPS},
+        {"attack": "pgd", "eps": EPS, "steps": 50, "step_size": "2.5*eps/50"},
+    ]}
+    return robench.evaluate(trained_model, _subset(test_tensors, 120), suite, device="cpu", batch_size=128)
+
+
+def test_standard_version_runs_the_reference_members_in_order():
+    assert [name for name, _ in VERSIONS["standard"]] == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    attack = AutoAttack()
+    assert attack.parts() == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    described = attack.describe(8 / 255)
+    assert described["members"]["apgd-ce"]["steps"] == 100
+    assert described["members"]["square"]["queries"] == 5000
+    assert [m.name for m in AutoAttack(version="rand").members] == ["apgd-ce", "apgd-dlr"]
+    assert all(m.params.eot == 20 for m in AutoAttack(version="rand").members)
+    cost = ATTACKS.get("autoattack").cost(AutoAttack.Params())
+    assert cost.gradient >= 100 + 9 * 100 and cost.forward >= 5000
+
+
+def test_autoattack_is_at_most_pgd50_and_its_log_adds_up(standard_run):
+    doc = standard_run.doc
+    auto, pgd = doc["attacks"]
+    assert auto["accuracy"] <= pgd["accuracy"]
+    assert 0 < pgd["accuracy"] < doc["clean"]["accuracy"]
+    parts = auto["parts"]
+    assert [p["attack"] for p in parts] == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    # The points each member broke first, and the robust ones, are the clean-correct points.
+    assert sum(p["broken"] for p in parts) + round(auto["accuracy"] * auto["n"]) == doc["clean"]["correct"]
+    after = [p["accuracy_after"] for p in parts]
+    assert after == sorted(after, reverse=True) and after[-1] == auto["accuracy"]
+    assert parts[0]["broken"] > 0
+    column = next(c for c in standard_run.samples.columns if c.startswith("found_by[0]"))
+    counts = standard_run.samples[column].value_counts()
+    for p in parts:
+        assert counts.get(p["attack"], 0) == p["broken"]
+    robust = standard_run.samples[next(c for c in standard_run.samples.columns if c.startswith("robust[0]"))]
+    assert ((standard_run.samples[column] == "") == (robust | ~standard_run.samples["clean_correct"])).all()
+
+
+def test_autoattack_is_at_most_each_member_run_alone(trained_model, test_tensors):
+    """Per sample: a point AutoAttack leaves robust is robust to each member run alone on every point.
+
+    The members are cut down (CPU time); the property is about how the parts are chained,
+    and holds for any settings because each member draws from the same per-sample streams
+    alone as inside AutoAttack.
+    """
+    x, y = _subset(test_tensors, 120)
+    suite = {"name": "aa", "attacks": [{"attack": "autoattack", "eps": EPS, "members": QUICK}]}
+    run = robench.evaluate(trained_model, (x, y), suite, device="cpu", batch_size=128)
+    correct = torch.tensor(run.samples["clean_correct"].to_numpy())
+    robust = torch.tensor(run.samples[next(c for c in run.samples.columns if c.startswith("robust[0]"))].to_numpy())
+    attack = AutoAttack(members=QUICK, stream=0)  # entry 0 of the suite above
+    ids = torch.arange(len(x))[correct]
+    for member in attack.members:
+        alone = member(trained_model.eval(), x[correct], y[correct], EPS, ids, batch_size=128)
+        alone_robust = torch.zeros_like(robust)
+        alone_robust[correct] = ~alone.success
+        assert robust.sum() <= alone_robust.sum(), member.name
+        # A member sees other batch neighbours alone than after the members before it; float
+        # rounding in a batched convolution may flip a sample on the boundary, never more.
+        assert int((robust & ~alone_robust).sum()) <= 1, member.name
+    assert 0 < robust.sum() < correct.sum()
+
+
+def _quick_suite(**extra):
+    return {"name": "aa-quick", "attacks": [{"attack": "autoattack", "eps": EPS, "members": QUICK, **extra}]}
+
+
+def _stable(doc):
+    volatile = {"seconds", "speed", "finished_at", "peak_memory_bytes", "attack_chunk", "batch_size"}
+    if isinstance(doc, dict):
+        return {k: _stable(v) for k, v in doc.items() if k not in volatile}
+    if isinstance(doc, list):
+        return [_stable(v) for v in doc]
+    return doc
+
+
+def test_results_do_not_depend_on_batch_size_or_refill(trained_model, test_tensors):
+    data = _subset(test_tensors, 80)
+    runs = [robench.evaluate(trained_model, data, _quick_suite(), device="cpu", batch_size=b, refill=r)
+            for b, r in ((80, True), (16, True), (7, False))]
+    first = runs[0]
+    assert 0 < first.doc["attacks"][0]["accuracy"] < first.doc["clean"]["accuracy"]
+    for other in runs[1:]:
+        pd.testing.assert_frame_equal(other.samples, first.samples)
+        assert json.dumps(_stable(other.doc), sort_keys=True) == json.dumps(_stable(first.doc), sort_keys=True)
+
+
+def test_a_subset_of_members_and_bad_settings():
+    assert AutoAttack(attacks=["square", "apgd-ce"]).parts() == ["apgd-ce", "square"]  # the version's order
+    with pytest.raises(UsageError, match="attacks: 'fab' not in version standard"):
+        AutoAttack(attacks=["fab"])
+    with pytest.raises(UsageError, match="members.square.queries"):
+        AutoAttack(members={"square": {"queries": 0}})
+    with pytest.raises(UsageError, match="members.apgd-ce.stepz"):
+        AutoAttack(members={"apgd-ce": {"stepz": 3}})
+
+
+class Rounded(nn.Module):
+    """Rounds its input to 8-bit levels: the same predictions as the model, and zero input gradients."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(torch.round(x * 255) / 255)
+
+
+MASKED_EPS = 0.2
+
+
+def _masked_suite():
+    return {"name": "masked", "attacks": [
+        {"attack": "pgd", "eps": MASKED_EPS, "steps": 20},
+        {"attack": "apgd-ce", "eps": MASKED_EPS, "steps": 20},
+        {"attack": "square", "eps": MASKED_EPS, "queries": 500},
+        {"attack": "autoattack", "eps": MASKED_EPS, "attacks": ["apgd-ce", "apgd-t", "square"],
+         "members": {"apgd-ce": {"steps": 20}, "apgd-t": {"steps": 10, "targets": 3}, "square": {"queries": 500}}},
+    ]}
+
+
+def test_masked_gradients_are_seen_through_by_square_and_flagged(trained_model, test_tensors):
+    masked = Rounded(trained_model).eval()
+    x, y = _subset(test_tensors, 150)
+    with torch.no_grad():
+        assert torch.equal(masked(x).argmax(1), trained_model(x).argmax(1))
+    doc = robench.evaluate(masked, (x, y), _masked_suite(), device="cpu", batch_size=64).doc
+    clean = doc["clean"]["accuracy"]
+    pgd, apgd, square, auto = (a["accuracy"] for a in doc["attacks"])
+    # No gradient reaches the input: the gradient attacks move only by their random start.
+    assert pgd >= clean - 0.05 and apgd >= clean - 0.05
+    assert square <= clean - 0.3
+    log = {p["attack"]: p["broken"] for p in doc["attacks"][3]["parts"]}
+    assert log["square"] > log["apgd-ce"] + log["apgd-t"]
+    names = doc["sanity"]["flag_names"]
+    assert "gradient_masking" in names and "zero_gradients" in names
+    messages = [m for n, m in zip(names, doc["sanity"]["flags"]) if n == "gradient_masking"]
+    assert any("square (black-box) broke" in m for m in messages)  # from AutoAttack's own log
+    assert any("beats the iterative white-box attacks" in m for m in messages)  # square's own entry
+
+
+def test_the_masking_flag_reaches_stderr_from_the_command_line(trained_model, tmp_path):
+    path = tmp_path / "rounded.pt"
+    torch.jit.save(torch.jit.script(Rounded(trained_model).eval()), str(path))
+    suite = tmp_path / "masked.yaml"
+    suite.write_text("name: masked\nattacks:\n  - attack: autoattack\n    eps: 0.2\n    attacks: [apgd-ce, square]\n"
+                     "    members: {apgd-ce: {steps: 10}, square: {queries: 300}}\n")
+    result = invoke("eval", path, "--trust-checkpoint", "--suite", suite, "--data", "example:digits",
+                    "--limit", "100", "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.stderr
+    assert "gradient masking" in result.stderr and "square (black-box) broke" in result.stderr
+    doc = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert "gradient_masking" in doc["sanity"]["flag_names"]
+    assert "after square" in result.stdout
