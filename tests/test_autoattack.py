@@ -41,7 +41,7 @@ def test_standard_version_runs_the_reference_members_in_order():
     assert attack.parts() == ["apgd-ce", "apgd-t", "fab-t", "square"]
     described = attack.describe(8 / 255)
     assert described["members"]["apgd-ce"]["steps"] == 100
-    assert described["members"]["square"]["queries"] == 5000
+    assert described["members"]["square"]["queries"] == 5001  # the start and 5,000 proposals, as the reference
     assert [m.name for m in AutoAttack(version="rand").members] == ["apgd-ce", "apgd-dlr"]
     assert all(m.params.eot == 20 for m in AutoAttack(version="rand").members)
     cost = ATTACKS.get("autoattack").cost(AutoAttack.Params())

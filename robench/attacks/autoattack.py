@@ -3,7 +3,8 @@
 The versions follow the reference implementation (fra31/auto-attack):
 
 * ``standard``: APGD-CE (100 steps, 1 restart), APGD-T (9 target classes, 100 steps each),
-  FAB-T (9 target classes, 100 steps) and Square (5,000 queries), in this order;
+  FAB-T (9 target classes, 100 steps) and Square (5,000 proposals after its start: ``queries``
+  5001), in this order;
 * ``plus``: APGD-CE and APGD-DLR with 5 restarts, Square, APGD-T and FAB-T. The reference
   also runs untargeted FAB with 5 restarts between APGD-DLR and Square; robench has no
   untargeted FAB, so ``plus`` leaves it out (recorded in ``params.members``);
@@ -34,11 +35,14 @@ from robench.attacks.base import Attack, AttackParams, Cost, Eps, RunOutput
 from robench.attacks.objectives import CrossEntropy
 from robench.errors import UsageError
 
+# The reference's Square (n_queries 5000) queries its start and then makes 5,000 proposals;
+# robench's ``queries`` counts every query, the start included.
+REFERENCE_SQUARE = {"queries": 5001}
 # Per version: (member, its settings beside its own defaults), in the order they run.
 VERSIONS: dict[str, tuple[tuple[str, dict[str, Any]], ...]] = {
-    "standard": (("apgd-ce", {}), ("apgd-t", {}), ("fab-t", {}), ("square", {})),
-    "plus": (("apgd-ce", {"restarts": 5}), ("apgd-dlr", {"restarts": 5}), ("square", {}), ("apgd-t", {}),
-             ("fab-t", {})),
+    "standard": (("apgd-ce", {}), ("apgd-t", {}), ("fab-t", {}), ("square", REFERENCE_SQUARE)),
+    "plus": (("apgd-ce", {"restarts": 5}), ("apgd-dlr", {"restarts": 5}), ("square", REFERENCE_SQUARE),
+             ("apgd-t", {}), ("fab-t", {})),
     "rand": (("apgd-ce", {"eot": 20}), ("apgd-dlr", {"eot": 20})),
 }
 
