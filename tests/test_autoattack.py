@@ -184,3 +184,40 @@ def test_the_masking_flag_reaches_stderr_from_the_command_line(trained_model, tm
     doc = json.loads((tmp_path / "run" / "results.json").read_text())
     assert "gradient_masking" in doc["sanity"]["flag_names"]
     assert "after square" in result.stdout
+
+
+def test_an_interrupted_run_resumes_to_the_same_log(trained_model, test_tensors):
+    """The per-sample ``found_by`` travels in the progress file: a resumed run has the same log."""
+    from robench.api import EvaluationInterrupted
+    from robench.evaluation.engine import SEGMENT_BATCHES
+    from cli_helpers import stop_after
+
+    batch = 2
+    n = batch * SEGMENT_BATCHES + 16  # two segments: the first is committed, then the run stops
+    data = _subset(test_tensors, n)
+    # Small pools make many model calls: lighter members, three of them so the log has several parts.
+    suite = {"name": "aa-resume", "attacks": [{
+        "attack": "autoattack", "eps": EPS, "attacks": ["apgd-ce", "apgd-t", "square"],
+        "members": {"apgd-ce": {"steps": 10}, "apgd-t": {"steps": 5, "targets": 2}, "square": {"queries": 100}}}]}
+    plain = robench.evaluate(trained_model, data, suite, device="cpu", batch_size=batch)
+    saved = []
+    with pytest.raises(EvaluationInterrupted):
+        robench.evaluate(trained_model, data, suite, device="cpu", batch_size=batch,
+                         on_batch=stop_after(1), save_state=saved.append)
+    assert saved[-1]["batches"] == SEGMENT_BATCHES
+    resumed = robench.evaluate(trained_model, data, suite, device="cpu", batch_size=batch,
+                               resume_state=saved[-1])
+    pd.testing.assert_frame_equal(resumed.samples, plain.samples)
+    assert resumed.doc["attacks"][0]["parts"] == plain.doc["attacks"][0]["parts"]
+    assert sum(p["broken"] for p in plain.doc["attacks"][0]["parts"]) > 0
+
+
+def test_bf16_runs_with_fp32_losses(trained_model, test_tensors):
+    """Under bf16 autocast the members' losses and margins are computed in fp32: the run completes and
+    lands close to the fp32 one (bf16 logits move a few borderline points)."""
+    data = _subset(test_tensors, 60)
+    fp32 = robench.evaluate(trained_model, data, _quick_suite(), device="cpu", batch_size=64).doc
+    bf16 = robench.evaluate(trained_model, data, _quick_suite(), device="cpu", batch_size=64, precision="bf16").doc
+    assert bf16["env"]["precision"] == "bf16"
+    a, b = fp32["attacks"][0]["accuracy"], bf16["attacks"][0]["accuracy"]
+    assert b <= bf16["clean"]["accuracy"] and abs(a - b) <= 0.1

@@ -193,7 +193,8 @@ class Square(Attack):
         correlates draws of far-apart samples.
         """
         ids = sample_ids * self.params.queries + t
-        restarts = restart.unique().tolist()
+        # One restart (AutoAttack's setting) needs no grouping: spares a sync per query.
+        restarts = [0] if self.params.restarts == 1 else restart.unique().tolist()
         if len(restarts) == 1:
             return randomness.uniform(ids, (count,), self._restart_key(restarts[0]), sample_ids.device)
         u = torch.empty(len(ids), count, device=sample_ids.device)
@@ -325,9 +326,12 @@ class Square(Attack):
             pool.xa = torch.where(better.view(-1, 1, 1, 1), candidate, pool.xa)
             pool.state["margin"] = torch.where(better, margins, pool.state["margin"])
             pool.t += 1
-            x_out[rows[hit]], scored[rows[hit]], fooled[rows[hit]] = candidate[hit], True, True
             spent = ~hit & (pool.t == queries)
             leaving = hit | (spent & (pool.restart == last_restart))
+            # Most queries fool nothing and end nothing: skip the bookkeeping then (a sync, not five copies).
+            if not bool((hit | spent).any()):
+                continue
+            x_out[rows[hit]], scored[rows[hit]], fooled[rows[hit]] = candidate[hit], True, True
             if bool(spent.any()):
                 self._keep_lowest(pool, spent, x_out, margin_out, scored)
                 self._restart(pool, spent & ~leaving, x, radius, sample_ids)
@@ -339,6 +343,8 @@ class Square(Attack):
         moving = pool.t > 0
         if not bool(moving.any()):
             return pool.xa
+        if bool(moving.all()):  # the usual case: no slot is at its start
+            return self.propose(pool.xa, x[pool.rows], radius, sample_ids[pool.rows], pool.restart, pool.t)
         candidate = pool.xa.clone()
         rows = pool.rows[moving]
         candidate[moving] = self.propose(pool.xa[moving], x[rows], radius, sample_ids[rows],
