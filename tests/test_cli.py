@@ -39,8 +39,9 @@ def files(tmp_path_factory, trained_model, digits_split):
 
 
 def test_version():
-    result = invoke("version")
-    assert result.exit_code == 0 and result.stdout.strip() == __version__
+    for args in (["version"], ["--version"]):
+        result = invoke(*args)
+        assert result.exit_code == 0 and result.stdout.strip() == __version__, args
 
 
 def test_eval_json_on_the_bundled_example(tmp_path):

@@ -35,5 +35,19 @@ def version() -> None:
     typer.echo(__version__)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    show_version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                      help="Print the robench version and exit."),
+) -> None:
+    """Adversarial-robustness evaluation for PyTorch checkpoints."""
+
+
 def main() -> None:
     app()
