@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import argparse
 import platform
-import time
 
 import torch
 
 import robench
-from bench_end_to_end import cifar, digits
+from bench_end_to_end import cifar, digits, timed
 
 
 def torchattacks_autoattack(model, eps: float, norm: str, n_classes: int):
@@ -38,16 +37,6 @@ def torchattacks_autoattack(model, eps: float, norm: str, n_classes: int):
         torchattacks.Square(model, norm=norm, eps=eps, n_queries=5000, n_restarts=1, seed=0),
     ]
     return torchattacks.MultiAttack(members)
-
-
-def timed(fn):
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    out = fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - start, out
 
 
 def main() -> None:

@@ -31,7 +31,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from robench.attacks import randomness
-from robench.attacks.base import Attack, AttackParams, Cost, Eps, RunOutput
+from robench.attacks.base import Attack, AttackParams, Cost, Eps, RunOutput, first_error
 from robench.attacks.objectives import CrossEntropy
 from robench.errors import UsageError
 
@@ -79,12 +79,7 @@ def member_classes(params: AutoAttackParams) -> list[tuple[str, type, AttackPara
         try:
             members.append((name, cls, cls.Params(**{**settings, **params.members.get(name, {})})))
         except Exception as exc:  # pydantic's ValidationError: name the member and its field
-            errors = getattr(exc, "errors", None)
-            if errors is None:
-                raise
-            first = errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise ValueError(f"members.{name}.{where}: {first['msg'].removeprefix('Value error, ')}") from None
+            raise ValueError(f"members.{name}.{first_error(exc)}") from None
     return members
 
 

@@ -128,12 +128,7 @@ class Attack:
         try:
             return cls.Params.model_validate({**given, **fields})
         except Exception as exc:  # pydantic's ValidationError, one line for the user
-            errors = getattr(exc, "errors", None)
-            if errors is None:
-                raise
-            first = errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise UsageError(f"{cls.name}: {where}: {first['msg'].removeprefix('Value error, ')}") from None
+            raise UsageError(f"{cls.name}: {first_error(exc)}") from None
 
     # -- traits ----------------------------------------------------------------------------------------------
     @classmethod
@@ -284,6 +279,16 @@ class Attack:
             part = rows[start:start + size]
             success[part] = self.loss.fooled(model(x_adv[part]), y[part])
         return len(rows)
+
+
+def first_error(exc: Exception) -> str:
+    """``field: problem`` for a pydantic ValidationError's first error; anything else is raised again."""
+    errors = getattr(exc, "errors", None)
+    if errors is None:
+        raise exc
+    first = errors()[0]
+    where = ".".join(str(p) for p in first["loc"])
+    return f"{where}: {first['msg'].removeprefix('Value error, ')}"
 
 
 def sign_or_normalized(grad: torch.Tensor, norm: str) -> torch.Tensor:
