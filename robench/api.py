@@ -18,6 +18,7 @@ from robench.evaluation.engine import dataset_fingerprint, run
 from robench.metrics import MetricCollection
 from robench.evaluation.state import RunInterrupted, RunOutcome, merge_shards
 from robench.config import EvalConfig, Resolved, data_option_fields, resolve
+from robench.errors import UsageError
 from robench.models.loading import LoadedModel
 from robench.models.preprocessing import Normalization
 from robench.models.wrapper import RobustModel
@@ -50,8 +51,18 @@ class EvaluationResult:
     def to_json(self) -> str:
         return json.dumps(self.doc, indent=2)
 
-    def save(self, directory: str | Path) -> Path:
+    def save(self, directory: str | Path, *, overwrite: bool = False) -> Path:
+        """Write results.json, samples.csv and the tidy table into ``directory``.
+
+        A complete results.json already there is kept unless ``overwrite=True``, as the CLI
+        never overwrites a run; partial results (an interrupted run) are replaced.
+        """
+        from robench.results.progress import finished
+
         path = Path(directory)
+        if not overwrite and finished(path):
+            raise UsageError(f"{path} already holds a complete results.json; choose another directory "
+                             "or pass overwrite=True")
         path.mkdir(parents=True, exist_ok=True)
         write_run(path, self.doc, self.samples, self.config)
         return path
@@ -210,7 +221,8 @@ def _document(outcome: RunOutcome, loaded: LoadedModel, norm: Normalization | No
     attacks = [_attack_entry(e, counts, suite, outcome) for e, counts in outcome.with_entries()]
     accs = [a["accuracy"] for a in attacks if a["accuracy"] is not None]
     robust_all = state.robust_all()
-    robust = float(robust_all.mean()) if robust_all is not None else None
+    # No sample finished yet (interrupted during the first segment): no accuracy, not NaN.
+    robust = float(robust_all.mean()) if robust_all is not None and len(robust_all) else None
     return {
         **header(SCHEMA, "classification", outcome.complete),
         "progress": {"evaluated": state.n, "total": outcome.total},

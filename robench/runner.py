@@ -59,8 +59,11 @@ class PreparedRun:
         except EvaluationInterrupted as stopped:
             if not self.main:
                 raise Interrupted("interrupted") from None
-            stopped.result.save(self.run_dir)
             done = stopped.result.doc["progress"]
+            if not done["evaluated"] and self.resume_state is None:
+                raise Interrupted(f"interrupted before the first samples finished; nothing to save "
+                                  f"(0 of {done['total']} samples)") from None
+            stopped.result.save(self.run_dir)
             raise Interrupted(
                 f"interrupted after {done['evaluated']} of {done['total']} samples; partial results in "
                 f"{self.run_dir}/results.json (complete: false); run the same command with --resume "

@@ -17,7 +17,7 @@ app = typer.Typer(
     help="Adversarial-robustness evaluation for PyTorch checkpoints.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish, PowerShell
 )
 app.command("eval")(eval_command)
 app.command("pixel-index")(pixel_index_command)

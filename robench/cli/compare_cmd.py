@@ -11,12 +11,14 @@ import typer
 from robench.cli.common import handle_errors, stderr, stdout_console
 from robench.reporting.compare import LAYOUTS, default_layout, pivot_table, render, rich_table
 from robench.errors import UsageError
-from robench.results.reading import comparability_problems, read_result, results_frame
+from robench.results.reading import comparability_problems, read_result, results_frame, skip_unfinished_dirs
 
 
 def _read_all(results: list[str], labels: list[str] | None):
     if labels and len(labels) != len(results):
         raise UsageError(f"--label was given {len(labels)} time(s) for {len(results)} result(s)")
+    if not labels:  # with labels, positions matter: a missing result stays an error
+        results = skip_unfinished_dirs(results, lambda m: stderr.print(f"robench: warning: {m}", highlight=False))
     read = [read_result(r, labels[i] if labels else None) for i, r in enumerate(results)]
     names = [r.label for r in read]
     if len(set(names)) < len(names):

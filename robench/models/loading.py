@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import pickle
+import re
 import stat
 import warnings
 import zipfile
@@ -253,7 +254,7 @@ def _read_checkpoint(path: Path, trust: bool, map_location: Any) -> Any:
         if not _looks_like_pickle(path):
             raise RunError(f"cannot read checkpoint {path}: not a PyTorch checkpoint (neither zip nor pickle)") from exc
         if not trust:
-            reason = str(exc.__context__ or "").split("\n")[0][:120]
+            reason = _refused_global(exc)
             raise UsageError(
                 f"{path} contains pickled Python objects (a full nn.Module?) and loading it can "
                 "execute code; re-run with --trust-checkpoint only if you trust its source"
@@ -265,6 +266,13 @@ def _read_checkpoint(path: Path, trust: bool, map_location: Any) -> Any:
         return torch.load(str(path), map_location=map_location, weights_only=False)
     except Exception as exc:  # noqa: BLE001
         raise RunError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+
+
+def _refused_global(exc: Exception) -> str:
+    """The object torch's safe unpickler refused ("GLOBAL torch.nn...Sequential"), whole, or nothing."""
+    text = str(exc.__context__ or exc)
+    match = re.search(r"GLOBAL (\S+)", text)
+    return f"it holds {match.group(1)}" if match else ""
 
 
 def _looks_like_pickle(path: Path) -> bool:

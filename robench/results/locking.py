@@ -22,11 +22,19 @@ except ImportError:  # pragma: no cover
     fcntl = None  # type: ignore[assignment]
 
 _held: dict[Path, int] = {}  # run directory -> open descriptor of its lock file
+_fresh: set[Path] = set()  # run directories this process created: removed again if nothing was written
 
 
-def lock_run_dir(path: Path) -> None:
-    """Take the directory's lock, or refuse with the holder's pid; also proves the directory is writable."""
+def lock_run_dir(path: Path, fresh: bool = False) -> None:
+    """Take the directory's lock, or refuse with the holder's pid; also proves the directory is writable.
+
+    ``fresh`` says the directory was made for this run: if the run ends without writing
+    anything there (it failed early), releasing the lock removes the empty directory, so
+    failed runs do not litter ``runs/`` with folders that readers would trip over.
+    """
     key = path.resolve()
+    if fresh:
+        _fresh.add(key)
     if key in _held:
         return
     lock_path = path / LOCK_FILE
@@ -59,6 +67,16 @@ def release_run_dirs() -> None:
             pass
         os.close(fd)
         del _held[key]
+        if key in _fresh:
+            _fresh.discard(key)
+            _remove_if_empty(key)
+
+
+def _remove_if_empty(path: Path) -> None:
+    try:
+        path.rmdir()  # only succeeds on an empty directory: anything written stays
+    except OSError:
+        pass
 
 
 def _try_lock(fd: int) -> bool:

@@ -68,6 +68,23 @@ def read_result(path: str | Path, label: str | None = None) -> ResultFile:
     return ResultFile(p, doc, label or doc.get("model", {}).get("name") or p.parent.name)
 
 
+def skip_unfinished_dirs(paths: list[str], warn) -> list[str]:
+    """Run directories without a results.json (a run that failed before writing, an old empty
+    folder) are left out with a warning, so globs like ``runs/digits/*/2026*`` keep working.
+
+    Explicit files, and directories that do hold results, pass through; nothing left is an error.
+    """
+    kept = [p for p in paths if not (Path(p).is_dir() and not (Path(p) / "results.json").is_file())]
+    skipped = len(paths) - len(kept)
+    if skipped and not kept:
+        raise UsageError(f"no results.json in {paths[0]}" + (f" nor in the {skipped - 1} other director(ies)"
+                                                              if skipped > 1 else ""))
+    if skipped:
+        warn(f"skipped {skipped} run director{'y' if skipped == 1 else 'ies'} without results.json: "
+             + ", ".join(p for p in paths if p not in kept))
+    return kept
+
+
 def _load_json(p: Path) -> Any:
     size = p.stat().st_size
     if size > MAX_RESULT_BYTES:

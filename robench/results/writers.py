@@ -32,6 +32,9 @@ def default_run_dir(suite: str, model: str, base: str = "runs") -> Path:
     return path
 
 
+_claimed: set[Path] = set()  # directories default_run_dir made: still "fresh" for prepare_run_dir
+
+
 def _claim(path: Path) -> bool:
     try:
         path.mkdir(parents=True)
@@ -39,6 +42,7 @@ def _claim(path: Path) -> bool:
         return False
     except OSError as exc:
         raise UsageError(f"cannot create output directory {path}: {exc.strerror or exc}") from None
+    _claimed.add(path.resolve())
     return True
 
 
@@ -52,11 +56,12 @@ def prepare_run_dir(path: Path) -> Path:
 
     if path.exists() and not path.is_dir():
         raise UsageError(f"--out {path} is a file, not a directory")
+    fresh = not path.exists() or path.resolve() in _claimed
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"cannot create output directory {path}: {exc.strerror or exc}") from None
-    lock_run_dir(path)
+    lock_run_dir(path, fresh=fresh)
     # Checked under the lock: another run cannot finish in between.
     if (path / "results.json").exists() and (finished(path) or not has_progress(path)):
         raise UsageError(f"{path} already holds results.json; choose another --out (runs are never overwritten)")
