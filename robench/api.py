@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -14,10 +14,10 @@ from torch import nn
 
 from robench.data.sources import DataOptions, ImageDataset, from_arrays, load_data
 from robench.evaluation import distributed
-from robench.evaluation.engine import dataset_fingerprint, run
+from robench.evaluation.engine import ProgressSink, dataset_fingerprint, run
 from robench.metrics import MetricCollection
 from robench.evaluation.state import RunInterrupted, RunOutcome, merge_shards
-from robench.config import EvalConfig, Resolved, data_option_fields, resolve
+from robench.config import EvalConfig, Resolved, data_option_fields, data_options_for, resolve
 from robench.errors import UsageError
 from robench.models.loading import LoadedModel
 from robench.models.preprocessing import Normalization
@@ -27,6 +27,8 @@ from robench.results.document import SCHEMA, data_block, env_block, header, mode
 from robench.results.tidy import tidy_frame
 from robench.evaluation.sanity import named_flags
 from robench.results.writers import write_run
+from robench.results.adversarial import SavedExamples, examples_of_run
+from robench.reporting.adversarial_grid import save_examples
 from robench.suites import LoadedSuite, Suite
 
 
@@ -35,6 +37,9 @@ class EvaluationResult:
     doc: dict[str, Any]
     samples: pd.DataFrame
     config: dict[str, Any]
+    # --save-adversarial: one per entry, written to adversarial/ by ``save`` (empty when not asked)
+    adversarial: list[SavedExamples] = field(default_factory=list)
+    class_names: list[str] | None = None  # the data's class names, for the example grids
 
     @property
     def clean_accuracy(self) -> float:
@@ -64,6 +69,8 @@ class EvaluationResult:
             raise UsageError(f"{path} already holds a complete results.json; choose another directory "
                              "or pass overwrite=True")
         path.mkdir(parents=True, exist_ok=True)
+        if self.adversarial:  # before results.json: its presence means every file is there
+            save_examples(path, self.adversarial, self.class_names)
         write_run(path, self.doc, self.samples, self.config)
         return path
 
@@ -106,6 +113,7 @@ def evaluate(
     refill: bool = True,
     trust_checkpoint: bool = False,
     plugins: tuple[str, ...] | list[str] = (),
+    save_adversarial: int | str | None = None,
 ) -> EvaluationResult:
     """Evaluate ``model`` on ``data`` under every attack of ``suite``.
 
@@ -121,7 +129,9 @@ def evaluate(
     attacks (imported first; a suite's ``plugins:`` may name them). ``refill`` (continuous
     batching) changes the speed, never the results. ``eps`` (a number, an expression such as
     ``"8/255"``, or a list of them) and ``norm`` (``"linf"`` or ``"l2"``) replace those of every
-    suite entry that has an eps budget, as ``--eps``/``--norm`` do. The options are validated as an
+    suite entry that has an eps budget, as ``--eps``/``--norm`` do. ``save_adversarial`` (a number of
+    samples, or 0 or ``"all"``) keeps the first samples' adversarial examples as 8-bit images in
+    ``result.adversarial``; ``result.save`` writes them to ``adversarial/``. The options are validated as an
     ``EvalConfig`` (a bad value raises ``UsageError``); no argument is changed.
     """
     data_fields = data_option_fields(data_options or DataOptions())
@@ -131,7 +141,7 @@ def evaluate(
         model=model, data=data, suite=suite, eps=eps, norm=norm, normalize=normalization, device=device,
         batch_size=batch_size, precision=precision, seed=seed, workers=workers, save_every=save_every, compile=compile,
         compile_backend=compile_backend, channels_last=channels_last, sweep_reuse=sweep_reuse, refill=refill,
-        trust_checkpoint=trust_checkpoint, plugins=tuple(plugins), **data_fields,
+        trust_checkpoint=trust_checkpoint, plugins=tuple(plugins), save_adversarial=save_adversarial, **data_fields,
     )
     return evaluate_config(config, on_batch=on_batch, extra_config=extra_config, resume_state=resume_state,
                            save_state=save_state)
@@ -142,26 +152,32 @@ def evaluate_config(
     resolved: Resolved | None = None,
     *,
     on_batch: Callable[[int], None] | None = None,
+    progress: ProgressSink | None = None,
     extra_config: dict[str, Any] | None = None,
     resume_state: dict | None = None,
     save_state: Callable[[dict], None] | None = None,
 ) -> EvaluationResult:
-    """``evaluate`` for a validated config; ``resolved`` saves loading the model and suite again."""
+    """``evaluate`` for a validated config; ``resolved`` saves loading the model and suite again.
+
+    ``on_batch(samples)`` and ``progress`` report progress (see ``robench.evaluation.engine.run``).
+    """
     resolved = resolved or resolve(config)
     loaded, loaded_suite, data = resolved.loaded, resolved.suite, resolved.data
     norm = resolved.normalization or loaded.normalization
     # Before anything touches the mode: the loaders call .eval() and record what they found.
     was_training = handed_over_in_train_mode(loaded)
     wrapped = RobustModel(loaded.model, norm)
-    options = config.data_options()
+    options = data_options_for(config, resolved)
     dataset = _as_dataset(data, options)
     dev = distributed.local_device(resolve_device(config.device))
     batch_size, precision, seed = config.batch_size, config.precision, config.seed
     run_options = {"batch_size": batch_size, "precision": precision, "seed": seed, "workers": config.workers,
-                   "on_batch": on_batch, "compile": config.compile, "compile_backend": config.compile_backend,
-                   "channels_last": config.channels_last, "sweep_reuse": config.sweep_reuse, "refill": config.refill}
+                   "on_batch": on_batch, "progress": progress, "compile": config.compile, "compile_backend": config.compile_backend,
+                   "channels_last": config.channels_last, "sweep_reuse": config.sweep_reuse, "refill": config.refill,
+                   "save_adversarial": config.save_adversarial}
     interrupted = None
     rank, size, _ = distributed.world()
+    check_no_adversarial_under_torchrun(config, size)
     try:
         if size > 1:
             outcome = _run_sharded(wrapped, dataset, loaded_suite, dev, rank, size, **run_options)
@@ -179,12 +195,28 @@ def evaluate_config(
         "suite": loaded_suite.suite.model_dump(mode="json"), "suite_source": loaded_suite.path,
         "suite_overrides": loaded_suite.overrides,
         "device": str(dev), "batch_size": batch_size, "precision": precision, "seed": seed,
+        **({"save_adversarial": config.save_adversarial} if config.save_adversarial is not None else {}),
         **(extra_config or {}),
     }
-    result = EvaluationResult(doc, _samples(outcome), run_config)
+    result = EvaluationResult(doc, _samples(outcome), run_config, examples_of_run(outcome),
+                              _class_names(dataset, outcome.state.num_classes))
     if interrupted is not None:
         raise EvaluationInterrupted(result) from interrupted
     return result
+
+
+def check_no_adversarial_under_torchrun(config: EvalConfig, processes: int) -> None:
+    # Each process holds only its shard's examples; a single process keeps the first N of the whole set.
+    if processes > 1 and config.save_adversarial is not None:
+        raise UsageError("--save-adversarial is not available under torchrun; run it with a single process")
+
+
+def _class_names(dataset: ImageDataset, num_classes: int) -> list[str] | None:
+    """The data's class names (torchvision datasets have them), when they fit the model's classes."""
+    names = getattr(dataset.base, "classes", None)
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        return None
+    return list(names) if len(names) == num_classes else None
 
 
 def handed_over_in_train_mode(loaded: LoadedModel) -> bool:
@@ -226,7 +258,7 @@ def _document(outcome: RunOutcome, loaded: LoadedModel, norm: Normalization | No
     return {
         **header(SCHEMA, "classification", outcome.complete),
         "progress": {"evaluated": state.n, "total": outcome.total},
-        "model": model_block(loaded, num_classes=state.num_classes, normalization=norm),
+        "model": model_block(loaded, num_classes=state.num_classes, normalization=norm, **loaded.provenance()),
         "suite": suite_block(suite.suite.name, suite.path, suite.sha256, eps_space=suite.suite.eps_space,
                              overrides=suite.overrides),
         "data": data_block({"spec": data if isinstance(data, str) else dataset.name, "n": state.n},

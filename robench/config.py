@@ -114,6 +114,10 @@ class EvalConfig(BaseModel):
     model: Any
     arch: str | None = None
     num_classes: int | None = None
+    weights: str | None = None  # a local weights file for timm:/torchvision: models
+    dataset: str | None = None  # robustbench: models: cifar10 (default), cifar100, imagenet
+    threat_model: str | None = None  # robustbench: models: Linf (default), L2, corruptions
+    model_dir: str | None = None  # robustbench: checkpoints (default: models)
     trust_checkpoint: bool = False
     trust_suite: bool = False
     suite: Any = "pgd-linf"
@@ -142,6 +146,7 @@ class EvalConfig(BaseModel):
     # where the results go
     out: Path | None = None
     resume: Path | None = None
+    save_adversarial: int | None = None  # keep the first N samples' examples as 8-bit images; 0 ("all"): every one
     # re-identification
     feature_layer: str | None = None
     flip: bool = False
@@ -220,6 +225,13 @@ class EvalConfig(BaseModel):
             raise UsageError(f"--norm must be one of {', '.join(OVERRIDE_NORMS)}, got {value!r}")
         return value
 
+    @field_validator("save_adversarial", mode="before")
+    @classmethod
+    def _save_adversarial(cls, value: Any) -> int | None:
+        from robench.results.adversarial import parse_count
+
+        return parse_count(value)
+
     @field_validator("image_size", mode="before")
     @classmethod
     def _image_size(cls, value: Any) -> tuple[int, int] | None:
@@ -273,13 +285,41 @@ def resolve(config: EvalConfig) -> Resolved:
     suite = with_overrides(suite, eps=config.eps, norm=config.norm)
     normalization = normalization_for(config, suite)
     loaded = as_loaded_model(config.model, arch=config.arch, num_classes=config.num_classes,
-                             trust_checkpoint=config.trust_checkpoint)
+                             trust_checkpoint=config.trust_checkpoint, **model_source_options(config))
+    if loaded.preprocessing is not None and not _explicit_normalization(config):
+        # A model by name knows its preprocessing; the suite's suggestion is only a guess about files.
+        normalization = loaded.preprocessing.normalization
     data = config.data if config.data is not None else suite.suite.dataset
     if data is None and isinstance(config.model, str) and config.model.startswith("example:"):
         data = config.model  # the bundled example model comes with its data
     if data is None:
         raise UsageError(f"suite {suite.suite.name} names no dataset: pass --data")
     return Resolved(loaded, suite, normalization, data)
+
+
+def model_source_options(config: EvalConfig) -> dict[str, Any]:
+    """The options that pick a named model's weights, passed to ``load_model`` as given."""
+    return {"weights": config.weights, "dataset": config.dataset, "threat_model": config.threat_model,
+            "model_dir": config.model_dir}
+
+
+def _explicit_normalization(config: EvalConfig) -> bool:
+    return bool(config.normalize or config.mean or config.std)
+
+
+def data_options_for(config: EvalConfig, resolved: Resolved) -> DataOptions:
+    """The config's data options; an image folder read for a model that brings its preprocessing
+    takes that model's resize, crop and interpolation unless --resize/--crop were given.
+
+    Tensor datasets (npz, torchvision sets) keep their size: resampling them is the user's choice.
+    """
+    options = config.data_options()
+    prep = resolved.loaded.preprocessing
+    spec = resolved.data if isinstance(resolved.data, str) else ""
+    if prep is None or options.resize or options.crop or spec.partition(":")[0] != "imagefolder":
+        return options
+    options.resize, options.crop, options.interpolation = prep.resize, prep.crop, prep.interpolation
+    return options
 
 
 def normalization_for(config: EvalConfig, suite: LoadedSuite) -> Normalization | None:
@@ -294,12 +334,21 @@ def normalization_for(config: EvalConfig, suite: LoadedSuite) -> Normalization |
 
 
 def as_loaded_model(model: nn.Module | LoadedModel | str, *, arch: str | None = None,
-                    num_classes: int | None = None, trust_checkpoint: bool = False) -> LoadedModel:
-    """A checkpoint path or spec is loaded; a module is taken as it is (not copied, not changed)."""
+                    num_classes: int | None = None, trust_checkpoint: bool = False,
+                    **source_options: Any) -> LoadedModel:
+    """A checkpoint path or spec is loaded; a module is taken as it is (not copied, not changed).
+
+    ``source_options`` (weights, dataset, threat_model, model_dir) pick a named model's weights.
+    """
+    if isinstance(model, str):
+        return load_model(model, arch=arch, num_classes=num_classes, trust_checkpoint=trust_checkpoint,
+                          **source_options)
+    given = [name for name, value in source_options.items() if value is not None]
+    if given:
+        raise UsageError(f"{', '.join(given)} need a model given by name (timm:, torchvision:, hf:, "
+                         f"robustbench:), not {type(model).__name__}")
     if isinstance(model, LoadedModel):
         return model
-    if isinstance(model, str):
-        return load_model(model, arch=arch, num_classes=num_classes, trust_checkpoint=trust_checkpoint)
     if isinstance(model, nn.Module):
         return LoadedModel(model, type(model).__name__, "<module>")
     raise UsageError(f"model must be a checkpoint path, an nn.Module or a LoadedModel, got {type(model).__name__}")

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from robench.evaluation import distributed
-from robench.api import EvaluationInterrupted, EvaluationResult, evaluate_config
+from robench.evaluation.engine import ProgressSink
+from robench.api import EvaluationInterrupted, EvaluationResult, check_no_adversarial_under_torchrun, evaluate_config
 from robench.config import EvalConfig, Resolved, resolve
 from robench.errors import Interrupted, RunError, UsageError
 from robench.models import load_model, resolve_normalization
@@ -47,14 +48,16 @@ class PreparedRun:
     resume_state: dict | None = None
 
     def evaluate(self, *, on_batch: Callable[[int], None] | None = None, on_step: Callback | None = None,
-                 on_warning: Callback | None = None) -> EvaluationResult | ReIDResult:
+                 on_warning: Callback | None = None,
+                 progress: ProgressSink | None = None) -> EvaluationResult | ReIDResult:
         """Run it. ``on_batch`` counts finished samples, ``on_step`` reports ReID stages, ``on_warning``
         gets problems that do not stop the run (a full disk for progress snapshots, skipped files)."""
         if self.task == "reid":
             return self._evaluate_reid(on_step, on_warning)
         saver = progress_saver(self.run_dir, self.key, on_warning) if self.key else None
         try:
-            return evaluate_config(self.config, self.resolved, on_batch=on_batch, resume_state=self.resume_state,
+            return evaluate_config(self.config, self.resolved, on_batch=on_batch, progress=progress,
+                                   resume_state=self.resume_state,
                                    save_state=saver)
         except EvaluationInterrupted as stopped:
             if not self.main:
@@ -83,7 +86,7 @@ class PreparedRun:
         config, resolved = self.config, self.resolved
         if not isinstance(resolved.data, str) or not is_reid_spec(resolved.data):
             raise UsageError(f"suite {resolved.suite.suite.name} is for re-identification: pass --data "
-                             "market1501:ROOT, dukemtmc:ROOT or reid:ROOT")
+                             "market1501:ROOT, dukemtmc:ROOT or reid:ROOT, or try the model example:reid-digits")
         options = reid_options(config)
         data = load_reid_spec(resolved.data, config.reid_pattern)
         if data.skipped and on_warning:
@@ -122,11 +125,15 @@ def prepare_run(config: EvalConfig) -> PreparedRun:
     main = rank == 0
     if processes > 1 and (config.resume is not None or (config.out is not None and has_progress(config.out))):
         raise UsageError("--resume is not available under torchrun; resume with a single process")
+    check_no_adversarial_under_torchrun(config, processes)
+    reid = (isinstance(resolved.data, str) and is_reid_spec(resolved.data)) or resolved.suite.suite.task == "reid"
+    if reid and config.save_adversarial is not None:
+        raise UsageError("--save-adversarial saves classification examples; it is not available for "
+                         "re-identification runs")
     # Under torchrun every process evaluates its shard; only rank 0 writes anything.
     name = resolved.suite.suite.name
     run_dir = prepare_run_dir(config.resume or config.out or default_run_dir(name, resolved.loaded.name)) if main \
         else Path(".")
-    reid = (isinstance(resolved.data, str) and is_reid_spec(resolved.data)) or resolved.suite.suite.task == "reid"
     if reid:
         return PreparedRun(config, resolved, "reid", run_dir, main)
     if not (main and processes == 1):
@@ -147,11 +154,21 @@ def resume_key(config: EvalConfig, resolved: Resolved) -> str:
     """Everything that must be identical for a resumed run to equal an uninterrupted one."""
     loaded = resolved.loaded
     return run_key({"model": loaded.sha256 or loaded.source, "arch": loaded.arch, "suite": resolved.suite.sha256,
-                    "data": resolved.data, "options": config.data_options().__dict__,
+                    "data": resolved.data, "options": _key_options(config),
                     "normalization": resolved.normalization, "device": config.device,
                     "batch_size": config.batch_size, "precision": config.precision, "seed": config.seed,
                     "compile": config.compile, "channels_last": config.channels_last,
-                    "sweep_reuse": config.sweep_reuse})
+                    "sweep_reuse": config.sweep_reuse,
+                    # Only when asked: the keys of runs without it stay as they were.
+                    **({"save_adversarial": config.save_adversarial} if config.save_adversarial is not None else {})})
+
+
+def _key_options(config: EvalConfig) -> dict:
+    # Options added later enter the key only when set: runs interrupted before they existed still resume.
+    options = dict(config.data_options().__dict__)
+    if options.get("interpolation") is None:
+        options.pop("interpolation", None)
+    return options
 
 
 def progress_saver(run_dir: Path, key: str, warn: Callback | None = None) -> Callable[[dict], None]:

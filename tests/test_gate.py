@@ -93,12 +93,13 @@ def test_not_comparable(tmp_path, field, value):
 def test_direction_per_metric(tmp_path):
     # Lower clean accuracy, same accuracy under attack: accuracy fell (worse) while the attack's
     # success rate over the clean-correct images fell too, 1 - 0.5/0.8 < 1 - 0.5/0.9 (better).
-    out = run(tmp_path, classification_doc(clean=0.8), classification_doc(clean=0.9), max_drop=0.01)
+    both = ["accuracy", "success_rate"]  # the success rate is gated only when asked for
+    out = run(tmp_path, classification_doc(clean=0.8), classification_doc(clean=0.9), max_drop=0.01, metrics=both)
     assert verdict(out, "accuracy", "clean") == "regression"
     assert verdict(out, "success_rate", "pgd", 0.02) == "improved"
     base, cur = classification_doc(), classification_doc()
     cur["attacks"][0]["success_rate"] = base["attacks"][0]["success_rate"] + 0.05
-    out = run(tmp_path, cur, base, max_drop=0.01)
+    out = run(tmp_path, cur, base, max_drop=0.01, metrics=both)
     assert verdict(out, "success_rate", "fgsm") == "regression", "a higher attack success rate is worse"
 
 
@@ -112,10 +113,14 @@ def pixel_doc(pi):
 
 
 def test_pixel_index_lower_is_better(tmp_path):
-    worse = run(tmp_path, pixel_doc(3.0), pixel_doc(2.0), max_drop=0.5)
+    # Pi is gated on request; by default the recognition rate (the pixel runs' accuracy) is.
+    worse = run(tmp_path, pixel_doc(3.0), pixel_doc(2.0), max_drop=0.5, metrics=["pi"])
     assert worse.exit_code == 1 and verdict(worse, "pi", "range:0-255") == "regression"
-    better = run(tmp_path, pixel_doc(1.0), pixel_doc(2.0))
+    better = run(tmp_path, pixel_doc(1.0), pixel_doc(2.0), metrics=["pi"])
     assert better.exit_code == 0 and verdict(better, "pi", "range:0-255") == "improved"
+    default = run(tmp_path, pixel_doc(3.0), pixel_doc(2.0))
+    assert default.metrics == ["recognition_rate"] and list(default.rows.metric) == ["recognition_rate"]
+    assert default.exit_code == 1 and verdict(default, "recognition_rate", "range:0-255") == "regression"
 
 
 def test_rules_absolute_relative_and_first_match_wins(tmp_path):
@@ -182,7 +187,7 @@ def test_gate_command_exit_codes_and_json(tmp_path):
     assert invoke("gate", base, "--baseline", base).exit_code == 0
     failed = invoke("gate", worse, "--baseline", base, "--max-drop", "0.01", "--junit", tmp_path / "j.xml")
     assert failed.exit_code == 1
-    assert "FAILED: 3 regression(s)" in failed.stderr
+    assert "FAILED: 1 regression(s)" in failed.stderr  # the accuracy; its success rate is not counted again
     assert "accuracy of pgd at eps 0.02: 0.5000 -> 0.4000" in failed.stderr
     assert (tmp_path / "j.xml").is_file()
     as_json = invoke("gate", worse, "--baseline", base, "--json")

@@ -252,8 +252,8 @@ def test_entry_missing_from_the_current_run_is_a_regression(runs, doc, tmp_path)
 
 def test_null_against_a_value_is_not_comparable(runs, doc, tmp_path):
     doc["attacks"][0]["success_rate"] = None  # allowed by the schema (nothing attacked) ...
-    result = gate(write(tmp_path / "cur.json", doc), runs / "base", "--json")
-    assert result.exit_code == 3  # ... but not comparable with the baseline's number
+    result = gate(write(tmp_path / "cur.json", doc), runs / "base", "--json", "--metric", "accuracy,success_rate")
+    assert result.exit_code == 3  # ... but not comparable with the baseline's number, when success rates are gated
     verdict = json.loads(result.stdout)
     assert "null in one run and a number in the other (success_rate of fgsm eps 0.1)" in verdict["problems"][0]
     row = [r for r in verdict["rows"] if r["metric"] == "success_rate" and r["entry"] == "fgsm"][0]

@@ -10,19 +10,23 @@ from robench.cli.attacks_cmd import attacks_command
 from robench.cli.compare_cmd import compare_command, plot_command
 from robench.cli.eval_cmd import eval_command
 from robench.cli.gate_cmd import gate_command
+from robench.cli.group import RobenchGroup
 from robench.cli.pixel_index_cmd import pixel_index_command
+from robench.cli.report_cmd import report_command
 
 app = typer.Typer(
     name="robench",
     help="Adversarial-robustness evaluation for PyTorch checkpoints.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    cls=RobenchGroup,
     add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish, PowerShell
 )
 app.command("eval")(eval_command)
 app.command("pixel-index")(pixel_index_command)
 app.command("compare")(compare_command)
 app.command("plot")(plot_command)
+app.command("report")(report_command)
 app.command("gate")(gate_command)
 app.add_typer(suites_cmd.app, name="suites")
 app.command("attacks")(attacks_command)

@@ -8,12 +8,12 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from robench.attacks import ATTACKS
-from robench.attacks.registry import load_plugins
 from robench.cli.common import handle_errors, stdout_console
 
 
 def attack_rows() -> list[dict]:
+    from robench.attacks import ATTACKS  # on use: --help must not load torch
+
     rows = []
     for name in ATTACKS.names():
         cls = ATTACKS.get(name)
@@ -37,6 +37,8 @@ def attacks_command(
     as_json: bool = typer.Option(False, "--json", help="Print the list as JSON on stdout."),
 ) -> None:
     """List the attacks suites can name (ta.<Name> adds any torchattacks attack)."""
+    from robench.attacks.registry import load_plugins
+
     load_plugins(plugin or [])
     rows = attack_rows()
     if as_json:

@@ -9,12 +9,14 @@ from typing import List, Optional
 import typer
 
 from robench.cli.common import handle_errors, stderr, stdout_console
-from robench.reporting.compare import LAYOUTS, default_layout, pivot_table, render, rich_table
 from robench.errors import UsageError
-from robench.results.reading import comparability_problems, read_result, results_frame, skip_unfinished_dirs
+
+# Reading and drawing modules (pandas, matplotlib) are imported on use: --help stays fast.
 
 
 def _read_all(results: list[str], labels: list[str] | None):
+    from robench.results.reading import read_result, skip_unfinished_dirs
+
     if labels and len(labels) != len(results):
         raise UsageError(f"--label was given {len(labels)} time(s) for {len(results)} result(s)")
     if not labels:  # with labels, positions matter: a missing result stays an error
@@ -33,7 +35,8 @@ def compare_command(
     results: List[str] = typer.Argument(..., help="results.json files or run directories."),
     metric: Optional[str] = typer.Option(None, help="accuracy, success_rate, robust_accuracy, rank1, mAP, pi, "
                                          "misclassified, recognition_rate (default: the layout's)."),
-    layout: Optional[str] = typer.Option(None, help="fdd, alignment, reid or pixel (default: by result kind)."),
+    layout: Optional[str] = typer.Option(None, help="fdd, alignment, reid, reid-rows or pixel (default: by result "
+                                         "kind; ReID: reid-rows in the terminal, reid in files)."),
     rows: Optional[str] = typer.Option(None, help="Free pivot: comma-separated columns for rows (e.g. entry,eps)."),
     cols: Optional[str] = typer.Option(None, help="Free pivot: columns for columns (e.g. model)."),
     label: Optional[List[str]] = typer.Option(None, "--label", help="Name per result, in order (default: model)."),
@@ -41,6 +44,9 @@ def compare_command(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write here instead of stdout."),
 ) -> None:
     """Side-by-side tables in the papers' layouts."""
+    from robench.reporting.compare import LAYOUTS, default_layout, pivot_table, render, rich_table
+    from robench.results.reading import comparability_problems, results_frame
+
     read = _read_all(results, label)
     frame = results_frame(read)
     problems = comparability_problems(read)
@@ -50,7 +56,7 @@ def compare_command(
         table = pivot_table(frame, (rows or "entry,eps").split(","), (cols or "model").split(","),
                             metric or "accuracy")
     else:
-        name = layout or default_layout(read[0].kind)
+        name = layout or default_layout(read[0].kind, fmt)
         build = LAYOUTS.get(name)
         table = build(frame, metric) if metric else build(frame)
     for problem in problems:
@@ -74,15 +80,23 @@ def plot_command(
     results: List[str] = typer.Argument(..., help="results.json files or run directories."),
     x: Optional[str] = typer.Option(None, "--x", help="eps or pixels (default: by result kind)."),
     metric: Optional[str] = typer.Option(None, help="Default: accuracy (eps) or misclassified (pixels)."),
-    label: Optional[List[str]] = typer.Option(None, "--label"),
+    label: Optional[List[str]] = typer.Option(None, "--label", help="Name per result, in order (default: model)."),
     out: Path = typer.Option(..., "--out", "-o", help="Figure file: .png, .svg or .pdf."),
 ) -> None:
-    """Accuracy-vs-eps curves per model and attack, or misclassification vs pixel count."""
+    """Accuracy-vs-eps curves per model and attack, or misclassification vs pixel count (Pixel-index runs:
+    percent of each setting's images, with ±1 s.d. over trials)."""
     from robench.reporting.plots import plot_results
+    from robench.results.reading import comparability_problems
 
     read = _read_all(results, label)
     axis = x or ("pixels" if read[0].kind == "pixel" else "eps")
-    written = plot_results(results_frame(read), axis, metric, out)
-    for problem in comparability_problems(read):
+    plot = plot_results(read, axis, metric, out)
+    if plot.left_out:
+        # Runs of another kind (a pixel run has no eps, a classification run no pixel counts) are not drawn.
+        names = "; ".join(f"{r.label}, a {r.kind} run" for r in plot.left_out)
+        stderr.print(f"robench: warning: left out {len(plot.left_out)} run(s) with no {plot.metric} "
+                     f"values against {axis}: {names}", highlight=False, markup=False)
+    drawn = [r for r in read if all(r is not gone for gone in plot.left_out)]
+    for problem in comparability_problems(drawn):
         stderr.print(f"robench: warning: not comparable: {problem}", highlight=False, markup=False)
-    stderr.print(f"figure written to {written}", highlight=False, markup=False)
+    stderr.print(f"figure written to {plot.path}", highlight=False, markup=False)

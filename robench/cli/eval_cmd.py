@@ -5,26 +5,27 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import TYPE_CHECKING, Any, List, Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from robench.api import EvaluationResult
 from robench.cli.common import handle_errors, interrupt_on_sigterm, stderr, stdout_console
-from robench.cli.gate_cmd import run_gate
-from robench.config import EvalConfig
 from robench.errors import UsageError
-from robench.reporting.gate import check_allowed_flags, parse_rule
-from robench.reid.report import reid_table
-from robench.reporting.tables import results_table
-from robench.results.reading import read_result
-from robench.runner import PreparedRun, prepare_run
+
+if TYPE_CHECKING:
+    from robench.api import EvaluationResult
+    from robench.runner import PreparedRun
+
+# The modules that need torch are imported when the command runs, not when the command line
+# is built: `robench --help` and `robench eval --help` start in a fraction of a second.
 
 
 @handle_errors
 def eval_command(
-    model: str = typer.Argument(..., help="Checkpoint file (TorchScript, .pt/.pth, .safetensors) or example:digits."),
+    model: str = typer.Argument(..., help="Checkpoint file (TorchScript, .pt/.pth, .safetensors), example:digits, "
+                                "or a model by name with its preprocessing: timm:NAME, "
+                                "torchvision:NAME:WEIGHTS (e.g. torchvision:resnet50:IMAGENET1K_V2), hf:ORG/NAME "
+                                "(a timm model on the Hugging Face hub), robustbench:NAME."),
     suite: str = typer.Option("pgd-linf", "--suite", "-s", help="Built-in suite name or YAML path."),
     eps: Optional[str] = typer.Option(None, "--eps", help="Run every suite entry that has an eps at this one "
                                       "instead: a value as in suites (8/255, 0.03) or a comma-separated sweep "
@@ -36,6 +37,15 @@ def eval_command(
                                        "Default: the suite's dataset."),
     arch: Optional[str] = typer.Option(None, help="Architecture for state dicts: torchvision:NAME or module:factory."),
     num_classes: Optional[int] = typer.Option(None, "--num-classes", help="Passed to the architecture factory."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="timm:NAME / torchvision:NAME: load this local "
+                                          "weights file (state dict or .safetensors) instead of downloading; "
+                                          "classes from the file or --num-classes."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="robustbench: models: the dataset they were "
+                                          "trained on, cifar10 (default), cifar100 or imagenet."),
+    threat_model: Optional[str] = typer.Option(None, "--threat-model", help="robustbench: models: Linf (default), "
+                                               "L2 or corruptions."),
+    model_dir: Optional[str] = typer.Option(None, "--model-dir", help="robustbench: models: where their "
+                                            "checkpoints are kept (default: models)."),
     trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint",
                                           help="Allow unpickling full Python objects and TorchScript programs "
                                           "(runs code from the file)."),
@@ -45,7 +55,8 @@ def eval_command(
     plugin: Optional[List[str]] = typer.Option(None, "--plugin", help="Import MODULE first: it registers attacks "
                                                "(robench.register_attack). Repeatable."),
     normalize: Optional[str] = typer.Option(None, "--normalize", help="Preset: imagenet, cifar10, cifar100, "
-                                            "mnist, fashion-mnist, none."),
+                                            "mnist, fashion-mnist, none. Models by name bring their own "
+                                            "mean/std; this (or --mean/--std) replaces it."),
     mean: Optional[str] = typer.Option(None, help="Per-channel mean, e.g. '0.485,0.456,0.406'."),
     std: Optional[str] = typer.Option(None, help="Per-channel std."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
@@ -64,8 +75,10 @@ def eval_command(
     data_root: Optional[str] = typer.Option(None, "--data-root", help="Where torchvision datasets live."),
     download: bool = typer.Option(False, "--download", help="Download torchvision datasets if missing."),
     split: str = typer.Option("test", help="Dataset split for torchvision datasets."),
-    resize: Optional[int] = typer.Option(None, help="Resize image folders (shorter side) before cropping."),
-    crop: Optional[int] = typer.Option(None, help="Centre-crop image folders to this size."),
+    resize: Optional[int] = typer.Option(None, help="Resize image folders (shorter side) before cropping "
+                                         "(default: a model by name's own resize)."),
+    crop: Optional[int] = typer.Option(None, help="Centre-crop image folders to this size (default: a model by "
+                                       "name's own crop)."),
     gray: Optional[bool] = typer.Option(None, "--gray/--rgb", help="Image folders: force one or three channels "
                                         "(default: those of most images; a tie gives three)."),
     max_image_pixels: Optional[int] = typer.Option(None, "--max-image-pixels", help="Image folders: skip images "
@@ -75,6 +88,10 @@ def eval_command(
                                        "an interrupted run there is continued."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the interrupted run in this directory."),
     save_every: float = typer.Option(2.0, "--save-every", help="Seconds between progress saves (0: every batch)."),
+    save_adversarial: Optional[str] = typer.Option(None, "--save-adversarial", metavar="[N|all]",
+                                                   help="Save the first N samples' adversarial examples (alone or all: "
+                                                   "every sample) as 8-bit images in adversarial/<entry>.npz, "
+                                                   "with a PNG grid per entry."),
     as_json: bool = typer.Option(False, "--json", help="Print only the results JSON to stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     # re-identification (market1501:, dukemtmc:, reid: datasets)
@@ -90,8 +107,10 @@ def eval_command(
     rerank: bool = typer.Option(False, "--rerank", help="ReID: also report k-reciprocal re-ranking."),
     perturb: str = typer.Option("query", help="ReID: which split attacks perturb, query or gallery."),
     surrogate: Optional[str] = typer.Option(None, "--surrogate", help="ReID: model for transfer attacks."),
-    surrogate_arch: Optional[str] = typer.Option(None, "--surrogate-arch"),
-    surrogate_num_classes: Optional[int] = typer.Option(None, "--surrogate-num-classes"),
+    surrogate_arch: Optional[str] = typer.Option(None, "--surrogate-arch", help="ReID: architecture of a "
+                                                 "state-dict surrogate (as --arch)."),
+    surrogate_num_classes: Optional[int] = typer.Option(None, "--surrogate-num-classes",
+                                                        help="ReID: passed to the surrogate's architecture factory."),
     image_size: Optional[str] = typer.Option(None, "--image-size", help="ReID: resize images to HxW, e.g. 256x128."),
     reid_pattern: Optional[str] = typer.Option(None, "--reid-pattern",
                                                help="ReID: filename regex with groups (person id, camera)."),
@@ -100,16 +119,29 @@ def eval_command(
                                             "(exit 1 on a regression)."),
     max_drop: float = typer.Option(0.0, "--max-drop", help="With --baseline: allowed drop (0.01 = 1 point)."),
     rule: Optional[List[str]] = typer.Option(None, "--rule", help="With --baseline: METRIC@ENTRY:THRESHOLD."),
-    require_significant: bool = typer.Option(False, "--require-significant"),
+    require_significant: bool = typer.Option(False, "--require-significant", help="With --baseline: fail only "
+                                             "on drops beyond 1.96 standard errors."),
     junit: Optional[Path] = typer.Option(None, "--junit", help="With --baseline: JUnit XML report."),
+    metric: Optional[List[str]] = typer.Option(None, "--metric", help="With --baseline: metrics to gate (default: "
+                                               "the accuracy metrics; e.g. accuracy,robust_accuracy,success_rate)."),
     allow_flag: Optional[List[str]] = typer.Option(None, "--allow-flag", help="With --baseline: a sanity flag "
                                                    "that may pass the gate (e.g. gradient_masking), or 'all'."),
 ) -> None:
     """Evaluate MODEL under every attack of a suite: clean and robust accuracy."""
-    if baseline is None and (rule or junit or require_significant or max_drop or allow_flag):
-        raise UsageError("--max-drop, --rule, --require-significant, --junit and --allow-flag need --baseline")
+    from robench.config import EvalConfig
+    from robench.reid.report import reid_table
+    from robench.reporting.gate import check_allowed_flags, check_metrics, parse_metrics, parse_rule, \
+        reported_metrics
+    from robench.reporting.tables import results_table
+    from robench.results.reading import read_result
+    from robench.runner import prepare_run
+
+    if baseline is None and (rule or junit or require_significant or max_drop or allow_flag or metric):
+        raise UsageError("--max-drop, --rule, --metric, --require-significant, --junit and --allow-flag need "
+                         "--baseline")
     if baseline is not None:
-        read_result(baseline)  # fail before the run, not after it
+        base = read_result(baseline)  # fail before the run, not after it
+        check_metrics(parse_metrics(metric), reported_metrics(base))
         for text in rule or []:
             parse_rule(text)
         check_allowed_flags(allow_flag or [])
@@ -117,10 +149,11 @@ def eval_command(
         batch_size=batch_size, save_every=save_every, workers=workers, max_image_pixels=max_image_pixels,
         compile=compile, precision=precision, distance=distance, ranks=ranks, ap=ap, denominator=denominator,
         perturb=perturb, image_size=image_size, model=model, arch=arch, num_classes=num_classes,
+        weights=weights, dataset=dataset, threat_model=threat_model, model_dir=model_dir,
         trust_checkpoint=trust_checkpoint, trust_suite=trust_suite, suite=suite, eps=eps, norm=norm,
         data=data, normalize=normalize,
         mean=mean, std=std, device=device, channels_last=channels_last, sweep_reuse=sweep_reuse, refill=refill,
-        seed=seed, plugins=tuple(plugin or ()),
+        seed=seed, plugins=tuple(plugin or ()), save_adversarial=save_adversarial,
         limit=limit, data_root=data_root, download=download, split=split, resize=resize, crop=crop, gray=gray,
         out=out, resume=resume, feature_layer=feature_layer, flip=flip, l2=l2, rerank=rerank,
         reid_pattern=reid_pattern, surrogate=surrogate, surrogate_arch=surrogate_arch,
@@ -140,23 +173,24 @@ def eval_command(
         _warn_about(result.doc, forced_channels=gray is not None)
         _print(result.doc, results_table(result.doc), as_json)
     stderr.print(f"results written to {prepared.run_dir}", highlight=False)
-    _gate(prepared.run_dir, baseline, max_drop, rule, require_significant, junit, allow_flag)
+    _gate(prepared.run_dir, baseline, max_drop, rule, require_significant, junit, allow_flag, metric)
 
 
 def _evaluate_with_progress(prepared: PreparedRun, quiet: bool) -> EvaluationResult:
-    """The run, with a progress bar; Ctrl-C and SIGTERM stop it with the finished work saved."""
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), console=stderr, transient=True,
-                        disable=quiet or not sys.stderr.isatty() or not prepared.main)
+    """The run, with its progress on stderr; Ctrl-C and SIGTERM stop it with the finished work saved."""
+    from robench.cli.progress_view import EvalProgress
+    from robench.evaluation.entries import entry_weights
+
+    suite = prepared.resolved.suite.suite
+    progress = EvalProgress(stderr, f"{prepared.resolved.loaded.name} · {suite.name}", entry_weights(suite),
+                            enabled=not quiet and prepared.main)
     if prepared.resume_state is not None:
         stderr.print(f"robench: resuming {prepared.run_dir} after {prepared.resume_state['batches']} finished "
                      "batch(es)", highlight=False)
     # SIGTERM is turned into an interruption only while evaluating: the final progress file is on
     # disk before the results are written, so a kill at any later moment still resumes to the end.
     with progress, interrupt_on_sigterm():
-        task = progress.add_task(f"{prepared.resolved.loaded.name} · {prepared.resolved.suite.suite.name}",
-                                 total=None)
-        return prepared.evaluate(on_batch=lambda k: progress.advance(task, k), on_warning=_warn)
+        return prepared.evaluate(progress=progress, on_warning=_warn)
 
 
 def _warn_about(doc: dict, forced_channels: bool) -> None:
@@ -186,11 +220,14 @@ def _note(message: str) -> None:
 
 
 def _gate(run_dir: Path, baseline: Optional[Path], max_drop: float, rules: Optional[List[str]],
-          require_significant: bool, junit: Optional[Path], allow_flags: Optional[List[str]] = None) -> None:
+          require_significant: bool, junit: Optional[Path], allow_flags: Optional[List[str]] = None,
+          metrics: Optional[List[str]] = None) -> None:
     """The results are written first: a failing gate never loses the run."""
+    from robench.cli.gate_cmd import run_gate
+
     if baseline is None:
         return
     code = run_gate(run_dir, baseline, max_drop, rules or [], require_significant, junit, as_json=False, quiet=True,
-                    allow_flags=allow_flags)
+                    allow_flags=allow_flags, metrics=metrics)
     if code:
         raise typer.Exit(code)

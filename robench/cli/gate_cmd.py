@@ -5,37 +5,57 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import TYPE_CHECKING, Any, List, Optional
 
 import typer
 from rich.table import Table
 from rich.text import Text
 
 from robench.cli.common import handle_errors, stderr, stdout_console
-from robench.reporting.gate import GateOutcome, gate, junit_xml, parse_rule
-from robench.results.reading import read_result
+
+if TYPE_CHECKING:
+    from robench.reporting.gate import GateOutcome
+
+# robench.reporting.gate (pandas, the sanity checks) is imported on use: --help stays fast.
 
 VERDICT_STYLE = {"regression": "bold red", "missing": "bold red", "not comparable": "bold red",
                  "sanity flag": "bold red", "improved": "green", "ok": "", "within noise": "yellow",
                  "allowed flag": "yellow"}
+METRIC_HELP = ("Metrics to gate, repeatable or comma-separated, globs allowed (e.g. "
+               "accuracy,robust_accuracy,success_rate or 'rank*,mAP'). Default: the accuracy metrics: accuracy "
+               "and robust_accuracy; ReID CMC ranks (rank1, rank5, ...) and mAP; Pixel-index recognition_rate.")
 
 
 def _cell(value: Any, spec: str = ".4f") -> str:
     return "-" if value is None or value != value else format(value, spec)
 
 
+def _where(r: Any) -> str:
+    if r.entry == "clean":
+        return ""
+    if r.eps is not None and r.eps == r.eps:
+        return f"{r.eps:g}"
+    return f"{r.pixels} px" if r.pixels is not None and r.pixels == r.pixels else ""
+
+
+def _higher(r: Any) -> bool:
+    return r.direction == "higher is better"
+
+
 def gate_table(outcome: GateOutcome) -> Table:
-    table = Table(title="robench gate")
-    for col in ("metric", "entry", "eps/pixels", "baseline", "current", "delta", "allowed drop", "±1.96 se",
+    from robench.reporting.gate import allowed_change, signed, with_count
+
+    table = Table(title="robench gate", caption=f"gated: {', '.join(outcome.metrics) or 'nothing'}")
+    for col in ("metric", "entry", "eps/pixels", "baseline", "current", "change", "allowed change", "±1.96 se",
                 "verdict"):
         table.add_column(col, justify="left" if col in ("metric", "entry", "verdict") else "right")
     for r in outcome.rows.itertuples(index=False):
-        where = f"{r.eps:g}" if r.eps is not None and r.eps == r.eps else (
-            f"{r.pixels} px" if r.pixels is not None and r.pixels == r.pixels else "")
         stderr_95 = None if r.stderr is None or r.stderr != r.stderr else 1.96 * r.stderr
+        change = "-" if r.delta is None or r.delta != r.delta else signed(r.delta)
         # Labels come from the documents: shown as text, never read as rich markup.
-        table.add_row(Text(r.metric), Text(r.entry), where, _cell(r.baseline), _cell(r.current),
-                      _cell(r.delta, "+.4f"), f"{r.threshold:.4f}", _cell(stderr_95), _verdict_cell(r.verdict))
+        table.add_row(Text(r.metric), Text(r.entry), _where(r), with_count(r.baseline, r.baseline_count),
+                      with_count(r.current, r.current_count), change, allowed_change(r.threshold, _higher(r)),
+                      _cell(stderr_95), _verdict_cell(r.verdict))
     for flag in outcome.flags:
         verdict = "allowed flag" if flag.allowed else "sanity flag"
         table.add_row("sanity flag", Text(flag.name), "", "", "", "", "", "", _verdict_cell(verdict))
@@ -46,6 +66,17 @@ def _verdict_cell(verdict: str) -> Text:
     return Text(verdict, style=VERDICT_STYLE.get(verdict, ""))
 
 
+def _regression_line(r: Any) -> str:
+    from robench.reporting.gate import allowed_change, signed
+
+    where = _where(r)
+    where = "" if not where else (f" at eps {where}" if r.eps == r.eps and r.eps is not None else f" at {where}")
+    counts = f"{r.baseline_count} -> {r.current_count}, " if r.baseline_count and r.current_count else ""
+    return (f"  {r.metric} of {r.entry}{where}: {r.baseline:.4f} -> {r.current:.4f} ({counts}change "
+            f"{signed(r.delta)}; {r.direction}, allowed change {allowed_change(r.threshold, _higher(r), True)}, "
+            f"{r.rule})")
+
+
 def explain(outcome: GateOutcome) -> str:
     """The verdict on the values: not comparable, regressions, or passed."""
     if not outcome.comparable:
@@ -54,16 +85,23 @@ def explain(outcome: GateOutcome) -> str:
     if bad.empty:
         if outcome.failing_flags:
             return f"FAILED: {len(outcome.failing_flags)} sanity flag(s); {len(outcome.rows)} value(s) within " \
-                   "their allowed drop"
-        return f"passed: {len(outcome.rows)} value(s) within their allowed drop"
+                   "their allowed change"
+        return f"passed: {len(outcome.rows)} value(s) within their allowed change"
     lines = [f"FAILED: {len(bad)} regression(s)"]
     for r in bad.itertuples(index=False):
         if r.verdict == "missing":
             lines.append(f"  {r.metric} of {r.entry} is in the baseline but missing from the current run")
         else:
-            lines.append(f"  {r.metric} of {r.entry}{'' if r.eps is None or r.eps != r.eps else f' at eps {r.eps:g}'}: "
-                         f"{r.baseline:.4f} -> {r.current:.4f} ({r.direction}; allowed drop {r.threshold:.4f}, {r.rule})")
+            lines.append(_regression_line(r))
     return "\n".join(lines)
+
+
+def metric_line(outcome: GateOutcome) -> str:
+    """Which metrics were gated, and which the runs report but were left out (and how to add them)."""
+    line = f"gated metrics: {', '.join(outcome.metrics) or 'none'}"
+    if outcome.not_gated:
+        line += f"; not gated: {', '.join(outcome.not_gated)} (add with --metric)"
+    return line
 
 
 def flag_lines(outcome: GateOutcome) -> list[str]:
@@ -83,10 +121,13 @@ def flag_lines(outcome: GateOutcome) -> list[str]:
 
 def run_gate(current: Path | str, baseline: Path | str, max_drop: float, rules: list[str],
              require_significant: bool, junit: Optional[Path], as_json: bool, quiet: bool = False,
-             allow_flags: Optional[list[str]] = None) -> int:
+             allow_flags: Optional[list[str]] = None, metrics: Optional[list[str]] = None) -> int:
+    from robench.reporting.gate import gate, junit_xml, parse_metrics, parse_rule
+    from robench.results.reading import read_result
+
     outcome = gate(read_result(current), read_result(baseline), max_drop=max_drop,
                    rules=[parse_rule(r) for r in rules], require_significant=require_significant,
-                   allow_flags=allow_flags or [])
+                   allow_flags=allow_flags or [], metrics=parse_metrics(metrics) or None)
     if junit:
         junit.write_text(junit_xml(outcome), encoding="utf-8")
     if as_json:
@@ -94,7 +135,10 @@ def run_gate(current: Path | str, baseline: Path | str, max_drop: float, rules: 
     elif not quiet:
         stdout_console().print(gate_table(outcome))
     # markup=False: entry labels and flag messages come from the documents.
-    for line in [explain(outcome), *flag_lines(outcome)]:
+    lines = [explain(outcome), *flag_lines(outcome)]
+    if outcome.comparable:
+        lines.append(metric_line(outcome))
+    for line in lines:
         stderr.print(f"robench gate: {line}", highlight=False, markup=False)
     return outcome.exit_code
 
@@ -103,10 +147,12 @@ def run_gate(current: Path | str, baseline: Path | str, max_drop: float, rules: 
 def gate_command(
     current: str = typer.Argument(..., help="The new run's results.json or run directory."),
     baseline: str = typer.Option(..., "--baseline", "-b", help="The reference run's results.json or directory."),
-    max_drop: float = typer.Option(0.0, "--max-drop", help="Allowed drop in absolute fraction units "
-                                   "(0.01 = one percentage point) for every entry."),
+    max_drop: float = typer.Option(0.0, "--max-drop", help="Allowed change for the worse, in absolute fraction "
+                                   "units (0.01 = one percentage point), for every gated value."),
+    metric: Optional[List[str]] = typer.Option(None, "--metric", help=METRIC_HELP),
     rule: Optional[List[str]] = typer.Option(None, "--rule", help="METRIC@ENTRY:THRESHOLD, e.g. 'accuracy@pgd*:1pt' "
-                                             "or 'mAP@*:2%'; the first matching rule wins over --max-drop."),
+                                             "or 'mAP@*:2%'; the first matching rule wins over --max-drop. "
+                                             "A rule naming one metric (success_rate@...) also gates it."),
     require_significant: bool = typer.Option(False, "--require-significant",
                                              help="Fail only on drops beyond 1.96 standard errors."),
     junit: Optional[Path] = typer.Option(None, "--junit", help="Write a JUnit XML report here."),
@@ -114,8 +160,8 @@ def gate_command(
     allow_flag: Optional[List[str]] = typer.Option(None, "--allow-flag", help="A sanity flag of the current run "
                                                    "that may pass (e.g. gradient_masking); 'all' allows every flag."),
 ) -> None:
-    """Exit 0 if every value is within its allowed drop and the current run has no sanity flag (or only
-    allowed ones), 1 on a regression or a flag, 3 if the runs are not comparable."""
+    """Exit 0 if every gated value is within its allowed change and the current run has no sanity flag (or
+    only allowed ones), 1 on a regression or a flag, 3 if the runs are not comparable."""
     code = run_gate(current, baseline, max_drop, rule or [], require_significant, junit, as_json,
-                    allow_flags=allow_flag or [])
+                    allow_flags=allow_flag or [], metrics=metric or [])
     raise typer.Exit(code)

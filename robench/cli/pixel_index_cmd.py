@@ -10,19 +10,7 @@ from typing import Optional
 import typer
 
 from robench.cli.common import handle_errors, stderr, stdout_console
-from robench.config import check_range
-from robench.data.images import check_pixel_limit, input_geometry
 from robench.errors import UsageError
-from robench.expressions import eval_expr
-from robench.models import load_model, resolve_normalization
-from robench.pixels.experiment import build_settings
-from robench.pixels.folder import pixel_index_folder
-from robench.pixels.perturb import CHANNEL_MODES
-from robench.pixels.report import pixel_tables
-from robench.pixels.perturb import MAX_TRIALS
-from robench.results import default_run_dir, prepare_run_dir
-from robench.results.tidy import tidy_frame
-from robench.results.writers import write_results
 
 
 def _ints(text: str | None, what: str) -> list[int]:
@@ -51,7 +39,8 @@ def _areas(text: str | None) -> list[tuple[int, int]]:
 
 @handle_errors
 def pixel_index_command(
-    model: str = typer.Argument(..., help="Checkpoint file or example:digits."),
+    model: str = typer.Argument(..., help="Checkpoint file, example:digits, or a model by name with its "
+                                "preprocessing: timm:NAME, torchvision:NAME:WEIGHTS, hf:ORG/NAME, robustbench:NAME."),
     # readable=False: robench checks access itself and names the OS reason in one line
     folder: Path = typer.Argument(..., readable=False, help="Images: class sub-folders (labels) or a flat folder."),
     pixels: str = typer.Option("4,8,16,32,64", help="Pixel counts to change, comma-separated."),
@@ -66,8 +55,15 @@ def pixel_index_command(
     eps: Optional[str] = typer.Option(None, help="Eps of --on-attack, in [0,1] pixel units (e.g. 8/255)."),
     arch: Optional[str] = typer.Option(None, help="Architecture for state dicts: torchvision:NAME or module:factory."),
     num_classes: Optional[int] = typer.Option(None, "--num-classes"),
+    weights: Optional[str] = typer.Option(None, "--weights", help="timm:NAME / torchvision:NAME: a local weights "
+                                          "file instead of a download."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="robustbench: cifar10, cifar100 or imagenet."),
+    threat_model: Optional[str] = typer.Option(None, "--threat-model", help="robustbench: Linf, L2 or corruptions."),
+    model_dir: Optional[str] = typer.Option(None, "--model-dir", help="robustbench: checkpoint folder "
+                                            "(default: models)."),
     trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint"),
-    normalize: Optional[str] = typer.Option(None, "--normalize", "--preset", help="imagenet, cifar10, ..."),
+    normalize: Optional[str] = typer.Option(None, "--normalize", "--preset", help="imagenet, cifar10, ... "
+                                            "(replaces the mean/std a model by name brings)."),
     mean: Optional[str] = typer.Option(None),
     std: Optional[str] = typer.Option(None),
     input_size: Optional[int] = typer.Option(None, "--input-size",
@@ -82,10 +78,27 @@ def pixel_index_command(
     device: str = typer.Option("auto"),
     batch_size: int = typer.Option(256, "--batch-size", "-b"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default runs/pixel-index/<model>/<UTC time>/)."),
+    save_adversarial: Optional[str] = typer.Option(None, "--save-adversarial", metavar="[N|all]",
+                                                   help="Save the first N images (alone or all: every image) as changed "
+                                                   "by the first trial, per setting and pixel count, in "
+                                                   "adversarial/<setting>.npz with a PNG grid."),
     as_json: bool = typer.Option(False, "--json", help="Print only the results JSON to stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Misclassification under random few-pixel changes, and the Pixel-index Pi = w / (p r a)."""
+    # Imported here, not at the top: building the command line (--help) must not load torch.
+    from robench.config import check_range
+    from robench.data.images import check_pixel_limit, input_geometry
+    from robench.expressions import eval_expr
+    from robench.models import load_model, resolve_normalization
+    from robench.pixels.experiment import build_settings
+    from robench.pixels.folder import pixel_index_folder
+    from robench.pixels.perturb import CHANNEL_MODES, MAX_TRIALS
+    from robench.pixels.report import pixel_tables
+    from robench.results.adversarial import parse_count
+    from robench.results.tidy import tidy_frame
+    from robench.results.writers import default_run_dir, prepare_run_dir, write_results
+
     counts = _ints(pixels, "pixels")
     if 0 in counts:
         raise UsageError("--pixels values must be >= 1")
@@ -110,14 +123,21 @@ def pixel_index_command(
         raise UsageError("--eps is only used with --on-attack")
     resize, crop = input_geometry(input_size, resize, crop)
     check_pixel_limit(max_image_pixels)
+    keep = parse_count(save_adversarial)  # before any work: a bad count is a usage error
     normalization = resolve_normalization(normalize, mean, std)
-    loaded = load_model(model, arch=arch, num_classes=num_classes, trust_checkpoint=trust_checkpoint)
+    loaded = load_model(model, arch=arch, num_classes=num_classes, trust_checkpoint=trust_checkpoint,
+                        weights=weights, dataset=dataset, threat_model=threat_model, model_dir=model_dir)
+    if loaded.preprocessing is not None:
+        # A model by name brings its preprocessing; explicit options still win.
+        normalization = normalization if (normalize or mean or std) else loaded.preprocessing.normalization
+        if resize is None and crop is None:
+            resize, crop = loaded.preprocessing.resize, loaded.preprocessing.crop
     run_dir = prepare_run_dir(out if out else default_run_dir("pixel-index", loaded.name))
     doc = pixel_index_folder(
         loaded, folder, normalization=normalization, pixels=counts, settings=build_settings(deltas, _areas(area)),
         trials=trials, seed=seed, shared_positions=shared_positions, channels=channels, resize=resize, crop=crop,
         class_map=class_map, gray=gray, attack_eps=attack_eps, batch_size=batch_size, device=device,
-        max_image_pixels=max_image_pixels,
+        max_image_pixels=max_image_pixels, save_adversarial=keep, save_to=run_dir,
         warn=lambda m: stderr.print(f"robench: warning: {m}", highlight=False),
     )
     config = {"model": loaded.source, "arch": arch, "folder": str(folder), "pixels": counts, "delta": deltas,
@@ -125,7 +145,8 @@ def pixel_index_command(
               "channels": channels, "resize": resize, "crop": crop, "class_map": class_map, "gray": gray,
               "max_image_pixels": max_image_pixels,
               "normalization": normalization.as_dict() if normalization else None, "on_attack": on_attack,
-              "eps": attack_eps, "device": device, "batch_size": batch_size}
+              "eps": attack_eps, "device": device, "batch_size": batch_size,
+              **({"save_adversarial": keep} if keep is not None else {})}
     write_results(run_dir, doc, tidy_frame(doc), config)
     if as_json:
         sys.stdout.write(json.dumps(doc, indent=2) + "\n")

@@ -148,7 +148,8 @@ def _refuse_bomb(size: tuple[int, int], limit: int | None) -> None:
                               f"limit of {limit:,}; pass --max-image-pixels to raise it")
 
 
-def read_image8(path: Path, resize: int | None, crop: int | None, max_pixels: int | None = None) -> np.ndarray:
+def read_image8(path: Path, resize: int | None, crop: int | None, max_pixels: int | None = None,
+                interpolation: str | None = None) -> np.ndarray:
     """An 8-bit array (H, W, 1) for grayscale files, (H, W, 3) otherwise.
 
     Raises ``ValueError`` (``UnreadableImage``) with a short reason for files that
@@ -157,11 +158,11 @@ def read_image8(path: Path, resize: int | None, crop: int | None, max_pixels: in
     palettes expanded. Images with more than ``max_pixels`` pixels (default:
     Pillow's limit) are refused from their header, before anything is decoded.
     """
-    return _read_image(path, resize, crop, max_pixels)[0]
+    return _read_image(path, resize, crop, max_pixels, interpolation)[0]
 
 
 def _read_image(path: Path, resize: int | None, crop: int | None,
-                max_pixels: int | None) -> tuple[np.ndarray, str]:
+                max_pixels: int | None, interpolation: str | None = None) -> tuple[np.ndarray, str]:
     """The 8-bit array and the file's own mode (e.g. "RGBA", "P", "I;16")."""
     from PIL import Image, UnidentifiedImageError
 
@@ -178,7 +179,7 @@ def _read_image(path: Path, resize: int | None, crop: int | None,
             mode = img.mode
             img = _to_8bit(img)
             if resize:
-                img = _resize_shorter(img, resize)
+                img = _resize_shorter(img, resize, interpolation)
             if crop:
                 img = _center_crop(img, crop)
             arr = np.asarray(img, dtype=np.uint8).copy()
@@ -221,14 +222,16 @@ def _to_8bit(img):
     return img.convert("RGB")
 
 
-def _resize_shorter(img, size: int):
+def _resize_shorter(img, size: int, interpolation: str | None = None):
+    """Shorter side to ``size``; ``interpolation`` names a PIL filter (bilinear when None)."""
     from PIL import Image
 
     w, h = img.size
     if min(w, h) == size:
         return img
     scale = size / min(w, h)
-    return img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
+    resample = getattr(Image, (interpolation or "bilinear").upper())
+    return img.resize((max(1, round(w * scale)), max(1, round(h * scale))), resample)
 
 
 def _center_crop(img, size: int):
@@ -251,7 +254,8 @@ def input_geometry(input_size: int | None, resize: int | None, crop: int | None)
 
 
 def load_folder(scan: ImageFolderScan, resize: int | None, crop: int | None,
-                gray: bool | None = None, max_pixels: int | None = None) -> tuple[torch.Tensor, list[int]]:
+                gray: bool | None = None, max_pixels: int | None = None,
+                interpolation: str | None = None) -> tuple[torch.Tensor, list[int]]:
     """Read every file: uint8 NCHW tensor of the readable ones and their positions in ``scan.files``.
 
     Unreadable files (and decompression bombs over ``max_pixels``) are appended to
@@ -268,7 +272,7 @@ def load_folder(scan: ImageFolderScan, resize: int | None, crop: int | None,
     shape: tuple[int, ...] | None = None
     for i, path in enumerate(scan.files):
         try:
-            arr, mode = _read_image(path, resize, crop, max_pixels)
+            arr, mode = _read_image(path, resize, crop, max_pixels, interpolation)
         except ValueError as exc:
             scan.skipped.append({"file": str(path), "reason": str(exc)})
             continue

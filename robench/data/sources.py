@@ -12,6 +12,7 @@ from torch.utils.data import Dataset
 
 from robench.data.images import check_pixel_limit
 from robench.errors import UsageError
+from robench.models.preprocessing import INTERPOLATIONS
 from robench.registry import Registry
 
 LIMIT_SEED = 0  # --limit subsets are fixed across runs and machines, independent of --seed
@@ -27,9 +28,12 @@ class DataOptions:
     split: str = "test"
     gray: bool | None = None  # image folders: force one (True) or three (False) channels; None: the majority
     max_image_pixels: int | None = None  # image folders: larger images are skipped; None: Pillow's limit
+    interpolation: str | None = None  # image folders' --resize filter (a model's preprocessing); None: bilinear
 
     def __post_init__(self) -> None:
         check_pixel_limit(self.max_image_pixels)
+        if self.interpolation is not None and self.interpolation not in INTERPOLATIONS:
+            raise UsageError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
 
 
 class ImageDataset(Dataset):
@@ -218,7 +222,8 @@ def _imagefolder(path: str, options: DataOptions) -> ImageDataset:
     scan = scan_folder(path)
     if not scan.class_structured:
         raise UsageError(f"{path}: imagefolder needs one sub-folder per class")
-    images, kept = load_folder(scan, options.resize, options.crop, options.gray, options.max_image_pixels)
+    images, kept = load_folder(scan, options.resize, options.crop, options.gray, options.max_image_pixels,
+                               interpolation=options.interpolation)
     classes = sorted({c for c in scan.class_names if c is not None})
     labels = torch.tensor([classes.index(scan.class_names[i]) for i in kept], dtype=torch.long)
     dataset = ImageDataset(TensorImages(images, labels), f"imagefolder:{Path(path).name}")

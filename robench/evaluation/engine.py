@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ from robench.evaluation.speed import (SpeedReport, auto_batch_size, estimated_wo
 from robench.evaluation.entries import Entry, build_entries
 from robench.metrics import Scalar
 from robench.evaluation.state import RunInterrupted, RunOutcome, RunState
+from robench.results.adversarial import as_float as from_8bit, quantize_adversarial, quantize_clean, samples_to_keep
 from robench.suites import Suite
 from robench.suites.schema import REID_FIELDS
 
@@ -74,6 +75,7 @@ def run(
     seed: int = 0,
     workers: int = 0,
     on_batch: Callable[[int], None] | None = None,
+    progress: ProgressSink | None = None,
     resume_state: dict | None = None,
     save_state: Callable[[dict], None] | None = None,
     save_every: float = 10.0,
@@ -82,9 +84,12 @@ def run(
     channels_last: bool = False,
     sweep_reuse: bool = False,
     refill: bool = True,
+    save_adversarial: int | None = None,
 ) -> RunOutcome:
     """Evaluate every entry of ``suite``, batch by batch.
 
+    ``on_batch(samples)`` is called when samples are committed; ``progress`` (a display) hears of
+    the run's size at the start and of every entry's part of a segment as soon as it is done.
     ``save_state`` receives a snapshot of the finished batches at most every
     ``save_every`` seconds, after the last batch and when the run is
     interrupted; ``resume_state`` (such a snapshot) skips the batches it
@@ -94,6 +99,9 @@ def run(
     Batches are attacked a segment at a time (several batches, see ``segment_batches``):
     with ``refill``, an attack keeps ``batch_size`` samples in flight and refills the
     slots of fooled or finished samples from the rest of the segment.
+
+    ``save_adversarial`` keeps the first N samples' examples as 8-bit images in the run state
+    (0: every sample; None: none), see :mod:`robench.results.adversarial`. It changes no result.
     """
     if len(dataset) == 0:
         raise UsageError("the dataset is empty")
@@ -115,7 +123,8 @@ def run(
     last_save = time.perf_counter()
     finished = done
     was_training = any(m.training for m in model.model.modules())
-    state = RunState.for_entries(len(entries), {"model_was_training": was_training})
+    state = RunState.for_entries(len(entries), {"model_was_training": was_training},
+                                 keep_examples=save_adversarial is not None)
 
     def outcome(complete: bool, fingerprint: str) -> RunOutcome:
         return RunOutcome(state, entries, fingerprint, time.perf_counter() - started, complete=complete,
@@ -135,8 +144,10 @@ def run(
             # The saved report describes the run's real first batch; keep it, as an uninterrupted run would.
             state.sanity["model_was_training"] = bool(state.sanity.get("model_was_training")) or was_training
         finished = done
+        if progress:
+            progress.start(len(dataset), min(len(dataset), done * batch_size))
         context = _RunContext(forward, model, entries, device, dataset, dataset_labels(dataset), sweep_reuse,
-                              batch_size, refill)
+                              batch_size, refill, progress, save_adversarial)
         # Without refill nothing gains from longer queues: a batch at a time, committed as it finishes.
         per_segment = segment_batches(batch_size, dataset) if refill else 1
         try:
@@ -189,6 +200,14 @@ def run(
     result.speed = {**speed.as_dict(), "sweep_reuse": sweep_reuse, "batch_size_auto": auto_batch, "refill": refill,
                     "segment_batches": per_segment}
     return result
+
+
+class ProgressSink(Protocol):
+    """What a progress display hears: the run's size, then each entry's part of each segment."""
+
+    def start(self, samples: int, done: int) -> None: ...  # done: finished before a resume
+
+    def entry_done(self, entry: int, samples: int) -> None: ...  # entry -1: the clean pass
 
 
 def dataset_fingerprint(dataset: ImageDataset, batch_size: int, workers: int = 0) -> str:
@@ -277,6 +296,8 @@ class _RunContext:
     sweep_reuse: bool
     batch_size: int  # images per forward pass: the clean batches and the attacks' pools
     refill: bool
+    progress: ProgressSink | None = None
+    save_adversarial: int | None = None  # keep the first N samples' examples (0: all; None: none)
 
 
 @dataclass
@@ -295,6 +316,7 @@ class _EntryOutcome:
     gradient_evals: int = 0
     peak_memory: int | None = None
     found_by: torch.Tensor | None = None  # composite attacks: per sample of the segment, the part or -1
+    examples: torch.Tensor | None = None  # --save-adversarial: the kept rows' examples (the clean image if unattacked)
 
 
 def _run_segment(batches: list[tuple], context: _RunContext, state: RunState,
@@ -319,7 +341,11 @@ def _run_segment(batches: list[tuple], context: _RunContext, state: RunState,
     x, y, pred, finite = torch.cat(xs), torch.cat(ys), torch.cat(preds), torch.cat(finites)
     idx = torch.cat([b[2] for b in batches])
     correct = pred == y
-    outcomes = _attack_entries(x, y, idx.to(context.device), correct, context, state)
+    if context.progress:
+        context.progress.entry_done(-1, len(y))
+    keep = 0 if context.save_adversarial is None else samples_to_keep(context.save_adversarial, state.n, len(y))
+    outcomes = _attack_entries(x, y, idx.to(context.device), correct, context, state, keep)
+    kept = _kept_examples(x[:keep], outcomes, context) if keep else None
     # Commit the whole segment at once: an interruption leaves the state at a segment boundary.
     totals = state.totals
     totals.clean.update(correct)
@@ -341,6 +367,9 @@ def _run_segment(batches: list[tuple], context: _RunContext, state: RunState,
             counts.found_by.update(result.found_by)
         worst &= result.robust
     totals.robust_all.update(worst)
+    if kept is not None:
+        for name, values in kept.items():
+            state.examples.metrics[name].update(values)
 
 
 def _clean_logits(x, y, idx, context: _RunContext, state: RunState, first: _FirstBatch | None) -> torch.Tensor:
@@ -364,24 +393,35 @@ def _clean_logits(x, y, idx, context: _RunContext, state: RunState, first: _Firs
     return logits
 
 
-def _attack_entries(x, y, idx, correct, context: _RunContext, state: RunState) -> list[_EntryOutcome]:
-    """Every entry on the clean-correct samples of one segment (nothing is committed here)."""
+def _attack_entries(x, y, idx, correct, context: _RunContext, state: RunState, keep: int = 0) -> list[_EntryOutcome]:
+    """Every entry on the clean-correct samples of one segment (nothing is committed here).
+
+    The examples of the first ``keep`` rows are kept on the outcomes (``--save-adversarial``).
+    """
     attacked = torch.nonzero(correct).squeeze(1)
     outcomes = []
     fooled_before: dict[int, tuple[float, torch.Tensor]] = {}  # per suite entry: (eps, fooled at that eps)
+    examples_before: dict[int, torch.Tensor] = {}  # per suite entry: the kept examples at that eps
     for entry, counts in zip(context.entries, state.entries):
         targets = attacked
         prior = fooled_before.get(id(entry.spec)) if context.sweep_reuse and _reusable(entry) else None
         if prior is not None and entry.eps >= prior[0]:
             # Fooled at a smaller eps of the same attack: that example lies in this larger ball too.
             targets = attacked[~prior[1][attacked]]
-        result = _attack_segment(entry, counts.chunk, context, x, y, idx, correct, targets)
+        result = _attack_segment(entry, counts.chunk, context, x, y, idx, correct, targets, keep)
         if prior is not None and entry.eps >= prior[0]:
             result.robust &= ~prior[1]
             result.success = ~result.robust[attacked]
+            if keep:  # a reused sample's example is the one found at the smaller eps
+                reused = prior[1][:keep]
+                result.examples[reused] = examples_before[id(entry.spec)][reused]
         if _reusable(entry):
             fooled_before[id(entry.spec)] = (entry.eps, correct & ~result.robust)
+            if keep:
+                examples_before[id(entry.spec)] = result.examples
         outcomes.append(result)
+        if context.progress:
+            context.progress.entry_done(entry.index, len(y))
     return outcomes
 
 
@@ -414,12 +454,16 @@ def _attack_with_backoff(entry: Entry, chunk: Scalar, context: _RunContext, x, y
 
 
 def _attack_segment(entry: Entry, chunk: Scalar, context: _RunContext, x, y, idx, correct,
-                    attacked) -> _EntryOutcome:
-    """Attack the clean-correct samples ``attacked`` (misclassified ones are already not robust)."""
+                    attacked, keep: int = 0) -> _EntryOutcome:
+    """Attack the clean-correct samples ``attacked`` (misclassified ones are already not robust).
+
+    The examples of the segment's first ``keep`` rows are returned too (clean where not attacked).
+    """
     robust = correct.clone()
     found_by = torch.full_like(idx, -1) if entry.attack.parts() else None
+    examples = x[:keep].clone() if keep else None
     if not attacked.numel():
-        return _EntryOutcome(robust, None, found_by=found_by)
+        return _EntryOutcome(robust, None, found_by=found_by, examples=examples)
     device = context.device
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -433,4 +477,35 @@ def _attack_segment(entry: Entry, chunk: Scalar, context: _RunContext, x, y, idx
     robust[attacked] = ~result.success
     if found_by is not None and result.found_by is not None:
         found_by[attacked] = result.found_by
-    return _EntryOutcome(robust, result.success, time.perf_counter() - t0, result.gradient_evals, peak, found_by)
+    if examples is not None:
+        among_kept = attacked < keep
+        examples[attacked[among_kept]] = result.x_adv[among_kept].to(examples.dtype)
+    return _EntryOutcome(robust, result.success, time.perf_counter() - t0, result.gradient_evals, peak, found_by,
+                         examples)
+
+
+def _kept_examples(x: torch.Tensor, outcomes: list[_EntryOutcome], context: _RunContext) -> dict[str, torch.Tensor]:
+    """The kept rows as 8-bit images with the model's predictions of exactly those images (on the CPU)."""
+    clean = quantize_clean(x)
+    clean_pred = _predict(clean, context)
+    kept = {"clean": clean.cpu(), "clean_pred": clean_pred.cpu()}
+    for j, outcome in enumerate(outcomes):
+        adversarial = quantize_adversarial(x, outcome.examples)
+        # Unchanged images need no second pass: their prediction is the clean one.
+        changed = (adversarial != clean).flatten(1).any(dim=1)
+        pred = clean_pred.clone()
+        if bool(changed.any()):
+            pred[changed] = _predict(adversarial[changed], context)
+        kept[f"adversarial{j}"], kept[f"adv_pred{j}"] = adversarial.cpu(), pred.cpu()
+    return kept
+
+
+def _predict(images: torch.Tensor, context: _RunContext) -> torch.Tensor:
+    """Predicted classes of uint8 images, a batch at a time; -1 where the logits are not finite."""
+    preds = []
+    with torch.no_grad():
+        for part in images.split(context.batch_size):
+            logits = context.forward(from_8bit(part.to(context.device)))
+            finite = torch.isfinite(logits).all(dim=1)
+            preds.append(torch.where(finite, logits.argmax(dim=1), torch.full_like(finite, -1, dtype=torch.long)))
+    return torch.cat(preds)

@@ -62,3 +62,13 @@ def _cells(spec: AttackSpec, cls: type) -> list[tuple[Any, float | None, str]]:
         return [(spec.settings.model_copy(update={sweep: [value]}), None, cls.sweep_label(value))
                 for value in getattr(spec.settings, sweep)]
     return [(spec.settings, eps, text) for eps, text in zip(spec.eps or [None], spec.eps_text or [""])]
+
+
+def entry_weights(suite: Suite) -> list[float]:
+    """Relative time per sample of each entry, in the order ``build_entries`` makes them, from the
+    attacks' costs: a backward pass counted as two forward passes (what progress ETAs weigh)."""
+    weights = []
+    for spec in suite.attacks:
+        cost = spec.attack_class.cost(spec.settings)
+        weights += [float(max(1, 3 * cost.gradient + cost.forward))] * len(_cells(spec, spec.attack_class))
+    return weights

@@ -33,6 +33,16 @@ def entry_metrics() -> MetricCollection:
     )
 
 
+def example_metrics(entries: int) -> MetricCollection:
+    """``--save-adversarial``: the first N samples' 8-bit clean images and, per entry j, the 8-bit
+    adversarial images (``adversarial{j}``), each with the model's prediction of exactly that image."""
+    per_entry = {}
+    for j in range(entries):
+        per_entry[f"adversarial{j}"] = Collected()
+        per_entry[f"adv_pred{j}"] = Collected()
+    return MetricCollection(clean=Collected(), clean_pred=Collected(), **per_entry)
+
+
 def run_metrics() -> MetricCollection:
     """What a run counts over all samples. The names are the progress file's keys."""
     return MetricCollection(nonfinite=Scalar("sum"), clean=Accuracy(), index=Collected(), labels=Collected(),
@@ -48,10 +58,12 @@ class RunState:
     num_classes: int = -1  # learned from the first batch's logits
     sanity: dict = field(default_factory=dict)  # the first batch's checks (a resumed run does not see it again)
     data_digest: str = ""  # hash of the finished batches' data: a resume tells when it changed
+    examples: MetricCollection | None = None  # kept adversarial examples (``example_metrics``); None: not asked
 
     @classmethod
-    def for_entries(cls, count: int, sanity: dict | None = None) -> "RunState":
-        return cls(entries=[entry_metrics() for _ in range(count)], sanity=dict(sanity or {}))
+    def for_entries(cls, count: int, sanity: dict | None = None, keep_examples: bool = False) -> "RunState":
+        return cls(entries=[entry_metrics() for _ in range(count)], sanity=dict(sanity or {}),
+                   examples=example_metrics(count) if keep_examples else None)
 
     # -- reading ---------------------------------------------------------------------------------------------
     @property
@@ -84,17 +96,26 @@ class RunState:
             mine.merge(theirs)
         self.num_classes = max(self.num_classes, other.num_classes)
         self.sanity = self.sanity or dict(other.sanity)  # the first batch's report: the first shard's
+        if self.examples is not None and other.examples is not None:
+            self.examples.merge(other.examples)
         # Hashes of two streams do not combine into the hash of the joined data: the whole set's
         # fingerprint is computed again from the data (``engine.dataset_fingerprint``).
         self.data_digest = ""
 
     def state_dict(self) -> dict[str, Any]:
         return {"totals": self.totals.state_dict(), "entries": [e.state_dict() for e in self.entries],
-                "num_classes": self.num_classes, "sanity": dict(self.sanity), "data_digest": self.data_digest}
+                "num_classes": self.num_classes, "sanity": dict(self.sanity), "data_digest": self.data_digest,
+                **self._examples_part(lambda examples: examples.state_dict())}
+
+    def _examples_part(self, saved) -> dict[str, Any]:
+        # Only runs that keep examples carry the key: other runs' states and progress files are unchanged.
+        return {} if self.examples is None else {"examples": saved(self.examples)}
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> "RunState":
-        run = cls.for_entries(len(state["entries"]), state["sanity"])
+        run = cls.for_entries(len(state["entries"]), state["sanity"], keep_examples="examples" in state)
+        if run.examples is not None:
+            run.examples.load_state_dict(state["examples"])
         run.totals.load_state_dict(state["totals"])
         for metrics, saved in zip(run.entries, state["entries"]):
             metrics.load_state_dict(saved)
@@ -114,7 +135,8 @@ class RunState:
         """The finished batches as plain tensors and numbers (torch.save-able, weights_only)."""
         return {"format": PROGRESS_FORMAT, "batches": batches, "batch_size": batch_size,
                 "num_classes": self.num_classes, **self.totals.state_values(), "sanity": dict(self.sanity),
-                "data_digest": self.data_digest, "entries": [e.state_values() for e in self.entries]}
+                "data_digest": self.data_digest, "entries": [e.state_values() for e in self.entries],
+                **self._examples_part(lambda examples: examples.state_values())}
 
     def restore(self, snapshot: dict[str, Any], batch_size: int) -> int:
         """Load a snapshot taken with the same suite and batch size; returns the batches it holds."""
@@ -126,6 +148,11 @@ class RunState:
         self.totals.load_state_values({name: snapshot[name] for name in self.totals.metrics})
         for metrics, saved in zip(self.entries, snapshot["entries"]):
             metrics.load_state_values(saved)
+        if self.examples is not None:
+            if "examples" not in snapshot:
+                raise UsageError("cannot resume: the interrupted run did not save adversarial examples; "
+                                 "start a new run with --save-adversarial and another --out")
+            self.examples.load_state_values(snapshot["examples"])
         self.num_classes, self.data_digest = snapshot["num_classes"], snapshot["data_digest"]
         self.sanity.update(snapshot["sanity"])
         return snapshot["batches"]

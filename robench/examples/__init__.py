@@ -1,8 +1,12 @@
-"""The bundled example: a small CNN trained on scikit-learn's digits and its test split.
+"""The bundled examples: small models trained on scikit-learn's digits, shipped with their data.
 
 ``example:digits`` names both the model and the data, so
-``robench eval example:digits --suite digits`` works offline on any install.
-The files are produced by ``tools/make_digits_example.py``.
+``robench eval example:digits --suite digits`` works offline on any install;
+its files are produced by ``tools/make_digits_example.py``.
+``example:reid-digits`` is the re-identification example (``reid_digits.py``,
+``tools/make_reid_digits_example.py``): ``robench eval example:reid-digits
+--suite reid-pgd``; ``example:reid-digits-surrogate`` is a second embedding
+network trained with another seed, a surrogate for transfer attacks.
 """
 
 from __future__ import annotations
@@ -15,7 +19,18 @@ from torch import nn
 from robench.errors import UsageError
 
 HERE = Path(__file__).resolve().parent
-EXAMPLES = {"digits": ("digits_cnn.safetensors", "digits_test.npz")}
+EXAMPLES = {
+    "digits": ("digits_cnn.safetensors", "digits_test.npz"),
+    "reid-digits": ("reid_digits_net.safetensors", "reid_digits.npz"),
+    "reid-digits-surrogate": ("reid_digits_surrogate.safetensors", "reid_digits.npz"),
+}
+# name -> (architecture, number of classes); the ReID networks output embeddings
+ARCHITECTURES = {
+    "digits": ("robench.examples:digits_cnn", 10),
+    "reid-digits": ("robench.examples.reid_digits:reid_digits_net", None),
+    "reid-digits-surrogate": ("robench.examples.reid_digits:reid_digits_net", None),
+}
+REID_EXAMPLES = ("reid-digits", "reid-digits-surrogate")
 
 
 def digits_cnn(num_classes: int = 10) -> nn.Module:
@@ -55,13 +70,28 @@ def _files(name: str) -> tuple[Path, Path]:
 
 
 def example_data_path(name: str) -> Path:
+    """The classification examples' npz (``x``, ``y``)."""
+    if is_reid_example(name):
+        raise UsageError(f"example:{name} is re-identification data: use a ReID suite such as reid-pgd")
     return _files(name)[1]
+
+
+def is_reid_example(name: str) -> bool:
+    return name in REID_EXAMPLES
+
+
+def load_example_reid_data(name: str):
+    """The ReID example's query, gallery and train splits (every ReID example shares one data file)."""
+    from robench.examples.reid_digits import load_reid_digits
+
+    return load_reid_digits(_files(name)[1], "example:reid-digits")  # results name the data, not the model
 
 
 def load_example_model(name: str):
     from robench.models.loading import LoadedModel, load_model
 
     weights, _ = _files(name)
-    loaded: LoadedModel = load_model(str(weights), arch="robench.examples:digits_cnn", num_classes=10)
+    arch, num_classes = ARCHITECTURES[name]
+    loaded: LoadedModel = load_model(str(weights), arch=arch, num_classes=num_classes)
     loaded.name = f"example-{name}"
     return loaded

@@ -1,7 +1,7 @@
-"""Model loading, preprocessing metadata and the normalising wrapper."""
+"""Model loading (files and models by name), preprocessing metadata and the normalising wrapper."""
 
 from robench.models.loading import ARCHITECTURES, LoadedModel, load_model, register_architecture
-from robench.models.preprocessing import PRESETS, Normalization, resolve_normalization
+from robench.models.preprocessing import PRESETS, Normalization, Preprocessing, resolve_normalization
 from robench.models.wrapper import RobustModel, evaluation_mode, logits_from
 
 __all__ = [
@@ -9,6 +9,7 @@ __all__ = [
     "LoadedModel",
     "Normalization",
     "PRESETS",
+    "Preprocessing",
     "RobustModel",
     "evaluation_mode",
     "load_model",

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import os
 import pickle
 import re
 import stat
+import sys
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -18,7 +20,7 @@ import torch
 from torch import nn
 
 from robench.errors import RunError, UsageError
-from robench.models.preprocessing import Normalization
+from robench.models.preprocessing import Normalization, Preprocessing
 from robench.registry import did_you_mean
 
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "model_ema", "net", "network")
@@ -27,6 +29,13 @@ _MAX_LISTED_KEYS = 8
 
 @dataclass
 class LoadedModel:
+    """A model ready to evaluate and where it came from.
+
+    ``source`` is the file or the spec (``timm:resnet50``); ``sha256`` that of the weights
+    file, when there is one; ``preprocessing`` what a named source (timm, torchvision,
+    Hugging Face, RobustBench) says the model expects, ``weights`` a ``--weights`` file.
+    """
+
     model: nn.Module
     name: str
     source: str
@@ -34,6 +43,17 @@ class LoadedModel:
     arch: str | None = None
     normalization: Normalization | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    preprocessing: Preprocessing | None = None
+    weights: str | None = None
+
+    def provenance(self) -> dict[str, Any]:
+        """What results.json adds to the model block: only what is known, so file runs keep their keys."""
+        record: dict[str, Any] = {}
+        if self.weights is not None:
+            record["weights"] = self.weights
+        if self.preprocessing is not None:
+            record["preprocessing"] = self.preprocessing.as_dict()
+        return record
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -98,28 +118,45 @@ def load_model(
     trust_checkpoint: bool = False,
     map_location: str | torch.device = "cpu",
     arch_option: str = "--arch",
+    weights: str | None = None,
+    dataset: str | None = None,
+    threat_model: str | None = None,
+    model_dir: str | None = None,
 ) -> LoadedModel:
-    """Resolve ``spec`` (a file or ``example:NAME``) into an ``nn.Module``.
+    """Resolve ``spec`` into an ``nn.Module``: a file, ``example:NAME``, or a model by name.
 
+    Named models (``timm:NAME``, ``torchvision:NAME[:WEIGHTS]``, ``hf:REPO_ID``,
+    ``robustbench:NAME``) bring their preprocessing (see ``robench.models.sources``);
+    ``weights`` is a local weights file for timm/torchvision names, ``dataset``,
+    ``threat_model`` and ``model_dir`` select a RobustBench model.
     ``arch_option`` is how the caller's user names the architecture (``--surrogate-arch``,
     say); it only appears in messages. Modules that arrive whole (TorchScript, trusted
     pickles) are put in eval mode; ``info["was_training"]`` says whether they came in train mode.
     """
+    # Imported here: the named sources build on this module's readers.
+    from robench.models import sources
+
+    options = sources.SourceOptions(weights=weights, num_classes=num_classes, dataset=dataset,
+                                    threat_model=threat_model, model_dir=model_dir,
+                                    trust_checkpoint=trust_checkpoint)
+    if sources.is_named_spec(spec):
+        return sources.load_named(spec, options, arch=arch, arch_option=arch_option)
+    sources.refuse_source_options(spec, options)
     if spec.startswith("example:"):
         from robench.examples import load_example_model
 
         return load_example_model(spec.split(":", 1)[1])
     path = Path(spec)
-    _check_model_path(path, spec)
-    digest = _hash_model_file(path, spec)
+    check_model_path(path, spec)
+    digest = hash_model_file(path, spec)
     name = path.stem
-    program = _program_kind(path)
+    program = program_kind(path)
     if program is not None:
         module = _load_program(path, spec, program, trust_checkpoint, map_location, arch_option)
         info = _mode_info(module)
         return LoadedModel(module.eval(), name, str(path), digest, arch="torchscript", info=info)
 
-    state = _read_checkpoint(path, trust_checkpoint, map_location)
+    state = read_checkpoint(path, trust_checkpoint, map_location)
     if isinstance(state, Mapping):  # e.g. {"model": <nn.Module>, "epoch": 3} from a trusted pickle
         state = next((state[k] for k in _WRAPPER_KEYS if isinstance(state.get(k), nn.Module)), state)
     if isinstance(state, nn.Module):
@@ -146,7 +183,7 @@ def _os_reason(exc: OSError) -> str:
     return exc.strerror or str(exc) or type(exc).__name__
 
 
-def _check_model_path(path: Path, spec: str) -> None:
+def check_model_path(path: Path, spec: str) -> None:
     try:
         info = path.stat()
     except (FileNotFoundError, NotADirectoryError):
@@ -160,7 +197,7 @@ def _check_model_path(path: Path, spec: str) -> None:
         raise UsageError(f"model path is not a regular file (a device, pipe or socket?): {spec}")
 
 
-def _hash_model_file(path: Path, spec: str) -> str:
+def hash_model_file(path: Path, spec: str) -> str:
     try:
         return sha256_file(path)
     except OSError as exc:
@@ -176,7 +213,7 @@ TORCHSCRIPT = "TorchScript program"
 EXPORTED = "torch.export program"
 
 
-def _program_kind(path: Path) -> str | None:
+def program_kind(path: Path) -> str | None:
     """Classify the archive by its member names alone; nothing in it is deserialised."""
     names = _torch_archive_records(path) + _zip_member_names(path)
     if any(_is_torchscript_record(n) for n in names):
@@ -237,7 +274,7 @@ def _load_program(path: Path, spec: str, kind: str, trust: bool, map_location: A
         raise RunError(f"cannot read TorchScript file {spec}: {exc}") from exc
 
 
-def _read_checkpoint(path: Path, trust: bool, map_location: Any) -> Any:
+def read_checkpoint(path: Path, trust: bool, map_location: Any) -> Any:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -297,14 +334,14 @@ def unwrap_state_dict(obj: Any, spec: str) -> dict[str, torch.Tensor]:
             f"{spec} is not a state dict (found {kind}{': ' + keys if keys else ''}); "
             f"expected tensors, possibly under one of {', '.join(_WRAPPER_KEYS)}"
         )
-    return {_strip_prefixes(k): v for k, v in obj.items()}
+    return {strip_prefixes(k): v for k, v in obj.items()}
 
 
 def _is_tensor_map(obj: Mapping) -> bool:
     return len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
-def _strip_prefixes(key: str) -> str:
+def strip_prefixes(key: str) -> str:
     changed = True
     while changed:
         changed = False
@@ -330,14 +367,49 @@ def build_arch(arch: str, num_classes: int | None) -> nn.Module:
 
         check_torchvision_arch(name)
         return tvm.get_model(name, weights=None, **kwargs)
-    try:
-        module = importlib.import_module(source)
-    except ImportError as exc:
-        raise UsageError(f"cannot import {source!r} for --arch {arch}: {exc}") from exc
+    module = _import_factory_module(source, arch)
     factory: Callable[..., nn.Module] | None = getattr(module, name, None)
     if factory is None or not callable(factory):
         raise UsageError(f"{source} has no callable {name!r} for --arch {arch}")
     return _call_factory(factory, arch, kwargs)
+
+
+def _import_factory_module(source: str, arch: str) -> Any:
+    """Import the module of a ``module:factory`` architecture, also from the current folder.
+
+    ``python -m robench`` has the current folder on ``sys.path`` but the ``robench``
+    console script does not, so ``--arch mymodels:net`` next to ``mymodels.py`` would
+    work one way and not the other; a module that is not found is looked for there too.
+    """
+    try:
+        return importlib.import_module(source)
+    except ModuleNotFoundError as exc:
+        if not _is_the_missing_module(exc, source):
+            raise UsageError(f"cannot import {source!r} for --arch {arch}: {exc}") from exc
+        first_error = exc
+    except ImportError as exc:
+        raise UsageError(f"cannot import {source!r} for --arch {arch}: {exc}") from exc
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.append(cwd)  # last: never shadows an installed module
+        importlib.invalidate_caches()
+        try:
+            return importlib.import_module(source)
+        except ModuleNotFoundError as exc:
+            if not _is_the_missing_module(exc, source):
+                raise UsageError(f"cannot import {source!r} for --arch {arch}: {exc}") from exc
+        except ImportError as exc:
+            raise UsageError(f"cannot import {source!r} for --arch {arch}: {exc}") from exc
+        finally:
+            sys.path.remove(cwd)
+    raise UsageError(f"cannot import {source!r} for --arch {arch}: {first_error} (not on the Python path nor in "
+                     f"the current folder {cwd}); run robench from the folder that holds it or add that "
+                     "folder to PYTHONPATH") from first_error
+
+
+def _is_the_missing_module(exc: ModuleNotFoundError, source: str) -> bool:
+    """The module itself (or a package above it) is missing, not something it imports."""
+    return exc.name is not None and (source == exc.name or source.startswith(exc.name + "."))
 
 
 def _call_factory(factory: Callable[..., nn.Module], arch: str, kwargs: dict[str, Any]) -> nn.Module:

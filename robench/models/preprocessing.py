@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from robench.errors import UsageError
@@ -54,3 +55,59 @@ def resolve_normalization(
     if any(s <= 0 for s in norm.std):
         raise UsageError("--std values must be > 0")
     return norm
+
+
+# PIL's resampling filters by the names timm, torchvision and RobustBench use for them.
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a model's source says its images are prepared: geometry, then normalisation.
+
+    ``resize`` is the shorter side before a centre crop of ``crop`` (both None: the
+    images are used at the size they come in). ``mean``/``std`` None: the model takes
+    pixels in [0,1] (RobustBench models normalise inside). ``source`` says where the
+    values were read, e.g. ``timm pretrained_cfg test_resnet.r160_in1k``.
+    """
+
+    source: str
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    input_size: tuple[int, int, int] | None = None  # (C, H, W)
+    resize: int | None = None
+    crop: int | None = None
+    interpolation: str = "bilinear"
+    details: tuple[tuple[str, object], ...] = ()  # what the source adds (crop_pct, crop_mode, a preset name)
+
+    def __post_init__(self) -> None:
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("mean and std go together")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"unknown interpolation {self.interpolation!r}; known: {', '.join(INTERPOLATIONS)}")
+
+    @property
+    def normalization(self) -> Normalization | None:
+        if self.mean is None or self.std is None:
+            return None
+        return Normalization(tuple(self.mean), tuple(self.std))
+
+    def as_dict(self) -> dict[str, object]:
+        """The ``model.preprocessing`` block of results.json."""
+        return {"source": self.source, "mean": _listed(self.mean), "std": _listed(self.std),
+                "input_size": _listed(self.input_size), "resize": self.resize, "crop": self.crop,
+                "interpolation": self.interpolation, **dict(self.details)}
+
+
+def _listed(values: tuple | None) -> list | None:
+    return None if values is None else list(values)
+
+
+def eval_geometry(height: int, width: int, crop_pct: float | None) -> tuple[int | None, int | None]:
+    """timm's evaluation transform for a square input: shorter side floor(size / crop_pct), centre crop size.
+
+    A non-square input has no shorter-side equivalent: no geometry (images keep their size).
+    """
+    if height != width:
+        return None, None
+    return math.floor(height / (crop_pct or 0.875)), height

@@ -6,8 +6,10 @@ from typing import Any, Callable
 
 from torch import nn
 
+from robench.errors import UsageError
 from robench.evaluation import distributed
 from robench.config import as_loaded_model, as_suite
+from robench.examples import is_reid_example, load_example_reid_data
 from robench.models.loading import LoadedModel
 from robench.models.preprocessing import PRESETS, Normalization
 from robench.evaluation.precision import resolve_device
@@ -21,11 +23,21 @@ REID_KINDS = tuple(PATTERNS)
 
 
 def is_reid_spec(spec: str | None) -> bool:
-    return bool(spec) and spec.partition(":")[0].lower() in REID_KINDS and ":" in spec
+    """``market1501:ROOT``, ``dukemtmc:ROOT``, ``reid:ROOT`` or a bundled ReID example (``example:reid-digits``)."""
+    if not spec or ":" not in spec:
+        return False
+    kind, _, name = spec.partition(":")
+    if kind.lower() == "example":
+        return is_reid_example(name)
+    return kind.lower() in REID_KINDS
 
 
 def load_reid_spec(spec: str, pattern: str | None = None) -> ReIDData:
     kind, _, root = spec.partition(":")
+    if kind.lower() == "example" and is_reid_spec(spec):
+        if pattern is not None:
+            raise UsageError(f"--reid-pattern does not apply to {spec}: its ids and cameras are stored with it")
+        return load_example_reid_data(root)
     return load_reid(kind.lower(), root, pattern)
 
 
@@ -83,7 +95,7 @@ def evaluate_reid(
         "model": model_block(loaded, normalization=normalization, feature_layer=feature_layer, flip=flip, l2=l2),
         "surrogate": None if surrogate is None else model_block(surrogate),
         "suite": suite_block(suite.suite.name, suite.path, suite.sha256, overrides=suite.overrides),
-        "data": data_block({"spec": f"{data.kind}:{data.root}", "queries": len(data.query),
+        "data": data_block({"spec": data.spec, "queries": len(data.query),
                             "gallery": len(data.gallery), "junk_excluded": data.junk, "skipped": data.skipped},
                            outcome.fingerprint),
         "protocol": {"distance": options.metric, "ranks": list(options.ranks), "ap_convention": options.ap,

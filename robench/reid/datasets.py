@@ -33,9 +33,16 @@ SPLIT_DIRS = {"query": "query", "gallery": "bounding_box_test", "train": "boundi
 
 @dataclass
 class ReIDSplit:
+    """One split's images with their person ids and cameras.
+
+    ``files`` are read from disk unless ``images`` (uint8 NHWC, 1 or 3 channels)
+    holds the pixels, as for the bundled example; ``files`` then only name the images.
+    """
+
     files: list[Path]
     pids: np.ndarray
     camids: np.ndarray
+    images: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.files)
@@ -50,10 +57,15 @@ class ReIDData:
     train: ReIDSplit | None
     skipped: list[dict[str, str]] = field(default_factory=list)
     junk: int = 0
+    source: str | None = None  # the spec that named it when that is not KIND:ROOT (example:reid-digits)
 
     @property
     def name(self) -> str:
         return f"{self.kind}:{self.root.name}"
+
+    @property
+    def spec(self) -> str:
+        return self.source or f"{self.kind}:{self.root}"
 
 
 def parse_split(directory: Path, pattern: str, kind: str, skipped: list[dict[str, str]],
@@ -128,6 +140,23 @@ class ReIDImages(Dataset):
         return len(self.split)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+        arr = self._read(i) if self.split.images is None else self._from_memory(i)
+        x = torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)
+        return x, int(self.split.pids[i]), i
+
+    def _from_memory(self, i: int) -> np.ndarray:
+        from PIL import Image
+
+        arr = self.split.images[i]
+        if arr.shape[-1] == 1:
+            arr = np.repeat(arr, 3, axis=-1)  # RGB, as folder images are read
+        if self.size is not None and tuple(arr.shape[:2]) != tuple(self.size):
+            img = Image.fromarray(np.ascontiguousarray(arr), "RGB").resize((self.size[1], self.size[0]),
+                                                                            Image.BILINEAR)
+            arr = np.asarray(img, dtype=np.uint8)
+        return np.array(arr, dtype=np.uint8)  # a copy: torch.from_numpy must not alias the split
+
+    def _read(self, i: int) -> np.ndarray:
         from PIL import Image
 
         path = self.split.files[i]
@@ -136,8 +165,6 @@ class ReIDImages(Dataset):
                 img = img.convert("RGB")
                 if self.size is not None:
                     img = img.resize((self.size[1], self.size[0]), Image.BILINEAR)
-                arr = np.asarray(img, dtype=np.uint8).copy()
+                return np.asarray(img, dtype=np.uint8).copy()
         except OSError as exc:
             raise UsageError(f"cannot read image {path}: {exc}") from None
-        x = torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)
-        return x, int(self.split.pids[i]), i

@@ -3,8 +3,10 @@
 Layouts mirror the documents: ``fdd`` (FDD Table 3: rows attack x eps, a
 column per model), ``alignment`` (feature-alignment Tables 2-5: a row per
 model, Clean, each attack x eps, Mean), ``reid`` (LFM Table III: Original and
-Attacked Rank-1/5/10/mAP per model) and ``pixel`` (pixel paper Tables 5-8: Pi
-or misclassification per model, setting and pixel count). Accuracy-like
+Attacked Rank-1/5/10/mAP per model; ``reid-rows`` holds the same values with
+the metrics as columns and a row per setting and model, to fit a terminal)
+and ``pixel`` (pixel paper Tables 5-8: Pi or misclassification per model,
+setting and pixel count). Accuracy-like
 values are percentages, rounded as each paper prints them; the best model
 for each setting is marked in the human formats.
 """
@@ -137,6 +139,45 @@ def reid_layout(rows: pd.DataFrame, metric: str = "rank1") -> ComparisonTable:
                            info.higher_is_better, "rows")
 
 
+@LAYOUTS.register("reid-rows")
+def reid_rows_layout(rows: pd.DataFrame, metric: str = "rank1") -> ComparisonTable:
+    """The ``reid`` values turned on their side: the paper's metrics as columns (CMC ranks, mAP) and a
+    row per setting and run, the runs of one setting together.
+
+    ``reid`` has a column per setting and metric (about 80 for a suite with re-ranking), which no
+    terminal can show; this keeps four or five columns however many attacks a suite has.
+    """
+    present = set(rows.metric)
+    metrics = rank_keys(present) + [m for m in ("mAP",) if m in present]
+    data = rows[rows.metric.isin(metrics)].copy()
+    if data.empty:
+        raise UsageError("no re-identification metrics in these results")
+    data["setting"] = _reid_settings(data)
+    table = data.pivot_table(index=["setting", "model"], columns="metric", values="value", aggfunc="first",
+                             sort=False)
+    order = [(s, m) for s in dict.fromkeys(data.setting) for m in dict.fromkeys(data.model) if (s, m) in table.index]
+    table = table.reindex(pd.MultiIndex.from_tuples(order))[[m for m in metrics if m in table.columns]]
+    table.columns = [f"Rank-{m[4:]}" if m != "mAP" else "mAP" for m in table.columns]
+    groups = [setting for setting, _ in table.index]
+    table.index = [f"{setting} · {model}" for setting, model in table.index]
+    aps = sorted({a for a in data.ap_convention if isinstance(a, str)})
+    # Every column is a CMC value or mAP: percentages, higher is better, as the table says for both.
+    info = metric_info("mAP")
+    return ComparisonTable(table * 100.0, f"CMC and mAP (%), AP {', '.join(aps) or '?'}", info.decimals,
+                           info.higher_is_better, "rows", row_groups=groups)
+
+
+def _reid_settings(data: pd.DataFrame) -> list[str]:
+    """``Original``, ``pgd-away ε = 4/255``, and `` + re-ranking`` for the re-ranked rows."""
+    labels = []
+    for entry, eps, text, settings in zip(data.entry, data.eps, data.eps_text, data.settings):
+        reranked = isinstance(settings, str) and (settings == "rerank" or settings.endswith("|rerank"))
+        base = entry[: -len("+rerank")] if reranked and entry.endswith("+rerank") else entry
+        label = "Original" if base == "clean" else f"{base} {_eps_label(eps, text)}".strip()
+        labels.append(label + (" + re-ranking" if reranked else ""))
+    return labels
+
+
 @LAYOUTS.register("pixel")
 def pixel_layout(rows: pd.DataFrame, metric: str = "pi") -> ComparisonTable:
     data = _only(rows, metric).copy()
@@ -162,7 +203,11 @@ def pivot_table(rows: pd.DataFrame, index: list[str], columns: list[str], metric
     return _metric_table(table, metric, models_on, title=metric)
 
 
-def default_layout(kind: str) -> str:
+def default_layout(kind: str, fmt: str = "table") -> str:
+    """By kind of run; ReID runs get the narrow ``reid-rows`` in the terminal and the paper's wide
+    ``reid`` in files."""
+    if kind == "reid" and fmt == "table":
+        return "reid-rows"
     return {"classification": "fdd", "reid": "reid", "pixel": "pixel"}[kind]
 
 
@@ -222,9 +267,10 @@ def rich_table(table: ComparisonTable):
 
     # Names, titles and notes carry labels from the result files: shown as text, never read as markup.
     out = Table(title=Text(table.title), caption=Text("\n".join(table.notes)) if table.notes else None)
-    out.add_column("")
+    # The row names wrap when the terminal is narrow; numbers and their headers are never cut.
+    out.add_column("", overflow="fold")
     for c in table.frame.columns:
-        out.add_column(Text(str(c)), justify="right")
+        out.add_column(Text(str(c)), justify="right", no_wrap=True, min_width=len(str(c)))
     for name, cells in zip(table.frame.index, _cells(table, lambda t: f"[bold green]{t}[/]")):
         out.add_row(Text(str(name)), *cells)
     return out

@@ -1,15 +1,35 @@
-"""Curves from result files: accuracy vs eps (FDD Fig. 7) and misclassification vs pixel count (pixel paper Fig. 8)."""
+"""Curves from result files: accuracy vs eps (FDD Fig. 7) and misclassification vs pixel count (pixel paper Fig. 8).
+
+Pixel-index counts are drawn as percentages of each setting's own number of images (the
+attack experiment changes only the adversarial images, the others every image), with error
+bars of one standard deviation over the trials the document saved.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
 from robench.errors import UsageError
 from robench.results.metric_table import metric_info
+from robench.results.reading import ResultFile, results_frame
 
 SUFFIXES = (".png", ".svg", ".pdf")
+# Pixel metrics that are linear in the mean misclassified count: their spread over trials follows from
+# misclassified_std (recognition_rate = 1 - misclassified / total).
+_FROM_MISCLASSIFIED = ("misclassified", "recognition_rate")
+
+
+@dataclass
+class Plot:
+    path: Path
+    metric: str
+    left_out: list[ResultFile] = field(default_factory=list)  # runs with nothing to draw on this axis
+    # What was drawn: a row per point (model, entry, x value, y as plotted, err: the error bar, NaN for none).
+    points: pd.DataFrame | None = None
 
 
 def _literal(label: str) -> str:
@@ -17,41 +37,96 @@ def _literal(label: str) -> str:
     return label.replace("$", r"\$")
 
 
-def plot_results(rows: pd.DataFrame, x: str, metric: str | None, out: Path) -> Path:
+def plot_results(results: list[ResultFile], x: str, metric: str | None, out: Path) -> Plot:
+    """Draw ``metric`` against ``x`` (eps or pixels) for every run that has it; the others are listed."""
     if x not in ("eps", "pixels"):
         raise UsageError(f"--x must be eps or pixels, got {x!r}")
     if out.suffix.lower() not in SUFFIXES:
         raise UsageError(f"--out must end in {', '.join(SUFFIXES)}, got {out.name}")
     metric = metric or ("accuracy" if x == "eps" else "misclassified")
+    rows = results_frame(results)
     data = rows[(rows.metric == metric) & rows[x].notna()]
     if x == "eps":
         data = data[data.entry != "clean"]
     if data.empty:
         raise UsageError(f"no {metric!r} values with a {x} in these results")
+    plotted = set(data.model)
+    left_out = [r for r in results if r.label not in plotted]
+    data = _shown(data, metric, _trial_spread(results))
+    clean = _shown(rows[(rows.metric == metric) & (rows.entry == "clean")], metric, {})
+    _draw(data, clean, x, metric, out)
+    return Plot(out, metric, left_out, data[["model", "entry", x, "y", "err"]].reset_index(drop=True))
+
+
+def _percent_of_n(data: pd.DataFrame, metric: str) -> bool:
+    """Pixel-index counts become percentages of the setting's own images."""
+    return metric == "misclassified" and bool((data.kind == "pixel").any())
+
+
+def _shown(data: pd.DataFrame, metric: str, spread: dict[tuple, float]) -> pd.DataFrame:
+    """The values as drawn (``y``) and their error bars (``err``, NaN where the run saved none)."""
+    data = data.copy()
+    n = pd.to_numeric(data.n, errors="coerce")
+    if _percent_of_n(data, metric):
+        data["y"] = data.value / n * 100
+    else:
+        data["y"] = data.value * (100 if metric_info(metric).percent else 1)
+    std = [spread.get((m, e, p), float("nan")) for m, e, p in zip(data.model, data.entry, data.pixels)]
+    # The std is of the misclassified count; both drawn metrics are that count over n, in percent.
+    data["err"] = pd.Series(std, index=data.index, dtype=float) / n * 100 if metric in _FROM_MISCLASSIFIED \
+        else float("nan")
+    return data
+
+
+def _trial_spread(results: list[ResultFile]) -> dict[tuple, float]:
+    """(run label, ``EXPERIMENT:SETTING``, pixels) -> the standard deviation of misclassified over trials."""
+    spread = {}
+    for r in results:
+        if r.kind != "pixel":
+            continue
+        for exp in r.doc["experiments"]:
+            for row in exp["results"]:
+                std = row.get("misclassified_std")
+                if isinstance(std, (int, float)):
+                    spread[(r.label, f"{exp['experiment']}:{exp['setting']}", row["pixels"])] = float(std)
+    return spread
+
+
+def _y_label(metric: str, data: pd.DataFrame) -> str:
+    if _percent_of_n(data, metric):
+        return "misclassified (% of the setting's images)"
+    return f"{metric} (%)" if metric_info(metric).percent else metric
+
+
+def _draw(data: pd.DataFrame, clean: pd.DataFrame, x: str, metric: str, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
 
-    percent = metric_info(metric).percent
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    clean = rows[(rows.metric == metric) & (rows.entry == "clean")]
     # One colour per model, one line style per attack: curves of a model read as a family.
     colours = {m: f"C{i % 10}" for i, m in enumerate(dict.fromkeys(data.model))}
     styles = {e: ("-", "--", ":", "-.")[i % 4] for i, e in enumerate(dict.fromkeys(data.entry))}
     markers = {e: "osD^v<>"[i % 7] for i, e in enumerate(dict.fromkeys(data.entry))}
     for (model, entry), curve in data.groupby(["model", "entry"], sort=False):
         curve = curve.sort_values(x)
-        xs, ys = list(curve[x].astype(float)), list(curve.value * (100 if percent else 1))
+        xs, ys, errs = list(curve[x].astype(float)), list(curve.y), list(curve.err)
         if x == "eps":
             # Each curve starts at the model's clean value (eps 0), as accuracy-vs-eps plots do.
             start = clean[clean.model == model]
             if not start.empty:
-                xs, ys = [0.0] + xs, [float(start.value.iloc[0]) * (100 if percent else 1)] + ys
-        ax.plot(xs, ys, color=colours[model], linestyle=styles[entry], marker=markers[entry],
-                label=_literal(f"{model} · {entry}"))
+                xs, ys, errs = [0.0] + xs, [float(start.y.iloc[0])] + ys, [float("nan")] + errs
+        style: dict[str, Any] = {"color": colours[model], "linestyle": styles[entry], "marker": markers[entry],
+                                 "label": _literal(f"{model} · {entry}")}
+        if any(e == e for e in errs):  # error bars where the run saved a spread over trials
+            ax.errorbar(xs, ys, yerr=[0.0 if e != e else e for e in errs], capsize=3, **style)
+        else:
+            ax.plot(xs, ys, **style)
     ax.set_xlabel("eps ([0,1] pixel units)" if x == "eps" else "changed pixels")
-    ax.set_ylabel(f"{metric} (%)" if percent else metric)
+    ax.set_ylabel(_y_label(metric, data))
+    if data.err.notna().any():
+        ax.set_title("error bars: ±1 standard deviation over trials", fontsize=8)
     if x == "pixels":
         ax.set_xscale("log", base=2)
     ax.grid(True, alpha=0.3)
@@ -60,4 +135,3 @@ def plot_results(rows: pd.DataFrame, x: str, metric: str | None, out: Path) -> P
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
     plt.close(fig)
-    return out

@@ -5,7 +5,9 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shlex
 import shutil
+import sys
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
@@ -121,8 +123,21 @@ def _write_error(path: Path, exc: OSError) -> RunError:
     return RunError(f"cannot write {path}: {exc.strerror or exc}")
 
 
+def command_line() -> str:
+    """The command that started this process, as a user would type it again."""
+    argv = sys.argv or [""]
+    if Path(argv[0]).name == "robench":  # the console script: its interpreter line is noise
+        return shlex.join(["robench", *argv[1:]])
+    return shlex.join(getattr(sys, "orig_argv", None) or argv)  # e.g. python3 -m robench eval ...
+
+
 def write_results(path: Path, doc: dict[str, Any], tidy: pd.DataFrame, config: dict[str, Any]) -> None:
-    """config.json, results.csv, then results.json last: its presence means the rest is there."""
+    """config.json, results.csv, then results.json last: its presence means the rest is there.
+
+    config.json also records the command line (``robench report`` shows it); results.json does not,
+    so that the document depends only on what was evaluated, not on how the process was started.
+    """
+    config = {**config, "command": config.get("command") or command_line()}
     atomic_write(path / "config.json", json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
     atomic_write(path / "results.csv", tidy.to_csv(index=False))
     atomic_write(path / "results.json", json.dumps(doc, indent=2) + "\n")

@@ -1,0 +1,129 @@
+"""Progress of ``robench eval`` on stderr: a bar on a terminal, plain periodic lines elsewhere (CI logs).
+
+The unit people read is a sample-attack (one sample through one suite entry; the clean pass
+is not counted): the total is samples x entries. The bar moves as each entry finishes a
+segment, not only when a segment has passed every attack. The ETA weighs each entry by its
+attack's cost (a 100-step PGD sample takes ~100x an FGSM one), so it does not jump when the
+run moves from cheap to expensive entries.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn
+from rich.text import Text
+
+PLAIN_EVERY_SECONDS = 30.0  # CI logs: a line every half minute is enough and never floods
+
+
+@dataclass
+class Work:
+    """Sample-attacks and cost-weighted work, done and in all."""
+
+    weights: Sequence[float]  # per entry; the clean pass weighs 1 per sample
+    samples: int
+    done_units: int = 0
+    done_weight: float = 0.0
+    started: float = field(default_factory=time.monotonic)
+    start_weight: float = 0.0  # work found finished (a resumed run): not part of this process's speed
+
+    @property
+    def total_units(self) -> int:
+        return self.samples * len(self.weights)
+
+    @property
+    def total_weight(self) -> float:
+        return self.samples * (1.0 + sum(self.weights))
+
+    def add(self, entry: int, samples: int) -> None:
+        if entry < 0:
+            self.done_weight += samples
+            return
+        self.done_units += samples
+        self.done_weight += samples * self.weights[entry]
+
+    def skip(self, samples: int) -> None:
+        """Samples finished before a resume."""
+        if not samples:
+            return
+        self.done_units += samples * len(self.weights)
+        self.done_weight += samples * (1.0 + sum(self.weights))
+        self.start_weight = self.done_weight
+
+    def seconds_left(self) -> float | None:
+        spent = time.monotonic() - self.started
+        gained = self.done_weight - self.start_weight
+        if gained <= 0 or spent <= 0:
+            return None
+        return max(0.0, (self.total_weight - self.done_weight) * spent / gained)
+
+
+class _Units(ProgressColumn):
+    """``1,234/5,400 sample-attacks`` from the task's ``work`` field."""
+
+    def render(self, task: Task) -> Text:
+        work: Work = task.fields["work"]
+        return Text(f"{work.done_units:,}/{work.total_units:,} sample-attacks", style="progress.download")
+
+
+class _Eta(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        left = task.fields["work"].seconds_left()
+        return Text("eta -:--:--" if left is None else f"eta {_clock(left)}", style="progress.remaining")
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class EvalProgress:
+    """A context manager and the engine's ``ProgressSink``."""
+
+    def __init__(self, console: Console, title: str, weights: Sequence[float], *, enabled: bool = True,
+                 live: bool | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.work = Work(weights, 0)
+        self.console, self.title, self.enabled = console, title, enabled
+        self.live = console.is_terminal if live is None else live
+        self._clock = clock
+        self._last_line = clock()
+        self._bar: Progress | None = None
+        self._task = None
+
+    def __enter__(self) -> "EvalProgress":
+        if self.enabled and self.live:
+            self._bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), _Units(),
+                                 TimeElapsedColumn(), _Eta(), console=self.console, transient=True)
+            self._bar.__enter__()
+        return self
+
+    def start(self, samples: int, done: int) -> None:
+        """The engine knows the size once the data is loaded (``done``: finished before a resume)."""
+        self.work = Work(self.work.weights, samples)
+        self.work.skip(done)
+        if self._bar is not None:
+            self._task = self._bar.add_task(self.title, total=self.work.total_weight,
+                                            completed=self.work.done_weight, work=self.work)
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+
+    def entry_done(self, entry: int, samples: int) -> None:
+        self.work.add(entry, samples)
+        if self._task is not None:
+            self._bar.update(self._task, completed=self.work.done_weight)
+        elif self.enabled and not self.live and self._clock() - self._last_line >= PLAIN_EVERY_SECONDS:
+            self._last_line = self._clock()
+            self.console.print(self.plain_line(), highlight=False)
+
+    def plain_line(self) -> str:
+        work = self.work
+        share = work.done_weight / work.total_weight if work.total_weight else 1.0
+        left = work.seconds_left()
+        return (f"robench: {self.title}: {work.done_units:,}/{work.total_units:,} sample-attacks "
+                f"({share:.0%} of the work), eta {'-:--:--' if left is None else _clock(left)}")

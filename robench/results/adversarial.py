@@ -1,0 +1,195 @@
+"""Adversarial examples saved as 8-bit images: ``adversarial/<entry>.npz`` in a run directory.
+
+Rounding, chosen so that a saved example stays inside the threat model it was made in:
+
+* the clean image is rounded to the nearest k/255: ``clean_q = round(255 x)``;
+* the perturbation is rounded toward zero to whole 1/255 steps, per pixel:
+  ``adv_q = clip(clean_q + trunc(255 (x_adv - x)), 0, 255)``.
+
+So ``|adv_q - clean_q| <= 255 |x_adv - x|`` per pixel, measured from the saved clean
+image: the saved perturbation lies in every L-inf and L2 ball that held the float one,
+and within the entry's eps. For data on the 8-bit grid (images read from 8-bit files,
+the bundled digits) ``x = clean_q / 255`` and this is the rounding of ``x_adv`` itself;
+for other data the clean image moves by at most half a step and the perturbation is
+bounded against the saved clean image. One tolerance: a perturbation within
+``STEP_TOLERANCE`` of a whole step counts as that step. An attack's projection works in
+float32, where ``x + 8/255`` can land a hair under 8 steps from ``x``; truncating those
+pixels to 7 steps would silently weaken the example (on the digits model it cost PGD
+at 8/255 a third of its saved successes). The excess allowed is 1e-4/255 per pixel,
+below float32's own resolution of the attack's check.
+
+Rounding can undo a success: ``adv_pred`` is the model's prediction of the *saved*
+8-bit image (what a reader reproduces from the file), ``fooled`` is ``adv_pred != label``,
+and ``run_fooled`` the run's own verdict on the float example (as in samples.csv).
+
+Arrays are NHWC (rows, columns, channels: what image libraries expect), uint8. Samples
+an entry did not attack (misclassified before any attack) have ``adversarial == clean``.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from robench.errors import UsageError
+from robench.results.writers import write_file_atomically
+
+if TYPE_CHECKING:
+    from robench.evaluation.state import RunOutcome
+
+FOLDER = "adversarial"
+STEP_TOLERANCE = 1e-4  # of one 1/255 step: float32 noise of an attack's projection, not a perturbation
+
+
+def parse_count(value: Any, option: str = "--save-adversarial") -> int | None:
+    """``None`` (off), ``"all"`` or 0 (every sample: stored as 0), or a positive number of samples."""
+    if value is None:
+        return None
+    text = str(value).strip().lower()
+    if text == "all":
+        return 0
+    if isinstance(value, bool) or not (text.isascii() and text.isdigit()):
+        raise UsageError(f"{option} takes a number of samples or all, got {value!r}")
+    return int(text)
+
+
+def samples_to_keep(count: int, already: int, segment: int) -> int:
+    """How many leading rows of a segment fall among the first ``count`` samples (0: all of them)."""
+    if count == 0:
+        return segment
+    return max(0, min(segment, count - already))
+
+
+def quantize_clean(x: torch.Tensor) -> torch.Tensor:
+    """Float images in [0,1] -> uint8, each value rounded to the nearest k/255."""
+    return torch.round(x.detach().double() * 255.0).clamp_(0, 255).to(torch.uint8)
+
+
+def quantize_adversarial(x: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
+    """The adversarial image in uint8: the saved clean image plus the perturbation rounded toward zero."""
+    # float64: the difference of two float32 values is exact there.
+    steps = (x_adv.detach().double() - x.detach().double()) * 255.0
+    steps = torch.trunc(steps + torch.sign(steps) * STEP_TOLERANCE)
+    return (quantize_clean(x).double() + steps).clamp_(0, 255).to(torch.uint8)
+
+
+def as_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 -> float in [0,1], as the data loaders convert 8-bit images."""
+    return images.float().div_(255.0)
+
+
+@dataclass
+class SavedExamples:
+    """One entry's saved samples; images uint8 NHWC."""
+
+    entry: str
+    clean: np.ndarray
+    adversarial: np.ndarray
+    index: np.ndarray  # dataset indices
+    label: np.ndarray
+    clean_pred: np.ndarray  # prediction of the saved clean image
+    adv_pred: np.ndarray  # prediction of the saved adversarial image
+    eps: float  # nan for entries without an eps (pixel counts)
+    norm: str
+    attacked: np.ndarray  # the entry attacked (or changed) the sample: it was classified correctly
+    run_fooled: np.ndarray  # the run's verdict on the float example
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. pixel-index: pixels, setting, trial
+
+    @property
+    def fooled(self) -> np.ndarray:
+        return self.adv_pred != self.label
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"entry": np.array(self.entry), "clean": self.clean, "adversarial": self.adversarial,
+                "index": self.index.astype(np.int64), "label": self.label.astype(np.int64),
+                "clean_pred": self.clean_pred.astype(np.int64), "adv_pred": self.adv_pred.astype(np.int64),
+                "fooled": self.fooled, "eps": np.array(self.eps, dtype=np.float64), "norm": np.array(self.norm),
+                "attacked": self.attacked.astype(bool), "run_fooled": self.run_fooled.astype(bool),
+                **{k: np.asarray(v) for k, v in self.extra.items()}}
+
+
+def nhwc(images: torch.Tensor) -> np.ndarray:
+    return images.permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def file_stem(entry: str) -> str:
+    """The entry's label made filesystem-safe (``pgd@8/255`` -> ``pgd_8_255``)."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in entry).strip(".") or "entry"
+
+
+def unique_stems(entries: list[str]) -> list[str]:
+    """One file name per entry; labels that clean to the same name get -2, -3, ..."""
+    taken: set[str] = set()
+    stems = []
+    for entry in entries:
+        stem, n = file_stem(entry), 2
+        while stem in taken:
+            stem = f"{file_stem(entry)}-{n}"
+            n += 1
+        taken.add(stem)
+        stems.append(stem)
+    return stems
+
+
+def write_examples(run_dir: Path, examples: list[SavedExamples]) -> list[Path]:
+    """``adversarial/<entry>.npz`` per entry (atomic writes); returns the paths, in entry order."""
+    folder = Path(run_dir) / FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for ex, stem in zip(examples, unique_stems([e.entry for e in examples])):
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, **ex.arrays())
+        write_file_atomically(folder / f"{stem}.npz", buffer.getvalue())
+        paths.append(folder / f"{stem}.npz")
+    return paths
+
+
+def read_examples(path: str | Path) -> SavedExamples:
+    """An ``adversarial/*.npz`` file back as ``SavedExamples`` (no pickle)."""
+    with np.load(path, allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    known = {"entry", "clean", "adversarial", "index", "label", "clean_pred", "adv_pred", "fooled", "eps", "norm",
+             "attacked", "run_fooled"}
+    return SavedExamples(
+        entry=str(arrays["entry"]), clean=arrays["clean"], adversarial=arrays["adversarial"], index=arrays["index"],
+        label=arrays["label"], clean_pred=arrays["clean_pred"], adv_pred=arrays["adv_pred"],
+        eps=float(arrays["eps"]), norm=str(arrays["norm"]), attacked=arrays["attacked"],
+        run_fooled=arrays["run_fooled"], extra={k: v for k, v in arrays.items() if k not in known})
+
+
+def entry_label(display_name: str, eps_text: str) -> str:
+    """What an entry's file is named after: the suite label and its eps (or pixel count) as written."""
+    return f"{display_name}@{eps_text}" if eps_text else display_name
+
+
+def examples_of_run(outcome: "RunOutcome") -> list[SavedExamples]:
+    """The examples a run kept (``RunState.examples``), one per entry."""
+    state = outcome.state
+    kept = state.examples
+    if kept is None:
+        return []
+    clean = kept.metrics["clean"].compute()
+    n = len(clean)
+    if not n:  # interrupted before the first segment finished
+        return []
+    index, labels = state.per_sample("index")[:n], state.per_sample("labels")[:n]
+    clean_pred = kept.metrics["clean_pred"].compute().numpy()
+    attacked = state.per_sample("pred")[:n] == labels  # the run attacks the samples it classified correctly
+    out = []
+    for entry, counts in outcome.with_entries():
+        j = entry.index
+        robust = counts.robust.compute().numpy().astype(bool)[:n]
+        norm = entry.attack.norm or (entry.attack.norms[0] if len(entry.attack.norms) == 1 else "")
+        out.append(SavedExamples(
+            entry=entry_label(entry.spec.display_name(), entry.eps_text), clean=nhwc(clean),
+            adversarial=nhwc(kept.metrics[f"adversarial{j}"].compute()), index=index, label=labels,
+            clean_pred=clean_pred, adv_pred=kept.metrics[f"adv_pred{j}"].compute().numpy(),
+            eps=math.nan if entry.eps is None else float(entry.eps), norm=norm, attacked=attacked,
+            run_fooled=attacked & ~robust))
+    return out

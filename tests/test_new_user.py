@@ -1,0 +1,161 @@
+"""What a new user ran into: failed runs leaving folders, overwritten results, cut messages, slow start-up."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import robench
+from robench.config import EvalConfig
+from robench.errors import UsageError
+from robench.runner import run_evaluation
+
+from cli_helpers import invoke, one_error_line
+
+
+@pytest.fixture()
+def bad_labels(tmp_path, digits_split):
+    """Digits whose labels are outside the model's 10 classes: the run fails at its first batch."""
+    _, x_te, _, y_te = digits_split
+    path = tmp_path / "bad.npz"
+    np.savez(path, x=x_te[:20], y=np.full(20, 99))
+    return path
+
+
+def test_a_failed_run_leaves_no_empty_run_directory(bad_labels, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = invoke("eval", "example:digits", "--suite", "fgsm", "--data", f"npz:{bad_labels}", "-q")
+    assert result.exit_code == 2, result.stderr
+    assert "label" in one_error_line(result)
+    # The run directory runs/fgsm/example-digits/<time> was made (and locked) before the failure,
+    # and removed again: no run folder, no file anywhere.
+    assert (tmp_path / "runs" / "fgsm" / "example-digits").is_dir()
+    assert list((tmp_path / "runs").rglob("*")) == [tmp_path / "runs" / "fgsm",
+                                                    tmp_path / "runs" / "fgsm" / "example-digits"]
+
+
+def test_a_failed_run_keeps_a_directory_that_existed(bad_labels, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    result = invoke("eval", "example:digits", "--suite", "fgsm", "--data", f"npz:{bad_labels}", "-o", out, "-q")
+    assert result.exit_code == 2
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_compare_skips_run_directories_without_results(tmp_path):
+    done = tmp_path / "runs" / "a"
+    result = invoke("eval", "example:digits", "--suite", "fgsm", "--limit", 60, "-o", done, "-q")
+    assert result.exit_code == 0, result.stderr
+    empty = tmp_path / "runs" / "b"
+    empty.mkdir()
+    shown = invoke("compare", done, empty, "--format", "csv")
+    assert shown.exit_code == 0, shown.stderr
+    assert "skipped 1 run directory without results.json" in shown.stderr
+    assert str(empty) in shown.stderr
+    doc = json.loads((done / "results.json").read_text())
+    assert f"{doc['clean']['accuracy'] * 100:.2f}" in shown.stdout
+    only_empty = invoke("compare", empty)
+    assert only_empty.exit_code == 2
+    assert "no results.json" in one_error_line(only_empty)
+
+
+def test_api_save_never_overwrites_complete_results(tmp_path):
+    out = tmp_path / "run"
+    _, result = run_evaluation(EvalConfig(model="example:digits", suite="fgsm", limit=40, out=out))
+    before = (out / "results.json").read_bytes()
+    with pytest.raises(UsageError, match="already holds a complete results.json"):
+        result.save(out)
+    assert (out / "results.json").read_bytes() == before
+    again = tmp_path / "copy"
+    result.save(again)
+    result.save(again, overwrite=True)  # asked for explicitly
+    assert json.loads((again / "results.json").read_text())["clean"] == result.doc["clean"]
+
+
+def test_an_interruption_before_any_sample_finished_writes_nothing(tmp_path, monkeypatch):
+    from robench.evaluation import engine
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "_attack_entries", stop)  # Ctrl-C during the first segment's attacks
+    out = tmp_path / "run"
+    result = invoke("eval", "example:digits", "--suite", "fgsm", "-o", out, "-q")
+    assert result.exit_code == 130
+    line = one_error_line(result, "interrupted")
+    assert "nothing to save (0 of 540 samples)" in line and "--resume" not in line
+    assert not out.exists()
+
+
+def test_the_pickle_refusal_names_the_refused_object_whole(tmp_path):
+    path = tmp_path / "full.pt"
+    torch.save(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), path)
+    result = invoke("eval", path, "--data", "example:digits", "--suite", "fgsm")
+    assert result.exit_code == 2
+    line = one_error_line(result)
+    assert line.endswith("(refused: it holds torch.nn.modules.container.Sequential)"), line
+
+
+def _modules_after(code: str) -> set[str]:
+    out = subprocess.run([sys.executable, "-c", code + "\nimport sys; print(' '.join(sys.modules))"],
+                         capture_output=True, text=True, check=True)
+    return set(out.stdout.split())
+
+
+def test_import_robench_and_help_do_not_load_torch():
+    """Start-up cost is the imports: --help and ``import robench`` must not pay for torch or pandas."""
+    assert not {"torch", "pandas"} & _modules_after("import robench")
+    loaded = _modules_after("from robench.cli import app\nfrom typer.testing import CliRunner\n"
+                            "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0, r.output\n"
+                            "r = CliRunner().invoke(app, ['eval', '--help']); assert r.exit_code == 0, r.output")
+    assert not {"torch", "torchvision", "pandas", "matplotlib"} & loaded
+
+
+def test_lazy_public_names_are_the_real_ones():
+    from robench.api import evaluate
+    from robench.runner import run_evaluation as real
+
+    assert robench.evaluate is evaluate and robench.run_evaluation is real
+    assert set(robench.__all__) <= set(dir(robench))
+    with pytest.raises(AttributeError):
+        robench.no_such_name  # noqa: B018
+
+
+def test_progress_counts_sample_attacks_and_prints_plain_lines_off_a_terminal(tmp_path, monkeypatch):
+    """Not a terminal (CI): periodic plain lines with the total in samples x entries and an ETA."""
+    from robench.cli import progress_view
+
+    monkeypatch.setattr(progress_view, "PLAIN_EVERY_SECONDS", 0.0)  # a line per entry and segment
+    result = invoke("eval", "example:digits", "--suite", "digits", "-b", 64, "-o", tmp_path / "run")
+    assert result.exit_code == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if "sample-attacks" in line]
+    total = 540 * 9  # the digits suite has 9 entries
+    assert lines and all(f"/{total:,} sample-attacks" in line for line in lines)
+    done = [int(line.split(": ")[2].split("/")[0].replace(",", "")) for line in lines]
+    assert done == sorted(done) and done[-1] == total
+    # The bar moves per entry: some lines fall inside a segment (not a multiple of 9 entries' worth).
+    assert any(d % (9 * 64) for d in done)
+    assert "eta 0:00:00" in lines[-1]
+
+
+def test_progress_eta_weighs_entries_by_their_cost():
+    from rich.console import Console
+
+    from robench.cli.progress_view import EvalProgress
+
+    progress = EvalProgress(Console(file=open("/dev/null", "w")), "run", [1.0, 99.0], live=False)
+    with progress:
+        progress.start(100, 0)
+        progress.entry_done(-1, 100)
+        progress.entry_done(0, 100)
+        # Half the sample-attacks are done but only ~2% of the work: the ETA must say so.
+        assert progress.work.done_units == progress.work.total_units // 2
+        assert progress.work.done_weight / progress.work.total_weight < 0.02
+        assert "(2% of the work)" in progress.plain_line()
