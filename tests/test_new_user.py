@@ -159,3 +159,24 @@ def test_progress_eta_weighs_entries_by_their_cost():
         assert progress.work.done_units == progress.work.total_units // 2
         assert progress.work.done_weight / progress.work.total_weight < 0.02
         assert "(2% of the work)" in progress.plain_line()
+
+
+def _options_without_help(command, prefix=""):
+    for name, sub in getattr(command, "commands", {}).items():
+        yield from _options_without_help(sub, f"{prefix} {name}")
+    for param in command.params:
+        if param.param_type_name in ("option", "argument") and not getattr(param, "help", None):
+            yield f"robench{prefix} {param.name}"
+
+
+def test_every_option_has_help_and_no_python_type_tags():
+    import typer
+
+    from robench.cli import app
+
+    assert list(_options_without_help(typer.main.get_command(app))) == []
+    shown = invoke("eval", "--help", env={"COLUMNS": "160"}).stdout
+    assert "Usage: robench eval [OPTIONS] MODEL" in shown
+    for tag in ("<bool>", "<str>", "<int>", "{model}"):
+        assert tag not in shown
+    assert "--num-classes" in shown and "INTEGER" in shown

@@ -54,18 +54,20 @@ def pixel_index_command(
     on_attack: Optional[str] = typer.Option(None, "--on-attack", help="Experiment 4: fgsm."),
     eps: Optional[str] = typer.Option(None, help="Eps of --on-attack, in [0,1] pixel units (e.g. 8/255)."),
     arch: Optional[str] = typer.Option(None, help="Architecture for state dicts: torchvision:NAME or module:factory."),
-    num_classes: Optional[int] = typer.Option(None, "--num-classes"),
+    num_classes: Optional[int] = typer.Option(None, "--num-classes", help="Passed to the architecture factory."),
     weights: Optional[str] = typer.Option(None, "--weights", help="timm:NAME / torchvision:NAME: a local weights "
                                           "file instead of a download."),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="robustbench: cifar10, cifar100 or imagenet."),
     threat_model: Optional[str] = typer.Option(None, "--threat-model", help="robustbench: Linf, L2 or corruptions."),
     model_dir: Optional[str] = typer.Option(None, "--model-dir", help="robustbench: checkpoint folder "
                                             "(default: models)."),
-    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint"),
+    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint",
+                                          help="Allow unpickling full Python objects and TorchScript programs "
+                                          "(runs code from the file)."),
     normalize: Optional[str] = typer.Option(None, "--normalize", "--preset", help="imagenet, cifar10, ... "
                                             "(replaces the mean/std a model by name brings)."),
-    mean: Optional[str] = typer.Option(None),
-    std: Optional[str] = typer.Option(None),
+    mean: Optional[str] = typer.Option(None, help="Per-channel mean, e.g. '0.485,0.456,0.406'."),
+    std: Optional[str] = typer.Option(None, help="Per-channel std."),
     input_size: Optional[int] = typer.Option(None, "--input-size",
                                              help="Resize the shorter side to N/0.875 and centre-crop N."),
     resize: Optional[int] = typer.Option(None, help="Resize the shorter side to this size."),
@@ -75,15 +77,15 @@ def pixel_index_command(
                                         "(default: those of most images; a tie gives three)."),
     max_image_pixels: Optional[int] = typer.Option(None, "--max-image-pixels", help="Skip images with more "
                                                    "pixels (decompression bombs; default: Pillow's limit)."),
-    device: str = typer.Option("auto"),
-    batch_size: int = typer.Option(256, "--batch-size", "-b"),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    batch_size: int = typer.Option(256, "--batch-size", "-b", help="Images per forward pass."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default runs/pixel-index/<model>/<UTC time>/)."),
     save_adversarial: Optional[str] = typer.Option(None, "--save-adversarial", metavar="[N|all]",
                                                    help="Save the first N images (alone or all: every image) as changed "
                                                    "by the first trial, per setting and pixel count, in "
                                                    "adversarial/<setting>.npz with a PNG grid."),
     as_json: bool = typer.Option(False, "--json", help="Print only the results JSON to stdout."),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not print where the results were written."),
 ) -> None:
     """Misclassification under random few-pixel changes, and the Pixel-index Pi = w / (p r a)."""
     # Imported here, not at the top: building the command line (--help) must not load torch.
