@@ -1,4 +1,4 @@
-"""Rebuild the bundled example: robench/examples/digits_cnn.safetensors + digits_test.npz.
+"""Rebuild the bundled example: robench/examples/digits_cnn.safetensors, digits_test.npz, digits_train.npz.
 
 Trains the small CNN of ``robench.examples.digits_cnn`` on 70% of scikit-learn's
 digits (seeded split) and stores the other 30% as uint8 NHWC images.
@@ -41,6 +41,7 @@ def main(out: Path = HERE) -> None:
         acc = (model(torch.from_numpy(x_te).permute(0, 3, 1, 2).float() / 255.0).argmax(1).numpy() == y_te).mean()
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "digits_cnn.safetensors"))
     np.savez_compressed(out / "digits_test.npz", x=x_te, y=y_te)
+    np.savez_compressed(out / "digits_train.npz", x=x_tr, y=y_tr)  # for `robench train recipes/digits-*.yaml`
     print(f"test accuracy {acc:.4f} on {len(y_te)} images; wrote {out}")
 
 

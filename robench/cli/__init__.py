@@ -13,6 +13,7 @@ from robench.cli.gate_cmd import gate_command
 from robench.cli.group import RobenchGroup
 from robench.cli.pixel_index_cmd import pixel_index_command
 from robench.cli.report_cmd import report_command
+from robench.cli.train_cmd import train_command
 
 app = typer.Typer(
     name="robench",
@@ -28,6 +29,7 @@ app.command("compare")(compare_command)
 app.command("plot")(plot_command)
 app.command("report")(report_command)
 app.command("gate")(gate_command)
+app.command("train")(train_command)
 app.add_typer(suites_cmd.app, name="suites")
 app.command("attacks")(attacks_command)
 app.add_typer(dmr_cmd.app, name="dmr")

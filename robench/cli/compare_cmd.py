@@ -32,7 +32,7 @@ def _read_all(results: list[str], labels: list[str] | None):
 
 @handle_errors
 def compare_command(
-    results: List[str] = typer.Argument(..., help="results.json files or run directories."),
+    results: Optional[List[str]] = typer.Argument(None, help="results.json files or run directories."),
     metric: Optional[str] = typer.Option(None, help="accuracy, success_rate, robust_accuracy, rank1, mAP, pi, "
                                          "misclassified, recognition_rate (default: the layout's)."),
     layout: Optional[str] = typer.Option(None, help="fdd, alignment, reid, reid-rows or pixel (default: by result "
@@ -42,14 +42,28 @@ def compare_command(
     label: Optional[List[str]] = typer.Option(None, "--label", help="Name per result, in order (default: model)."),
     fmt: str = typer.Option("table", "--format", "-f", help="table, markdown, csv, latex or html."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write here instead of stdout."),
+    paper: Optional[List[str]] = typer.Option(None, "--paper", help="A paper's reported numbers beside the measured "
+                                              "ones: NAME[:DATASET] (e.g. fdd-table3:fashion-mnist); `--paper list` "
+                                              "lists them."),
 ) -> None:
     """Side-by-side tables in the papers' layouts."""
     from robench.reporting.compare import LAYOUTS, default_layout, pivot_table, render, rich_table
     from robench.results.reading import comparability_problems, results_frame
 
+    if paper and "list" in paper:
+        from robench.reporting.paper import listing
+
+        sys.stdout.write(listing())
+        return
+    if not results:
+        raise UsageError("give at least one result (a results.json file or a run directory)")
     read = _read_all(results, label)
     frame = results_frame(read)
+    # Only the runs are checked for comparability: the paper's rows are not runs.
     problems = comparability_problems(read)
+    paper_notes = []
+    if paper:
+        frame, paper_notes = _with_paper_rows(frame, paper)
     if rows or cols:
         if layout:
             raise UsageError("give either --layout or --rows/--cols")
@@ -59,6 +73,8 @@ def compare_command(
         name = layout or default_layout(read[0].kind, fmt)
         build = LAYOUTS.get(name)
         table = build(frame, metric) if metric else build(frame)
+        _warn_layout_misfit(paper or [], name)
+    table.notes.extend(paper_notes)
     for problem in problems:
         table.notes.append(f"not comparable: {problem}")
         stderr.print(f"robench: warning: not comparable: {problem}", highlight=False, markup=False)
@@ -73,6 +89,28 @@ def compare_command(
         stderr.print(f"table written to {out}", highlight=False, markup=False)
     else:
         sys.stdout.write(text)
+
+
+def _with_paper_rows(frame, specs: list[str]):
+    """The measured rows followed by each paper table's rows, and a note per table."""
+    import pandas as pd
+
+    from robench.reporting.paper import paper_rows, table_note
+
+    parts = [paper_rows(spec) for spec in specs]
+    return pd.concat([frame, *parts], ignore_index=True), [table_note(spec) for spec in specs]
+
+
+def _warn_layout_misfit(specs: list[str], layout: str) -> None:
+    """A paper table shown in a layout it was not written for may land in rows of its own."""
+    from robench.reporting.paper import PAPER_TABLES, parse_spec
+
+    for spec in specs:
+        table = PAPER_TABLES[parse_spec(spec)[0]]
+        if layout not in table.layouts:
+            fits = ", ".join(table.layouts)
+            stderr.print(f"robench: warning: {table.title} fits the {fits} layout, not {layout}: its rows may not "
+                         "line up with the measured ones", highlight=False, markup=False)
 
 
 @handle_errors

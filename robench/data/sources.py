@@ -195,7 +195,7 @@ def _npz(path: str, options: DataOptions) -> ImageDataset:
 def _example(name: str, options: DataOptions) -> ImageDataset:
     from robench.examples import example_data_path
 
-    return _npz(str(example_data_path(name)), options)
+    return _npz(str(example_data_path(name, options.split)), options)
 
 
 def _image_transform(options: DataOptions) -> Callable:

@@ -31,6 +31,9 @@ ARCHITECTURES = {
     "reid-digits-surrogate": ("robench.examples.reid_digits:reid_digits_net", None),
 }
 REID_EXAMPLES = ("reid-digits", "reid-digits-surrogate")
+# The training split of the classification example (the 70% the bundled model was trained on):
+# what `robench train recipes/digits-*.yaml` trains on.
+TRAIN_SPLITS = {"digits": "digits_train.npz"}
 
 
 def digits_cnn(num_classes: int = 10) -> nn.Module:
@@ -69,11 +72,16 @@ def _files(name: str) -> tuple[Path, Path]:
     return HERE / weights, HERE / data
 
 
-def example_data_path(name: str) -> Path:
-    """The classification examples' npz (``x``, ``y``)."""
+def example_data_path(name: str, split: str = "test") -> Path:
+    """The classification examples' npz (``x``, ``y``) of ``split`` (test, or train where shipped)."""
     if is_reid_example(name):
         raise UsageError(f"example:{name} is re-identification data: use a ReID suite such as reid-pgd")
-    return _files(name)[1]
+    test = _files(name)[1]
+    if split == "test":
+        return test
+    if split == "train" and name in TRAIN_SPLITS:
+        return HERE / TRAIN_SPLITS[name]
+    raise UsageError(f"example:{name} has no {split} split (test" + (", train" if name in TRAIN_SPLITS else "") + ")")
 
 
 def is_reid_example(name: str) -> bool:

@@ -95,6 +95,20 @@ def _digits_cnn(**kwargs: Any) -> nn.Module:
 register_architecture("robench:digits_cnn", _digits_cnn)
 
 
+def _from_zoo(name: str) -> Callable[..., nn.Module]:
+    def build(**kwargs: Any) -> nn.Module:
+        from robench.models.zoo import ZOO
+
+        return ZOO[name](**kwargs)
+
+    return build
+
+
+# The papers' training networks (robench/models/zoo.py), named without importing the zoo.
+for _zoo_name in ("lenet", "resnet18_cifar", "resnet18_gray", "resnet110_cifar"):
+    register_architecture(f"robench:{_zoo_name}", _from_zoo(_zoo_name))
+
+
 def known_architectures() -> list[str]:
     return sorted(_ARCHITECTURES) + ["torchvision:NAME"]
 
@@ -156,6 +170,10 @@ def load_model(
         info = _mode_info(module)
         return LoadedModel(module.eval(), name, str(path), digest, arch="torchscript", info=info)
 
+    trained = _trained_info(path, arch)
+    if trained is not None:
+        arch = trained.arch
+        num_classes = trained.num_classes if num_classes is None else num_classes
     state = read_checkpoint(path, trust_checkpoint, map_location)
     if isinstance(state, Mapping):  # e.g. {"model": <nn.Module>, "epoch": 3} from a trusted pickle
         state = next((state[k] for k in _WRAPPER_KEYS if isinstance(state.get(k), nn.Module)), state)
@@ -171,7 +189,27 @@ def load_model(
         )
     module = build_arch(arch, num_classes)
     load_weights(module, tensors, spec, arch)
-    return LoadedModel(module.eval(), name, str(path), digest, arch=arch)
+    loaded = LoadedModel(module.eval(), name, str(path), digest, arch=arch)
+    if trained is not None:
+        loaded.preprocessing = trained.preprocessing()
+        if name == "model" and trained.recipe:  # robench train's file name: the recipe says more
+            loaded.name = trained.recipe
+    return loaded
+
+
+def _trained_info(path: Path, arch: str | None):
+    """A ``robench train`` checkpoint names its architecture and preprocessing; ``--arch`` still wins."""
+    if path.suffix != ".safetensors" or arch is not None:
+        return None
+    from robench.models.trained import importable_without_code, read_trained
+
+    info = read_trained(path)
+    if info is None:
+        return None
+    if not importable_without_code(info.arch):
+        raise UsageError(f"{path} was trained as {info.arch}, which robench imports only when you name it: "
+                         f"pass --arch {info.arch} if you trust that module")
+    return info
 
 
 def _mode_info(module: nn.Module) -> dict[str, Any]:

@@ -143,32 +143,34 @@ def load_suite(name_or_path: str, *, trust_code: bool = False, plugins: tuple[st
     return parse_suite(_read_suite_text(path), str(path), trust_code=trust_code, plugins=plugins)
 
 
-def _read_suite_text(path: Path) -> str:
+def _read_suite_text(path: Path, what: str = "suite") -> str:
     try:
         with open(path, "rb") as f:
             raw = f.read(MAX_SUITE_BYTES + 1)  # never more: the file may be huge or endless
     except OSError as exc:
-        raise UsageError(f"cannot read suite file {path}: {exc.strerror or exc}") from None
+        raise UsageError(f"cannot read {what} file {path}: {exc.strerror or exc}") from None
     if len(raw) > MAX_SUITE_BYTES:
-        raise UsageError(f"{path}: suite file is larger than {MAX_SUITE_BYTES} bytes; a suite is a short YAML file")
+        raise UsageError(f"{path}: {what} file is larger than {MAX_SUITE_BYTES} bytes; a {what} is a short YAML file")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise UsageError(f"cannot read suite file {path}: not UTF-8 text (byte {exc.start})") from None
+        raise UsageError(f"cannot read {what} file {path}: not UTF-8 text (byte {exc.start})") from None
     return text.replace("\r\n", "\n").replace("\r", "\n")  # as text-mode reading did
 
 
-def parse_suite(text: str, source: str = "<suite>", *, trust_code: bool = False,
-                plugins: tuple[str, ...] = ()) -> LoadedSuite:
-    """Validate suite text. Without ``trust_code``, architectures and plugins that import Python code are
-    refused, except the plugin modules the caller names in ``plugins`` (``--plugin``)."""
-    if len(text) > MAX_SUITE_BYTES:
-        raise UsageError(f"{source}: suite is larger than {MAX_SUITE_BYTES} characters; a suite is a short YAML file")
+def read_yaml_document(path: Path, what: str) -> tuple[Any, dict[tuple, int], str]:
+    """A bounded, safely loaded YAML file (suites, recipes): its data, each key's line, its text."""
+    text = _read_suite_text(path, what)
+    data, lines = _parse_yaml(text, str(path), what)
+    return data, lines, text
+
+
+def _parse_yaml(text: str, source: str, what: str) -> tuple[Any, dict[tuple, int]]:
     try:
         _check_yaml_bounds(text, source)
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         if root is None:
-            raise UsageError(f"{source}: the suite is empty")
+            raise UsageError(f"{source}: the {what} is empty")
         lines: dict[tuple, int] = {}
         _index_lines(root, (), lines, source)
         # Safe loading only: tags such as !!python/object are refused, never constructed.
@@ -178,6 +180,21 @@ def parse_suite(text: str, source: str = "<suite>", *, trust_code: bool = False,
         where = f"{source}:{mark.line + 1}" if mark else source
         problem = getattr(exc, "problem", None) or str(exc)
         raise UsageError(f"{where}: malformed YAML: {problem}") from None
+    return data, lines
+
+
+def validation_message(exc: ValidationError, lines: dict[tuple, int], source: str) -> str:
+    """``file:line field: problem`` for the first error of a validated YAML document."""
+    return _first_error(exc, lines, source)
+
+
+def parse_suite(text: str, source: str = "<suite>", *, trust_code: bool = False,
+                plugins: tuple[str, ...] = ()) -> LoadedSuite:
+    """Validate suite text. Without ``trust_code``, architectures and plugins that import Python code are
+    refused, except the plugin modules the caller names in ``plugins`` (``--plugin``)."""
+    if len(text) > MAX_SUITE_BYTES:
+        raise UsageError(f"{source}: suite is larger than {MAX_SUITE_BYTES} characters; a suite is a short YAML file")
+    data, lines = _parse_yaml(text, source, "suite")
     if not isinstance(data, dict):
         raise UsageError(f"{source}:1: a suite is a mapping with name: and attacks:")
     _import_plugins(data.get("plugins"), lines, source, trust_code, plugins)
@@ -270,6 +287,7 @@ def _first_error(exc: ValidationError, lines: dict[tuple, int], source: str) -> 
     err = exc.errors()[0]
     # pydantic adds union-member names to loc; keep only keys present in the file.
     loc = tuple(p for p in err["loc"] if isinstance(p, int) or not str(p).startswith(("float", "int", "str", "bool")))
+    loc = _drop_union_tags(loc, lines)
     line = None
     for cut in range(len(loc), -1, -1):
         if loc[:cut] in lines:
@@ -283,6 +301,18 @@ def _first_error(exc: ValidationError, lines: dict[tuple, int], source: str) -> 
     loc, line, msg = _point_at_named_field(loc, line, msg, lines)
     more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
     return f"{source}:{line or 1} {_dotted(loc)}: {msg}{more}"
+
+
+def _drop_union_tags(loc: tuple, lines: dict[tuple, int]) -> tuple:
+    """pydantic puts a tagged union's tag in loc (``defenses.0.lfm.p``); the file has no such key."""
+    kept: tuple = ()
+    for i, part in enumerate(loc):
+        following = loc[i + 1] if i + 1 < len(loc) else None
+        if (isinstance(part, str) and kept + (part,) not in lines and following is not None
+                and kept + (following,) in lines):
+            continue
+        kept += (part,)
+    return kept
 
 
 def _point_at_named_field(loc: tuple, line: int | None, msg: str, lines: dict[tuple, int]) -> tuple:

@@ -1,0 +1,1 @@
+"""Training the papers' defences: recipes, the training loop and its checkpoints (``robench train``)."""
