@@ -214,6 +214,13 @@ class AlignmentSpec(_Strict):
     nodes: int | None = Field(None, ge=1, le=4096)  # points per cloud after reduction (L'); default min(H*W, 64)
 
 
+class AugmentSpec(_Strict):
+    """The usual small-image augmentation: a random crop after zero padding, a horizontal flip."""
+
+    crop_padding: int = Field(0, ge=0, le=64)
+    flip: bool = False
+
+
 class Recipe(_Strict):
     name: str
     description: str = ""
@@ -228,6 +235,7 @@ class Recipe(_Strict):
     schedule: ScheduleSpec = ScheduleSpec()
     seed: int = Field(0, ge=0, le=2**31 - 1)
     precision: Literal["fp32", "bf16"] = "fp32"
+    augment: AugmentSpec = AugmentSpec()
     defenses: list[Defence] = Field(default_factory=list)
     adversarial: AdversarialSpec | None = None
     alignment: AlignmentSpec | None = None

@@ -180,9 +180,13 @@ def _insert_defences(recipe: Recipe, net: nn.Module) -> None:
 
 
 def _input_transforms(recipe: Recipe) -> list:
+    """Augmentation first, then the input-level defences (Cutout, few-pixel changes), in recipe order."""
     from robench.defenses.few_pixel import Cutout, FewPixelAugment
+    from robench.training.augment import CropFlip
 
-    transforms = []
+    transforms: list = []
+    if recipe.augment.crop_padding or recipe.augment.flip:
+        transforms.append(CropFlip(recipe.augment.crop_padding, recipe.augment.flip))
     for spec in recipe.defenses:
         if spec.kind == "cutout":
             transforms.append(Cutout(spec.size, spec.p))
