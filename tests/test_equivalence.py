@@ -38,13 +38,32 @@ def classification_suites() -> list[str]:
     return names
 
 
-def stable(value):
+# Passes through the model: exact on one machine, but CPU families (AVX2 against AVX-512 kernels)
+# round differently, which can move the step at which one sample is first fooled (1690 against
+# 1689 for one entry of the digits suite) while every per-sample outcome stays the same.
+EFFORT = {"gradient_evals", "forward_evals"}
+EFFORT_TOLERANCE = 0.005  # relative
+
+
+def stable(value, drop=frozenset()):
     """The document without what legitimately changes from run to run."""
     if isinstance(value, dict):
-        return {k: stable(v) for k, v in value.items() if k not in VOLATILE}
+        return {k: stable(v, drop) for k, v in value.items() if k not in VOLATILE | drop}
     if isinstance(value, list):
-        return [stable(v) for v in value]
+        return [stable(v, drop) for v in value]
     return value
+
+
+def efforts(value, path=""):
+    """Every pass count in the document, by its place in it."""
+    if isinstance(value, dict):
+        found = {f"{path}.{k}": v for k, v in value.items() if k in EFFORT and isinstance(v, int)}
+        for k, v in value.items():
+            found.update(efforts(v, f"{path}.{k}"))
+        return found
+    if isinstance(value, list):
+        return {k: v for i, item in enumerate(value) for k, v in efforts(item, f"{path}[{i}]").items()}
+    return {}
 
 
 def check_or_update(name: str, doc: dict, samples: str | None) -> None:
@@ -56,7 +75,12 @@ def check_or_update(name: str, doc: dict, samples: str | None) -> None:
             csv_path.write_text(samples)
         return
     assert json_path.is_file(), f"no pinned results for {name}: run with ROBENCH_UPDATE_GOLDEN=1"
-    assert stable(doc) == json.loads(json_path.read_text())
+    pinned = json.loads(json_path.read_text())
+    assert stable(doc, EFFORT) == stable(pinned, EFFORT)
+    now, then = efforts(doc), efforts(pinned)
+    assert now.keys() == then.keys()
+    for place, count in now.items():
+        assert abs(count - then[place]) <= EFFORT_TOLERANCE * max(then[place], 1), (place, count, then[place])
     if samples is not None:
         assert samples == csv_path.read_text()
 
