@@ -188,3 +188,12 @@ def test_compare_puts_the_trained_models_side_by_side(trained_digits):
     assert [line.split(",")[0] for line in lines[1:]] == ["digits-baseline", "digits-fdd", "digits-lfm",
                                                         "digits-pgd-at"]
     assert "Mean" in lines[0]
+
+
+def test_list_and_missing_recipe():
+    listed = invoke("train", "--list")
+    assert listed.exit_code == 0 and "digits-pgd-at" in listed.stdout and "cifar10-hfa-k40" in listed.stdout
+    missing = invoke("train")
+    assert missing.exit_code == 2 and "--list" in one_error_line(missing)
+    unknown = invoke("train", "digits-pgd")
+    assert unknown.exit_code == 2 and "digits-pgd-at" in one_error_line(unknown)
