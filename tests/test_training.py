@@ -197,3 +197,15 @@ def test_list_and_missing_recipe():
     assert missing.exit_code == 2 and "--list" in one_error_line(missing)
     unknown = invoke("train", "digits-pgd")
     assert unknown.exit_code == 2 and "digits-pgd-at" in one_error_line(unknown)
+
+
+def test_npz_data_has_no_test_split_unless_one_is_named(tmp_path):
+    import numpy as np
+
+    with np.load(Path(__file__).resolve().parent.parent / "robench/examples/digits_train.npz") as d:
+        np.savez(tmp_path / "train.npz", x=d["x"][:200], y=d["y"][:200])
+    recipe = load_recipe(str(_write(tmp_path, BASE.replace("example:digits", f"npz:{tmp_path / 'train.npz'}"))))
+    alone = train(recipe, tmp_path / "alone", TrainOptions(epochs=1))
+    assert alone.epochs[0].test_accuracy is None  # not the training images' accuracy under another name
+    named = train(recipe, tmp_path / "named", TrainOptions(epochs=1, test_data="example:digits"))
+    assert 0 <= named.epochs[0].test_accuracy <= 1

@@ -21,7 +21,8 @@ def train_command(
     data: Optional[str] = typer.Option(None, "--data", help="Training data instead of the recipe's (its train "
                                        "split): npz:PATH, imagefolder:PATH, example:digits or a dataset name."),
     test_data: Optional[str] = typer.Option(None, "--test-data", help="Data evaluated after every epoch instead "
-                                            "of the recipe's (default: the test split of the data); 'none' skips."),
+                                            "of the recipe's (default: the test split of a named dataset or "
+                                            "example; npz and image folders have none); 'none' skips."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default: runs/train/RECIPE-NAME). "
                                        "An interrupted run there resumes."),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Train this many epochs instead of the "

@@ -11,6 +11,7 @@ from __future__ import annotations
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from robench.defenses.features import named_submodule
 from robench.errors import UsageError
 from robench.registry import did_you_mean
 
@@ -44,14 +45,6 @@ class _ApplyAfter:
         return self.layer(output)
 
 
-def _submodule(model: nn.Module, module_name: str) -> nn.Module:
-    modules = dict(model.named_modules())
-    if module_name not in modules:
-        names = [name for name in modules if name]
-        raise UsageError(f"model has no module named {module_name!r}{did_you_mean(module_name, names)}")
-    return modules[module_name]
-
-
 def insert_after(model: nn.Module, module_name: str, layer: nn.Module) -> RemovableHandle:
     """Apply ``layer`` to the output of ``model``'s submodule ``module_name`` (a ``named_modules`` name).
 
@@ -64,7 +57,7 @@ def insert_after(model: nn.Module, module_name: str, layer: nn.Module) -> Remova
 
     Raises :class:`~robench.errors.UsageError` for a name the model does not have.
     """
-    target = _submodule(model, module_name)
+    target = named_submodule(model, module_name)
     handle = target.register_forward_hook(_ApplyAfter(layer))
     defences = getattr(model, DEFENCES_ATTRIBUTE, None)
     if defences is None:

@@ -29,7 +29,6 @@ MODEL_PREFIX = "paper: "
 
 @dataclass(frozen=True)
 class PaperTable:
-    csv: str  # file name inside robench/reporting/paper_tables
     title: str  # as the paper names it, e.g. "FDD Table 3"
     paper: str
     layouts: tuple[str, ...]  # the compare layouts its rows line up in
@@ -44,24 +43,19 @@ _PIXEL = "Robustness Augmentation Based on Pixel Change (Zhang & Cai)"
 _REID = ("reid", "reid-rows")
 
 PAPER_TABLES: dict[str, PaperTable] = {
-    "fdd-table3": PaperTable("fdd-table3.csv", "FDD Table 3", _FDD, ("fdd",), "classification"),
-    "alignment-table2": PaperTable("alignment-table2.csv", "Alignment Table 2", _ALIGN, ("alignment",),
-                                   "classification"),
-    "alignment-table3": PaperTable("alignment-table3.csv", "Alignment Table 3", _ALIGN, ("alignment",),
-                                   "classification"),
-    "alignment-table4": PaperTable("alignment-table4.csv", "Alignment Table 4", _ALIGN, ("alignment",),
-                                   "classification"),
-    "alignment-table5": PaperTable("alignment-table5.csv", "Alignment Table 5", _ALIGN, ("alignment",),
-                                   "classification"),
-    "alignment-table6": PaperTable("alignment-table6.csv", "Alignment Table 6", _ALIGN, ("alignment",),
-                                   "classification"),
-    "lfm-table1": PaperTable("lfm-table1.csv", "LFM Table I", _LFM, _REID, "reid"),
-    "lfm-table2": PaperTable("lfm-table2.csv", "LFM Table II", _LFM, _REID, "reid"),
-    "lfm-table3": PaperTable("lfm-table3.csv", "LFM Table III", _LFM, _REID, "reid",
+    "fdd-table3": PaperTable("FDD Table 3", _FDD, ("fdd",), "classification"),
+    "alignment-table2": PaperTable("Alignment Table 2", _ALIGN, ("alignment",), "classification"),
+    "alignment-table3": PaperTable("Alignment Table 3", _ALIGN, ("alignment",), "classification"),
+    "alignment-table4": PaperTable("Alignment Table 4", _ALIGN, ("alignment",), "classification"),
+    "alignment-table5": PaperTable("Alignment Table 5", _ALIGN, ("alignment",), "classification"),
+    "alignment-table6": PaperTable("Alignment Table 6", _ALIGN, ("alignment",), "classification"),
+    "lfm-table1": PaperTable("LFM Table I", _LFM, _REID, "reid"),
+    "lfm-table2": PaperTable("LFM Table II", _LFM, _REID, "reid"),
+    "lfm-table3": PaperTable("LFM Table III", _LFM, _REID, "reid",
                              "the DMR budget is not printed; read as the default 16/255"),
-    "pixel-table10": PaperTable("pixel-table10.csv", "Pixel Table 10", _PIXEL, ("pixel",), "pixel",
+    "pixel-table10": PaperTable("Pixel Table 10", _PIXEL, ("pixel",), "pixel",
                                 "misclassified counts are out of the paper's 1000 images"),
-    "pixel-table11": PaperTable("pixel-table11.csv", "Pixel Table 11", _PIXEL, ("pixel",), "pixel",
+    "pixel-table11": PaperTable("Pixel Table 11", _PIXEL, ("pixel",), "pixel",
                                 "loose fit: unchanged FGSM examples as a 0 px column of attack:fgsm"),
 }
 
@@ -73,9 +67,14 @@ def available() -> list[str]:
     return list(PAPER_TABLES)
 
 
+def _csv_text(name: str) -> str:
+    """The table's CSV, ``paper_tables/NAME.csv`` inside the package."""
+    return resources.files("robench.reporting").joinpath("paper_tables", f"{name}.csv").read_text("utf-8")
+
+
 def read_table(name: str) -> pd.DataFrame:
     """One paper table's CSV as stored: its ``#`` header lines skipped, every column read as text."""
-    text = resources.files("robench.reporting").joinpath("paper_tables", PAPER_TABLES[name].csv).read_text("utf-8")
+    text = _csv_text(name)
     body = "".join(line for line in io.StringIO(text) if not line.startswith("#"))
     frame = pd.read_csv(io.StringIO(body), dtype=str, keep_default_na=False)
     for column in OPTIONAL_COLUMNS:
@@ -86,8 +85,7 @@ def read_table(name: str) -> pd.DataFrame:
 
 def header_lines(name: str) -> list[str]:
     """The ``#`` lines at the top of a table's CSV: how its flattened text was read."""
-    text = resources.files("robench.reporting").joinpath("paper_tables", PAPER_TABLES[name].csv).read_text("utf-8")
-    return [line[1:].strip() for line in text.splitlines() if line.startswith("#")]
+    return [line[1:].strip() for line in _csv_text(name).splitlines() if line.startswith("#")]
 
 
 def datasets(name: str) -> list[str]:

@@ -110,30 +110,38 @@ def _message(exc: ValidationError) -> str:
     return exc.errors()[0]["msg"].removeprefix("Value error, ")
 
 
-def builtin_dir() -> Path:
-    """Inside a wheel the suites sit in the package; in a checkout, at the top."""
+def builtin_dir(folder: str = "suites") -> Path:
+    """Built-in YAML files (``suites``, ``recipes``): inside a wheel in the package, in a checkout at the top."""
     here = Path(__file__).resolve().parent.parent
-    packaged = here / "_builtin_suites"
-    return packaged if packaged.is_dir() else here.parent / "suites"
+    packaged = here / f"_builtin_{folder}"
+    return packaged if packaged.is_dir() else here.parent / folder
+
+
+def builtin_files(folder: str = "suites") -> dict[str, Path]:
+    return {p.stem: p for p in sorted(builtin_dir(folder).glob("*.yaml"))}
 
 
 def builtin_suites() -> dict[str, Path]:
-    return {p.stem: p for p in sorted(builtin_dir().glob("*.yaml"))}
+    return builtin_files("suites")
 
 
-def find_suite(name_or_path: str) -> Path:
+def find_yaml(name_or_path: str, known: dict[str, Path], what: str) -> Path:
+    """A YAML file's path, or a built-in one's by name (with a did-you-mean when neither)."""
     path = Path(name_or_path)
     try:
         if path.suffix in (".yaml", ".yml") or path.exists():
             if not path.is_file():
-                raise UsageError(f"suite file not found: {name_or_path}")
+                raise UsageError(f"{what} file not found: {name_or_path}")
             return path
     except OSError as exc:  # e.g. a folder on the way that we may not enter
-        raise UsageError(f"cannot read suite file {name_or_path}: {exc.strerror or exc}") from None
-    known = builtin_suites()
+        raise UsageError(f"cannot read {what} file {name_or_path}: {exc.strerror or exc}") from None
     if name_or_path in known:
         return known[name_or_path]
-    raise UsageError(f"unknown suite {name_or_path!r}" + did_you_mean(name_or_path, list(known)))
+    raise UsageError(f"unknown {what} {name_or_path!r}" + did_you_mean(name_or_path, list(known)))
+
+
+def find_suite(name_or_path: str) -> Path:
+    return find_yaml(name_or_path, builtin_suites(), "suite")
 
 
 def load_suite(name_or_path: str, *, trust_code: bool = False, plugins: tuple[str, ...] = ()) -> LoadedSuite:

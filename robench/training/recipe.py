@@ -263,27 +263,17 @@ class LoadedRecipe:
     text: str
 
 
-def builtin_recipes_dir() -> Path:
-    """Inside a wheel the recipes sit in the package; in a checkout, at the top."""
-    here = Path(__file__).resolve().parent.parent
-    packaged = here / "_builtin_recipes"
-    return packaged if packaged.is_dir() else here.parent / "recipes"
-
-
 def builtin_recipes() -> dict[str, Path]:
-    return {p.stem: p for p in sorted(builtin_recipes_dir().glob("*.yaml"))}
+    """``recipes/`` beside the suites (inside the package in a wheel)."""
+    from robench.suites.loader import builtin_files
+
+    return builtin_files("recipes")
 
 
 def find_recipe(name_or_path: str) -> Path:
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
-            raise UsageError(f"recipe file not found: {name_or_path}")
-        return path
-    known = builtin_recipes()
-    if name_or_path in known:
-        return known[name_or_path]
-    raise UsageError(f"unknown recipe {name_or_path!r}" + did_you_mean(name_or_path, list(known)))
+    from robench.suites.loader import find_yaml
+
+    return find_yaml(name_or_path, builtin_recipes(), "recipe")
 
 
 def load_recipe(name_or_path: str) -> LoadedRecipe:

@@ -40,6 +40,7 @@ TEST_BATCH = 512
 class TrainOptions:
     data: str | None = None  # overrides the recipe's data (its train split)
     test_data: str | None = None  # overrides the recipe's test data; "none" skips the per-epoch test
+    # (default: the test split of a named dataset or example; npz files and image folders have none)
     data_root: str | None = None
     download: bool = False
     device: str = "auto"
@@ -85,7 +86,7 @@ def train(loaded: LoadedRecipe, out: Path, options: TrainOptions | None = None,
     device = resolve_device(options.device)
     train_set, test_set = _datasets(recipe, options)
     net, model = _build_model(recipe, device)
-    alignment = _alignment(recipe, net, train_set, device)
+    alignment = _alignment(recipe, model, train_set, device)
     params = list(model.parameters()) + (list(alignment.parameters()) if alignment is not None else [])
     optimizer = _optimizer(recipe, params)
     schedule = _schedule(recipe, optimizer)
@@ -142,10 +143,20 @@ def _datasets(recipe: Recipe, options: TrainOptions):
     spec = options.data or recipe.data
     common = dict(root=options.data_root, download=options.download)
     train_set = load_data(spec, DataOptions(split="train", limit=options.limit, **common))
-    test_spec = options.test_data or recipe.test_data or spec
+    test_spec = options.test_data or recipe.test_data or (spec if _has_test_split(spec) else "none")
     if test_spec == "none":
         return train_set, None
     return train_set, load_data(test_spec, DataOptions(split="test", **common))
+
+
+def _has_test_split(spec: str) -> bool:
+    """Named datasets and the digits example have one; an npz file or an image folder is one set of images,
+    so its "test" accuracy would be measured on the training images (--test-data names another)."""
+    from robench.data.sources import TORCHVISION_SETS
+    from robench.examples import TRAIN_SPLITS
+
+    kind, _, arg = spec.partition(":")
+    return kind.lower() in TORCHVISION_SETS or (kind == "example" and arg in TRAIN_SPLITS)
 
 
 def _build_model(recipe: Recipe, device: torch.device) -> tuple[nn.Module, nn.Module]:
@@ -195,21 +206,18 @@ def _input_transforms(recipe: Recipe) -> list:
     return transforms
 
 
-def _alignment(recipe: Recipe, net: nn.Module, train_set, device: torch.device):
+def _alignment(recipe: Recipe, model: nn.Module, train_set, device: torch.device):
+    """The feature-alignment heads, sized by one forward of a training image through the network."""
     if recipe.alignment is None:
         return None
     from robench.defenses.hfa import HierarchicalAlignment
 
-    example = train_set[0][0].unsqueeze(0).to(device)
-    mean, std = recipe.model.normalization()
-    if mean is not None:
-        example = (example - torch.tensor(mean, device=device).view(1, -1, 1, 1)) / torch.tensor(
-            std, device=device).view(1, -1, 1, 1)
+    example = model.normalize(train_set[0][0].unsqueeze(0).to(device))
     spec = recipe.alignment
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(stream_key(recipe.seed, 7))
-        heads = HierarchicalAlignment.for_model(net, spec.layers, example, lam=spec.lam, eps=spec.sinkhorn_eps,
-                                                iters=spec.sinkhorn_iters, nodes=spec.nodes)
+        heads = HierarchicalAlignment.for_model(model.model, spec.layers, example, lam=spec.lam,
+                                                eps=spec.sinkhorn_eps, iters=spec.sinkhorn_iters, nodes=spec.nodes)
     return heads.to(device)
 
 
@@ -241,6 +249,8 @@ class _Step:
         self.recipe, self.model, self.net, self.alignment, self.device = recipe, model, net, alignment, device
         self.transforms = _input_transforms(recipe)
         self.autocast = recipe.precision == "bf16"
+        self.adversarial = None if recipe.adversarial is None else _AdversarialExamples(
+            recipe.adversarial, model, recipe.seed, self.autocast, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
@@ -254,8 +264,7 @@ class _Step:
         if adv is None or epoch < adv.start_epoch:
             logits = self.forward(x)
             return nn.functional.cross_entropy(logits, y), logits, {}
-        x_adv = _adversarial_examples(self.model, adv, x, y, ids, stream_key(self.recipe.seed, epoch, 4),
-                                      self.autocast)
+        x_adv = self.adversarial(x, y, ids, epoch)
         if self.alignment is not None:
             return self._aligned(x, x_adv, y)
         logits_adv = self.forward(x_adv)
@@ -287,27 +296,39 @@ class _Step:
         return loss, logits, parts
 
 
-def _adversarial_examples(model: nn.Module, spec: AdversarialSpec, x: torch.Tensor, y: torch.Tensor,
-                          ids: torch.Tensor, seed: int, bf16: bool) -> torch.Tensor:
+class _AdversarialExamples:
     """FGSM or PGD examples from robench's own attacks, the model in eval mode (no dropout or masking
-    while the attack looks for the worst case), the last iterate as in Madry et al.'s training."""
-    from robench.attacks.registry import ATTACKS
-    from robench.evaluation.precision import PrecisionModel
+    while the attack looks for the worst case), the last iterate as in Madry et al.'s training.
 
-    params: dict[str, Any] = {}
-    if spec.attack == "pgd":
-        params = {"steps": spec.steps, "random_start": spec.random_start}
-        if spec.step_size is not None:
-            params["step_size"] = repr(spec.step_size)
-    attack = ATTACKS.get(spec.attack)(params, final_iterate=True, seed=seed)
-    was_training = model.training
-    model.eval()
-    target = PrecisionModel(model, "bf16", x.device) if bf16 else model
-    try:
-        result = attack(target, x.detach(), y, spec.eps, ids, batch_size=len(x), refill=False)
-    finally:
-        model.train(was_training)
-    return result.x_adv.detach()
+    The attack object is made once per epoch (its seed is the epoch's), not per batch."""
+
+    def __init__(self, spec: AdversarialSpec, model: nn.Module, seed: int, bf16: bool,
+                 device: torch.device) -> None:
+        from robench.evaluation.precision import PrecisionModel
+
+        self.spec, self.model, self.seed = spec, model, seed
+        self.target = PrecisionModel(model, "bf16", device) if bf16 else model
+        self.params: dict[str, Any] = {}
+        if spec.attack == "pgd":
+            self.params = {"steps": spec.steps, "random_start": spec.random_start}
+            if spec.step_size is not None:
+                self.params["step_size"] = repr(spec.step_size)
+        self._epoch, self._attack = -1, None
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, epoch: int) -> torch.Tensor:
+        from robench.attacks.registry import ATTACKS
+
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._attack = ATTACKS.get(self.spec.attack)(self.params, final_iterate=True,
+                                                         seed=stream_key(self.seed, epoch, 4))
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            result = self._attack(self.target, x.detach(), y, self.spec.eps, ids, batch_size=len(x), refill=False)
+        finally:
+            self.model.train(was_training)
+        return result.x_adv.detach()
 
 
 def _run_epoch(step: _Step, recipe: Recipe, train_set, epoch: int, optimizer, options: TrainOptions,
