@@ -26,7 +26,7 @@ from robench.reporting.html_style import STYLE
 from robench.reporting.html_tables import KIND_TABLES, build_view, metric_attributes, table_html
 from robench.results.adversarial import entry_label, unique_stems
 from robench.results.metric_table import metric_info
-from robench.results.reading import (KNOWN_SCHEMAS, MAX_RESULT_BYTES, ResultFile, comparability_problems,
+from robench.results.reading import (KNOWN_SCHEMAS, ResultFile, comparability_problems, load_json,
                                      read_result, results_frame, validate_document)
 from robench.results.writers import write_file_atomically
 
@@ -57,7 +57,7 @@ def read_runs(runs: Sequence[str | Path | ResultFile], labels: Sequence[str] | N
 
 
 def _read_run(path: Path, label: str | None) -> ResultFile:
-    if path.is_dir() and not (path / "results.json").is_file():
+    if path.is_dir() and not (path / "results.json").exists():
         raise UsageError(f"no results.json in {path}: not a robench run directory, or a run that never wrote one")
     try:
         return read_result(path, label)
@@ -71,21 +71,13 @@ def _read_run(path: Path, label: str | None) -> ResultFile:
 def _read_partial(file: Path, label: str | None) -> ResultFile | None:
     """An interrupted run's document, validated as a finished one would be; None if it is not one."""
     try:
-        if file.stat().st_size > MAX_RESULT_BYTES:
-            return None
-        doc = json.loads(file.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        doc = load_json(file)
+    except UsageError:
         return None
     if not isinstance(doc, dict) or doc.get("complete") is not False or doc.get("schema") not in KNOWN_SCHEMAS:
         return None
     validate_document({**doc, "complete": True}, str(file))
     return ResultFile(file, doc, label or doc.get("model", {}).get("name") or file.parent.name)
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    if len({k for k, _ in pairs}) != len(pairs):
-        raise ValueError("duplicate key")  # an ambiguous document: read_result refuses it too
-    return dict(pairs)
 
 
 # ------------------------------------------------------------------ API
@@ -387,12 +379,11 @@ def recorded_command(r: ResultFile) -> str | None:
         return command
     config = r.path.parent / "config.json"
     try:
-        if config.is_file() and config.stat().st_size <= MAX_RESULT_BYTES:
-            value = json.loads(config.read_text(encoding="utf-8")).get("command")
-            return value if isinstance(value, str) and value else None
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError, RecursionError):
+        value = load_json(config, "config.json") if config.exists() else None
+    except UsageError:  # an unreadable config.json only costs the report its command line
         return None
-    return None
+    value = value.get("command") if isinstance(value, dict) else None
+    return value if isinstance(value, str) and value else None
 
 
 def _command_block(r: ResultFile) -> str:

@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 from robench.errors import UsageError
+from robench.files import read_bounded
 from robench.reporting.plots import plot_results
 from robench.results.reading import ResultFile
 
@@ -54,10 +55,8 @@ def inline_svg(svg: str, prefix: str) -> str:
 def png_data_uri(path: Path) -> str | None:
     """A PNG file as a ``data:`` URI; None for a file that is not a PNG or too large to embed."""
     try:
-        if path.stat().st_size > MAX_IMAGE_BYTES:
-            return None
-        data = path.read_bytes()
-    except OSError:
+        data = read_bounded(path, "image", MAX_IMAGE_BYTES)
+    except UsageError:  # a device, pipe or huge file in a run directory is left out, never read
         return None
     if not data.startswith(PNG_SIGNATURE):
         return None

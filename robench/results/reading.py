@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 import pandas as pd
 
 from robench.errors import UsageError
+from robench.files import read_bounded_text
 from robench.results.document import PIXEL_SCHEMA, SCHEMA
 from robench.results.metric_table import RANK_KEY
 from robench.results.tidy import TIDY_COLUMNS, document_kind, tidy_rows
@@ -58,9 +59,9 @@ def read_result(path: str | Path, label: str | None = None) -> ResultFile:
     p = Path(path)
     if p.is_dir():
         p = p / "results.json"
-    if not p.is_file():
+    if not p.exists():
         raise UsageError(f"result file not found: {path}")
-    doc = _load_json(p)
+    doc = load_json(p)
     if not isinstance(doc, dict) or doc.get("schema") not in KNOWN_SCHEMAS:
         schema = _show(doc.get("schema")) if isinstance(doc, dict) else "?"
         raise UsageError(f"{p} is not a robench result (schema {schema}; expected one of {', '.join(KNOWN_SCHEMAS)})")
@@ -85,19 +86,17 @@ def skip_unfinished_dirs(paths: list[str], warn) -> list[str]:
     return kept
 
 
-def _load_json(p: Path) -> Any:
-    size = p.stat().st_size
-    if size > MAX_RESULT_BYTES:
-        raise UsageError(f"{p} is {size} bytes; a results.json is at most {MAX_RESULT_BYTES // 2 ** 20} MiB, "
-                         "so this is not one robench wrote")
+def load_json(p: Path, what: str = "results.json") -> Any:
+    """A bounded JSON file (a regular file, at most MAX_RESULT_BYTES), duplicate keys refused."""
+    text = read_bounded_text(p, what, MAX_RESULT_BYTES)
     try:
-        return json.loads(p.read_text(encoding="utf-8"), object_pairs_hook=_refuse_duplicate_keys)
+        return json.loads(text, object_pairs_hook=_refuse_duplicate_keys)
     except _DuplicateKey as exc:
         raise UsageError(f"{p}: duplicate key {exc.args[0]!r} in a JSON object: the document is ambiguous "
                          "(robench never writes one)") from None
     # ValueError covers malformed JSON and integers too long to parse; RecursionError, absurd nesting.
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise UsageError(f"{p} is not a readable results.json: {exc}") from None
+    except (ValueError, RecursionError) as exc:
+        raise UsageError(f"{p} is not a readable {what}: {exc}") from None
 
 
 class _DuplicateKey(Exception):

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from robench.attacks.registry import load_plugins
 from robench.errors import UsageError
+from robench.files import read_bounded_text
 from robench.registry import did_you_mean
 from robench.suites.schema import TRUST_CODE, AttackSpec, Suite
 
@@ -130,9 +131,9 @@ def find_yaml(name_or_path: str, known: dict[str, Path], what: str) -> Path:
     path = Path(name_or_path)
     try:
         if path.suffix in (".yaml", ".yml") or path.exists():
-            if not path.is_file():
+            if not path.exists():
                 raise UsageError(f"{what} file not found: {name_or_path}")
-            return path
+            return path  # a folder, pipe or device is refused, with what it is, when it is read
     except OSError as exc:  # e.g. a folder on the way that we may not enter
         raise UsageError(f"cannot read {what} file {name_or_path}: {exc.strerror or exc}") from None
     if name_or_path in known:
@@ -152,18 +153,8 @@ def load_suite(name_or_path: str, *, trust_code: bool = False, plugins: tuple[st
 
 
 def _read_suite_text(path: Path, what: str = "suite") -> str:
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_SUITE_BYTES + 1)  # never more: the file may be huge or endless
-    except OSError as exc:
-        raise UsageError(f"cannot read {what} file {path}: {exc.strerror or exc}") from None
-    if len(raw) > MAX_SUITE_BYTES:
-        raise UsageError(f"{path}: {what} file is larger than {MAX_SUITE_BYTES} bytes; a {what} is a short YAML file")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise UsageError(f"cannot read {what} file {path}: not UTF-8 text (byte {exc.start})") from None
-    return text.replace("\r\n", "\n").replace("\r", "\n")  # as text-mode reading did
+    # Never more than the limit: the file may be huge, endless (a device) or a pipe.
+    return read_bounded_text(path, f"{what} file", MAX_SUITE_BYTES)
 
 
 def read_yaml_document(path: Path, what: str) -> tuple[Any, dict[tuple, int], str]:
