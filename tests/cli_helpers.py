@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import torch
 from torch import nn
 from typer.testing import CliRunner
@@ -44,3 +47,14 @@ class RowByRow(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.model(x[i:i + 1]) for i in range(len(x))])
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_block(marker_text: str) -> str:
+    """The fenced block that follows ``<!-- example: MARKER`` in README.md."""
+    match = re.search(rf"<!-- example: {re.escape(marker_text)}\b[^\n]*-->\n```\w+\n(.*?)```", README.read_text(),
+                      re.DOTALL)
+    assert match, f"README.md has no example block {marker_text!r}"
+    return match.group(1)

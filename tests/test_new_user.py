@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 
@@ -16,7 +18,7 @@ from robench.config import EvalConfig
 from robench.errors import UsageError
 from robench.runner import run_evaluation
 
-from cli_helpers import invoke, one_error_line
+from cli_helpers import invoke, one_error_line, readme_block
 
 
 @pytest.fixture()
@@ -180,3 +182,16 @@ def test_every_option_has_help_and_no_python_type_tags():
     for tag in ("<bool>", "<str>", "<int>", "{model}"):
         assert tag not in shown
     assert "--num-classes" in shown and "INTEGER" in shown
+
+
+def test_readme_direct_attack_call_runs_as_written(tmp_path):
+    """The README's direct call, saved to a file and run from a fresh folder with no PYTHONPATH help."""
+    script = tmp_path / "direct-attack.py"
+    script.write_text(readme_block("direct-attack.py"))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = subprocess.run([sys.executable, script.name], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    fooled, total, delta = re.fullmatch(r"fooled (\d+) of (\d+); max \|delta\| ([0-9.]+)\n", run.stdout).groups()
+    assert int(total) == 100 and 0 < int(fooled) < 100  # PGD at 0.1 fools some digits, not all
+    assert float(delta) <= 0.1  # inside the eps-ball the call was given

@@ -9,8 +9,10 @@ see these attacks.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -18,12 +20,11 @@ from pathlib import Path
 import pytest
 
 import robench
-from cli_helpers import invoke, one_error_line
+from cli_helpers import invoke, one_error_line, readme_block
 from robench.attacks import ATTACKS, PGD, Attack, GradientAttack, RunOutput, StepSizeParams
 from robench.errors import RunError, UsageError
 from robench.evaluation.sanity import attack_kind
 
-README = Path(__file__).resolve().parent.parent / "README.md"
 LIMIT = 60
 
 # A user's module: a uniform-noise attack with one bounded parameter. It leaves a marker file
@@ -457,29 +458,24 @@ def test_user_gradient_attack_stops_early(plugin_dir, trained_model, test_tensor
 
 # -- the README's example runs as written ----------------------------------------------------------------------
 
-def readme_block(marker_text: str) -> str:
-    """The fenced block that follows ``<!-- example: MARKER`` in README.md."""
-    match = re.search(rf"<!-- example: {re.escape(marker_text)}\b[^\n]*-->\n```\w+\n(.*?)```", README.read_text(),
-                      re.DOTALL)
-    assert match, f"README.md has no example block {marker_text!r}"
-    return match.group(1)
-
-
 def test_readme_example_runs_as_written(plugin_dir, monkeypatch):
     (plugin_dir / "my_attacks.py").write_text(readme_block("my_attacks.py"))
     (plugin_dir / "my-suite.yaml").write_text(readme_block("my-suite.yaml"))
     command = shlex.split(readme_block("command"))
     assert command[:2] == ["robench", "eval"] and "--plugin" in command
-    monkeypatch.chdir(plugin_dir)  # the command names the suite by a relative path
-    result = invoke(*command[1:], "--limit", LIMIT, "--out", plugin_dir / "run", "--quiet")
-    assert result.exit_code == 0, result.stderr
+    # As a user runs it: the installed script, from the folder holding the files, no PYTHONPATH help.
+    script = Path(sys.executable).with_name("robench")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = subprocess.run([str(script), *command[1:], "--limit", str(LIMIT), "--out", "run", "--quiet"],
+                         cwd=plugin_dir, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    monkeypatch.chdir(plugin_dir)  # the checks below name the suite by a relative path
     doc = results(plugin_dir / "run")
     clean = doc["clean"]["accuracy"]
     noise = {a["eps"]: a["accuracy"] for a in doc["attacks"] if a["attack"] == "noise"}
     pgd = {a["eps"]: a["accuracy"] for a in doc["attacks"] if a["attack"] == "pgd"}
     assert set(noise) == set(pgd) == {0.1, 0.3}
     assert all(noise[e] <= clean and pgd[e] <= noise[e] for e in noise)  # gradients beat random noise
-    assert ATTACKS.get("noise").__module__ == "my_attacks"
 
     # The comment in the suite holds: a misspelled field and an out-of-range value name file, line and field.
     for wrong, problem in (("drawz: 20", "attacks[0].drawz: noise does not take this field; did you mean "
@@ -491,6 +487,7 @@ def test_readme_example_runs_as_written(plugin_dir, monkeypatch):
         result = invoke("eval", "example:digits", "--suite", "bad-suite.yaml", "--plugin", "my_attacks")
         assert result.exit_code == 2
         assert one_error_line(result) == f"robench: error: bad-suite.yaml:{line_no} {problem}"
+    assert ATTACKS.get("noise").__module__ == "my_attacks"
 
 
 def test_plugins_leave_no_trace():

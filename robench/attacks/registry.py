@@ -15,6 +15,8 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import inspect
+import os
+import sys
 from typing import Any
 
 from robench.errors import UsageError
@@ -121,8 +123,19 @@ def register_attack(cls: type | None = None, *, name: str | None = None) -> Any:
     return add if cls is None else add(cls)
 
 
+def _working_folder_importable() -> None:
+    """The working folder on the import path, as ``python -m`` has it: ``my_attacks.py`` beside the
+    suite imports through the installed ``robench`` script too. Appended, never first, so a file
+    there cannot shadow an installed package; only modules the user named are imported from it."""
+    here = os.getcwd()
+    if here not in sys.path and "" not in sys.path:
+        sys.path.append(here)
+
+
 def load_plugins(modules: list[str] | tuple[str, ...], where: str = "--plugin") -> None:
     """Import plugin modules (they register their attacks); a failure is one line naming the module."""
+    if modules:
+        _working_folder_importable()
     for module in modules:
         if not isinstance(module, str) or not module.replace(".", "").replace("_", "").isalnum():
             raise UsageError(f"{where}: {module!r} is not a module name (e.g. my_package.attacks)")
@@ -130,5 +143,9 @@ def load_plugins(modules: list[str] | tuple[str, ...], where: str = "--plugin") 
             importlib.import_module(module)
         except UsageError:
             raise
+        except ModuleNotFoundError as exc:
+            hint = (f" (run from the folder holding {module.replace('.', '/')}.py, or put its folder on "
+                    "PYTHONPATH)") if exc.name == module.split(".")[0] else ""
+            raise UsageError(f"{where}: cannot import {module}: ModuleNotFoundError: {exc}{hint}") from exc
         except Exception as exc:  # noqa: BLE001 - the plugin's own error, reported as one line
             raise UsageError(f"{where}: cannot import {module}: {type(exc).__name__}: {exc}") from exc
