@@ -144,3 +144,26 @@ def test_eval_and_gate_in_one_step(runs, tmp_path):
     assert strong_doc["suite"]["name"] == "cmp"
     no_base = invoke(*args[:1], root / "strong.pt", *args[1:], "--data", f"npz:{npz}", "--max-drop", "0.1")
     assert no_base.exit_code == 2 and "need --baseline" in no_base.stderr
+
+
+PIXEL_SUITE = "name: px\nattacks:\n  - attack: pixels\n    pixels: [1, 2, 4, 8]\n    trials: 3\n"
+
+
+def test_a_pixel_count_sweep_keeps_one_row_per_count(tmp_path):
+    """compare (both layouts) and the report show each pixel count's accuracy as eval computed it."""
+    suite = tmp_path / "px.yaml"
+    suite.write_text(PIXEL_SUITE)
+    assert invoke("eval", "example:digits", "--suite", suite, "--limit", 100, "--out", tmp_path / "run",
+                  "--quiet").exit_code == 0
+    doc = json.loads((tmp_path / "run" / "results.json").read_text())
+    expected = {f"pixels {a['params']['pixels']} px": 100 * a["accuracy"] for a in doc["attacks"]}
+    assert len(expected) == 4
+    rows = dict(csv.reader(io.StringIO(invoke("compare", tmp_path / "run", "--format", "csv").stdout)))
+    assert {k: float(v) for k, v in rows.items() if k in expected} == pytest.approx(expected)
+    wide = list(csv.DictReader(io.StringIO(invoke("compare", tmp_path / "run", "--layout", "alignment",
+                                                  "--format", "csv").stdout)))[0]
+    assert {k: float(wide[k]) for k in expected} == pytest.approx(expected)
+    assert float(wide["Mean"]) == pytest.approx(100 * doc["mean_attack_accuracy"])
+    assert invoke("report", tmp_path / "run", "--out", tmp_path / "r.html").exit_code == 0
+    page = (tmp_path / "r.html").read_text()
+    assert all(label in page for label in expected)

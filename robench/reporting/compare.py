@@ -83,10 +83,16 @@ def _only(rows: pd.DataFrame, metric: str) -> pd.DataFrame:
     return picked
 
 
+def _pixels_label(pixels) -> str:
+    return "" if pixels is None or pd.isna(pixels) else f"{int(pixels)} px"
+
+
 def _setting_labels(data: pd.DataFrame, names: dict[str, str]) -> list[str]:
-    """"entry eps" per row, eps as the suite wrote it; entries in ``names`` get that label instead."""
-    return [names[e] if e in names else f"{e} {_eps_label(x, t)}".strip()
-            for e, x, t in zip(data.entry, data.eps, data.eps_text)]
+    """"entry eps" per row, eps as the suite wrote it, or "entry N px" for an entry that sweeps pixel
+    counts (it has no eps: without the count its settings would share one row); entries in ``names``
+    get that label instead."""
+    return [names[e] if e in names else f"{e} {_eps_label(x, t) or _pixels_label(p)}".strip()
+            for e, x, t, p in zip(data.entry, data.eps, data.eps_text, data.pixels)]
 
 
 def _attack_rows(rows: pd.DataFrame, metric: str) -> pd.DataFrame:
