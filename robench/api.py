@@ -53,6 +53,27 @@ class EvaluationResult:
         """The rows of results.csv: one per value, the columns ``robench compare`` reads."""
         return tidy_frame(self.doc)
 
+    # A notebook shows a result by its repr: the numbers a person looks for, not the whole
+    # document, the samples frame and the config (kilobytes); those stay one attribute away.
+    def __repr__(self) -> str:
+        doc = self.doc
+        robust = doc.get("robust_accuracy")
+        worst = "n/a" if robust is None else f"{100 * robust:.2f}%"
+        partial = "" if doc.get("complete", True) else ", partial"
+        return (f"EvaluationResult(model={doc['model'].get('name')!r}, suite={doc['suite'].get('name')!r}, "
+                f"n={doc['clean']['n']}, clean={100 * doc['clean']['accuracy']:.2f}%, worst={worst}, "
+                f"entries={len(doc['attacks'])}{partial})")
+
+    def _repr_html_(self) -> str:
+        import html
+
+        rows = [("clean", "", self.doc["clean"]["accuracy"])]
+        rows += [(a["label"], _setting_text(a), a["accuracy"]) for a in self.doc["attacks"]]
+        cells = "".join(f"<tr><td>{html.escape(str(label))}</td><td>{html.escape(setting)}</td>"
+                        f"<td style='text-align:right'>{100 * acc:.2f}</td></tr>" for label, setting, acc in rows)
+        return (f"<p>{html.escape(repr(self))}</p><table><thead><tr><th>attack</th><th>setting</th>"
+                f"<th>accuracy %</th></tr></thead><tbody>{cells}</tbody></table>")
+
     def to_json(self) -> str:
         return json.dumps(self.doc, indent=2)
 
@@ -73,6 +94,14 @@ class EvaluationResult:
             save_examples(path, self.adversarial, self.class_names)
         write_run(path, self.doc, self.samples, self.config)
         return path
+
+
+def _setting_text(entry: dict[str, Any]) -> str:
+    """eps as the suite wrote it, or the pixel count of an entry that sweeps pixels."""
+    params = entry.get("params") or {}
+    if entry.get("eps") is not None:
+        return f"eps {params.get('eps_expr') or format(entry['eps'], 'g')}"
+    return f"{params['pixels']} px" if params.get("pixels") is not None else ""
 
 
 def _as_dataset(data: Any, options: DataOptions) -> ImageDataset:

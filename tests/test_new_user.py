@@ -195,3 +195,19 @@ def test_readme_direct_attack_call_runs_as_written(tmp_path):
     fooled, total, delta = re.fullmatch(r"fooled (\d+) of (\d+); max \|delta\| ([0-9.]+)\n", run.stdout).groups()
     assert int(total) == 100 and 0 < int(fooled) < 100  # PGD at 0.1 fools some digits, not all
     assert float(delta) <= 0.1  # inside the eps-ball the call was given
+
+
+def test_a_result_shows_a_short_summary_in_a_notebook():
+    """repr is one line with the numbers (not the document, samples and config); the HTML view is a
+    small table of every entry as evaluated."""
+    suite = {"name": "px", "attacks": [{"attack": "pixels", "pixels": [1, 8], "trials": 2},
+                                        {"attack": "fgsm", "eps": ["4/255"]}]}
+    result = robench.evaluate("example:digits", "example:digits", suite, limit=60)
+    text = repr(result)
+    assert "\n" not in text and len(text) < 200
+    assert f"clean={100 * result.clean_accuracy:.2f}%" in text and f"worst={100 * result.robust_accuracy:.2f}%" in text
+    page = result._repr_html_()
+    assert page.count("<tr>") == 1 + 1 + 3  # header, clean, three settings
+    for setting in ("1 px", "8 px", "eps 4/255"):
+        assert setting in page
+    assert "<script" not in page
