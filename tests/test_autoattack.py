@@ -221,3 +221,11 @@ def test_bf16_runs_with_fp32_losses(trained_model, test_tensors):
     assert bf16["env"]["precision"] == "bf16"
     a, b = fp32["attacks"][0]["accuracy"], bf16["attacks"][0]["accuracy"]
     assert b <= bf16["clean"]["accuracy"] and abs(a - b) <= 0.1
+
+
+def test_the_attack_list_says_autoattack_includes_a_query_attack():
+    """Its trait stays "gradient" (it is judged as a white-box attack); the listing names its members' kinds."""
+    rows = json.loads(invoke("attacks", "--json").stdout)
+    family = next(r["family"] for r in rows if r["name"] == "autoattack")
+    assert family == "composite: gradient + query"
+    assert next(r["family"] for r in rows if r["name"] == "pgd") == "gradient"

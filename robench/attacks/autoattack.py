@@ -91,6 +91,11 @@ class AutoAttack(Attack):
     family: ClassVar[str] = "gradient"
     norms: ClassVar[tuple[str, ...]] = ("linf", "l2")
 
+    @classmethod
+    def family_label(cls) -> str:
+        families = dict.fromkeys(member.family for _, member, _ in member_classes(cls.Params()))
+        return "composite: " + " + ".join(families)
+
     def __init__(self, params: AttackParams | dict[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(params, **kwargs)
         if not isinstance(self.loss, CrossEntropy):

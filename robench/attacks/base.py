@@ -137,6 +137,11 @@ class Attack:
         return Cost(gradient=1)
 
     @classmethod
+    def family_label(cls) -> str:
+        """The family as listings show it (the default members, for a composite)."""
+        return cls.family
+
+    @classmethod
     def sweep_label(cls, value: Any) -> str:
         """How a value of the ``sweep`` parameter is written in tables (as eps is for the others)."""
         return str(value)

@@ -20,8 +20,8 @@ def attack_rows() -> list[dict]:
         params = {field: _default(info) for field, info in cls.Params.model_fields.items()}
         if params.get("step_size", "") is None:  # gradient attacks: the default is an expression of theirs
             params["step_size"] = getattr(cls, "default_step_size", None)
-        rows.append({"name": name, "family": cls.family, "norms": list(cls.norms), "eps": cls.eps_budget,
-                     "params": params, "module": f"{cls.__module__}.{cls.__qualname__}"})
+        rows.append({"name": name, "family": cls.family_label(), "norms": list(cls.norms),
+                     "eps": cls.eps_budget, "params": params, "module": f"{cls.__module__}.{cls.__qualname__}"})
     return rows
 
 
