@@ -68,8 +68,12 @@ def read_bounded(path: str | Path, what: str, limit: int) -> bytes:
         raise UsageError(f"{what} {path} is a directory, not a regular file") from None
     except OSError as exc:
         raise UsageError(f"cannot read {what} {path}: {_reason(exc)}") from None
-    with os.fdopen(fd, "rb") as f:
+    try:  # checked on the descriptor before wrapping it: fdopen refuses a directory with its own error
         _check_info(os.fstat(fd), path, what, limit)
+    except UsageError:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as f:
         try:
             data = f.read(limit + 1)  # never more: the size seen by fstat may have grown since
         except OSError as exc:

@@ -37,6 +37,7 @@ def train_command(
 ) -> None:
     """Train a model with a defence from the papers (a YAML recipe), for `robench eval`."""
     from robench.errors import UsageError
+    from robench.results.writers import default_train_dir
     from robench.training.recipe import builtin_recipes, load_recipe
     from robench.training.trainer import TrainOptions, train
 
@@ -46,7 +47,7 @@ def train_command(
     if recipe is None:
         raise UsageError("give a RECIPE: a YAML file or a built-in recipe's name (robench train --list shows them)")
     loaded = load_recipe(recipe)
-    folder = out or Path("runs") / "train" / loaded.recipe.name
+    folder = out or default_train_dir(loaded.recipe.name)
     options = TrainOptions(data=data, test_data=test_data, data_root=data_root, download=download, device=device,
                            workers=workers, limit=limit, epochs=epochs)
     with _progress() as progress, interrupt_on_sigterm():

@@ -34,6 +34,13 @@ class FewPixelAugment:
             raise ValueError(f"p must be in [0, 1], got {p}")
         self.pixels, self.p, self.delta, self.channels = pixels, p, delta, channels
 
+    def check_image_size(self, height: int, width: int) -> None:
+        """``ValueError`` when the images have fewer pixels than a change needs: said before training starts
+        rather than at the first changed batch."""
+        if self.pixels > height * width:
+            raise ValueError(f"{self.pixels} distinct pixels do not fit in {height}x{width} images; "
+                             f"at most {height * width}")
+
     def __call__(self, x: torch.Tensor, sample_ids: torch.Tensor, key: int) -> torch.Tensor:
         """``x`` (NCHW in [0,1]) with a share ``p`` of its images changed in exactly ``pixels`` pixels.
 
@@ -62,6 +69,12 @@ class Cutout:
         if not 0 <= p <= 1:
             raise ValueError(f"p must be in [0, 1], got {p}")
         self.size, self.p = size, p
+
+    def check_image_size(self, height: int, width: int) -> None:
+        """``ValueError`` for a square larger than the images: it would blank most of them, silently."""
+        if self.size > min(height, width):
+            raise ValueError(f"a {self.size}x{self.size} square is larger than the {height}x{width} images; "
+                             f"at most {min(height, width)}")
 
     def __call__(self, x: torch.Tensor, sample_ids: torch.Tensor, key: int) -> torch.Tensor:
         n, _, h, w = x.shape

@@ -10,6 +10,8 @@ grayscale transformation / random erasing: S_l = 0.03, S_h = 0.4, r_1 = 0.3, r_2
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -21,10 +23,21 @@ CANDIDATES = 16
 def _check_range(name: str, bounds: tuple[float, float], low: float, high: float | None) -> tuple[float, float]:
     lo, hi = float(bounds[0]), float(bounds[1])
     upper_ok = high is None or hi <= high
-    if not (lo > low and lo <= hi and upper_ok):
-        limit = f"{low} < lo <= hi" + ("" if high is None else f" <= {high}")
+    # Written so that NaN fails every comparison, and infinity fails "finite".
+    if not (lo > low and lo <= hi and upper_ok and math.isfinite(hi)):
+        limit = f"{low} < lo <= hi" + (" (finite)" if high is None else f" <= {high}")
         raise ValueError(f"{name} must be a (lo, hi) pair with {limit}, got {bounds!r}")
     return lo, hi
+
+
+def check_area(area: tuple[float, float]) -> tuple[float, float]:
+    """(S_l, S_h): fractions of the map's area, 0 < S_l <= S_h <= 1 (the layer and recipes check the same)."""
+    return _check_range("area", area, 0.0, 1.0)
+
+
+def check_aspect(aspect: tuple[float, float]) -> tuple[float, float]:
+    """(r_1, r_2): height/width ratios, 0 < r_1 <= r_2."""
+    return _check_range("aspect", aspect, 0.0, None)
 
 
 class LocalFeatureMasking(nn.Module):
@@ -64,8 +77,8 @@ class LocalFeatureMasking(nn.Module):
             raise ValueError(f"channels must be an integer >= 1, got {channels}")
         self.p = float(p)
         self.channels = int(channels)
-        self.area = _check_range("area", area, 0.0, 1.0)
-        self.aspect = _check_range("aspect", aspect, 0.0, None)
+        self.area = check_area(area)
+        self.aspect = check_aspect(aspect)
         if not float(value[0]) <= float(value[1]):
             raise ValueError(f"value must be a (lo, hi) pair with lo <= hi, got {value!r}")
         self.value = (float(value[0]), float(value[1]))

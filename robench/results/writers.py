@@ -11,7 +11,7 @@ import sys
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pandas as pd
 
@@ -48,14 +48,33 @@ def _claim(path: Path) -> bool:
     return True
 
 
+def default_train_dir(recipe: str, base: str = "runs") -> Path:
+    """``runs/train/RECIPE``: one fixed folder per recipe (no time stamp), so a killed run resumes there."""
+    return Path(base) / "train" / _safe(recipe)
+
+
 def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "model"
+    """One plain folder name: other characters become "_"; "." and ".." would name this folder or its
+    parent, so a name made only of dots becomes underscores."""
+    cleaned = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    return cleaned if cleaned.strip(".") else cleaned.replace(".", "_") or "model"
 
 
-def prepare_run_dir(path: Path) -> Path:
-    """Create and lock the run directory before any work, so a second run or a read-only place fails now."""
+def _finished_results(path: Path) -> str | None:
+    """An evaluation run is complete once results.json is, or when it has no progress to resume."""
     from robench.results.progress import finished, has_progress
 
+    if (path / "results.json").exists() and (finished(path) or not has_progress(path)):
+        return "results.json"
+    return None
+
+
+def prepare_run_dir(path: Path, complete: Callable[[Path], str | None] = _finished_results) -> Path:
+    """Create and lock the run directory before any work, so a second run or a read-only place fails now.
+
+    ``complete`` says what in the directory marks a finished run (``robench train``: a model without a
+    resume state), or None: that run is refused, never overwritten.
+    """
     if path.exists() and not path.is_dir():
         raise UsageError(f"--out {path} is a file, not a directory")
     fresh = not path.exists() or path.resolve() in _claimed
@@ -65,8 +84,9 @@ def prepare_run_dir(path: Path) -> Path:
         raise UsageError(f"cannot create output directory {path}: {exc.strerror or exc}") from None
     lock_run_dir(path, fresh=fresh)
     # Checked under the lock: another run cannot finish in between.
-    if (path / "results.json").exists() and (finished(path) or not has_progress(path)):
-        raise UsageError(f"{path} already holds results.json; choose another --out (runs are never overwritten)")
+    found = complete(path)
+    if found:
+        raise UsageError(f"{path} already holds {found}; choose another --out (runs are never overwritten)")
     return path
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+import string
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -20,6 +21,8 @@ from robench.expressions import eval_expr
 from robench.registry import did_you_mean
 
 MAX_EPOCHS = 10_000
+MAX_NAME = 100  # the name is the default output folder's: one path component, well under any file system's limit
+NAME_CHARACTERS = frozenset(string.ascii_letters + string.digits + "-_.")
 
 
 class _Strict(BaseModel):
@@ -117,9 +120,24 @@ class LFMSpec(_Strict):
     kind: Literal["lfm"]
     after: str | None = None  # torchvision ResNets: the stem (see robench.defenses.insertion)
     p: float = Field(0.15, ge=0, le=1)
-    channels: int = Field(32, ge=1)
+    channels: int = Field(32, ge=1, le=65_536)
     area: tuple[float, float] = (0.03, 0.4)
     aspect: tuple[float, float] = (0.3, 1 / 0.3)
+
+    # The layer's own checks, here too: a bad range is then a file:line error, not a crash at set-up.
+    @field_validator("area")
+    @classmethod
+    def _area(cls, area: tuple[float, float]) -> tuple[float, float]:
+        from robench.defenses.lfm import check_area
+
+        return check_area(area)
+
+    @field_validator("aspect")
+    @classmethod
+    def _aspect(cls, aspect: tuple[float, float]) -> tuple[float, float]:
+        from robench.defenses.lfm import check_aspect
+
+        return check_aspect(aspect)
 
 
 class FDDSpec(_Strict):
@@ -146,7 +164,7 @@ class CutoutSpec(_Strict):
     """Cutout (DeVries & Taylor; the LFM paper's input-level comparison): a zeroed square per image."""
 
     kind: Literal["cutout"]
-    size: int = Field(ge=1)
+    size: int = Field(ge=1, le=4096)  # also at most the images' side, checked against the data
     p: float = Field(1.0, ge=0, le=1)
 
 
@@ -154,7 +172,7 @@ class FewPixelSpec(_Strict):
     """Few-pixel augmentation (pixel paper, Algorithm 1): ``pixels`` random pixels per changed image."""
 
     kind: Literal["few-pixel"]
-    pixels: int = Field(ge=1)
+    pixels: int = Field(ge=1, le=1_000_000)  # also at most the images' pixels, checked against the data
     p: float = Field(0.5, ge=0, le=1)  # the share of each batch replaced by its changed copy
     delta: int | None = Field(None, ge=1, le=255)
     channels: Literal["all", "first"] = "all"
@@ -189,7 +207,9 @@ class AdversarialSpec(_Strict):
     @field_validator("random_start", mode="before")
     @classmethod
     def _start(cls, raw: Any) -> Any:
-        return raw if isinstance(raw, bool) else _number(raw)
+        from robench.attacks.gradient import random_start_value
+
+        return random_start_value(raw)  # the attacks' own rule: true, false or a radius >= 0
 
     @model_validator(mode="after")
     def _sensible(self) -> "AdversarialSpec":
@@ -197,6 +217,8 @@ class AdversarialSpec(_Strict):
             raise ValueError("eps: in (0, 1] (pixel units)")
         if self.step_size is not None and not 0 < self.step_size <= 1:
             raise ValueError("step_size: in (0, 1] (pixel units)")
+        if not isinstance(self.random_start, bool) and self.random_start > 1:
+            raise ValueError("random_start: true, false or a radius in [0, 1] (pixel units)")
         if self.attack == "fgsm" and (self.steps != 10 or self.step_size is not None):
             raise ValueError("steps: FGSM is one step of size eps; steps and step_size are PGD's")
         if self.clean_weight + self.adversarial_weight == 0:
@@ -240,6 +262,15 @@ class Recipe(_Strict):
     adversarial: AdversarialSpec | None = None
     alignment: AlignmentSpec | None = None
 
+    @field_validator("name")
+    @classmethod
+    def _folder_name(cls, name: str) -> str:
+        # The name is the default output folder (runs/train/NAME): it must stay one plain folder name.
+        if len(name) > MAX_NAME or not set(name) <= NAME_CHARACTERS or not name.strip("."):
+            raise ValueError(f"a name of at most {MAX_NAME} letters, digits, '-', '_' and '.' (not only dots): "
+                             "it names the output folder")
+        return name
+
     @model_validator(mode="after")
     def _consistent(self) -> "Recipe":
         if self.alignment is not None and self.adversarial is None:
@@ -261,6 +292,14 @@ class LoadedRecipe:
     recipe: Recipe
     path: str
     text: str
+    lines: dict[tuple, int] = field(default_factory=dict)  # each key's line in the file
+
+    def where(self, *loc: str | int) -> str:
+        """``file:line field`` of a recipe field, for checks that need the data (they cannot run in the schema)."""
+        from robench.suites.loader import _dotted as dotted
+
+        line = next((self.lines[loc[:cut]] for cut in range(len(loc), 0, -1) if loc[:cut] in self.lines), 1)
+        return f"{self.path}:{line} {dotted(loc)}"
 
 
 def builtin_recipes() -> dict[str, Path]:
@@ -288,4 +327,4 @@ def load_recipe(name_or_path: str) -> LoadedRecipe:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         raise UsageError(validation_message(exc, lines, str(path))) from None
-    return LoadedRecipe(recipe, str(path), text)
+    return LoadedRecipe(recipe, str(path), text, lines)
