@@ -45,9 +45,12 @@ def test_fdd_layout_markdown(runs):
     lines = result.stdout.splitlines()
     assert lines[2] == "|  | strong | weak |"
     body = {line.split("|")[1].strip(): line for line in lines[4:] if line.startswith("|")}
-    assert set(body) == {"clean", "fgsm ε = 0.05", "fgsm ε = 0.1", "pgd ε = 0.05", "pgd ε = 0.1"}
+    assert set(body) == {"clean", "fgsm ε = 0.05", "fgsm ε = 0.1", "pgd ε = 0.05", "pgd ε = 0.1", "worst case"}
     strong = json.loads((paths["strong"] / "results.json").read_text())
     assert f"**{100 * strong['clean']['accuracy']:.2f}**" in body["clean"], "the better model is marked"
+    # the last row, as in eval's table: each model's lowest accuracy over the entries
+    assert list(body)[-1] == "worst case"
+    assert f"{100 * min(a['accuracy'] for a in strong['attacks']):.2f}" in body["worst case"]
 
 
 def test_alignment_layout_mean_and_csv(runs):
@@ -72,7 +75,7 @@ def test_latex_html_and_out_file(runs, tmp_path):
     tex = out.read_text()
     assert tex.startswith("\\begin{tabular}") and "\\textbf{" in tex and "$\\epsilon$" in tex
     html = invoke("compare", paths["strong"], paths["weak"], "--format", "html").stdout
-    assert html.startswith("<table>") and "<b>" in html and html.count("<tr>") == 6
+    assert html.startswith("<table>") and "<b>" in html and html.count("<tr>") == 7  # header, 5 settings, worst
 
 
 def test_free_pivot_labels_and_rich_table(runs):

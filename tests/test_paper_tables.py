@@ -219,9 +219,9 @@ def test_compare_puts_the_paper_beside_the_run(fdd_run):
     table = {row["setting"]: row for row in csv.DictReader(io.StringIO(result.stdout))}
     assert list(next(iter(table.values()))) == ["setting", "measured", "paper: Non-dropout", "paper: Original",
                                                 "paper: FDD-1D", "paper: Spatial", "paper: FDD-2D", "paper: FDD-3D"]
-    # The paper's settings land in the run's rows: seven shared rows, plus the run's clean row.
+    # The paper's settings land in the run's rows: seven shared rows, plus the run's clean and worst-case rows.
     assert list(table) == ["clean", "fgsm ε = 0.03", "fgsm ε = 0.06", "fgsm ε = 0.12", "bim ε = 0.02",
-                           "bim ε = 0.03", "pgd ε = 0.02", "pgd ε = 0.03"]
+                           "bim ε = 0.03", "pgd ε = 0.02", "pgd ε = 0.03", "worst case"]
     assert all(row["measured"] != "" for row in table.values())
     assert float(table["fgsm ε = 0.03"]["paper: FDD-1D"]) == pytest.approx(54.92)
     assert float(table["bim ε = 0.03"]["paper: Original"]) == pytest.approx(2.11)
