@@ -17,7 +17,7 @@ import json
 import math
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from robench import __version__
 from robench.errors import UsageError
@@ -37,6 +37,11 @@ CURVES = {"classification": ("eps", "Accuracy vs eps, per model and attack (eps 
           "pixel": ("pixels", "Misclassified images vs changed pixels, per model and setting")}
 # Nothing outside the page may load: no network, no file, no script.
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+Warn = Callable[[str], None]
+
+
+def _ignore(message: str) -> None:
+    pass
 
 
 # ------------------------------------------------------------------ reading
@@ -82,26 +87,29 @@ def _read_partial(file: Path, label: str | None) -> ResultFile | None:
 
 # ------------------------------------------------------------------ API
 def build_report(runs: Sequence[str | Path | ResultFile], title: str = "robench report",
-                 labels: Sequence[str] | None = None) -> str:
-    """The HTML page for ``runs`` (run directories, results.json files or read results)."""
+                 labels: Sequence[str] | None = None, warn: Warn = _ignore) -> str:
+    """The HTML page for ``runs`` (run directories, results.json files or read results).
+
+    ``warn`` hears of each file left out of the page (an image that is not a readable PNG).
+    """
     results = read_runs(runs, labels)
     by_kind = {k: [r for r in results if r.kind == k] for k in KIND_ORDER}
     by_kind = {k: v for k, v in by_kind.items() if v}
     sections = [_overview(results)]
     sections += [_kind_section(kind, group, f"k{i}") for i, (kind, group) in enumerate(by_kind.items())]
-    sections.append(_runs_section(results))
+    sections.append(_runs_section(results, warn))
     return _page(title, results, sections, list(by_kind))
 
 
 def write_report(runs: Sequence[str | Path | ResultFile], out: str | Path = "report.html",
-                 title: str = "robench report", labels: Sequence[str] | None = None) -> Path:
+                 title: str = "robench report", labels: Sequence[str] | None = None, warn: Warn = _ignore) -> Path:
     """Build the report and write it to ``out`` (an existing file there is replaced: it is derived data)."""
     out = Path(out)
     if out.suffix.lower() not in SUFFIXES:
         raise UsageError(f"--out must end in .html or .htm, got {out.name}")
     if out.is_dir():
         raise UsageError(f"--out {out} is a directory; name the HTML file to write")
-    page = build_report(runs, title=title, labels=labels)
+    page = build_report(runs, title=title, labels=labels, warn=warn)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -286,12 +294,12 @@ def _kind_section(kind: str, group: list[ResultFile], prefix: str) -> str:
 
 
 # ------------------------------------------------------------------ per run: provenance, flags, examples
-def _runs_section(results: list[ResultFile]) -> str:
+def _runs_section(results: list[ResultFile], warn: Warn) -> str:
     return '<section id="runs"><h2>Runs in detail</h2>' + "".join(
-        _run_card(r, i) for i, r in enumerate(results)) + "</section>"
+        _run_card(r, i, warn) for i, r in enumerate(results)) + "</section>"
 
 
-def _run_card(r: ResultFile, i: int) -> str:
+def _run_card(r: ResultFile, i: int, warn: Warn) -> str:
     doc = r.doc
     head = (f'<h3 id="run-{i}"><span class="label">{_esc(r.label)}</span>'
             f'<span class="badge kind">{_esc(r.kind)}</span>{_status_badges(r)}</h3>')
@@ -302,7 +310,7 @@ def _run_card(r: ResultFile, i: int) -> str:
         "<h4>Command</h4>", _command_block(r),
         "<h4>Environment</h4>", f'<dl class="facts">{"".join(_env_facts(doc.get("env") or {}))}</dl>',
         _parts_tables(r),
-        _grids(r, i),
+        _grids(r, i, warn),
         "</article>",
     ])
 
@@ -435,21 +443,23 @@ def _entry_file_text(a: dict[str, Any]) -> str:
     return str(params.get("pixels") or "")
 
 
-def _grids(r: ResultFile, i: int) -> str:
+def _grids(r: ResultFile, i: int, warn: Warn) -> str:
     """The run's saved adversarial grids (``adversarial/*.png``), if any were saved."""
     folder = r.path.parent / "adversarial"
     if not folder.is_dir():
         return ""
     figures, skipped = [], []
     for png in _entry_order(r.doc, folder.glob("*.png")):
-        uri = png_data_uri(png)
-        if uri is None:
+        try:
+            uri = png_data_uri(png)
+        except UsageError as exc:  # one unreadable image costs the page that image, not the report
+            warn(f"{exc}: left out of the report")
             skipped.append(png.name)
             continue
         figures.append(f'<figure><img src="{uri}" alt="{_esc(png.stem)}">'
                        f"<figcaption>{_esc(png.stem)}</figcaption></figure>")
     if not figures and not skipped:
         return ""
-    note = _warnings("Not embedded (not a PNG, or too large)", skipped)
+    note = _warnings("Not embedded (not a regular PNG file, or too large)", skipped)
     # Shown small, several to a row; the files in adversarial/ hold the full-size figures.
     return f'<h4 id="run-{i}-examples">Adversarial examples</h4>{note}<div class="grids">{"".join(figures)}</div>'

@@ -52,12 +52,12 @@ def inline_svg(svg: str, prefix: str) -> str:
     return svg.replace("<svg ", '<svg class="plot" role="img" ', 1)
 
 
-def png_data_uri(path: Path) -> str | None:
-    """A PNG file as a ``data:`` URI; None for a file that is not a PNG or too large to embed."""
-    try:
-        data = read_bounded(path, "image", MAX_IMAGE_BYTES)
-    except UsageError:  # a device, pipe or huge file in a run directory is left out, never read
-        return None
+def png_data_uri(path: Path) -> str:
+    """A PNG file as a ``data:`` URI; ``UsageError`` (why) for a file that is not a PNG or too large to embed.
+
+    A device, a pipe or a huge file in a run directory is refused before it is read.
+    """
+    data = read_bounded(path, "image", MAX_IMAGE_BYTES)
     if not data.startswith(PNG_SIGNATURE):
-        return None
+        raise UsageError(f"image {path} is not a PNG file")
     return "data:image/png;base64," + base64.b64encode(data).decode("ascii")

@@ -28,6 +28,7 @@ an entry did not attack (misclassified before any attack) have ``adversarial == 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ import numpy as np
 import torch
 
 from robench.errors import UsageError
+from robench.files import check_regular_file
 from robench.results.writers import write_file_atomically
 
 if TYPE_CHECKING:
@@ -45,6 +47,10 @@ if TYPE_CHECKING:
 
 FOLDER = "adversarial"
 STEP_TOLERANCE = 1e-4  # of one 1/255 step: float32 noise of an attack's projection, not a perturbation
+# File systems allow 255 bytes a name: a stem leaves room for -N, .npz or .png and the temporary
+# name an atomic write uses beside the file (a dot before, a dot and 8 characters after).
+MAX_STEM_BYTES = 100
+HASH_CHARS = 12
 
 
 def parse_count(value: Any, option: str = "--save-adversarial") -> int | None:
@@ -119,8 +125,19 @@ def nhwc(images: torch.Tensor) -> np.ndarray:
 
 
 def file_stem(entry: str) -> str:
-    """The entry's label made filesystem-safe (``pgd@8/255`` -> ``pgd_8_255``)."""
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in entry).strip(".") or "entry"
+    """The entry's label made filesystem-safe (``pgd@8/255`` -> ``pgd_8_255``) and short enough for a file name.
+
+    A stem over ``MAX_STEM_BYTES`` keeps its readable start and ends in a hash of the whole label: distinct
+    labels keep distinct names, and a label always gets the same name (a resumed run writes the same files).
+    """
+    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in entry).strip(".") or "entry"
+    raw = stem.encode("utf-8")
+    if len(raw) <= MAX_STEM_BYTES:
+        return stem
+    digest = hashlib.sha256(entry.encode("utf-8", "surrogatepass")).hexdigest()[:HASH_CHARS]
+    # Cut on a byte boundary, dropping a character split in two.
+    prefix = raw[:MAX_STEM_BYTES - HASH_CHARS - 1].decode("utf-8", "ignore")
+    return f"{prefix}-{digest}"
 
 
 def unique_stems(entries: list[str]) -> list[str]:
@@ -152,6 +169,8 @@ def write_examples(run_dir: Path, examples: list[SavedExamples]) -> list[Path]:
 
 def read_examples(path: str | Path) -> SavedExamples:
     """An ``adversarial/*.npz`` file back as ``SavedExamples`` (no pickle)."""
+    # numpy reads the path itself: a device or a pipe is refused before it does (the size is the data's).
+    check_regular_file(path, "adversarial examples file")
     with np.load(path, allow_pickle=False) as data:
         arrays = {k: data[k] for k in data.files}
     known = {"entry", "clean", "adversarial", "index", "label", "clean_pred", "adv_pred", "fooled", "eps", "norm",

@@ -75,7 +75,8 @@ def skip_unfinished_dirs(paths: list[str], warn) -> list[str]:
 
     Explicit files, and directories that do hold results, pass through; nothing left is an error.
     """
-    kept = [p for p in paths if not (Path(p).is_dir() and not (Path(p) / "results.json").is_file())]
+    # exists(), not is_file(): a results.json that is a device or a pipe is refused when read, not skipped.
+    kept = [p for p in paths if not (Path(p).is_dir() and not (Path(p) / "results.json").exists())]
     skipped = len(paths) - len(kept)
     if skipped and not kept:
         raise UsageError(f"no results.json in {paths[0]}" + (f" nor in the {skipped - 1} other director(ies)"
@@ -316,6 +317,7 @@ def _check_classification(check: _Checker, doc: dict[str, Any]) -> None:
     # null for a suite without attacks
     for key in ("robust_accuracy", "mean_attack_accuracy"):
         check.fraction(check.get(doc, key, "", required=False), key, nullable=True)
+    _check_classification_counts(check, doc)
 
 
 def _check_reid_metrics(check: _Checker, metrics: Any, path: str) -> None:
@@ -325,6 +327,7 @@ def _check_reid_metrics(check: _Checker, metrics: Any, path: str) -> None:
             if not RANK_KEY.match(key):
                 check.fail(_join(path, key), "a CMC key must be rank followed by a number, e.g. rank1")
             check.fraction(value, _join(path, key))
+    _check_cmc_order(check, metrics, path)
     check.fraction(check.get(metrics, "mAP", path), _join(path, "mAP"))
     # mINP is null when it was not computed
     check.fraction(check.get(metrics, "mINP", path, required=False), _join(path, "mINP"), nullable=True)
@@ -358,6 +361,8 @@ def _check_pixel(check: _Checker, doc: dict[str, Any]) -> None:
         # null when the folder had no labels (the clean prediction is the reference)
         check.fraction(check.get(clean, "accuracy", "clean", required=False), "clean.accuracy", nullable=True)
         _check_clean_counts(check, clean, "clean", required=False)
+        if clean.get("accuracy") is not None and clean.get("n") and clean.get("correct") is not None:
+            _clean_correct(check, clean, clean["n"])
     for i, exp in enumerate(check.array(check.get(doc, "experiments", ""), "experiments")):
         path = _join("experiments", i)
         check.object(exp, path)
@@ -385,6 +390,123 @@ def _check_pixel_row(check: _Checker, row: Any, path: str) -> None:
     check.number(check.get(row, "pi", path, required=False), _join(path, "pi"), nullable=True)
     for factor in ("w", "p", "r", "a"):
         check.fraction(check.get(row, factor, path, required=False), _join(path, factor), nullable=True)
+    _check_pixel_row_terms(check, row, path)
+
+
+# ------------------------------------------------------------------ consistency
+# Values each in range can still contradict each other: every attack at accuracy 1.0 under a clean
+# accuracy of 0.98 is impossible, and a gate must not pass it. The writers derive every number from
+# per-sample counts, so these identities hold in each document robench writes, partial ones included.
+# Floats are compared with a relative tolerance far above rounding (JSON keeps a float exactly) and
+# far below one sample out of any real n.
+_REL_TOL = 1e-9
+
+
+def _close(value: float, expected: float) -> bool:
+    return math.isclose(value, expected, rel_tol=_REL_TOL, abs_tol=1e-12)
+
+
+def _samples(check: _Checker, value: float, n: int, path: str) -> int:
+    """How many of ``n`` samples the fraction ``value`` counts; refused unless a whole number."""
+    count = round(value * n)
+    if not _close(value, count / n):
+        check.fail(path, f"{_show(value)} is not a whole number of samples out of n = {n}")
+    return count
+
+
+def _check_classification_counts(check: _Checker, doc: dict[str, Any]) -> None:
+    """Clean, per-entry and summary numbers agree as the writer derives them (robench.api)."""
+    clean, n = doc["clean"], doc["clean"]["n"]
+    if n == 0:
+        check.fail("clean.n", f"is 0, yet clean.accuracy is {_show(clean['accuracy'])}: an accuracy needs samples")
+    correct = _clean_correct(check, clean, n)
+    robust = [_entry_robust(check, entry, _join("attacks", i), clean, correct)
+              for i, entry in enumerate(doc["attacks"])]
+    _check_summaries(check, doc, n, correct, robust)
+
+
+def _clean_correct(check: _Checker, clean: dict, n: int) -> int:
+    correct = clean.get("correct")
+    if correct is None:  # optional: the accuracy then says how many
+        return _samples(check, clean["accuracy"], n, "clean.accuracy")
+    if not _close(clean["accuracy"], correct / n):
+        check.fail("clean.accuracy", f"must be correct / n = {correct}/{n} = {correct / n:.6g}, "
+                   f"got {_show(clean['accuracy'])}")
+    return correct
+
+
+def _entry_robust(check: _Checker, entry: dict, path: str, clean: dict, correct: int) -> int:
+    """The entry's count of robust samples, after checking it against the clean counts.
+
+    Only clean-correct samples are attacked; a misclassified one is never robust. So robust <= correct,
+    attacked == correct, and the fooled ones are the attacked ones that are not robust.
+    """
+    n = clean["n"]
+    if entry["n"] != n:
+        check.fail(_join(path, "n"), f"must equal clean.n ({n}): an entry counts every sample, got {entry['n']}")
+    robust = _samples(check, entry["accuracy"], n, _join(path, "accuracy"))
+    if robust > correct:
+        check.fail(_join(path, "accuracy"), f"{_show(entry['accuracy'])} is above clean.accuracy "
+                   f"{_show(clean['accuracy'])}: only samples classified correctly can stay robust")
+    attacked = entry.get("attacked", correct)
+    if attacked != correct:
+        check.fail(_join(path, "attacked"), f"must equal clean.correct ({correct}): the attack runs on the "
+                   f"correctly classified samples, got {attacked}")
+    rate = entry.get("success_rate")
+    if rate is None:  # not measured: the gate treats it as not comparable
+        return robust
+    if attacked == 0:
+        check.fail(_join(path, "success_rate"), f"must be null when no sample was attacked, got {_show(rate)}")
+    expected = (attacked - robust) / attacked
+    if not _close(rate, expected):
+        check.fail(_join(path, "success_rate"), f"must be 1 - robust / attacked = 1 - {robust}/{attacked} = "
+                   f"{expected:.6g}, got {_show(rate)}")
+    return robust
+
+
+def _check_summaries(check: _Checker, doc: dict[str, Any], n: int, correct: int, robust: list[int]) -> None:
+    """``robust_accuracy`` (robust under every entry, per sample) and ``mean_attack_accuracy``."""
+    worst, mean = doc.get("robust_accuracy"), doc.get("mean_attack_accuracy")
+    if not robust:  # robench writes null here; nothing to agree with
+        return
+    if worst is not None:
+        count = _samples(check, worst, n, "robust_accuracy")
+        # At most the weakest entry's count; at least what is left if every entry broke other samples.
+        low, high = max(0, correct - sum(correct - r for r in robust)), min(robust)
+        if not low <= count <= high:
+            check.fail("robust_accuracy", f"must lie between {low}/{n} and the lowest entry accuracy {high}/{n} "
+                       f"(a sample is robust overall only if robust under every entry), got {_show(worst)}")
+    if mean is not None:
+        expected = sum(a["accuracy"] for a in doc["attacks"]) / len(robust)
+        if not _close(mean, expected):
+            check.fail("mean_attack_accuracy", f"must be the mean of the entries' accuracies ({expected:.6g}), "
+                       f"got {_show(mean)}")
+
+
+def _check_cmc_order(check: _Checker, metrics: dict, path: str) -> None:
+    """A match within the first k results is within the first k + 1: CMC never falls as k grows."""
+    ranks = sorted((int(m.group(1)), key) for key in metrics if (m := RANK_KEY.match(key)))
+    for (_, lower), (_, higher) in zip(ranks, ranks[1:]):
+        if metrics[higher] < metrics[lower]:
+            check.fail(_join(path, higher), f"must be at least {lower} ({_show(metrics[lower])}): CMC never falls "
+                       f"as the rank grows, got {_show(metrics[higher])}")
+
+
+def _check_pixel_row_terms(check: _Checker, row: dict, path: str) -> None:
+    """recognition_rate = 1 - misclassified / total, w = misclassified / total, Pi = w / (p r a)."""
+    total, share = row["total"], None if row["total"] == 0 else row["misclassified"] / row["total"]
+    rate = row.get("recognition_rate")
+    if rate is not None and (share is None or not _close(rate, 1.0 - share)):
+        check.fail(_join(path, "recognition_rate"), f"must be 1 - misclassified / total = "
+                   f"{'undefined (total is 0)' if share is None else f'{1.0 - share:.6g}'}, got {_show(rate)}")
+    w = row.get("w")
+    if w is not None and (share is None or not _close(w, share)):
+        check.fail(_join(path, "w"), f"must be misclassified / total ({total}), got {_show(w)}")
+    terms = [row.get(k) for k in ("w", "p", "r", "a", "pi")]
+    if None not in terms and terms[1] * terms[2] * terms[3] > 0:
+        expected = terms[0] / (terms[1] * terms[2] * terms[3])
+        if not _close(terms[4], expected):
+            check.fail(_join(path, "pi"), f"must be w / (p r a) = {expected:.6g}, got {_show(terms[4])}")
 
 
 def _check_sanity(check: _Checker, doc: dict[str, Any]) -> None:
