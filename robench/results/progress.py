@@ -47,10 +47,14 @@ def has_progress(run_dir: Path) -> bool:
 
 def finished(run_dir: Path) -> bool:
     """A complete results.json (an interrupted run writes one marked incomplete)."""
+    from robench.files import read_bounded_text
+    from robench.results.reading import MAX_RESULT_BYTES
+
     path = run_dir / "results.json"
     if not path.is_file():
         return False
     try:
-        return json.loads(path.read_text(encoding="utf-8")).get("complete", True) is not False
-    except (OSError, json.JSONDecodeError):
-        return True  # unreadable: never overwrite it
+        doc = json.loads(read_bounded_text(path, "results.json", MAX_RESULT_BYTES))
+        return not isinstance(doc, dict) or doc.get("complete", True) is not False
+    except (UsageError, ValueError, RecursionError):
+        return True  # unreadable or too large: never overwrite it
