@@ -211,3 +211,27 @@ def test_a_result_shows_a_short_summary_in_a_notebook():
     for setting in ("1 px", "8 px", "eps 4/255"):
         assert setting in page
     assert "<script" not in page
+
+
+def test_the_progress_bar_fits_80_columns_and_shows_no_early_eta():
+    import io
+
+    from rich.console import Console
+
+    from robench.cli.progress_view import EvalProgress
+
+    console = Console(file=io.StringIO(), width=80, force_terminal=True)
+    progress = EvalProgress(console, "a-model-with-a-rather-long-name · autoattack", [1.0, 99.0], live=True)
+    with progress:
+        progress.start(10_000, 0)
+        progress.entry_done(-1, 100)  # a sliver of the work: its speed says little
+        assert progress.work.seconds_left() is None
+        progress.entry_done(-1, 9_900)
+        progress.entry_done(0, 5_000)
+        progress.entry_done(1, 1_000)  # a tenth of the work (the expensive entry weighs 99)
+        table = progress._bar.make_tasks_table(progress._bar.tasks)
+    shown = Console(file=io.StringIO(), width=80, record=True, color_system=None)
+    shown.print(table)
+    lines = shown.export_text().splitlines()
+    assert len(lines) == 1 and len(lines[0]) <= 80, lines
+    assert "6,000/20,000 sample-attacks" in lines[0] and "eta -" not in lines[0]

@@ -15,9 +15,12 @@ from typing import Callable, Sequence
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn
+from rich.table import Column
 from rich.text import Text
 
 PLAIN_EVERY_SECONDS = 30.0  # CI logs: a line every half minute is enough and never floods
+# An ETA from the first 2% of the work (or the first minute) swings by factors: it is not shown.
+EARLY_SHARE, EARLY_SECONDS = 0.02, 60.0
 
 
 @dataclass
@@ -59,6 +62,8 @@ class Work:
         gained = self.done_weight - self.start_weight
         if gained <= 0 or spent <= 0:
             return None
+        if gained < EARLY_SHARE * (self.total_weight - self.start_weight) and spent < EARLY_SECONDS:
+            return None  # the first segment's speed (compilation, warm-up) says little: no ETA yet
         return max(0.0, (self.total_weight - self.done_weight) * spent / gained)
 
 
@@ -96,8 +101,12 @@ class EvalProgress:
 
     def __enter__(self) -> "EvalProgress":
         if self.enabled and self.live:
-            self._bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), _Units(),
-                                 TimeElapsedColumn(), _Eta(), console=self.console, transient=True)
+            # One line at 80 columns: the title is cut with an ellipsis and the bar takes what is left.
+            title = TextColumn("[bold]{task.description}",
+                               table_column=Column(max_width=24, no_wrap=True, overflow="ellipsis"))
+            self._bar = Progress(title, BarColumn(bar_width=None), _Units(table_column=Column(no_wrap=True)),
+                                 TimeElapsedColumn(), _Eta(table_column=Column(no_wrap=True)),
+                                 console=self.console, transient=True, expand=True)
             self._bar.__enter__()
         return self
 
