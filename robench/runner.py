@@ -4,7 +4,8 @@
 re-identification, prepares the run directory and checks that a run to be
 resumed was started with the same settings. ``PreparedRun.evaluate`` runs it
 (an interrupted classification run leaves its partial results and raises
-``Interrupted``), ``PreparedRun.finish`` writes the results.
+``Interrupted``; so does a re-identification run, by setting), ``PreparedRun.finish``
+writes the results.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from robench.api import EvaluationInterrupted, EvaluationResult, check_no_advers
 from robench.config import EvalConfig, Resolved, resolve
 from robench.errors import Interrupted, RunError, UsageError
 from robench.models import load_model, resolve_normalization
-from robench.reid.api import evaluate_reid, is_reid_spec, load_reid_spec
+from robench.reid.api import ReIDEvaluationInterrupted, evaluate_reid, is_reid_spec, load_reid_spec
 from robench.reid.engine import ReIDOptions
 from robench.results import default_run_dir, prepare_run_dir
 from robench.results.progress import PROGRESS_FILE, has_progress, load_progress, run_key, save_progress
@@ -44,8 +45,9 @@ class PreparedRun:
     task: str  # "classification" or "reid"
     run_dir: Path
     main: bool  # only the first process writes (torchrun)
-    key: str | None = None  # the resume key of a classification run in a single process
+    key: str | None = None  # the resume key of a run in a single process
     resume_state: dict | None = None
+    surrogate: tuple[Any, Any, str | None] | None = None  # ReID: the loaded transfer model (see _surrogate)
 
     def evaluate(self, *, on_batch: Callable[[int], None] | None = None, on_step: Callback | None = None,
                  on_warning: Callback | None = None,
@@ -78,6 +80,7 @@ class PreparedRun:
             return
         if isinstance(result, ReIDResult):
             write_results(self.run_dir, result.doc, tidy_frame(result.doc), result.config)
+            (self.run_dir / PROGRESS_FILE).unlink(missing_ok=True)
             return
         result.save(self.run_dir)
         (self.run_dir / PROGRESS_FILE).unlink(missing_ok=True)
@@ -92,12 +95,7 @@ class PreparedRun:
         if data.skipped and on_warning:
             on_warning(f"skipped {len(data.skipped)} file(s) whose names do not match the pattern "
                        "(listed in results.json)")
-        surrogate, sur_norm, sur_layer = _surrogate(config, resolved)
-        doc = evaluate_reid(
-            resolved.loaded, data, resolved.suite, normalization=resolved.normalization, options=options,
-            surrogate=surrogate, surrogate_normalization=sur_norm, feature_layer=config.feature_layer,
-            surrogate_layer=sur_layer, flip=config.flip, l2=config.l2, device=config.device, on_step=on_step,
-        )
+        surrogate, sur_norm, sur_layer = self.surrogate or _surrogate(config, resolved)
         settings = {"model": resolved.loaded.source, "arch": resolved.loaded.arch, "data": resolved.data,
                     "suite": resolved.suite.suite.model_dump(mode="json"),
                     "surrogate": surrogate.source if surrogate else None,
@@ -105,6 +103,28 @@ class PreparedRun:
                                 "size": list(options.size) if options.size else None},
                     "feature_layer": config.feature_layer, "flip": config.flip, "l2": config.l2,
                     "device": config.device}
+        saver = progress_saver(self.run_dir, self.key, on_warning) if self.key else None
+        try:
+            doc = evaluate_reid(
+                resolved.loaded, data, resolved.suite, normalization=resolved.normalization, options=options,
+                surrogate=surrogate, surrogate_normalization=sur_norm, feature_layer=config.feature_layer,
+                surrogate_layer=sur_layer, flip=config.flip, l2=config.l2, device=config.device, on_step=on_step,
+                resume_state=self.resume_state, save_state=saver,
+            )
+        except ReIDEvaluationInterrupted as stopped:
+            if not self.main:
+                raise Interrupted("interrupted") from None
+            done = stopped.doc["progress"]
+            if not done["evaluated"] and self.resume_state is None:
+                raise Interrupted(f"interrupted before the first setting finished; nothing to save "
+                                  f"(0 of {done['total']} settings)") from None
+            # The same writer as a finished run's; the progress file (if any) stays for --resume.
+            write_results(self.run_dir, stopped.doc, tidy_frame(stopped.doc), settings)
+            again = (f"run the same command with --resume {self.run_dir}" if self.key else
+                     "not resumable: runs under torchrun keep no progress file")
+            raise Interrupted(
+                f"interrupted after {done['evaluated']} of {done['total']} settings; partial results in "
+                f"{self.run_dir}/results.json (complete: false); {again}") from None
         return ReIDResult(doc, settings)
 
 
@@ -135,12 +155,37 @@ def prepare_run(config: EvalConfig) -> PreparedRun:
     run_dir = prepare_run_dir(config.resume or config.out or default_run_dir(name, resolved.loaded.name)) if main \
         else Path(".")
     if reid:
-        return PreparedRun(config, resolved, "reid", run_dir, main)
+        return _prepare_reid(config, resolved, run_dir, main and processes == 1, main)
     if not (main and processes == 1):
         return PreparedRun(config, resolved, "classification", run_dir, main)
     key = resume_key(config, resolved)
     state = load_progress(run_dir, key) if has_progress(run_dir) else None
     return PreparedRun(config, resolved, "classification", run_dir, main, key, state)
+
+
+def _prepare_reid(config: EvalConfig, resolved: Resolved, run_dir: Path, single: bool, main: bool) -> PreparedRun:
+    """A ReID run resumes by setting; the surrogate is loaded now, as its checkpoint is part of the key."""
+    if not single:
+        return PreparedRun(config, resolved, "reid", run_dir, main)
+    surrogate = _surrogate(config, resolved)
+    key = reid_resume_key(config, resolved, surrogate[0])
+    state = load_progress(run_dir, key) if has_progress(run_dir) else None
+    return PreparedRun(config, resolved, "reid", run_dir, main, key, state, surrogate)
+
+
+def reid_resume_key(config: EvalConfig, resolved: Resolved, surrogate: Any = None) -> str:
+    """Everything that must be identical for a resumed ReID run to equal an uninterrupted one.
+
+    ``task`` keeps it apart from every classification key; DataLoader workers do not change results.
+    """
+    loaded = resolved.loaded
+    options = {k: v for k, v in reid_options(config).__dict__.items() if k != "workers"}
+    return run_key({"task": "reid", "model": loaded.sha256 or loaded.source, "arch": loaded.arch,
+                    "suite": resolved.suite.sha256, "data": resolved.data, "reid_pattern": config.reid_pattern,
+                    "options": options, "normalization": resolved.normalization,
+                    "surrogate": (surrogate.sha256 or surrogate.source, surrogate.arch) if surrogate else None,
+                    "feature_layer": config.feature_layer, "flip": config.flip, "l2": config.l2,
+                    "device": config.device, "seed": config.seed})
 
 
 def _check_resume_options(config: EvalConfig) -> None:

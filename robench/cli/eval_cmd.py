@@ -161,7 +161,7 @@ def eval_command(
     )
     prepared = prepare_run(config)
     if prepared.task == "reid":
-        result = prepared.evaluate(on_step=None if quiet else _note, on_warning=None if quiet else _warn)
+        result = _evaluate_reid(prepared, quiet)
     else:
         result = _evaluate_with_progress(prepared, quiet)
     prepared.finish(result)
@@ -191,6 +191,16 @@ def _evaluate_with_progress(prepared: PreparedRun, quiet: bool) -> EvaluationRes
     # disk before the results are written, so a kill at any later moment still resumes to the end.
     with progress, interrupt_on_sigterm():
         return prepared.evaluate(progress=progress, on_warning=_warn)
+
+
+def _evaluate_reid(prepared: PreparedRun, quiet: bool) -> Any:
+    """A ReID run, a line per stage on stderr; Ctrl-C and SIGTERM stop it with the finished settings saved."""
+    if prepared.resume_state is not None:
+        stderr.print(f"robench: resuming {prepared.run_dir} after {len(prepared.resume_state.get('settings', ()))} "
+                     "finished setting(s)", highlight=False)
+    # As for classification: the progress file is on disk before the results are written.
+    with interrupt_on_sigterm():
+        return prepared.evaluate(on_step=None if quiet else _note, on_warning=None if quiet else _warn)
 
 
 def _warn_about(doc: dict, forced_channels: bool) -> None:

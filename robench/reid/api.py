@@ -14,7 +14,7 @@ from robench.models.loading import LoadedModel
 from robench.models.preprocessing import PRESETS, Normalization
 from robench.evaluation.precision import resolve_device
 from robench.reid.datasets import PATTERNS, ReIDData, load_reid
-from robench.reid.engine import ReIDOptions, run_reid
+from robench.reid.engine import ReIDOptions, ReIDOutcome, ReIDRunInterrupted, run_reid
 from robench.reid.features import ReIDFeatures
 from robench.results.document import SCHEMA, data_block, env_block, header, model_block, suite_block
 from robench.suites import LoadedSuite, Suite
@@ -62,6 +62,8 @@ def evaluate_reid(
     on_step: Callable[[str], None] | None = None,
     pattern: str | None = None,
     trust_checkpoint: bool = False,
+    resume_state: dict[str, Any] | None = None,
+    save_state: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Re-identification metrics (CMC, mAP, mINP) of ``model``'s features, clean and under ``suite``'s attacks.
 
@@ -70,6 +72,10 @@ def evaluate_reid(
     ranks, AP convention, re-ranking, which split is perturbed). ``surrogate`` is
     the model transfer attacks are computed on. Returns the results document
     (the ``results.json`` of ``robench eval`` on the same data); no argument is changed.
+    ``save_state`` receives a progress snapshot after each finished setting (attack entry
+    at one eps) and ``resume_state`` (such a snapshot) skips the settings it holds (see
+    ``robench.reid.engine.run_reid``); an interrupted run (Ctrl-C) raises
+    ``ReIDEvaluationInterrupted`` holding the partial document (``complete: false``).
     """
     loaded = as_loaded_model(model, trust_checkpoint=trust_checkpoint)
     data = load_reid_spec(data, pattern) if isinstance(data, str) else data
@@ -84,14 +90,37 @@ def evaluate_reid(
     sur = None
     if surrogate is not None:
         sur = ReIDFeatures(surrogate.model, surrogate_normalization, layer=surrogate_layer, flip=flip, l2=l2)
-    if distributed.world()[1] > 1:
-        with distributed.process_group(dev):
-            outcome = run_reid(target, data, suite.suite, surrogate=sur, options=options, device=dev,
-                               on_step=on_step if distributed.is_main_process() else None)
-    else:
-        outcome = run_reid(target, data, suite.suite, surrogate=sur, options=options, device=dev, on_step=on_step)
+    run = {"surrogate": sur, "options": options, "device": dev, "resume_state": resume_state,
+           "save_state": save_state}
+    try:
+        if distributed.world()[1] > 1:
+            with distributed.process_group(dev):
+                outcome = run_reid(target, data, suite.suite,
+                                   on_step=on_step if distributed.is_main_process() else None, **run)
+        else:
+            outcome = run_reid(target, data, suite.suite, on_step=on_step, **run)
+    except ReIDRunInterrupted as stopped:
+        doc = _document(stopped.outcome, loaded, normalization, surrogate, suite, data, options, feature_layer,
+                        flip, l2, dev)
+        raise ReIDEvaluationInterrupted(doc) from stopped
+    return _document(outcome, loaded, normalization, surrogate, suite, data, options, feature_layer, flip, l2, dev)
+
+
+class ReIDEvaluationInterrupted(KeyboardInterrupt):
+    """The run was stopped; ``doc`` holds the finished settings (``doc["complete"]`` is False)."""
+
+    def __init__(self, doc: dict[str, Any]) -> None:
+        super().__init__("the re-identification run was interrupted")
+        self.doc = doc
+
+
+def _document(outcome: ReIDOutcome, loaded: LoadedModel, normalization: Normalization | None,
+              surrogate: LoadedModel | None, suite: LoadedSuite, data: ReIDData, options: ReIDOptions,
+              feature_layer: str | None, flip: bool, l2: bool, dev: Any) -> dict[str, Any]:
+    """The results document of a finished or an interrupted run (``progress``: settings finished of all)."""
     return {
-        **header(SCHEMA, "reid", True),
+        **header(SCHEMA, "reid", outcome.complete),
+        "progress": {"evaluated": len(outcome.attacks), "total": outcome.total, "unit": "settings"},
         "model": model_block(loaded, normalization=normalization, feature_layer=feature_layer, flip=flip, l2=l2),
         "surrogate": None if surrogate is None else model_block(surrogate),
         "suite": suite_block(suite.suite.name, suite.path, suite.sha256, overrides=suite.overrides),

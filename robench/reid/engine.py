@@ -6,11 +6,18 @@ and reused by every entry. White-box entries attack the target; entries with
 target (black-box transfer). Mis-ranking entries attack batches of whole
 identities (``ids_per_batch`` persons with all their images), as the loss
 compares images of the same and of different persons.
+
+A run is resumable by setting (one attack entry at one eps): each setting's
+result depends only on the seed, the entry's position in the suite and the
+sample indices (its random streams are keyed by them, see ``build_entries``),
+never on which settings ran before, so finished settings are kept from an
+interrupted run and the others computed as if it had not stopped.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -31,6 +38,8 @@ from robench.reid.objectives import objective
 from robench.suites import Suite
 
 DEFAULT_IDS_PER_BATCH = 8
+# The payload of a ReID run's progress snapshot (written to the run's progress file by the runner).
+REID_PROGRESS_FORMAT = "robench.reid-progress/1"
 
 
 @dataclass
@@ -50,12 +59,35 @@ class ReIDOptions:
 
 @dataclass
 class ReIDOutcome:
-    clean: dict[str, Any]
+    """What a run measured; ``attacks`` holds the finished settings in suite order (all of them when
+    ``complete``), ``total`` how many the suite has. ``clean`` is None only when a new run was
+    stopped before the clean features were extracted."""
+
+    clean: dict[str, Any] | None
     clean_reranked: dict[str, Any] | None
     attacks: list[dict[str, Any]] = field(default_factory=list)
     nonfinite_features: int = 0
     fingerprint: str = ""
     seconds: float = 0.0
+    total: int = 0
+    complete: bool = True
+    indices: list[int] = field(default_factory=list)  # the entry index of each row of ``attacks``
+
+    def snapshot(self) -> dict[str, Any]:
+        """The finished settings as plain values (torch.save-able with weights_only), for ``resume_state``."""
+        plain = json.loads(json.dumps({"clean": self.clean, "clean_reranked": self.clean_reranked,
+                                       "settings": [{"index": i, "row": row}
+                                                    for i, row in zip(self.indices, self.attacks)]}))
+        return {"format": REID_PROGRESS_FORMAT, "fingerprint": self.fingerprint, "total": self.total,
+                "nonfinite_features": self.nonfinite_features, "seconds": self.seconds, **plain}
+
+
+class ReIDRunInterrupted(Exception):
+    """Ctrl-C or SIGTERM during a ReID run: ``outcome`` holds the finished settings (complete=False)."""
+
+    def __init__(self, outcome: ReIDOutcome) -> None:
+        super().__init__("the re-identification run was interrupted")
+        self.outcome = outcome
 
 
 def _loader(split: ReIDSplit, options: ReIDOptions, indices: list[int] | None = None) -> DataLoader:
@@ -138,7 +170,18 @@ def run_reid(
     options: ReIDOptions,
     device: torch.device,
     on_step: Callable[[str], None] | None = None,
+    resume_state: dict[str, Any] | None = None,
+    save_state: Callable[[dict[str, Any]], None] | None = None,
 ) -> ReIDOutcome:
+    """Clean metrics, then each setting (attack entry x eps) in suite order.
+
+    ``save_state`` receives a snapshot (``ReIDOutcome.snapshot``) after each finished
+    setting; ``resume_state`` (such a snapshot, of a run with the same model, data,
+    suite and options) skips the settings it holds and reuses their rows. The clean
+    features are extracted again, as every attack needs them, and the clean metrics
+    computed again from them; the snapshot's serve only a run stopped before that.
+    Ctrl-C or SIGTERM raise ``ReIDRunInterrupted`` holding the finished settings.
+    """
     started = time.perf_counter()
     target.to(device)
     for spec in suite.attacks:
@@ -149,6 +192,14 @@ def run_reid(
             raise UsageError(f"{spec.attack} does not apply to re-identification models; use dmr, or a gradient "
                              "attack (fgsm, bim, pgd, mifgsm) with an objective (away, odfa, misrank)")
     entries = build_entries(suite, target, options.seed, loss_for=entry_objective)
+    fingerprint = _fingerprint(data)
+    done = _restore(resume_state, entries, fingerprint) if resume_state is not None else {}
+    earlier = float(resume_state.get("seconds", 0.0)) if resume_state is not None else 0.0
+    outcome = ReIDOutcome(resume_state["clean"] if resume_state else None,
+                          resume_state["clean_reranked"] if resume_state else None,
+                          nonfinite_features=resume_state["nonfinite_features"] if resume_state else 0,
+                          fingerprint=fingerprint, total=len(entries))
+    finished = dict(done)  # entry index -> row; a dict assignment is atomic under Ctrl-C
     models = [target] + ([surrogate.to(device)] if surrogate is not None else [])
     contexts = [evaluation_mode(m) for m in models]
     for ctx in contexts:
@@ -161,26 +212,61 @@ def run_reid(
         if on_step:
             on_step("query features")
         qf = _extract_all(target, q, options, device)
-        nonfinite = int((~torch.isfinite(qf).all(dim=1)).sum() + (~torch.isfinite(gf).all(dim=1)).sum())
+        outcome.nonfinite_features = int((~torch.isfinite(qf).all(dim=1)).sum()
+                                         + (~torch.isfinite(gf).all(dim=1)).sum())
         # The attacked split is read from disk once, then shared by every entry (8-bit, as on disk).
         images = _ImageCache(q if options.perturb == "query" else g, options.size)
-        outcome = ReIDOutcome(_metrics(qf, gf, q, g, options, False),
-                              _metrics(qf, gf, q, g, options, True) if options.rerank else None)
+        outcome.clean = _metrics(qf, gf, q, g, options, False)
+        outcome.clean_reranked = _metrics(qf, gf, q, g, options, True) if options.rerank else None
         for entry in entries:
+            if entry.index in finished:
+                continue
             if on_step:
                 on_step(f"{entry.spec.display_name()} eps {entry.eps_text}")
-            outcome.attacks.append(_run_entry(entry, target, surrogate, data, qf, gf, options, device, images))
-        outcome.nonfinite_features = nonfinite
+            finished[entry.index] = _run_entry(entry, target, surrogate, data, qf, gf, options, device, images)
+            if save_state:
+                _settle(outcome, finished, earlier + time.perf_counter() - started)
+                save_state(outcome.snapshot())
+    except KeyboardInterrupt as exc:
+        _settle(outcome, finished, earlier + time.perf_counter() - started)
+        outcome.complete = False
+        raise ReIDRunInterrupted(outcome) from exc
     finally:
         for ctx in reversed(contexts):
             ctx.__exit__(None, None, None)
+    _settle(outcome, finished, earlier + time.perf_counter() - started)
+    return outcome
+
+
+def _settle(outcome: ReIDOutcome, finished: dict[int, dict[str, Any]], seconds: float) -> None:
+    outcome.indices = sorted(finished)
+    outcome.attacks = [finished[i] for i in outcome.indices]
+    outcome.seconds = seconds
+
+
+def _fingerprint(data: ReIDData) -> str:
     digest = hashlib.sha256()
     for split in (data.query, data.gallery):
         digest.update("\n".join(f"{p.name}" for p in split.files).encode())
         digest.update(split.pids.tobytes() + split.camids.tobytes())
-    outcome.fingerprint = digest.hexdigest()
-    outcome.seconds = time.perf_counter() - started
-    return outcome
+    return digest.hexdigest()
+
+
+def _restore(state: dict[str, Any], entries: list[Entry], fingerprint: str) -> dict[int, dict[str, Any]]:
+    """The rows of the settings a snapshot holds, by entry index, after checking it fits this run."""
+    if not isinstance(state, dict) or state.get("format") != REID_PROGRESS_FORMAT:
+        raise UsageError("cannot resume: the progress file is not that of a robench re-identification run")
+    if state["fingerprint"] != fingerprint:
+        raise UsageError("cannot resume: the query or gallery files differ from the interrupted run's; "
+                         "start a new run with another --out")
+    done: dict[int, dict[str, Any]] = {}
+    for saved in state["settings"]:
+        index, row = saved["index"], saved["row"]
+        if state["total"] != len(entries) or not 0 <= index < len(entries) \
+                or row.get("label") != entries[index].spec.display_name():
+            raise UsageError("cannot resume: the suite has changed since the interrupted run")
+        done[index] = row
+    return done
 
 
 class _ImageCache:
