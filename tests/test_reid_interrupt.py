@@ -128,7 +128,7 @@ def test_interrupted_run_keeps_the_finished_settings_and_resumes_to_the_same_res
     assert gate.exit_code == 2 and "partial result" in one_error_line(gate)
     report = invoke("report", out, "-o", tmp_path / "report.html")
     assert report.exit_code == 0, report.stderr
-    assert f"partial: {after} of {total}" in (tmp_path / "report.html").read_text()
+    assert f"partial: {after} of {total} settings" in (tmp_path / "report.html").read_text()
 
     # Interrupted again before a new setting finished: the partial results stay as they were.
     with monkeypatch.context() as patch:

@@ -165,7 +165,7 @@ def _overview(results: list[ResultFile]) -> str:
     return "".join([
         '<section id="overview"><h2>Overview</h2>',
         _warnings("Sanity flags", flagged),
-        _warnings("Partial runs (interrupted: numbers cover the finished samples only)", partial),
+        _warnings("Partial runs (interrupted: numbers cover what finished only)", partial),
         f'<div class="scroll"><table class="overview"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>'
         "</div></section>",
     ])
@@ -257,7 +257,8 @@ def _status_text(doc: dict[str, Any]) -> str:
         return "complete"
     progress = doc.get("progress") or {}
     if "evaluated" in progress and "total" in progress:
-        return f"partial: {progress['evaluated']} of {progress['total']} samples"
+        unit = progress.get("unit") if isinstance(progress.get("unit"), str) else "samples"
+        return f"partial: {progress['evaluated']} of {progress['total']} {unit}"
     return "partial"
 
 
