@@ -235,3 +235,17 @@ def test_the_progress_bar_fits_80_columns_and_shows_no_early_eta():
     lines = shown.export_text().splitlines()
     assert len(lines) == 1 and len(lines[0]) <= 80, lines
     assert "6,000/20,000 sample-attacks" in lines[0] and "eta -" not in lines[0]
+
+
+def test_eval_help_is_grouped_and_nothing_is_cut_at_80_columns():
+    result = invoke("eval", "--help", env={"COLUMNS": "80"})
+    assert result.exit_code == 0
+    text = result.stdout
+    for panel in ("Model", "Data", "Suite and attacks", "Speed and precision", "Output and resume",
+                  "Re-identification", "CI gate (with --baseline)"):
+        assert f"─ {panel} ─" in text, panel
+    assert "…" not in text, "an option's description was cut"
+    assert all(len(line) <= 80 for line in text.splitlines())
+    top = invoke("--help", env={"COLUMNS": "80"}).stdout
+    gate = next(line for line in top.splitlines() if "│ gate " in line)
+    assert gate.rstrip(" │").endswith("dropped."), "the gate's summary fits one line"

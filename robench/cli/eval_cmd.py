@@ -20,112 +20,149 @@ if TYPE_CHECKING:
 # is built: `robench --help` and `robench eval --help` start in a fraction of a second.
 
 
+# Help panels: the options of `robench eval --help`, grouped as a user looks for them.
+_MODEL = "Model"
+_SUITE = "Suite and attacks"
+_DATA = "Data"
+_SPEED = "Speed and precision"
+_OUTPUT = "Output and resume"
+_REID = "Re-identification"
+_GATE = "CI gate (with --baseline)"
+
+
 @handle_errors
 def eval_command(
     model: str = typer.Argument(..., help="Checkpoint file (TorchScript, .pt/.pth, .safetensors), example:digits, "
                                 "or a model by name with its preprocessing: timm:NAME, "
                                 "torchvision:NAME:WEIGHTS (e.g. torchvision:resnet50:IMAGENET1K_V2), hf:ORG/NAME "
                                 "(a timm model on the Hugging Face hub), robustbench:NAME."),
-    suite: str = typer.Option("pgd-linf", "--suite", "-s", help="Built-in suite name or YAML path."),
+    suite: str = typer.Option("pgd-linf", "--suite", "-s", help="Built-in suite name or YAML path.",
+                              rich_help_panel=_SUITE),
     eps: Optional[str] = typer.Option(None, "--eps", help="Run every suite entry that has an eps at this one "
                                       "instead: a value as in suites (8/255, 0.03) or a comma-separated sweep "
-                                      "(2/255,4/255,8/255). Recorded in the results."),
+                                      "(2/255,4/255,8/255). Recorded in the results.", rich_help_panel=_SUITE),
     norm: Optional[str] = typer.Option(None, "--norm", help="Run those entries under this norm instead: linf or "
-                                       "l2. Recorded in the results."),
+                                       "l2. Recorded in the results.", rich_help_panel=_SUITE),
     data: Optional[str] = typer.Option(None, "--data", "-d", help="npz:PATH, imagefolder:PATH, example:digits, "
-                                       "or mnist/fashion-mnist/cifar10/cifar100/svhn/stl10[:split]. "
-                                       "Default: the suite's dataset."),
-    arch: Optional[str] = typer.Option(None, help="Architecture for state dicts: torchvision:NAME or module:factory."),
-    num_classes: Optional[int] = typer.Option(None, "--num-classes", help="Passed to the architecture factory."),
+                                       "or a dataset name (mnist, fashion-mnist, cifar10, cifar100, svhn, stl10) with an optional :split. "
+                                       "Default: the suite's dataset.", rich_help_panel=_DATA),
+    arch: Optional[str] = typer.Option(None, help="Architecture for state dicts: torchvision:NAME or module:factory.",
+                                       rich_help_panel=_MODEL),
+    num_classes: Optional[int] = typer.Option(None, "--num-classes", help="Passed to the architecture factory.",
+                                              rich_help_panel=_MODEL),
     weights: Optional[str] = typer.Option(None, "--weights", help="timm:NAME / torchvision:NAME: load this local "
                                           "weights file (state dict or .safetensors) instead of downloading; "
-                                          "classes from the file or --num-classes."),
+                                          "classes from the file or --num-classes.", rich_help_panel=_MODEL),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="robustbench: models: the dataset they were "
-                                          "trained on, cifar10 (default), cifar100 or imagenet."),
+                                          "trained on, cifar10 (default), cifar100 or imagenet.",
+                                          rich_help_panel=_MODEL),
     threat_model: Optional[str] = typer.Option(None, "--threat-model", help="robustbench: models: Linf (default), "
-                                               "L2 or corruptions."),
+                                               "L2 or corruptions.", rich_help_panel=_MODEL),
     model_dir: Optional[str] = typer.Option(None, "--model-dir", help="robustbench: models: where their "
-                                            "checkpoints are kept (default: models)."),
+                                            "checkpoints are kept (default: models).", rich_help_panel=_MODEL),
     trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint",
                                           help="Allow unpickling full Python objects and TorchScript programs "
-                                          "(runs code from the file)."),
+                                          "(runs code from the file).", rich_help_panel=_MODEL),
     trust_suite: bool = typer.Option(False, "--trust-suite",
                                      help="Allow a suite to import Python code (module:factory architectures, "
-                                     "plugins:)."),
+                                     "plugins:).", rich_help_panel=_SUITE),
     plugin: Optional[List[str]] = typer.Option(None, "--plugin", help="Import MODULE first: it registers attacks "
-                                               "(robench.register_attack). Repeatable."),
+                                               "(robench.register_attack). Repeatable.", rich_help_panel=_SUITE),
     normalize: Optional[str] = typer.Option(None, "--normalize", help="Preset: imagenet, cifar10, cifar100, "
                                             "mnist, fashion-mnist, none. Models by name bring their own "
-                                            "mean/std; this (or --mean/--std) replaces it."),
-    mean: Optional[str] = typer.Option(None, help="Per-channel mean, e.g. '0.485,0.456,0.406'."),
-    std: Optional[str] = typer.Option(None, help="Per-channel std."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+                                            "mean/std; this (or --mean/--std) replaces it.", rich_help_panel=_MODEL),
+    mean: Optional[str] = typer.Option(None, help="Per-channel mean, e.g. '0.485,0.456,0.406'.",
+                                       rich_help_panel=_MODEL),
+    std: Optional[str] = typer.Option(None, help="Per-channel std.", rich_help_panel=_MODEL),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N.", rich_help_panel=_SPEED),
     batch_size: str = typer.Option("256", "--batch-size", "-b", help="Images per batch, or auto (the largest "
-                                   "that fits on the GPU; 256 on a CPU)."),
-    precision: str = typer.Option("fp32", help="fp32, tf32, bf16 or fp16 (recorded in the results)."),
+                                   "that fits on the GPU; 256 on a CPU).", rich_help_panel=_SPEED),
+    precision: str = typer.Option("fp32", help="fp32, tf32, bf16 or fp16 (recorded in the results).",
+                                  rich_help_panel=_SPEED),
     compile: str = typer.Option("auto", "--compile", help="torch.compile the model: on, off, or auto (GPU runs "
-                                "with enough work to pay for the compilation)."),
-    channels_last: bool = typer.Option(False, "--channels-last", help="NHWC memory format for convolutions."),
+                                "with enough work to pay for the compilation).", rich_help_panel=_SPEED),
+    channels_last: bool = typer.Option(False, "--channels-last", help="NHWC memory format for convolutions.",
+                                       rich_help_panel=_SPEED),
     sweep_reuse: bool = typer.Option(False, "--sweep-reuse", help="Any-iterate eps sweeps: a sample fooled at a "
-                                     "smaller eps is not attacked again at a larger one."),
+                                     "smaller eps is not attacked again at a larger one.", rich_help_panel=_SUITE),
     refill: bool = typer.Option(True, "--refill/--no-refill", help="Continuous batching: slots of fooled or "
-                                "finished samples go to the next ones (the same results, faster)."),
-    seed: int = typer.Option(0, help="Seed of the per-sample random streams (random starts)."),
-    limit: Optional[int] = typer.Option(None, help="Evaluate a fixed subset of N samples."),
-    data_root: Optional[str] = typer.Option(None, "--data-root", help="Where torchvision datasets live."),
-    download: bool = typer.Option(False, "--download", help="Download torchvision datasets if missing."),
-    split: str = typer.Option("test", help="Dataset split for torchvision datasets."),
+                                "finished samples go to the next ones (the same results, faster).",
+                                rich_help_panel=_SPEED),
+    seed: int = typer.Option(0, help="Seed of the per-sample random streams (random starts).", rich_help_panel=_SUITE),
+    limit: Optional[int] = typer.Option(None, help="Evaluate a fixed subset of N samples.", rich_help_panel=_DATA),
+    data_root: Optional[str] = typer.Option(None, "--data-root", help="Where torchvision datasets live.",
+                                            rich_help_panel=_DATA),
+    download: bool = typer.Option(False, "--download", help="Download torchvision datasets if missing.",
+                                  rich_help_panel=_DATA),
+    split: str = typer.Option("test", help="Dataset split for torchvision datasets.", rich_help_panel=_DATA),
     resize: Optional[int] = typer.Option(None, help="Resize image folders (shorter side) before cropping "
-                                         "(default: a model by name's own resize)."),
+                                         "(default: a model by name's own resize).", rich_help_panel=_DATA),
     crop: Optional[int] = typer.Option(None, help="Centre-crop image folders to this size (default: a model by "
-                                       "name's own crop)."),
+                                       "name's own crop).", rich_help_panel=_DATA),
     gray: Optional[bool] = typer.Option(None, "--gray/--rgb", help="Image folders: force one or three channels "
-                                        "(default: those of most images; a tie gives three)."),
+                                        "(default: those of most images; a tie gives three).", rich_help_panel=_DATA),
     max_image_pixels: Optional[int] = typer.Option(None, "--max-image-pixels", help="Image folders: skip images "
-                                                   "with more pixels (decompression bombs; default: Pillow's limit)."),
-    workers: int = typer.Option(0, help="DataLoader worker processes for file-based datasets."),
+                                                   "with more pixels (decompression bombs; default: Pillow's limit).",
+                                                   rich_help_panel=_DATA),
+    workers: int = typer.Option(0, help="DataLoader worker processes for file-based datasets.", rich_help_panel=_DATA),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default runs/<suite>/<model>/<UTC time>/); "
-                                       "an interrupted run there is continued."),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the interrupted run in this directory."),
-    save_every: float = typer.Option(2.0, "--save-every", help="Seconds between progress saves (0: every batch)."),
+                                       "an interrupted run there is continued.", rich_help_panel=_OUTPUT),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the interrupted run in this directory.",
+                                          rich_help_panel=_OUTPUT),
+    save_every: float = typer.Option(2.0, "--save-every", help="Seconds between progress saves (0: every batch).",
+                                     rich_help_panel=_OUTPUT),
     save_adversarial: Optional[str] = typer.Option(None, "--save-adversarial", metavar="[N|all]",
                                                    help="Save the first N samples' adversarial examples (alone or all: "
                                                    "every sample) as 8-bit images in adversarial/<entry>.npz, "
-                                                   "with a PNG grid per entry."),
-    as_json: bool = typer.Option(False, "--json", help="Print only the results JSON to stdout."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+                                                   "with a PNG grid per entry.", rich_help_panel=_OUTPUT),
+    as_json: bool = typer.Option(False, "--json", help="Print only the results JSON to stdout.",
+                                 rich_help_panel=_OUTPUT),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar.", rich_help_panel=_OUTPUT),
     # re-identification (market1501:, dukemtmc:, reid: datasets)
-    feature_layer: Optional[str] = typer.Option(None, "--feature-layer", help="ReID: take features from this module."),
-    flip: bool = typer.Option(False, "--flip", help="ReID: add the features of the flipped image."),
-    l2: bool = typer.Option(False, "--l2", help="ReID: L2-normalise features."),
-    distance: str = typer.Option("euclidean", help="ReID: euclidean or cosine."),
-    ranks: str = typer.Option("1,5,10", help="ReID: CMC ranks."),
+    feature_layer: Optional[str] = typer.Option(None, "--feature-layer", help="ReID: take features from this module.",
+                                                rich_help_panel=_REID),
+    flip: bool = typer.Option(False, "--flip", help="ReID: add the features of the flipped image.",
+                              rich_help_panel=_REID),
+    l2: bool = typer.Option(False, "--l2", help="ReID: L2-normalise features.", rich_help_panel=_REID),
+    distance: str = typer.Option("euclidean", help="ReID: euclidean or cosine.", rich_help_panel=_REID),
+    ranks: str = typer.Option("1,5,10", help="ReID: CMC ranks.", rich_help_panel=_REID),
     ap: str = typer.Option("noninterp", help="ReID: AP convention, noninterp (torchreid) or trapezoid "
-                           "(Market-1501 MATLAB code)."),
+                           "(Market-1501 MATLAB code).", rich_help_panel=_REID),
     denominator: str = typer.Option("valid", help="ReID: queries without a valid match are skipped (valid) "
-                                    "or count as 0 (all)."),
-    rerank: bool = typer.Option(False, "--rerank", help="ReID: also report k-reciprocal re-ranking."),
-    perturb: str = typer.Option("query", help="ReID: which split attacks perturb, query or gallery."),
-    surrogate: Optional[str] = typer.Option(None, "--surrogate", help="ReID: model for transfer attacks."),
+                                    "or count as 0 (all).", rich_help_panel=_REID),
+    rerank: bool = typer.Option(False, "--rerank", help="ReID: also report k-reciprocal re-ranking.",
+                                rich_help_panel=_REID),
+    perturb: str = typer.Option("query", help="ReID: which split attacks perturb, query or gallery.",
+                                rich_help_panel=_REID),
+    surrogate: Optional[str] = typer.Option(None, "--surrogate", help="ReID: model for transfer attacks.",
+                                            rich_help_panel=_REID),
     surrogate_arch: Optional[str] = typer.Option(None, "--surrogate-arch", help="ReID: architecture of a "
-                                                 "state-dict surrogate (as --arch)."),
+                                                 "state-dict surrogate (as --arch).", rich_help_panel=_REID),
     surrogate_num_classes: Optional[int] = typer.Option(None, "--surrogate-num-classes",
-                                                        help="ReID: passed to the surrogate's architecture factory."),
-    image_size: Optional[str] = typer.Option(None, "--image-size", help="ReID: resize images to HxW, e.g. 256x128."),
+                                                        help="ReID: passed to the surrogate's architecture factory.",
+                                                        rich_help_panel=_REID),
+    image_size: Optional[str] = typer.Option(None, "--image-size", help="ReID: resize images to HxW, e.g. 256x128.",
+                                             rich_help_panel=_REID),
     reid_pattern: Optional[str] = typer.Option(None, "--reid-pattern",
-                                               help="ReID: filename regex with groups (person id, camera)."),
+                                               help="ReID: filename regex with groups (person id, camera).",
+                                               rich_help_panel=_REID),
     # gate the run in the same step
     baseline: Optional[Path] = typer.Option(None, "--baseline", help="Gate the results against this run "
-                                            "(exit 1 on a regression)."),
-    max_drop: float = typer.Option(0.0, "--max-drop", help="With --baseline: allowed drop (0.01 = 1 point)."),
-    rule: Optional[List[str]] = typer.Option(None, "--rule", help="With --baseline: METRIC@ENTRY:THRESHOLD."),
+                                            "(exit 1 on a regression).", rich_help_panel=_GATE),
+    max_drop: float = typer.Option(0.0, "--max-drop", help="With --baseline: allowed drop (0.01 = 1 point).",
+                                   rich_help_panel=_GATE),
+    rule: Optional[List[str]] = typer.Option(None, "--rule", help="With --baseline: METRIC@ENTRY:THRESHOLD.",
+                                             rich_help_panel=_GATE),
     require_significant: bool = typer.Option(False, "--require-significant", help="With --baseline: fail only "
-                                             "on drops beyond 1.96 standard errors."),
-    junit: Optional[Path] = typer.Option(None, "--junit", help="With --baseline: JUnit XML report."),
+                                             "on drops beyond 1.96 standard errors.", rich_help_panel=_GATE),
+    junit: Optional[Path] = typer.Option(None, "--junit", help="With --baseline: JUnit XML report.",
+                                         rich_help_panel=_GATE),
     metric: Optional[List[str]] = typer.Option(None, "--metric", help="With --baseline: metrics to gate (default: "
-                                               "the accuracy metrics; e.g. accuracy,robust_accuracy,success_rate)."),
+                                               "the accuracy metrics; e.g. accuracy,robust_accuracy,success_rate).",
+                                               rich_help_panel=_GATE),
     allow_flag: Optional[List[str]] = typer.Option(None, "--allow-flag", help="With --baseline: a sanity flag "
-                                                   "that may pass the gate (e.g. gradient_masking), or 'all'."),
+                                                   "that may pass the gate (e.g. gradient_masking), or 'all'.",
+                                                   rich_help_panel=_GATE),
 ) -> None:
     """Evaluate MODEL under every attack of a suite: clean and robust accuracy."""
     from robench.config import EvalConfig

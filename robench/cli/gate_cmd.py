@@ -160,8 +160,10 @@ def gate_command(
     allow_flag: Optional[List[str]] = typer.Option(None, "--allow-flag", help="A sanity flag of the current run "
                                                    "that may pass (e.g. gradient_masking); 'all' allows every flag."),
 ) -> None:
-    """Exit 0 if every gated value is within its allowed change and the current run has no sanity flag (or
-    only allowed ones), 1 on a regression or a flag, 3 if the runs are not comparable."""
+    """CI gate against a baseline run: exit 1 when robustness dropped.
+
+    Exit 0: every gated value within its allowed change, no sanity flag (or only allowed ones).
+    Exit 1: a regression or a flag. Exit 3: the runs are not comparable."""
     code = run_gate(current, baseline, max_drop, rule or [], require_significant, junit, as_json,
                     allow_flags=allow_flag or [], metrics=metric or [])
     raise typer.Exit(code)
