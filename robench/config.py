@@ -32,6 +32,7 @@ from robench.suites.loader import parse_suite, with_overrides
 MAX_SAVE_EVERY = 7 * 24 * 3600.0  # seconds
 MAX_WORKERS = 256
 MAX_BATCH_SIZE = 1 << 20
+MAX_EPS_VALUES = 64
 REID_BATCH_SIZE = 64  # what `--batch-size auto` means for ReID: a safe size on any GPU
 CHOICES = {"compile": COMPILE_MODES, "precision": PRECISIONS,
            "distance": ("euclidean", "cosine"), "ap": ("noninterp", "trapezoid"),
@@ -63,6 +64,10 @@ def parse_eps_override(value: Any) -> tuple[str, ...]:
     items = value.split(",") if isinstance(value, str) else [value] if isinstance(value, (int, float)) else value
     if not isinstance(items, (list, tuple)):
         raise UsageError(f"--eps takes a number, an expression such as 8/255, or a list of them, got {value!r}")
+    if len(items) > MAX_EPS_VALUES:
+        # Every value re-runs each attack of the suite: thousands of them is a typo, not a sweep.
+        raise UsageError(f"--eps takes at most {MAX_EPS_VALUES} values, got {len(items)}; "
+                         "split the sweep into several runs")
     texts = []
     for item in items:
         if isinstance(item, str):

@@ -12,6 +12,7 @@ from torch.utils.data import Dataset
 
 from robench.data.images import check_pixel_limit
 from robench.errors import UsageError
+from robench.files import check_regular_file
 from robench.models.preprocessing import INTERPOLATIONS
 from robench.registry import Registry
 
@@ -172,13 +173,15 @@ def _check_layout(x: np.ndarray, name: str) -> None:
 def _npz(path: str, options: DataOptions) -> ImageDataset:
     file = Path(path)
     try:
-        if not file.is_file():
-            raise UsageError(f"data file not found: {path}")
-        with np.load(file, allow_pickle=False) as arrays:
-            missing = [k for k in ("x", "y") if k not in arrays.files]
-            if missing:
-                raise UsageError(f"{path} lacks array(s) {', '.join(missing)} (has {', '.join(arrays.files)})")
-            x, y = arrays["x"], arrays["y"]
+        # A FIFO or a device would block or never end: refused before numpy opens it.
+        check_regular_file(file, "data file")
+        with open(file, "rb") as f:
+            _check_zip_signature(f, path)
+            with np.load(f, allow_pickle=False) as arrays:
+                missing = [k for k in ("x", "y") if k not in arrays.files]
+                if missing:
+                    raise UsageError(f"{path} lacks array(s) {', '.join(missing)} (has {', '.join(arrays.files)})")
+                x, y = arrays["x"], arrays["y"]
     except UsageError:
         raise
     except OSError as exc:
@@ -186,9 +189,27 @@ def _npz(path: str, options: DataOptions) -> ImageDataset:
             raise UsageError(f"cannot read {path} as .npz: {exc}") from exc
         raise UsageError(f"cannot read data file {path}: {exc.strerror or exc}; check that it is "
                          "readable by this user") from exc
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):  # numpy's words for an array of Python objects
+            raise UsageError(f"{path} holds arrays of Python objects, which robench does not unpickle (that could "
+                             "run code); save x and y as numeric arrays") from exc
+        raise UsageError(f"cannot read {path} as .npz: {exc}") from exc
     except Exception as exc:  # noqa: BLE001 - corrupt or non-npz file
         raise UsageError(f"cannot read {path} as .npz: {exc}") from exc
     return from_arrays(x, y, name=f"npz:{file.name}")
+
+
+# A zip archive's first local header, or the end record of an empty archive.
+_ZIP_SIGNATURES = (b"PK\x03\x04", b"PK\x05\x06")
+
+
+def _check_zip_signature(f: Any, path: str) -> None:
+    """numpy would read any other file as a .npy array or a pickle and report that instead."""
+    head = f.read(4)
+    if head not in _ZIP_SIGNATURES:
+        raise UsageError(f"{path} is not an .npz archive of arrays; save one with numpy.savez(PATH, x=images, "
+                         "y=labels)")
+    f.seek(0)
 
 
 @DATASETS.register("example")

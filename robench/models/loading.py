@@ -7,24 +7,29 @@ import importlib
 import os
 import pickle
 import re
-import stat
 import sys
 import warnings
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
 from robench.errors import RunError, UsageError
+from robench.files import check_regular_file
 from robench.models.preprocessing import Normalization, Preprocessing
 from robench.registry import did_you_mean
 
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "model_ema", "net", "network")
 _MAX_LISTED_KEYS = 8
+# More classes than any classifier has (ImageNet-21k: 21,841); a bound keeps a typo or a forged
+# file from allocating a classifier of terabytes before a single shape is compared.
+MAX_CLASSES = 1 << 20
 
 
 @dataclass
@@ -121,6 +126,55 @@ def check_torchvision_arch(name: str) -> None:
         raise UsageError(f"unknown torchvision architecture {name!r}" + did_you_mean(name, available))
 
 
+def torchvision_model(name: str, weights: Any = None, *, trust: bool = False, **kwargs: Any) -> nn.Module:
+    """``torchvision.models.get_model``, with every published weights file read by robench's reader.
+
+    torchvision reads weights through ``torch.hub.load_state_dict_from_url``, which unpickles
+    with ``weights_only=False``: a file planted in the hub cache would run code. Backbones are
+    read the same way (a detection model built with ``weights=None`` still loads its backbone's).
+    """
+    import torchvision.models as tvm
+
+    check_torchvision_arch(name)
+    with _hub_weights_read_by_robench(trust):
+        return tvm.get_model(name, weights=weights, **kwargs)
+
+
+@contextmanager
+def _hub_weights_read_by_robench(trust: bool) -> Iterator[None]:
+    # WeightsEnum.get_state_dict is the one call every torchvision builder makes for its weights;
+    # replacing it for the duration of the build keeps torchvision's own per-model handling
+    # (key renames, transform_input, aux heads) without a second copy of it here.
+    from torchvision.models import WeightsEnum
+
+    original = WeightsEnum.__dict__["get_state_dict"]
+
+    def get_state_dict(self: Any, *args: Any, progress: bool = True, **kwargs: Any) -> dict[str, torch.Tensor]:
+        return read_hub_weights(self.url, trust, progress=progress)
+
+    WeightsEnum.get_state_dict = get_state_dict
+    try:
+        yield
+    finally:
+        WeightsEnum.get_state_dict = original
+
+
+def hub_cache_path(url: str) -> Path:
+    """Where ``torch.hub.load_state_dict_from_url`` keeps the file of ``url``."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+
+
+def read_hub_weights(url: str, trust: bool, *, progress: bool = True) -> dict[str, torch.Tensor]:
+    """The state dict at ``url``, from torch.hub's cache (downloaded there first, hash-checked, as torch.hub does)."""
+    path = hub_cache_path(url)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        match = torch.hub.HASH_REGEX.search(path.name)  # torchvision names files NAME-<sha256 prefix>.pth
+        torch.hub.download_url_to_file(url, str(path), match.group(1) if match else None, progress=progress)
+    check_regular_file(path, "cached weights file")
+    return unwrap_state_dict(read_checkpoint(path, trust, "cpu"), str(path))
+
+
 # --- loading -----------------------------------------------------------------------------
 
 
@@ -201,7 +255,7 @@ def _trained_info(path: Path, arch: str | None):
     """A ``robench train`` checkpoint names its architecture and preprocessing; ``--arch`` still wins."""
     if path.suffix != ".safetensors" or arch is not None:
         return None
-    from robench.models.trained import importable_without_code, read_trained
+    from robench.models.trained import check_fits, importable_without_code, read_trained
 
     info = read_trained(path)
     if info is None:
@@ -209,6 +263,7 @@ def _trained_info(path: Path, arch: str | None):
     if not importable_without_code(info.arch):
         raise UsageError(f"{path} was trained as {info.arch}, which robench imports only when you name it: "
                          f"pass --arch {info.arch} if you trust that module")
+    check_fits(path, info)
     return info
 
 
@@ -222,17 +277,10 @@ def _os_reason(exc: OSError) -> str:
 
 
 def check_model_path(path: Path, spec: str) -> None:
-    try:
-        info = path.stat()
-    except (FileNotFoundError, NotADirectoryError):
-        raise UsageError(f"model file not found: {spec}") from None
-    except OSError as exc:
-        raise UsageError(f"cannot read model file {spec}: {_os_reason(exc)}") from None
-    if stat.S_ISDIR(info.st_mode):
+    """A pipe would block and a device such as /dev/zero never ends: refused before anything reads them."""
+    if path.is_dir():
         raise UsageError(f"model path is a directory, expected a checkpoint file: {spec}")
-    if not stat.S_ISREG(info.st_mode):
-        # A pipe would block and a device such as /dev/zero never ends: refuse before reading.
-        raise UsageError(f"model path is not a regular file (a device, pipe or socket?): {spec}")
+    check_regular_file(spec, "model file")
 
 
 def hash_model_file(path: Path, spec: str) -> str:
@@ -391,6 +439,7 @@ def strip_prefixes(key: str) -> str:
 
 def build_arch(arch: str, num_classes: int | None) -> nn.Module:
     """A registered name, ``torchvision:NAME`` or ``package.module:factory``."""
+    check_num_classes(num_classes, "num_classes")
     kwargs: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
     if arch in _ARCHITECTURES:
         return _call_factory(_ARCHITECTURES[arch], arch, kwargs)
@@ -401,15 +450,25 @@ def build_arch(arch: str, num_classes: int | None) -> nn.Module:
         )
     source, name = arch.split(":", 1)
     if source == "torchvision":
-        import torchvision.models as tvm
-
-        check_torchvision_arch(name)
-        return tvm.get_model(name, weights=None, **kwargs)
+        return torchvision_model(name, **kwargs)
     module = _import_factory_module(source, arch)
     factory: Callable[..., nn.Module] | None = getattr(module, name, None)
     if factory is None or not callable(factory):
         raise UsageError(f"{source} has no callable {name!r} for --arch {arch}")
     return _call_factory(factory, arch, kwargs)
+
+
+def check_num_classes(value: Any, what: str) -> None:
+    problem = num_classes_problem(value)
+    if problem:
+        raise UsageError(f"{what} {problem}")
+
+
+def num_classes_problem(value: Any) -> str:
+    """Why ``value`` is no class count ("" if it is one, or None: the factory's default)."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_CLASSES):
+        return ""
+    return f"must be an integer between 1 and {MAX_CLASSES}, got {value!r}"
 
 
 def _import_factory_module(source: str, arch: str) -> Any:
@@ -467,22 +526,30 @@ def load_weights(module: nn.Module, tensors: dict[str, torch.Tensor], spec: str,
         stripped = {k[len("model."):] if k.startswith("model.") else k: v for k, v in tensors.items()}
         if set(stripped) & set(expected):
             tensors = stripped
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    shape_bad = sorted(
-        k for k in set(expected) & set(tensors) if tuple(expected[k].shape) != tuple(tensors[k].shape)
-    )
-    if missing or unexpected or shape_bad:
-        parts = []
-        if missing:
-            parts.append(f"missing keys ({len(missing)}): {_listing(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
-        if shape_bad:
-            detail = [f"{k} {tuple(tensors[k].shape)} vs {tuple(expected[k].shape)}" for k in shape_bad]
-            parts.append(f"shape mismatch ({len(shape_bad)}): {_listing(detail)}")
-        raise UsageError(f"{spec} does not fit --arch {arch}: " + "; ".join(parts))
+    problems = fit_problems(_shapes(expected), _shapes(tensors))
+    if problems:
+        raise UsageError(f"{spec} does not fit --arch {arch}: {problems}")
     module.load_state_dict(tensors, strict=True)
+
+
+def _shapes(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in tensors.items()}
+
+
+def fit_problems(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]]) -> str:
+    """What keeps tensors of shapes ``found`` from loading where ``expected`` are wanted ("" if nothing)."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    shape_bad = sorted(k for k in set(expected) & set(found) if tuple(expected[k]) != tuple(found[k]))
+    parts = []
+    if missing:
+        parts.append(f"missing keys ({len(missing)}): {_listing(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
+    if shape_bad:
+        detail = [f"{k} {tuple(found[k])} vs {tuple(expected[k])}" for k in shape_bad]
+        parts.append(f"shape mismatch ({len(shape_bad)}): {_listing(detail)}")
+    return "; ".join(parts)
 
 
 def _listing(items: list[str]) -> str:

@@ -14,22 +14,22 @@ import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
-from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
-from robench.errors import RunError, UsageError
+from robench.errors import RobenchError, RunError, UsageError
 from robench.models.loading import (
     LoadedModel,
     check_model_path,
     check_torchvision_arch,
     hash_model_file,
+    hub_cache_path,
     load_weights,
     program_kind,
     read_checkpoint,
     sha256_file,
-    strip_prefixes,
+    torchvision_model,
     unwrap_state_dict,
 )
 from robench.models.preprocessing import INTERPOLATIONS, Preprocessing, eval_geometry
@@ -124,25 +124,6 @@ def read_state_dict(path: Path, options: SourceOptions) -> dict[str, torch.Tenso
     return unwrap_state_dict(state, str(path))
 
 
-def tensor_shapes(path: Path, options: SourceOptions) -> dict[str, tuple[int, ...]]:
-    """The shapes in a weights file without reading the weights when the format allows it."""
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                return {strip_prefixes(k): tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        except Exception as exc:  # noqa: BLE001 - a corrupt file
-            raise RunError(f"cannot read safetensors file {path}: {first_line(exc)}") from exc
-    try:
-        # mmap: only the header is read; weights_only: nothing in the file runs.
-        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-        tensors = unwrap_state_dict(state, str(path))
-    except (RuntimeError, pickle.UnpicklingError, RunError):
-        tensors = read_state_dict(path, options)  # legacy formats; the reader's messages
-    return {k: tuple(v.shape) for k, v in tensors.items()}
-
-
 def hub_file_sha256(repo_id: str | None) -> str | None:
     """The hash of a Hugging Face hub file already in the local cache (no network)."""
     if not repo_id:
@@ -188,25 +169,28 @@ def _load_timm(spec: str, name: str, options: SourceOptions) -> LoadedModel:
         weights = None
     else:
         path, sha = found
-        classes = options.num_classes or _classes_in_file(path, options, getattr(cfg, "classifier", None))
-        overlay: dict[str, Any] = {"file": str(path)}
+        # robench's reader, not timm's: it alone knows --trust-checkpoint, and timm versions differ
+        # in what they unpickle. timm gets the tensors, and still adapts them as for its own files.
+        tensors = read_state_dict(path, options)
+        classes = options.num_classes or _classes_in(tensors, getattr(cfg, "classifier", None))
+        overlay: dict[str, Any] = {"state_dict": tensors}
         kwargs: dict[str, Any] = {}
         if classes is not None:
             # The same count in the cfg and the model: timm then loads the classifier instead of dropping it.
             overlay["num_classes"] = kwargs["num_classes"] = classes
         model = _create_from_file(timm, name, spec, path, overlay, kwargs)
+        model.pretrained_cfg.pop("state_dict", None)  # the cfg stays on the model: it must not keep a copy
         weights = str(path)
     return _timm_loaded(timm, model, spec, name, sha, weights)
 
 
-def _classes_in_file(path: Path, options: SourceOptions, classifier: Any) -> int | None:
+def _classes_in(tensors: dict[str, torch.Tensor], classifier: Any) -> int | None:
     """The class count of a fine-tuned file: its classifier's rows (timm's cfg names the classifier)."""
     names = (classifier,) if isinstance(classifier, str) else tuple(classifier or ())
-    shapes = tensor_shapes(path, options)
     for layer in names:
-        shape = shapes.get(f"{layer}.weight")
-        if shape:
-            return int(shape[0])
+        weight = tensors.get(f"{layer}.weight")
+        if weight is not None and weight.ndim:
+            return int(weight.shape[0])
     return None
 
 
@@ -214,6 +198,10 @@ def _create_pretrained(timm: Any, name: str, spec: str, kwargs: dict[str, Any]) 
     try:
         return timm.create_model(name, pretrained=True, **kwargs)
     except Exception as exc:  # noqa: BLE001 - network, cache and hub errors of every kind
+        if _refused_pickle(exc):
+            raise UsageError(f"the weights file of {spec} holds pickled Python objects, which timm refuses to load "
+                             "(it could run code); download it and pass it as timm:ARCHITECTURE --weights FILE "
+                             "--trust-checkpoint only if you trust its source") from exc
         raise RunError(f"cannot load the pretrained weights of {spec}: {first_line(exc)}; without network "
                        "access, put them in the local cache first or pass --weights FILE") from exc
 
@@ -222,14 +210,22 @@ def _create_from_file(timm: Any, name: str, spec: str, path: Path, overlay: dict
                       kwargs: dict[str, Any]) -> nn.Module:
     try:
         return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
-    except pickle.UnpicklingError as exc:
-        raise UsageError(f"--weights {path} holds pickled Python objects, not only tensors; save a state dict "
-                         "(or a .safetensors file)") from exc
     except RuntimeError as exc:  # load_state_dict: missing, unexpected or mis-shaped keys
         raise UsageError(f"--weights {path} does not fit {spec}: {first_line(exc)}"
                          + ("" if "num_classes" in kwargs else "; pass --num-classes")) from exc
     except Exception as exc:  # noqa: BLE001
         raise RunError(f"cannot load --weights {path} into {spec}: {first_line(exc)}") from exc
+
+
+def _refused_pickle(exc: BaseException) -> bool:
+    """torch's safe unpickler refused the file (timm re-raises that as a RuntimeError)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, pickle.UnpicklingError):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _timm_loaded(timm: Any, model: nn.Module, spec: str, name: str, sha: str | None,
@@ -291,7 +287,9 @@ def _load_torchvision(spec: str, rest: str, options: SourceOptions) -> LoadedMod
         classes = len(enum.meta.get("categories") or []) or None
         _check_pretrained_classes(spec, options, classes)
         try:
-            module = tvm.get_model(name, weights=enum)
+            module = torchvision_model(name, enum, trust=options.trust_checkpoint)
+        except RobenchError:  # a refused or unreadable file in the cache: its own message
+            raise
         except Exception as exc:  # noqa: BLE001 - download and cache errors
             raise RunError(f"cannot load the weights of {spec}: {first_line(exc)}; without network access, "
                            "put them in torch's hub cache first or pass --weights FILE") from exc
@@ -299,8 +297,8 @@ def _load_torchvision(spec: str, rest: str, options: SourceOptions) -> LoadedMod
     else:
         path, sha = found
         tensors = read_state_dict(path, options)
-        classes = options.num_classes or _torchvision_classes(tvm, name, tensors)
-        module = tvm.get_model(name, weights=None, **({"num_classes": classes} if classes else {}))
+        classes = options.num_classes or _torchvision_classes(name, tensors)
+        module = torchvision_model(name, **({"num_classes": classes} if classes else {}))
         load_weights(module, tensors, str(path), spec)
         weights = str(path)
     prep = torchvision_preprocessing(enum) if enum is not None else None
@@ -331,9 +329,10 @@ def _torchvision_weights(tvm: Any, name: str, weights_name: str, spec: str) -> A
                          f"{_weight_names(tvm, name)}, DEFAULT") from None
 
 
-def _torchvision_classes(tvm: Any, name: str, tensors: dict[str, torch.Tensor]) -> int | None:
+def _torchvision_classes(name: str, tensors: dict[str, torch.Tensor]) -> int | None:
     """The class count of a fine-tuned file: the rows of the architecture's last weight in the file."""
-    expected = tvm.get_model(name, weights=None).state_dict()
+    with torch.device("meta"):  # only the shapes are needed: nothing is allocated
+        expected = torchvision_model(name).state_dict()
     for key in reversed(list(expected)):
         if key.endswith(".weight") and expected[key].ndim in (2, 4):
             tensor = tensors.get(key)
@@ -344,7 +343,7 @@ def _torchvision_classes(tvm: Any, name: str, tensors: dict[str, torch.Tensor]) 
 def _torch_hub_sha256(url: str | None) -> str | None:
     if not url:
         return None
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+    cached = hub_cache_path(url)
     return sha256_file(cached) if cached.is_file() else None
 
 
