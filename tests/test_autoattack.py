@@ -229,3 +229,22 @@ def test_the_attack_list_says_autoattack_includes_a_query_attack():
     family = next(r["family"] for r in rows if r["name"] == "autoattack")
     assert family == "composite: gradient + query"
     assert next(r["family"] for r in rows if r["name"] == "pgd") == "gradient"
+
+
+def test_a_line_after_each_member_with_the_samples_still_robust(tmp_path):
+    """As the reference prints: after each member, how many attacked samples are still robust."""
+    result = invoke("eval", "example:digits", "--suite", "autoattack", "--eps", "0.1", "--limit", 30,
+                    "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("robench: autoattack eps 0.1: after")]
+    doc = json.loads((tmp_path / "run" / "results.json").read_text())
+    entry = doc["attacks"][0]
+    members = [line.split("after ")[1].split(":")[0] for line in lines]
+    assert members == entry["params"]["attacks"][:len(members)] and members
+    robust = [int(line.split(": ")[3].split(" of ")[0]) for line in lines]
+    assert robust == sorted(robust, reverse=True), "a member only removes samples"
+    assert all(f" of {entry['attacked']} attacked samples still robust" in line for line in lines)
+    assert robust[-1] == round(entry["accuracy"] * entry["n"])
+    quiet = invoke("eval", "example:digits", "--suite", "autoattack", "--eps", "0.1", "--limit", 30, "--quiet",
+                   "--out", tmp_path / "quiet")
+    assert "after apgd-ce" not in quiet.stderr

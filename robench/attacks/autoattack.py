@@ -24,6 +24,7 @@ position, so runs are batch-size invariant and resumable like every robench atta
 
 from __future__ import annotations
 
+import time
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -133,6 +134,7 @@ class AutoAttack(Attack):
         x_adv = x.clone()
         found_by = torch.full((len(x),), -1, dtype=torch.long, device=x.device)
         grad_evals = fwd_evals = 0
+        started = time.perf_counter()
         for k, member in enumerate(self.members):
             rows = torch.nonzero(found_by < 0).squeeze(1)
             if not len(rows):
@@ -143,6 +145,10 @@ class AutoAttack(Attack):
             found_by[broken] = k
             grad_evals += result.gradient_evals
             fwd_evals += result.forward_evals
+            if self.log:  # as the reference prints: robust so far after each member, and the time
+                robust = int((found_by < 0).sum())
+                self.log(f"after {member.name}: {robust} of {len(x)} attacked samples still robust "
+                         f"({time.perf_counter() - started:.1f} s)")
         # The members scored their own outputs; the points no member broke are returned unchanged
         # (as the reference does) and the base scores them.
         fooled = found_by >= 0

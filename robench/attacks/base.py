@@ -19,7 +19,7 @@ final ``__call__`` does: the reported success is that of the returned examples.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, final
+from typing import Any, Callable, ClassVar, Literal, final
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -119,6 +119,9 @@ class Attack:
         self.eps_scale = eps_scale
         self.seed = seed
         self.stream = stream
+        # Where an attack with parts says how far it got (a composite after each member); set by
+        # whoever runs it, e.g. the command line's progress. Lines only: results never depend on it.
+        self.log: Callable[[str], None] | None = None
 
     @classmethod
     def validate_params(cls, params: AttackParams | dict[str, Any] | None, fields: dict[str, Any]) -> AttackParams:

@@ -130,6 +130,11 @@ class EvalProgress:
             self._last_line = self._clock()
             self.console.print(self.plain_line(), highlight=False)
 
+    def note(self, message: str) -> None:
+        """A log line from inside an entry (AutoAttack after each member), above the bar."""
+        if self.enabled:
+            self.console.print(f"robench: {message}", highlight=False, markup=False)
+
     def plain_line(self) -> str:
         work = self.work
         share = work.done_weight / work.total_weight if work.total_weight else 1.0

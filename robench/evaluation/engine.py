@@ -209,6 +209,8 @@ class ProgressSink(Protocol):
 
     def entry_done(self, entry: int, samples: int) -> None: ...  # entry -1: the clean pass
 
+    # Optional: a line from an attack with parts (AutoAttack after each member); see _attack_logger.
+
 
 def dataset_fingerprint(dataset: ImageDataset, batch_size: int, workers: int = 0) -> str:
     """The same fingerprint ``run`` computes, without a model (distributed runs need the whole set's)."""
@@ -408,6 +410,7 @@ def _attack_entries(x, y, idx, correct, context: _RunContext, state: RunState, k
         if prior is not None and entry.eps >= prior[0]:
             # Fooled at a smaller eps of the same attack: that example lies in this larger ball too.
             targets = attacked[~prior[1][attacked]]
+        entry.attack.log = _attack_logger(entry, context)
         result = _attack_segment(entry, counts.chunk, context, x, y, idx, correct, targets, keep)
         if prior is not None and entry.eps >= prior[0]:
             result.robust &= ~prior[1]
@@ -423,6 +426,15 @@ def _attack_entries(x, y, idx, correct, context: _RunContext, state: RunState, k
         if context.progress:
             context.progress.entry_done(entry.index, len(y))
     return outcomes
+
+
+def _attack_logger(entry: Entry, context: _RunContext) -> Callable[[str], None] | None:
+    """The progress display's ``note`` with the entry's name and eps in front, when it has one."""
+    note = getattr(context.progress, "note", None)
+    if note is None or not entry.attack.parts():
+        return None
+    name = entry.spec.display_name() + (f" eps {entry.eps_text}" if entry.eps is not None else "")
+    return lambda message: note(f"{name}: {message}")
 
 
 def _reusable(entry: Entry) -> bool:
