@@ -308,6 +308,20 @@ def model_source_options(config: EvalConfig) -> dict[str, Any]:
             "model_dir": config.model_dir}
 
 
+def unnormalised_weights_note(resolved: Resolved) -> str | None:
+    """A torchvision architecture with a ``--weights`` file and no weights name brings no preprocessing,
+    and nothing else gave one: the model then sees raw [0,1] pixels, which is wrong for the usual
+    fine-tuned ImageNet model and right for one trained without normalisation, so it is said, not guessed."""
+    loaded = resolved.loaded
+    if not (loaded.weights and (loaded.arch or "").startswith("torchvision:") and loaded.preprocessing is None):
+        return None
+    if resolved.normalization is not None or loaded.normalization is not None:
+        return None
+    return (f"{loaded.source} --weights {loaded.weights}: no normalisation is applied (the model sees [0,1] "
+            f"pixels); if it was fine-tuned from torchvision's weights, name them "
+            f"({loaded.source}:DEFAULT --weights FILE takes their preprocessing) or pass --normalize imagenet")
+
+
 def _explicit_normalization(config: EvalConfig) -> bool:
     return bool(config.normalize or config.mean or config.std)
 

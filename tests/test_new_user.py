@@ -249,3 +249,27 @@ def test_eval_help_is_grouped_and_nothing_is_cut_at_80_columns():
     top = invoke("--help", env={"COLUMNS": "80"}).stdout
     gate = next(line for line in top.splitlines() if "│ gate " in line)
     assert gate.rstrip(" │").endswith("dropped."), "the gate's summary fits one line"
+
+
+def test_torchvision_weights_file_without_preprocessing_is_said(tmp_path):
+    """torchvision:NAME --weights FILE brings no normalisation: said once on stderr, not guessed; naming
+    the weights (or --normalize) gives the preprocessing and no note."""
+    import torchvision
+
+    torch.save(torchvision.models.squeezenet1_1(num_classes=3).state_dict(), tmp_path / "sq.pt")
+    images = np.random.default_rng(0).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+    np.savez(tmp_path / "rgb.npz", x=images, y=np.array([0, 1, 2, 0]))
+    common = ["--weights", tmp_path / "sq.pt", "--data", f"npz:{tmp_path / 'rgb.npz'}", "--suite", "clean",
+              "--quiet"]
+    plain = invoke("eval", "torchvision:squeezenet1_1", *common, "--out", tmp_path / "a")
+    assert plain.exit_code == 0, plain.stderr
+    warnings = [line for line in plain.stderr.splitlines() if line.startswith("robench: warning:")]
+    assert len(warnings) == 1 and "no normalisation is applied" in warnings[0] and "--normalize" in warnings[0]
+    assert json.loads((tmp_path / "a" / "results.json").read_text())["model"]["normalization"] is None
+    for extra, spec in ((["--normalize", "imagenet"], "torchvision:squeezenet1_1"),
+                        ([], "torchvision:squeezenet1_1:DEFAULT")):
+        named = invoke("eval", spec, *common, *extra, "--out", tmp_path / f"b{len(extra)}")
+        assert named.exit_code == 0, named.stderr
+        assert "no normalisation" not in named.stderr
+        doc = json.loads((tmp_path / f"b{len(extra)}" / "results.json").read_text())
+        assert doc["model"]["normalization"]["mean"] == pytest.approx([0.485, 0.456, 0.406])

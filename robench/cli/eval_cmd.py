@@ -165,7 +165,7 @@ def eval_command(
                                                    rich_help_panel=_GATE),
 ) -> None:
     """Evaluate MODEL under every attack of a suite: clean and robust accuracy."""
-    from robench.config import EvalConfig
+    from robench.config import EvalConfig, unnormalised_weights_note
     from robench.reid.report import reid_table
     from robench.reporting.gate import check_allowed_flags, check_metrics, parse_metrics, parse_rule, \
         reported_metrics
@@ -197,6 +197,9 @@ def eval_command(
         surrogate_num_classes=surrogate_num_classes,
     )
     prepared = prepare_run(config)
+    note = unnormalised_weights_note(prepared.resolved)
+    if note and prepared.main:
+        _warn(note)
     if prepared.task == "reid":
         result = _evaluate_reid(prepared, quiet)
     else:
@@ -208,6 +211,8 @@ def eval_command(
         _print(result.doc, reid_table(result.doc), as_json)
     else:
         _warn_about(result.doc, forced_channels=gray is not None)
+        for line in result.rounding_warnings():  # the saved 8-bit images do not reproduce the reported number
+            _warn(line)
         _print(result.doc, results_table(result.doc), as_json)
     stderr.print(f"results written to {prepared.run_dir}", highlight=False)
     _gate(prepared.run_dir, baseline, max_drop, rule, require_significant, junit, allow_flag, metric)
