@@ -170,3 +170,15 @@ def test_a_pixel_count_sweep_keeps_one_row_per_count(tmp_path):
     assert invoke("report", tmp_path / "run", "--out", tmp_path / "r.html").exit_code == 0
     page = (tmp_path / "r.html").read_text()
     assert all(label in page for label in expected)
+
+
+def test_the_gate_names_pixel_counts_as_whole_numbers(tmp_path):
+    suite = tmp_path / "px.yaml"
+    suite.write_text(PIXEL_SUITE)
+    assert invoke("eval", "example:digits", "--suite", suite, "--limit", 40, "--out", tmp_path / "run",
+                  "--quiet").exit_code == 0
+    gate = invoke("gate", tmp_path / "run", "--baseline", tmp_path / "run", "--junit", tmp_path / "j.xml")
+    assert gate.exit_code == 0, gate.stderr
+    assert "8 px" in gate.stdout and ".0 px" not in gate.stdout
+    junit = (tmp_path / "j.xml").read_text()
+    assert 'name="accuracy pixels@8px"' in junit and ".0px" not in junit

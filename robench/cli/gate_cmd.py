@@ -35,7 +35,9 @@ def _where(r: Any) -> str:
         return ""
     if r.eps is not None and r.eps == r.eps:
         return f"{r.eps:g}"
-    return f"{r.pixels} px" if r.pixels is not None and r.pixels == r.pixels else ""
+    from robench.results.tidy import pixels_text
+
+    return pixels_text(r.pixels)
 
 
 def _higher(r: Any) -> bool:

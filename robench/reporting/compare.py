@@ -23,6 +23,7 @@ import pandas as pd
 from robench.errors import UsageError
 from robench.registry import Registry
 from robench.results.metric_table import metric_info, rank_keys
+from robench.results.tidy import pixels_text
 
 
 @dataclass
@@ -83,15 +84,11 @@ def _only(rows: pd.DataFrame, metric: str) -> pd.DataFrame:
     return picked
 
 
-def _pixels_label(pixels) -> str:
-    return "" if pixels is None or pd.isna(pixels) else f"{int(pixels)} px"
-
-
 def _setting_labels(data: pd.DataFrame, names: dict[str, str]) -> list[str]:
     """"entry eps" per row, eps as the suite wrote it, or "entry N px" for an entry that sweeps pixel
     counts (it has no eps: without the count its settings would share one row); entries in ``names``
     get that label instead."""
-    return [names[e] if e in names else f"{e} {_eps_label(x, t) or _pixels_label(p)}".strip()
+    return [names[e] if e in names else f"{e} {_eps_label(x, t) or pixels_text(p)}".strip()
             for e, x, t, p in zip(data.entry, data.eps, data.eps_text, data.pixels)]
 
 

@@ -39,6 +39,7 @@ from robench.registry import did_you_mean
 from robench.reporting.comparability import run_differences
 from robench.results.metric_table import higher_is_better, is_proportion
 from robench.results.reading import ResultFile, results_frame
+from robench.results.tidy import pixels_text
 
 KEY = ["entry", "settings", "eps", "pixels", "metric"]
 Z_95 = 1.96
@@ -342,7 +343,7 @@ def _attack_entries(result: ResultFile) -> int:
 
 def _describe(row: dict[str, Any]) -> str:
     where = f" eps {row['eps']:g}" if row["eps"] is not None and row["entry"] != "clean" else (
-        f" {row['pixels']} px" if row["pixels"] is not None else "")
+        f" {pixels_text(row['pixels'])}" if pixels_text(row["pixels"]) else "")
     return f"{row['metric']} of {row['entry']}{where}"
 
 
@@ -407,7 +408,7 @@ def junit_xml(outcome: GateOutcome, name: str = "robench gate") -> str:
     failures = 0
     for r in outcome.rows.itertuples(index=False):
         where = f"@eps={r.eps:g}" if r.eps is not None and not pd.isna(r.eps) else (
-            f"@{r.pixels}px" if r.pixels is not None and not pd.isna(r.pixels) else "")
+            f"@{pixels_text(r.pixels).replace(' ', '')}" if pixels_text(r.pixels) else "")
         case = f'  <testcase classname={quoteattr(name)} name={quoteattr(f"{r.metric} {r.entry}{where}")}>'
         if r.verdict in FAILING + MISMATCH:
             failures += 1

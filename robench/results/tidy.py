@@ -61,6 +61,13 @@ def tidy_rows(doc: dict[str, Any], model: str | None = None, keep_null: bool = F
     return rows
 
 
+def pixels_text(pixels: Any) -> str:
+    """"8 px" for a pixel count (a frame may hold it as a float or pandas' NA), "" for none."""
+    if pixels is None or pd.isna(pixels):
+        return ""
+    return f"{int(pixels)} px"
+
+
 def tidy_frame(doc: dict[str, Any], model: str | None = None, keep_null: bool = False) -> pd.DataFrame:
     frame = pd.DataFrame(tidy_rows(doc, model, keep_null), columns=TIDY_COLUMNS)
     # Counts stay whole numbers in results.csv even where some rows have none (the mean has no n).
