@@ -193,7 +193,10 @@ def test_gate_command_exit_codes_and_json(tmp_path):
     as_json = invoke("gate", worse, "--baseline", base, "--json")
     doc = json.loads(as_json.stdout)
     assert as_json.exit_code == 1 and doc["regressions"] >= 1 and doc["passed"] is False
-    assert invoke("gate", other, "--baseline", base).exit_code == 3
+    not_comparable = invoke("gate", other, "--baseline", base)
+    assert not_comparable.exit_code == 3
+    assert "improved" not in not_comparable.stdout and "ok" not in not_comparable.stdout, "no verdict table"
+    assert "not comparable" in not_comparable.stderr
     bad = invoke("gate", tmp_path / "nope.json", "--baseline", base)
     assert bad.exit_code == 2 and "result file not found" in bad.stderr
     (tmp_path / "junk.json").write_text("{not json")

@@ -134,7 +134,7 @@ def run_gate(current: Path | str, baseline: Path | str, max_drop: float, rules: 
         junit.write_text(junit_xml(outcome), encoding="utf-8")
     if as_json:
         sys.stdout.write(json.dumps(outcome.to_dict(), indent=2, default=str) + "\n")
-    elif not quiet:
+    elif not quiet and outcome.comparable:  # verdicts between runs that cannot be compared would mislead
         stdout_console().print(gate_table(outcome))
     # markup=False: entry labels and flag messages come from the documents.
     lines = [explain(outcome), *flag_lines(outcome)]
