@@ -305,11 +305,16 @@ def test_flags_partial_runs_commands_and_examples_are_shown(runs, report):
         command = json.loads((runs[name] / "config.json").read_text())["command"]
         assert command and html_escaped(command) in text
     assert text.count("Not recorded (no config.json") == 1  # the golden document
-    # The saved grids, byte for byte, in entry order; captions are the file stems.
+    # The saved grids, byte for byte, in entry order; their summaries are the file stems.
     pngs = [attrs["src"] for tag, attrs in page.tags if tag == "img"]
     files = [runs["fgsm"] / "adversarial" / f"fgsm_{n}_255.png" for n in (2, 4, 8)]
     assert [base64.b64decode(uri.split(",", 1)[1]) for uri in pngs] == [f.read_bytes() for f in files]
     assert [attrs["alt"] for tag, attrs in page.tags if tag == "img"] == [f.stem for f in files]
+    # Each grid folds under a one-line summary (its stem, shown once); only the first is open.
+    folded = [attrs for tag, attrs in page.tags if tag == "details" and attrs.get("class") == "grid"]
+    assert len(folded) == 3 and ["open" in attrs for attrs in folded] == [True, False, False]
+    for f in files:
+        assert text.count(f"<summary>{f.stem}</summary>") == 1 and text.count(f">{f.stem}<") == 1
 
 
 def html_escaped(text: str) -> str:

@@ -457,10 +457,11 @@ def _grids(r: ResultFile, i: int, warn: Warn) -> str:
             warn(f"{exc}: left out of the report")
             skipped.append(png.name)
             continue
-        figures.append(f'<figure><img src="{uri}" alt="{_esc(png.stem)}">'
-                       f"<figcaption>{_esc(png.stem)}</figcaption></figure>")
+        # Folded, one line each: a suite's grids are tall; the image carries its own title.
+        figures.append(f'<details class="grid"{" open" if not figures else ""}><summary>{_esc(png.stem)}</summary>'
+                       f'<img src="{uri}" alt="{_esc(png.stem)}"></details>')
     if not figures and not skipped:
         return ""
     note = _warnings("Not embedded (not a regular PNG file, or too large)", skipped)
-    # Shown small, several to a row; the files in adversarial/ hold the full-size figures.
+    # The files in adversarial/ hold the full-size figures.
     return f'<h4 id="run-{i}-examples">Adversarial examples</h4>{note}<div class="grids">{"".join(figures)}</div>'

@@ -59,10 +59,10 @@ svg.plot { width: 100%; max-width: 760px; height: auto; display: block; }
 dl.facts { display: grid; grid-template-columns: max-content 1fr; gap: 3px 16px; margin: 8px 0; }
 dl.facts dt { color: var(--muted); font-weight: 500; }
 dl.facts dd { margin: 0; word-break: break-word; }
-.grids { display: flex; flex-wrap: wrap; gap: 16px; }
-.grids figure { margin: 0; max-width: 100%; }
-.grids figure { width: calc(50% - 8px); min-width: 280px; }
-.grids img { width: 100%; height: auto; border: 1px solid var(--rule); }
+.grids details.grid { margin: 0 0 8px; }
+.grids summary { cursor: pointer; font-size: 0.9rem; }
+.grids img { display: block; width: 100%; max-width: 640px; height: auto; margin: 6px 0 0;
+             border: 1px solid var(--rule); }
 details { margin: 0 0 20px; }
 details summary { cursor: pointer; color: var(--accent); font-size: 0.9rem; margin-bottom: 8px; }
 footer { margin-top: 40px; color: var(--muted); font-size: 0.8rem; border-top: 1px solid var(--rule);
