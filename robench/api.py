@@ -27,7 +27,7 @@ from robench.results.document import SCHEMA, data_block, env_block, header, mode
 from robench.results.tidy import tidy_frame
 from robench.evaluation.sanity import named_flags
 from robench.results.writers import write_run
-from robench.results.adversarial import SavedExamples, examples_of_run
+from robench.results.adversarial import SavedExamples, examples_of_run, rounding_warning, saved_summaries
 from robench.reporting.adversarial_grid import save_examples
 from robench.suites import LoadedSuite, Suite
 
@@ -76,6 +76,13 @@ class EvaluationResult:
 
     def to_json(self) -> str:
         return json.dumps(self.doc, indent=2)
+
+    def rounding_warnings(self) -> list[str]:
+        """One line per entry whose saved 8-bit examples lost some of the run's successes (``robench eval``
+        prints them); empty without ``save_adversarial``."""
+        lines = [rounding_warning(f"{a['label']} {_setting_text(a)}".strip(), a["saved_examples"])
+                 for a in self.doc["attacks"] if a.get("saved_examples")]
+        return [line for line in lines if line]
 
     def save(self, directory: str | Path, *, overwrite: bool = False) -> Path:
         """Write results.json, samples.csv and the tidy table into ``directory``.
@@ -227,11 +234,23 @@ def evaluate_config(
         **({"save_adversarial": config.save_adversarial} if config.save_adversarial is not None else {}),
         **(extra_config or {}),
     }
-    result = EvaluationResult(doc, _samples(outcome), run_config, examples_of_run(outcome),
+    examples = examples_of_run(outcome)
+    _add_saved_counts(doc, examples)
+    result = EvaluationResult(doc, _samples(outcome), run_config, examples,
                               _class_names(dataset, outcome.state.num_classes))
     if interrupted is not None:
         raise EvaluationInterrupted(result) from interrupted
     return result
+
+
+def _add_saved_counts(doc: dict[str, Any], examples: list[SavedExamples]) -> None:
+    """``saved_examples`` on each attack entry of a run that saved examples (other documents are unchanged):
+    ``file`` (the npz, relative to the run directory), ``n`` saved samples, ``attacked`` among them,
+    ``fooled_run`` (the run's successes there: what ``adversarial_float`` reproduces), ``fooled_8bit``
+    (attacked samples whose 8-bit image is misclassified) and ``undone_8bit`` (run successes the 8-bit
+    image loses)."""
+    for entry, saved in zip(doc["attacks"], saved_summaries(examples)):  # both in entry order
+        entry["saved_examples"] = saved
 
 
 def check_no_adversarial_under_torchrun(config: EvalConfig, processes: int) -> None:

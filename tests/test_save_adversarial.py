@@ -1,5 +1,7 @@
 """``--save-adversarial``: 8-bit adversarial examples per entry that stay in their threat model,
-predictions a reader can reproduce, resume safety, and no change to the results."""
+predictions a reader can reproduce, float examples that reproduce the run's verdicts, the 8-bit
+counts in results.json and a warning when rounding undoes successes, resume safety, and no change
+to the results."""
 
 from __future__ import annotations
 
@@ -20,8 +22,9 @@ from robench.errors import UsageError
 from robench.evaluation.engine import SEGMENT_BATCHES
 from robench.reporting.adversarial_grid import MAX_ROWS, grid_size
 from robench.results.adversarial import quantize_adversarial, read_examples
+from robench.results.reading import validate_document
 from robench.runner import prepare_run
-from cli_helpers import invoke, one_error_line, stop_after
+from cli_helpers import RowByRow, invoke, one_error_line, stop_after
 
 BOUNDS_SUITE = {"name": "bounds", "attacks": [
     {"attack": "fgsm", "eps": [8 / 255, 0.1]},
@@ -109,7 +112,11 @@ def test_count_limits_the_saved_samples_and_results_do_not_change(tmp_path, test
     assert not (tmp_path / "off" / "adversarial").exists()
     assert (tmp_path / "on" / "samples.csv").read_text() == (tmp_path / "off" / "samples.csv").read_text()
     docs = [json.loads((tmp_path / run / "results.json").read_text()) for run in ("on", "off")]
+    assert all("saved_examples" not in a for a in docs[1]["attacks"])  # only runs that save examples get it
+    for a in docs[0]["attacks"]:
+        assert a.pop("saved_examples")["n"] == 5
     assert stable(docs[0]) == stable(docs[1])
+    assert (tmp_path / "on" / "results.csv").read_text() == (tmp_path / "off" / "results.csv").read_text()
     files = sorted((tmp_path / "on" / "adversarial").iterdir())
     assert [f.name for f in files] == [f"fgsm_{k}_255.{ext}" for k in (2, 4, 8) for ext in ("npz", "png")]
     first_five = np.loadtxt(tmp_path / "on" / "samples.csv", delimiter=",", skiprows=1, usecols=0)[:5]
@@ -228,3 +235,116 @@ def test_the_bare_flag_saves_every_sample(tmp_path, where):
     for path in saved:
         with np.load(path) as z:
             assert len(z["index"]) == 12
+
+
+# -- float examples: what the run scored, reproduced by the model -----------------------------------------------
+FLOAT_SUITE = {"name": "float", "attacks": [
+    {"attack": "pgd", "eps": [0.05, 0.1], "steps": 10, "step_size": 0.025},
+    {"attack": "pgd", "norm": "l2", "eps": 1.0, "steps": 10, "step_size": 0.25, "label": "pgd-l2"},
+    {"attack": "fgsm", "eps": 0.1},
+]}
+
+
+@pytest.fixture(scope="module")
+def float_run(trained_model, test_tensors, tmp_path_factory):
+    """A run on a model whose rows do not depend on their batch, every sample saved, written and read back.
+
+    Batches of 16 with refill: the attacks score examples in pools whose make-up no re-classification repeats.
+    """
+    model = RowByRow(trained_model).eval()
+    result = robench.evaluate(model, test_tensors, FLOAT_SUITE, device="cpu", limit=64, batch_size=16,
+                              sweep_reuse=True, save_adversarial="all")
+    out = result.save(tmp_path_factory.mktemp("float") / "run")
+    examples = [read_examples(out / a["saved_examples"]["file"]) for a in result.doc["attacks"]]
+    return model, result, examples
+
+
+def test_float_examples_reproduce_the_run_verdicts_and_accuracy(float_run):
+    model, result, examples = float_run
+    assert len(examples) == len(result.doc["attacks"]) == 4
+    for a, ex in zip(result.doc["attacks"], examples):
+        assert ex.adversarial_float.dtype == ex.clean_float.dtype == np.float32
+        assert ex.adversarial_float.shape == ex.clean_float.shape == (64, 8, 8, 1)  # NHWC, as the 8-bit images
+        with torch.no_grad():  # all 64 at once: batches the run never formed
+            pred = model(torch.from_numpy(ex.adversarial_float).permute(0, 3, 1, 2)).argmax(dim=1).numpy()
+        fooled = (pred != ex.label) & ex.attacked
+        assert np.array_equal(fooled, ex.run_fooled), ex.entry
+        assert int(fooled.sum()) == round(a["success_rate"] * a["attacked"]) > 0
+        # Every sample is kept: the robust ones among them give the reported accuracy exactly.
+        assert (ex.attacked & ~fooled).sum() / len(ex.index) == a["accuracy"]
+        # The clean images are the data as the run read it, and the model's verdicts on them.
+        clean = torch.from_numpy(ex.clean_float).permute(0, 3, 1, 2)
+        with torch.no_grad():
+            assert np.array_equal(model(clean).argmax(dim=1).numpy() == ex.label, ex.attacked)
+
+
+def test_float_examples_lie_in_the_eps_ball_of_the_clean_ones(float_run, digits_split):
+    _, _, examples = float_run
+    _, x_te, _, _ = digits_split
+    for ex in examples:
+        assert np.array_equal(ex.clean_float, x_te[ex.index].astype(np.float32) / np.float32(255.0))
+        adv, clean = ex.adversarial_float.astype(np.float64), ex.clean_float.astype(np.float64)
+        assert adv.min() >= 0.0 and adv.max() <= 1.0
+        delta = (adv - clean).reshape(len(adv), -1)
+        size = np.abs(delta).max(axis=1) if ex.norm == "linf" else np.linalg.norm(delta, axis=1)
+        assert size.max() <= ex.eps + 1e-6 and size.max() > 0.5 * ex.eps, ex.entry  # float32 rounding only
+        assert np.array_equal(adv[~ex.attacked], clean[~ex.attacked])
+
+
+def test_sweep_reuse_keeps_the_float_example_of_the_smaller_eps(float_run):
+    _, _, examples = float_run
+    small, large = examples[0], examples[1]
+    assert (small.entry, large.entry) == ("pgd@0.05", "pgd@0.1")
+    assert small.run_fooled.any()
+    assert np.array_equal(large.adversarial_float[small.run_fooled], small.adversarial_float[small.run_fooled])
+
+
+# -- what the 8-bit files do, in results.json and on stderr ------------------------------------------------------
+# PGD at 0.1 (not a whole number of 1/255 steps) loses successes to rounding; FGSM at whole steps moves every
+# pixel by exactly eps, which 8-bit images hold: its successes all survive.
+ROUNDING_SUITE = """name: rounding
+attacks:
+  - {attack: pgd, eps: 0.1, steps: 10, step_size: 0.025}
+  - {attack: fgsm, eps: [16/255, 24/255]}
+"""
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rounding")
+    (root / "rounding.yaml").write_text(ROUNDING_SUITE)
+    done = invoke("eval", "example:digits", "--suite", root / "rounding.yaml", "--limit", 120, "--quiet",
+                  "--device", "cpu", "--out", root / "run", "--save-adversarial", "all")
+    assert done.exit_code == 0, done.stderr
+    return root / "run", done
+
+
+def test_results_json_counts_agree_with_the_saved_files(cli_run):
+    run, _ = cli_run
+    doc = json.loads((run / "results.json").read_text())
+    validate_document(doc, "results.json")  # the extra field keeps the document valid
+    model = robench.models.load_model("example:digits").model.eval()
+    for a in doc["attacks"]:
+        saved = a["saved_examples"]
+        ex = read_examples(run / saved["file"])
+        assert saved["n"] == len(ex.index) == a["n"] == 120 and saved["attacked"] == int(ex.attacked.sum())
+        assert saved["fooled_run"] == int(ex.run_fooled.sum()) == round(a["success_rate"] * a["attacked"])
+        assert saved["fooled_8bit"] == int(((ex.adv_pred != ex.label) & ex.attacked).sum())
+        assert saved["undone_8bit"] == int((ex.run_fooled & ~ex.fooled).sum())
+        # adv_pred is the model's prediction of the saved 8-bit image, as a reader computes it.
+        assert np.array_equal(ex.adv_pred, predict(model, ex.adversarial))
+
+
+def test_a_warning_says_when_8bit_rounding_undoes_successes(cli_run):
+    run, done = cli_run
+    doc = json.loads((run / "results.json").read_text())
+    by_label = {(a["label"], a["params"]["eps_expr"]): a["saved_examples"] for a in doc["attacks"]}
+    pgd = by_label[("pgd", "0.1")]
+    assert pgd["undone_8bit"] > 0  # rounding undid some of PGD's successes ...
+    assert all(by_label[("fgsm", e)]["undone_8bit"] == 0 and by_label[("fgsm", e)]["fooled_run"] > 0
+               for e in ("16/255", "24/255"))  # ... and none of FGSM's
+    warnings = [line for line in done.stderr.splitlines() if "8-bit rounding" in line]
+    assert warnings == [f"robench: warning: pgd eps 0.1: {pgd['fooled_run'] - pgd['undone_8bit']} of "
+                        f"{pgd['fooled_run']} successes survive 8-bit rounding in adversarial/pgd_0.1.png; the "
+                        ".npz keeps the float examples (adversarial_float) that reproduce the reported accuracy"]
+    assert (run / "adversarial" / "pgd_0.1.png").is_file()

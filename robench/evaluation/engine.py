@@ -497,10 +497,15 @@ def _attack_segment(entry: Entry, chunk: Scalar, context: _RunContext, x, y, idx
 
 
 def _kept_examples(x: torch.Tensor, outcomes: list[_EntryOutcome], context: _RunContext) -> dict[str, torch.Tensor]:
-    """The kept rows as 8-bit images with the model's predictions of exactly those images (on the CPU)."""
+    """The kept rows as the run scored them (float) with the model's predictions of their 8-bit roundings.
+
+    The floats are what reproduces the run's verdicts; the 8-bit images are rounded again from them when
+    the files are written (:mod:`robench.results.adversarial`), so only their predictions are kept here.
+    """
     clean = quantize_clean(x)
     clean_pred = _predict(clean, context)
-    kept = {"clean": clean.cpu(), "clean_pred": clean_pred.cpu()}
+    # A copy: ``x`` is a view of the whole segment, whose storage would stay alive with it.
+    kept = {"clean": x.to("cpu", copy=True), "clean_pred": clean_pred.cpu()}
     for j, outcome in enumerate(outcomes):
         adversarial = quantize_adversarial(x, outcome.examples)
         # Unchanged images need no second pass: their prediction is the clean one.
@@ -508,7 +513,7 @@ def _kept_examples(x: torch.Tensor, outcomes: list[_EntryOutcome], context: _Run
         pred = clean_pred.clone()
         if bool(changed.any()):
             pred[changed] = _predict(adversarial[changed], context)
-        kept[f"adversarial{j}"], kept[f"adv_pred{j}"] = adversarial.cpu(), pred.cpu()
+        kept[f"adversarial{j}"], kept[f"adv_pred{j}"] = outcome.examples.cpu(), pred.cpu()
     return kept
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 from robench.evaluation.entries import Entry
 from robench.errors import UsageError
@@ -34,8 +35,9 @@ def entry_metrics() -> MetricCollection:
 
 
 def example_metrics(entries: int) -> MetricCollection:
-    """``--save-adversarial``: the first N samples' 8-bit clean images and, per entry j, the 8-bit
-    adversarial images (``adversarial{j}``), each with the model's prediction of exactly that image."""
+    """``--save-adversarial``: the first N samples' clean images and, per entry j, the adversarial
+    images (``adversarial{j}``) as the run scored them (float), and the model's prediction of each
+    image's 8-bit rounding (``clean_pred``, ``adv_pred{j}``): the files keep both."""
     per_entry = {}
     for j in range(entries):
         per_entry[f"adversarial{j}"] = Collected()
@@ -141,6 +143,7 @@ class RunState:
     def restore(self, snapshot: dict[str, Any], batch_size: int) -> int:
         """Load a snapshot taken with the same suite and batch size; returns the batches it holds."""
         check_format(snapshot)
+        _check_float_examples(snapshot)
         if snapshot["batch_size"] != batch_size:
             raise UsageError(f"cannot resume: the run used --batch-size {snapshot['batch_size']}, not {batch_size}")
         if len(snapshot["entries"]) != len(self.entries):
@@ -188,6 +191,16 @@ class RunInterrupted(Exception):
     def __init__(self, outcome: RunOutcome) -> None:
         super().__init__("the run was interrupted")
         self.outcome = outcome
+
+
+def _check_float_examples(snapshot: dict) -> None:
+    """Kept examples are float since the files carry the scored images; an earlier robench kept them as
+    8-bit images in the same format, and mixing the two would save a wrong npz."""
+    clean = (snapshot.get("examples") or {}).get("clean")
+    tensors = clean if isinstance(clean, (list, tuple)) else [clean]
+    if any(isinstance(t, torch.Tensor) and not t.is_floating_point() for t in tensors):
+        raise UsageError("cannot resume: the progress file was written by an older robench that kept 8-bit "
+                         "examples; start a new run with another --out")
 
 
 def check_format(state: dict) -> None:

@@ -3,7 +3,9 @@
 The perturbation column shows ``adversarial - clean`` around mid-gray, amplified so that the
 largest change among the shown rows reaches black or white; the factor is in the column title.
 Labels under each image give the true and the predicted class (class names when the data has
-them). matplotlib draws it with its Agg canvas, without pyplot: no global backend is touched.
+them). The images are the 8-bit ones of the npz: where rounding undid some of the run's successes,
+a second title line says how many (the npz's ``adversarial_float`` keeps them). matplotlib draws
+it with its Agg canvas, without pyplot: no global backend is touched.
 """
 
 from __future__ import annotations
@@ -116,8 +118,13 @@ def _title(examples: SavedExamples) -> str:
     budget = "" if np.isnan(examples.eps) else f" · {examples.norm} eps {examples.eps:.4g}"
     fooled = int(examples.fooled[examples.attacked].sum())
     done, outcome = ("changed", "misclassified") if examples.norm == "l0" else ("attacked", "fooled")
-    return (f"{examples.entry}{budget} · {fooled} of {int(examples.attacked.sum())} {done} samples {outcome} "
-            f"(of {len(examples.index)} saved)")
+    title = (f"{examples.entry}{budget} · {fooled} of {int(examples.attacked.sum())} {done} samples {outcome} "
+             f"(of {len(examples.index)} saved)")
+    counts = examples.counts()
+    if counts["undone_8bit"]:  # the figure must not pass for the run's result
+        title += (f"\n8-bit rounding undid {counts['undone_8bit']} of the run's {counts['fooled_run']} successes; "
+                  "the .npz keeps them")
+    return title
 
 
 def _changed_title(examples: SavedExamples) -> str:
