@@ -185,3 +185,22 @@ def test_snapshot_restore_and_continue_equals_an_uninterrupted_run(engine_inputs
     resumed = evaluate(engine_inputs, resume_state=snapshot).state
     assert_same_states(resumed.state_dict(), plain.state_dict(), skip=TIMING)
     assert resumed.sanity == plain.sanity
+
+
+def test_a_progress_file_with_8bit_examples_from_an_older_robench_is_refused():
+    """Kept examples are float now; an older state of the same format kept uint8 images."""
+    from robench.errors import UsageError
+
+    state = RunState.for_entries(1, {}, keep_examples=True)
+    images = torch.rand(2, 1, 4, 4)
+    state.examples.metrics["clean"].update(images)
+    state.examples.metrics["adversarial0"].update(images)
+    for name in ("clean_pred", "adv_pred0"):
+        state.examples.metrics[name].update(torch.zeros(2, dtype=torch.long))
+    snapshot = state.snapshot(1, 2)
+    RunState.for_entries(1, {}, keep_examples=True).restore(snapshot, 2)  # float: resumes
+    clean = snapshot["examples"]["clean"]
+    snapshot["examples"]["clean"] = ([(t * 255).to(torch.uint8) for t in clean] if isinstance(clean, list)
+                                     else (clean * 255).to(torch.uint8))
+    with pytest.raises(UsageError, match="older robench that kept 8-bit examples"):
+        RunState.for_entries(1, {}, keep_examples=True).restore(snapshot, 2)
