@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -58,3 +61,19 @@ def readme_block(marker_text: str) -> str:
                       re.DOTALL)
     assert match, f"README.md has no example block {marker_text!r}"
     return match.group(1)
+
+
+@contextlib.contextmanager
+def lock_held_by_another_process(folder: Path):
+    """Another process holds ``folder``'s run lock while the block runs; yields its pid."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
+         "from robench.results.locking import lock_run_dir; lock_run_dir(Path(sys.argv[1])); "
+         "print('locked', flush=True); time.sleep(60)", str(folder)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield holder.pid
+    finally:
+        holder.kill()
+        holder.wait()

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from robench.results import writers
-from cli_helpers import invoke, one_error_line
+from cli_helpers import invoke, lock_held_by_another_process, one_error_line
 
 QUICK = "name: quick\nattacks:\n  - attack: fgsm\n    eps: [0.1]\n  - attack: pgd\n    eps: 0.1\n    steps: 3\n"
 HEAVY = "name: heavy\nattacks:\n  - attack: pgd\n    eps: [0.05, 0.1]\n    steps: 20\n    final_iterate: true\n"
@@ -95,21 +95,12 @@ def test_a_step_size_that_only_divides_by_zero_at_stand_in_values_runs(tmp_path)
 def test_a_locked_run_directory_is_refused_before_any_work(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
-         "from robench.results.locking import lock_run_dir; lock_run_dir(Path(sys.argv[1])); "
-         "print('locked', flush=True); time.sleep(60)", str(out)],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with lock_held_by_another_process(out) as pid:
         result = invoke(*eval_args(tmp_path, "--out", out))
         assert result.exit_code == 2
         line = one_error_line(result)
-        assert f"another robench run (pid {holder.pid}) is writing to" in line
+        assert f"another robench run (pid {pid}) is writing to" in line
         assert sorted(p.name for p in out.iterdir()) == [".robench.lock"]
-    finally:
-        holder.kill()
-        holder.wait()
     # The kernel drops a dead holder's lock: the directory is usable again at once.
     result = invoke(*eval_args(tmp_path, "--out", out))
     assert result.exit_code == 0, result.stderr

@@ -16,7 +16,7 @@ import torch
 from robench.results import writers
 from robench.training.recipe import load_recipe
 from robench.training.trainer import STATE, TrainOptions, train
-from tests.cli_helpers import invoke, one_error_line
+from cli_helpers import invoke, lock_held_by_another_process, one_error_line
 
 DIGITS = Path(__file__).resolve().parent.parent / "robench" / "examples" / "digits_train.npz"
 
@@ -108,20 +108,11 @@ def test_the_default_folder_name_is_one_plain_folder():
 def test_a_locked_out_folder_is_refused_before_any_work(tmp_path):
     recipe, out = _recipe(tmp_path), tmp_path / "out"
     out.mkdir()
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
-         "from robench.results.locking import lock_run_dir; lock_run_dir(Path(sys.argv[1])); "
-         "print('locked', flush=True); time.sleep(60)", str(out)],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with lock_held_by_another_process(out) as pid:
         result = invoke("train", recipe, "--out", out, "--epochs", 1)
         assert result.exit_code == 2
-        assert f"another robench run (pid {holder.pid}) is writing to {out}" in one_error_line(result)
+        assert f"another robench run (pid {pid}) is writing to {out}" in one_error_line(result)
         assert _files(out) == {".robench.lock"}, "no checkpoint, state or log was written beside the other run"
-    finally:
-        holder.kill()
-        holder.wait()
     result = invoke("train", recipe, "--out", out, "--epochs", 1)
     assert result.exit_code == 0, result.stderr
     assert _files(out) == {"model.safetensors", "training.json"}, "the lock file goes when the run ends"
