@@ -320,3 +320,27 @@ def test_unlistable_data_folder_on_this_machine(tmp_path):
         result = invoke(*args, "--out", tmp_path / args[0])
         assert result.exit_code == 2
         assert one_error_line(result) == f"robench: error: cannot read data folder {folder}: Permission denied"
+
+
+def test_an_npz_whose_array_claims_more_than_the_machine_has_is_refused_before_loading(tmp_path):
+    """A forged .npy header (or a zip bomb of zeros) would have numpy allocate what it claims."""
+    import time
+    import zipfile
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False,
+                                                  "shape": (10 ** 6, 1000, 1000, 3)})
+    labels = io.BytesIO()
+    np.save(labels, np.zeros(4, dtype=np.int64))
+    with zipfile.ZipFile(tmp_path / "forged.npz", "w") as archive:
+        archive.writestr("x.npy", header.getvalue())  # magic and header, no data
+        archive.writestr("y.npy", labels.getvalue())
+    started = time.perf_counter()
+    result = invoke("eval", "example:digits", "--data", f"npz:{tmp_path / 'forged.npz'}", "--suite", "clean",
+                    "--out", tmp_path / "run")
+    assert time.perf_counter() - started < 30
+    assert result.exit_code == 2
+    line = one_error_line(result)
+    assert "x.npy holds 3e+03 GB (shape (1000000, 1000, 1000, 3)), more than the" in line
+    assert line.endswith("GB of memory available")
+    assert not (tmp_path / "run").exists()

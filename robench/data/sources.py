@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -177,6 +178,7 @@ def _npz(path: str, options: DataOptions) -> ImageDataset:
         check_regular_file(file, "data file")
         with open(file, "rb") as f:
             _check_zip_signature(f, path)
+            _check_array_sizes(f, path)
             with np.load(f, allow_pickle=False) as arrays:
                 missing = [k for k in ("x", "y") if k not in arrays.files]
                 if missing:
@@ -210,6 +212,49 @@ def _check_zip_signature(f: Any, path: str) -> None:
         raise UsageError(f"{path} is not an .npz archive of arrays; save one with numpy.savez(PATH, x=images, "
                          "y=labels)")
     f.seek(0)
+
+
+def _check_array_sizes(f: Any, path: str) -> None:
+    """An array's header says its shape; a forged one (or a zip bomb of zeros) would have numpy allocate
+    and fill that much. Arrays larger than the memory available could only end in the out-of-memory
+    killer: refused before numpy reads them."""
+    import zipfile
+
+    limit = _memory_bytes()
+    with zipfile.ZipFile(f) as archive:
+        for info in archive.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            with archive.open(info) as member:
+                shape, dtype = _npy_header(member)
+            claimed = max(info.file_size, int(np.prod(shape, dtype=object)) * dtype.itemsize)
+            if limit is not None and claimed > limit:
+                raise UsageError(f"{path}: {info.filename} holds {claimed / 1e9:.3g} GB (shape {tuple(shape)}), "
+                                 f"more than the {limit / 1e9:.3g} GB of memory available")
+    f.seek(0)
+
+
+def _npy_header(member: Any) -> tuple[tuple[int, ...], np.dtype]:
+    fmt = np.lib.format
+    version = fmt.read_magic(member)
+    read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+    shape, _, dtype = read(member)  # numpy bounds the header's own size
+    return shape, dtype
+
+
+def _memory_bytes() -> int | None:
+    """Memory available now (Linux's MemAvailable, page cache included), else all of it; None if unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not on every platform
+        return None
 
 
 @DATASETS.register("example")
