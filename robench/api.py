@@ -24,7 +24,7 @@ from robench.models.preprocessing import Normalization
 from robench.models.wrapper import RobustModel
 from robench.evaluation.precision import resolve_device
 from robench.results.document import SCHEMA, data_block, env_block, header, model_block, suite_block
-from robench.results.tidy import tidy_frame
+from robench.results.tidy import pixels_text, tidy_frame
 from robench.evaluation.sanity import named_flags
 from robench.results.writers import write_run
 from robench.results.adversarial import SavedExamples, examples_of_run, rounding_warning, saved_summaries
@@ -108,7 +108,7 @@ def _setting_text(entry: dict[str, Any]) -> str:
     params = entry.get("params") or {}
     if entry.get("eps") is not None:
         return f"eps {params.get('eps_expr') or format(entry['eps'], 'g')}"
-    return f"{params['pixels']} px" if params.get("pixels") is not None else ""
+    return pixels_text(params.get("pixels"))
 
 
 def _as_dataset(data: Any, options: DataOptions) -> ImageDataset:

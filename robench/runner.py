@@ -62,17 +62,23 @@ class PreparedRun:
                                    resume_state=self.resume_state,
                                    save_state=saver)
         except EvaluationInterrupted as stopped:
-            if not self.main:
-                raise Interrupted("interrupted") from None
-            done = stopped.result.doc["progress"]
-            if not done["evaluated"] and self.resume_state is None:
-                raise Interrupted(f"interrupted before the first samples finished; nothing to save "
-                                  f"(0 of {done['total']} samples)") from None
-            stopped.result.save(self.run_dir)
-            raise Interrupted(
-                f"interrupted after {done['evaluated']} of {done['total']} samples; partial results in "
-                f"{self.run_dir}/results.json (complete: false); run the same command with --resume "
-                f"{self.run_dir}") from None
+            partial = stopped.result
+            raise self._stopped(partial.doc["progress"], "samples", "samples",
+                                lambda: partial.save(self.run_dir)) from None
+
+    def _stopped(self, done: dict, unit: str, first: str, save: Callable[[], None]) -> Interrupted:
+        """Every task's interruption: the partial results written (first process only, and only when
+        something finished or a resumed run had), and one line saying how to go on."""
+        if not self.main:
+            return Interrupted("interrupted")
+        if not done["evaluated"] and self.resume_state is None:
+            return Interrupted(f"interrupted before the first {first} finished; nothing to save "
+                               f"(0 of {done['total']} {unit})")
+        save()  # the progress file, where there is one, stays for --resume
+        again = (f"run the same command with --resume {self.run_dir}" if self.key else
+                 "not resumable: runs under torchrun keep no progress file")
+        return Interrupted(f"interrupted after {done['evaluated']} of {done['total']} {unit}; partial results in "
+                           f"{self.run_dir}/results.json (complete: false); {again}")
 
     def finish(self, result: EvaluationResult | ReIDResult) -> None:
         """Write the results (first process only); a finished run needs no progress file any more."""
@@ -80,9 +86,8 @@ class PreparedRun:
             return
         if isinstance(result, ReIDResult):
             write_results(self.run_dir, result.doc, tidy_frame(result.doc), result.config)
-            (self.run_dir / PROGRESS_FILE).unlink(missing_ok=True)
-            return
-        result.save(self.run_dir)
+        else:
+            result.save(self.run_dir)
         (self.run_dir / PROGRESS_FILE).unlink(missing_ok=True)
 
     def _evaluate_reid(self, on_step: Callback | None, on_warning: Callback | None) -> ReIDResult:
@@ -112,19 +117,9 @@ class PreparedRun:
                 resume_state=self.resume_state, save_state=saver,
             )
         except ReIDEvaluationInterrupted as stopped:
-            if not self.main:
-                raise Interrupted("interrupted") from None
-            done = stopped.doc["progress"]
-            if not done["evaluated"] and self.resume_state is None:
-                raise Interrupted(f"interrupted before the first setting finished; nothing to save "
-                                  f"(0 of {done['total']} settings)") from None
-            # The same writer as a finished run's; the progress file (if any) stays for --resume.
-            write_results(self.run_dir, stopped.doc, tidy_frame(stopped.doc), settings)
-            again = (f"run the same command with --resume {self.run_dir}" if self.key else
-                     "not resumable: runs under torchrun keep no progress file")
-            raise Interrupted(
-                f"interrupted after {done['evaluated']} of {done['total']} settings; partial results in "
-                f"{self.run_dir}/results.json (complete: false); {again}") from None
+            partial = stopped.doc
+            raise self._stopped(partial["progress"], "settings", "setting",
+                                lambda: write_results(self.run_dir, partial, tidy_frame(partial), settings)) from None
         return ReIDResult(doc, settings)
 
 

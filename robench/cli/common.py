@@ -19,6 +19,11 @@ from robench.results.locking import release_run_dirs
 stderr = Console(stderr=True, soft_wrap=True)  # log lines stay whole for grep and CI logs
 
 
+def warn(message: str) -> None:
+    """A warning line on stderr; markup off, as messages carry paths and labels from the user."""
+    stderr.print(f"robench: warning: {message}", highlight=False, markup=False)
+
+
 def stdout_console() -> Console:
     """Tables for people; when piped (CI logs, files) wide enough that no column is cut."""
     return Console() if sys.stdout.isatty() else Console(width=200)

@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from robench.cli.common import handle_errors, stderr, stdout_console
+from robench.cli.common import handle_errors, stderr, stdout_console, warn
 from robench.errors import UsageError
 
 # Reading and drawing modules (pandas, matplotlib) are imported on use: --help stays fast.
@@ -20,7 +20,7 @@ def _read_all(results: list[str], labels: list[str] | None):
     if labels and len(labels) != len(results):
         raise UsageError(f"--label was given {len(labels)} time(s) for {len(results)} result(s)")
     if not labels:  # with labels, positions matter: a missing result stays an error
-        results = skip_unfinished_dirs(results, lambda m: stderr.print(f"robench: warning: {m}", highlight=False))
+        results = skip_unfinished_dirs(results, warn)
     read = [read_result(r, labels[i] if labels else None) for i, r in enumerate(results)]
     names = [r.label for r in read]
     if len(set(names)) < len(names):

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, List, Optional
 
 import typer
 
-from robench.cli.common import handle_errors, interrupt_on_sigterm, stderr, stdout_console
+from robench.cli.common import handle_errors, interrupt_on_sigterm, stderr, stdout_console, warn
 from robench.errors import UsageError
 
 if TYPE_CHECKING:
@@ -44,7 +44,8 @@ def eval_command(
     norm: Optional[str] = typer.Option(None, "--norm", help="Run those entries under this norm instead: linf or "
                                        "l2. Recorded in the results.", rich_help_panel=_SUITE),
     data: Optional[str] = typer.Option(None, "--data", "-d", help="npz:PATH, imagefolder:PATH, example:digits, "
-                                       "or a dataset name (mnist, fashion-mnist, cifar10, cifar100, svhn, stl10) with an optional :split. "
+                                       "or a dataset name (mnist, fashion-mnist, cifar10, cifar100, svhn, "
+                                       "stl10) with an optional :split. "
                                        "Default: the suite's dataset.", rich_help_panel=_DATA),
     arch: Optional[str] = typer.Option(None, help="Architecture for state dicts: torchvision:NAME or module:factory.",
                                        rich_help_panel=_MODEL),
@@ -104,7 +105,8 @@ def eval_command(
     max_image_pixels: Optional[int] = typer.Option(None, "--max-image-pixels", help="Image folders: skip images "
                                                    "with more pixels (decompression bombs; default: Pillow's limit).",
                                                    rich_help_panel=_DATA),
-    workers: int = typer.Option(0, help="DataLoader worker processes for file-based datasets.", rich_help_panel=_DATA),
+    workers: int = typer.Option(0, help="DataLoader worker processes for file-based datasets.",
+                                rich_help_panel=_DATA),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default runs/<suite>/<model>/<UTC time>/); "
                                        "an interrupted run there is continued.", rich_help_panel=_OUTPUT),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the interrupted run in this directory.",
@@ -199,7 +201,7 @@ def eval_command(
     prepared = prepare_run(config)
     note = unnormalised_weights_note(prepared.resolved)
     if note and prepared.main:
-        _warn(note)
+        warn(note)
     if prepared.task == "reid":
         result = _evaluate_reid(prepared, quiet)
     else:
@@ -212,7 +214,7 @@ def eval_command(
     else:
         _warn_about(result.doc, forced_channels=gray is not None)
         for line in result.rounding_warnings():  # the saved 8-bit images do not reproduce the reported number
-            _warn(line)
+            warn(line)
         _print(result.doc, results_table(result.doc), as_json)
     stderr.print(f"results written to {prepared.run_dir}", highlight=False)
     _gate(prepared.run_dir, baseline, max_drop, rule, require_significant, junit, allow_flag, metric)
@@ -232,7 +234,7 @@ def _evaluate_with_progress(prepared: PreparedRun, quiet: bool) -> EvaluationRes
     # SIGTERM is turned into an interruption only while evaluating: the final progress file is on
     # disk before the results are written, so a kill at any later moment still resumes to the end.
     with progress, interrupt_on_sigterm():
-        return prepared.evaluate(progress=progress, on_warning=_warn)
+        return prepared.evaluate(progress=progress, on_warning=warn)
 
 
 def _evaluate_reid(prepared: PreparedRun, quiet: bool) -> Any:
@@ -242,18 +244,18 @@ def _evaluate_reid(prepared: PreparedRun, quiet: bool) -> Any:
                      "finished setting(s)", highlight=False)
     # As for classification: the progress file is on disk before the results are written.
     with interrupt_on_sigterm():
-        return prepared.evaluate(on_step=None if quiet else _note, on_warning=None if quiet else _warn)
+        return prepared.evaluate(on_step=None if quiet else _note, on_warning=None if quiet else warn)
 
 
 def _warn_about(doc: dict, forced_channels: bool) -> None:
     if doc["data"].get("skipped"):
-        _warn(f"skipped {len(doc['data']['skipped'])} unreadable file(s) (listed in results.json under "
+        warn(f"skipped {len(doc['data']['skipped'])} unreadable file(s) (listed in results.json under "
               "data.skipped)")
     if doc["data"].get("converted") and not forced_channels:  # forced conversions were asked for: no warning
-        _warn(f"converted {len(doc['data']['converted'])} image(s) to the channels of most images (listed in "
+        warn(f"converted {len(doc['data']['converted'])} image(s) to the channels of most images (listed in "
               "results.json under data.converted)")
     for flag in doc["sanity"]["flags"]:
-        _warn(flag)
+        warn(flag)
 
 
 def _print(doc: dict, table: Any, as_json: bool) -> None:
@@ -261,10 +263,6 @@ def _print(doc: dict, table: Any, as_json: bool) -> None:
         sys.stdout.write(json.dumps(doc, indent=2) + "\n")
     else:
         stdout_console().print(table)
-
-
-def _warn(message: str) -> None:
-    stderr.print(f"robench: warning: {message}", highlight=False)
 
 
 def _note(message: str) -> None:

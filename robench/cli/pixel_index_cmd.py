@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from robench.cli.common import handle_errors, stderr, stdout_console
+from robench.cli.common import handle_errors, stderr, stdout_console, warn
 from robench.errors import UsageError
 
 
@@ -140,7 +140,7 @@ def pixel_index_command(
         trials=trials, seed=seed, shared_positions=shared_positions, channels=channels, resize=resize, crop=crop,
         class_map=class_map, gray=gray, attack_eps=attack_eps, batch_size=batch_size, device=device,
         max_image_pixels=max_image_pixels, save_adversarial=keep, save_to=run_dir,
-        warn=lambda m: stderr.print(f"robench: warning: {m}", highlight=False),
+        warn=warn,
     )
     config = {"model": loaded.source, "arch": arch, "folder": str(folder), "pixels": counts, "delta": deltas,
               "area": _areas(area), "trials": trials, "seed": seed, "shared_positions": shared_positions,

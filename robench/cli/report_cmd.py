@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from robench.cli.common import handle_errors, stderr
+from robench.cli.common import handle_errors, stderr, warn
 
 
 @handle_errors
@@ -21,6 +21,5 @@ def report_command(
     """One self-contained HTML report: summaries, the papers' tables, curves, flags and examples."""
     from robench.reporting.html import write_report  # matplotlib and pandas load only for this command
 
-    written = write_report(runs, out, title=title, labels=label or None,
-                           warn=lambda m: stderr.print(f"robench: warning: {m}", highlight=False, markup=False))
+    written = write_report(runs, out, title=title, labels=label or None, warn=warn)
     stderr.print(f"report written to {written}", highlight=False, markup=False)

@@ -148,6 +148,8 @@ def run(
             progress.start(len(dataset), min(len(dataset), done * batch_size))
         context = _RunContext(forward, model, entries, device, dataset, dataset_labels(dataset), sweep_reuse,
                               batch_size, refill, progress, save_adversarial)
+        for entry in entries:
+            entry.attack.log = _attack_logger(entry, context)
         # Without refill nothing gains from longer queues: a batch at a time, committed as it finishes.
         per_segment = segment_batches(batch_size, dataset) if refill else 1
         try:
@@ -410,7 +412,6 @@ def _attack_entries(x, y, idx, correct, context: _RunContext, state: RunState, k
         if prior is not None and entry.eps >= prior[0]:
             # Fooled at a smaller eps of the same attack: that example lies in this larger ball too.
             targets = attacked[~prior[1][attacked]]
-        entry.attack.log = _attack_logger(entry, context)
         result = _attack_segment(entry, counts.chunk, context, x, y, idx, correct, targets, keep)
         if prior is not None and entry.eps >= prior[0]:
             result.robust &= ~prior[1]

@@ -439,7 +439,9 @@ def strip_prefixes(key: str) -> str:
 
 def build_arch(arch: str, num_classes: int | None) -> nn.Module:
     """A registered name, ``torchvision:NAME`` or ``package.module:factory``."""
-    check_num_classes(num_classes, "num_classes")
+    problem = num_classes_problem(num_classes)
+    if problem:
+        raise UsageError(f"num_classes {problem}")
     kwargs: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
     if arch in _ARCHITECTURES:
         return _call_factory(_ARCHITECTURES[arch], arch, kwargs)
@@ -456,12 +458,6 @@ def build_arch(arch: str, num_classes: int | None) -> nn.Module:
     if factory is None or not callable(factory):
         raise UsageError(f"{source} has no callable {name!r} for --arch {arch}")
     return _call_factory(factory, arch, kwargs)
-
-
-def check_num_classes(value: Any, what: str) -> None:
-    problem = num_classes_problem(value)
-    if problem:
-        raise UsageError(f"{what} {problem}")
 
 
 def num_classes_problem(value: Any) -> str:

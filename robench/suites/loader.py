@@ -282,16 +282,18 @@ def _dotted(loc: tuple) -> str:
     return out or "(top level)"
 
 
+def field_location(source: str, loc: tuple, lines: dict[tuple, int]) -> str:
+    """``file:line field`` of a field of a YAML document: the line of the longest part of ``loc`` in it."""
+    line = next((lines[loc[:cut]] for cut in range(len(loc), -1, -1) if loc[:cut] in lines), None)
+    return f"{source}:{line or 1} {_dotted(loc)}"
+
+
 def _first_error(exc: ValidationError, lines: dict[tuple, int], source: str) -> str:
     err = exc.errors()[0]
     # pydantic adds union-member names to loc; keep only keys present in the file.
     loc = tuple(p for p in err["loc"] if isinstance(p, int) or not str(p).startswith(("float", "int", "str", "bool")))
     loc = _drop_union_tags(loc, lines)
-    line = None
-    for cut in range(len(loc), -1, -1):
-        if loc[:cut] in lines:
-            line = lines[loc[:cut]]
-            break
+    line = next((lines[loc[:cut]] for cut in range(len(loc), -1, -1) if loc[:cut] in lines), None)
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         msg = "unknown field"

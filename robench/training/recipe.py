@@ -296,10 +296,9 @@ class LoadedRecipe:
 
     def where(self, *loc: str | int) -> str:
         """``file:line field`` of a recipe field, for checks that need the data (they cannot run in the schema)."""
-        from robench.suites.loader import _dotted as dotted
+        from robench.suites.loader import field_location
 
-        line = next((self.lines[loc[:cut]] for cut in range(len(loc), 0, -1) if loc[:cut] in self.lines), 1)
-        return f"{self.path}:{line} {dotted(loc)}"
+        return field_location(self.path, loc, self.lines)
 
 
 def builtin_recipes() -> dict[str, Path]:

@@ -595,12 +595,10 @@ def _state_limit(parts: _Trainable) -> int:
 
 
 def _read_state(path: Path, limit: int) -> dict:
-    from robench.files import check_regular_file, read_bounded
+    from robench.files import read_bounded
 
     try:
-        # The shared bounded reader: a FIFO, a device or a huge file is refused, never read without end.
-        # The stat check first names a folder, which read_bounded cannot open as a file.
-        check_regular_file(path, "training state", limit)
+        # The shared bounded reader: a FIFO, a device, a folder or a huge file is refused, never read.
         data = read_bounded(path, "training state", limit)
     except UsageError as exc:
         raise UsageError(f"{exc}; remove it to start again") from None
