@@ -71,9 +71,14 @@ class PreparedRun:
         something finished or a resumed run had), and one line saying how to go on."""
         if not self.main:
             return Interrupted("interrupted")
-        if not done["evaluated"] and self.resume_state is None:
+        kept = self.key is not None and has_progress(self.run_dir)
+        if not done["evaluated"] and self.resume_state is None and not kept:
             return Interrupted(f"interrupted before the first {first} finished; nothing to save "
                                f"(0 of {done['total']} {unit})")
+        if not done["evaluated"]:  # attacks finished some samples, no sample has passed every attack yet
+            return Interrupted(f"interrupted before the first {first} finished every attack; what the attacks "
+                               f"finished is kept in {self.run_dir}/{PROGRESS_FILE}: run the same command with "
+                               f"--resume {self.run_dir}")
         save()  # the progress file, where there is one, stays for --resume
         again = (f"run the same command with --resume {self.run_dir}" if self.key else
                  "not resumable: runs under torchrun keep no progress file")

@@ -32,7 +32,8 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from robench.attacks import randomness
-from robench.attacks.base import Attack, AttackParams, Cost, Eps, RunOutput, first_error
+from robench.attacks.base import (Attack, AttackInterrupted, AttackParams, AttackResult, Cost, Eps, PartialRun,
+                                  RunOutput, first_error)
 from robench.attacks.objectives import CrossEntropy
 from robench.errors import UsageError
 
@@ -133,23 +134,51 @@ class AutoAttack(Attack):
             sample_ids: torch.Tensor, batch_size: int, refill: bool) -> RunOutput:
         x_adv = x.clone()
         found_by = torch.full((len(x),), -1, dtype=torch.long, device=x.device)
-        grad_evals = fwd_evals = 0
+        evals = [0, 0]  # gradient and forward passes of the members
         started = time.perf_counter()
-        for k, member in enumerate(self.members):
-            rows = torch.nonzero(found_by < 0).squeeze(1)
-            if not len(rows):
-                break
-            result = member(model, x[rows], y[rows], eps, sample_ids[rows], batch_size=batch_size, refill=refill)
-            broken = rows[result.success]
-            x_adv[broken] = result.x_adv[result.success]
-            found_by[broken] = k
-            grad_evals += result.gradient_evals
-            fwd_evals += result.forward_evals
-            if self.log:  # as the reference prints: robust so far after each member, and the time
-                robust = int((found_by < 0).sum())
-                self.log(f"after {member.name}: {robust} of {len(x)} attacked samples still robust "
-                         f"({time.perf_counter() - started:.1f} s)")
+        k, rows = 0, found_by[:0]
+        try:
+            for k, member in enumerate(self.members):
+                member.meter = self.meter
+                rows = torch.nonzero(found_by < 0).squeeze(1)
+                if not len(rows):
+                    break
+                result = member(model, x[rows], y[rows], eps, sample_ids[rows], batch_size=batch_size, refill=refill)
+                self._take(result, rows, k, x_adv, found_by, evals)
+                if self.log:  # as the reference prints: robust so far after each member, and the time
+                    robust = int((found_by < 0).sum())
+                    self.log(f"after {member.name}: {robust} of {len(x)} attacked samples still robust "
+                             f"({time.perf_counter() - started:.1f} s)")
+        except KeyboardInterrupt as exc:
+            raise self._partial(exc, rows, k, x_adv, found_by, evals) from exc
+        return self._output(x_adv, found_by, evals)
+
+    @staticmethod
+    def _take(result: AttackResult, rows: torch.Tensor, k: int, x_adv: torch.Tensor, found_by: torch.Tensor,
+              evals: list[int]) -> None:
+        """Member ``k``'s successes on ``rows`` become the examples of those samples."""
+        broken = rows[result.success]
+        x_adv[broken] = result.x_adv[result.success]
+        found_by[broken] = k
+        evals[0] += result.gradient_evals
+        evals[1] += result.forward_evals
+
+    def _partial(self, exc: KeyboardInterrupt, rows: torch.Tensor, k: int, x_adv: torch.Tensor,
+                 found_by: torch.Tensor, evals: list[int]) -> PartialRun:
+        """Ctrl-C: a sample is finished once some member fooled it, or when the last member finished it."""
+        last_done = torch.zeros_like(found_by, dtype=torch.bool)
+        if isinstance(exc, AttackInterrupted):  # inside member k: keep what it finished
+            done_rows = rows[exc.done]
+            kept = AttackResult(exc.result.x_adv[exc.done], exc.result.success[exc.done],
+                                exc.result.gradient_evals, exc.result.forward_evals)
+            self._take(kept, done_rows, k, x_adv, found_by, evals)
+            if k == len(self.members) - 1:
+                last_done[done_rows] = True
+        return PartialRun((found_by >= 0) | last_done, self._output(x_adv, found_by, evals))
+
+    @staticmethod
+    def _output(x_adv: torch.Tensor, found_by: torch.Tensor, evals: list[int]) -> RunOutput:
         # The members scored their own outputs; the points no member broke are returned unchanged
         # (as the reference does) and the base scores them.
         fooled = found_by >= 0
-        return RunOutput(x_adv, grad_evals, fwd_evals, scored=fooled, fooled=fooled.clone(), found_by=found_by)
+        return RunOutput(x_adv, evals[0], evals[1], scored=fooled, fooled=fooled.clone(), found_by=found_by)

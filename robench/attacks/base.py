@@ -76,6 +76,26 @@ class RunOutput:
     found_by: torch.Tensor | None = None  # composite attacks: the part (index into ``parts()``) per sample, or -1
 
 
+class PartialRun(KeyboardInterrupt):
+    """Raised by ``run`` on Ctrl-C: ``done`` marks the samples it had finished, whose ``output`` rows are final.
+
+    A KeyboardInterrupt still (whoever does not know it sees one); the base turns it into ``AttackInterrupted``.
+    """
+
+    def __init__(self, done: torch.Tensor, output: RunOutput) -> None:
+        super().__init__("interrupted")
+        self.done, self.output = done, output
+
+
+class AttackInterrupted(KeyboardInterrupt):
+    """Ctrl-C during an attack call: ``result`` is scored for the samples ``done`` marks (the others are not
+    meaningful), so a caller keeps what finished and attacks only the rest again."""
+
+    def __init__(self, done: torch.Tensor, result: AttackResult) -> None:
+        super().__init__("interrupted")
+        self.done, self.result = done, result
+
+
 class Attack:
     """Base class of every attack. Subclasses set the class attributes and write ``run``."""
 
@@ -122,6 +142,14 @@ class Attack:
         # Where an attack with parts says how far it got (a composite after each member); set by
         # whoever runs it, e.g. the command line's progress. Lines only: results never depend on it.
         self.log: Callable[[str], None] | None = None
+        # Hears (gradient, forward) passes per sample as a loop makes them: what moves a progress bar
+        # within an attack call. Set by whoever runs it; results never depend on it.
+        self.meter: Callable[[int, int], None] | None = None
+
+    def count_passes(self, gradient: int, forward: int = 0) -> None:
+        """Tell the meter (if any) about passes just made, counted per sample."""
+        if self.meter is not None:
+            self.meter(gradient, forward)
 
     @classmethod
     def validate_params(cls, params: AttackParams | dict[str, Any] | None, fields: dict[str, Any]) -> AttackParams:
@@ -213,7 +241,15 @@ class Attack:
         size = max(1, batch_size or len(x))
         if len(x) == 0:
             return AttackResult(x.clone(), torch.zeros(0, dtype=torch.bool, device=x.device))
-        out = self.run(model, x, y, eps, ids, size, refill)
+        try:
+            out = self.run(model, x, y, eps, ids, size, refill)
+        except PartialRun as partial:
+            raise self._interrupted(model, x, y, eps, partial, size) from partial.__cause__
+        return self._checked(model, x, y, eps, out, size)
+
+    def _checked(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | None, out: RunOutput,
+                 size: int) -> AttackResult:
+        """``run``'s output in the threat model and scored (what every call returns)."""
         x_adv, moved = self._into_threat_model(out.x_adv, x, eps)
         known = torch.zeros(len(x), dtype=torch.bool, device=x.device) if out.scored is None else out.scored & ~moved
         success = torch.zeros(len(x), dtype=torch.bool, device=x.device)
@@ -225,6 +261,27 @@ class Attack:
             found = out.found_by.to(x.device)
             found_by = torch.where(success, found, torch.full_like(found, -1))
         return AttackResult(x_adv, success, out.gradient_evals, out.forward_evals + scored, found_by)
+
+    def _interrupted(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | None,
+                     partial: PartialRun, size: int) -> AttackInterrupted:
+        """The finished rows of an interrupted call, checked and scored as a whole call's would be."""
+        done, out = partial.done.to(x.device), partial.output
+        rows = torch.nonzero(done).squeeze(1)
+
+        def part(value: torch.Tensor | None) -> torch.Tensor | None:
+            return None if value is None else value[rows]
+
+        finished = self._checked(model, x[rows], y[rows], eps, RunOutput(
+            out.x_adv[rows], out.gradient_evals, out.forward_evals, part(out.scored), part(out.fooled),
+            part(out.found_by)), size)
+        x_adv, success = x.clone(), torch.zeros(len(x), dtype=torch.bool, device=x.device)
+        x_adv[rows], success[rows] = finished.x_adv, finished.success
+        found_by = None
+        if finished.found_by is not None:
+            found_by = torch.full((len(x),), -1, dtype=torch.long, device=x.device)
+            found_by[rows] = finished.found_by
+        return AttackInterrupted(done, AttackResult(x_adv, success, finished.gradient_evals, finished.forward_evals,
+                                                    found_by))
 
     def _check_eps(self, eps: float | None) -> float | None:
         if isinstance(eps, torch.Tensor):

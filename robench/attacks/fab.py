@@ -49,7 +49,7 @@ from pydantic import Field
 from torch import nn
 
 from robench.attacks import randomness
-from robench.attacks.base import Attack, AttackParams, Cost, Eps, RunOutput
+from robench.attacks.base import Attack, AttackParams, Cost, Eps, PartialRun, RunOutput
 from robench.attacks.gradient import MAX_STEPS
 from robench.attacks.objectives import CrossEntropy
 from robench.attacks.pool import Pool
@@ -139,15 +139,23 @@ class FABTargeted(Attack):
         broken = torch.zeros(len(x), dtype=torch.bool, device=x.device)
         todo = torch.nonzero(correct).squeeze(1)
         # At eps 0 no correctly classified point can be broken.
-        if targets > 0 and len(todo) and float(torch.as_tensor(radius).max()) > 0:
-            grad_evals, fwd_evals = self._attack(model, x, y, todo, ranking[:, 1:targets + 1], radius,
-                                                 sample_ids, batch_size, refill, x_adv, broken)
-        else:
-            grad_evals = fwd_evals = 0
+        passes = [0, 0]  # gradient and forward passes of the search
+        try:
+            if targets > 0 and len(todo) and float(torch.as_tensor(radius).max()) > 0:
+                self._attack(model, x, y, todo, ranking[:, 1:targets + 1], radius, sample_ids, batch_size, refill,
+                             x_adv, broken, passes)
+        except PartialRun as partial:  # the rows the search finished, and every row it did not need to attack
+            done = ~correct
+            done[todo[partial.done]] = True
+            raise PartialRun(done, self._output(x, x_adv, correct, broken, passes)) from partial.__cause__
+        return self._output(x, x_adv, correct, broken, passes)
+
+    @staticmethod
+    def _output(x, x_adv, correct, broken, passes: list[int]) -> RunOutput:
         fooled = ~correct | broken
         # Verdicts were taken on exactly the returned points, unless the cast to x's dtype changed them.
         scored = ~broken if x.dtype != torch.float32 else torch.ones_like(broken)
-        return RunOutput(x_adv, grad_evals, len(x) + fwd_evals, scored=scored, fooled=fooled)
+        return RunOutput(x_adv, passes[0], len(x) + passes[1], scored=scored, fooled=fooled)
 
     def _clean_ranking(self, model, x, y, batch_size) -> tuple[torch.Tensor, torch.Tensor]:
         """Classes by decreasing clean logit, and which samples the model gets right."""
@@ -156,13 +164,23 @@ class FABTargeted(Attack):
         return ranking, ranking[:, 0] == y
 
     def _attack(self, model, x, y, todo, target_ranks, radius, sample_ids, batch_size, refill,
-                x_adv, broken) -> tuple[int, int]:
-        """Run the targets and restarts over a pool of slots; a slot's phase is target * restarts + restart."""
+                x_adv, broken, passes: list[int]) -> None:
+        """Run the targets and restarts over a pool of slots; a slot's phase is target * restarts + restart.
+
+        ``passes`` receives the gradient and forward passes as they are made.
+        """
         clean = x[todo].float()
         pool = Pool(clean, {})
+        try:
+            self._search(model, y, todo, target_ranks, radius, sample_ids, batch_size, refill, x_adv, broken,
+                         passes, clean, pool, x.dtype)
+        except KeyboardInterrupt as exc:
+            raise PartialRun(pool.left, RunOutput(x_adv)) from exc
+
+    def _search(self, model, y, todo, target_ranks, radius, sample_ids, batch_size, refill, x_adv, broken,
+                passes: list[int], clean: torch.Tensor, pool: Pool, dtype: torch.dtype) -> None:
         restarts = self.params.restarts
         last_phase = target_ranks.shape[1] * restarts - 1
-        grad_evals = fwd_evals = 0
         while True:
             if pool.free(batch_size) and pool.queued() and (refill or pool.empty()):
                 rows = pool.next_rows(batch_size)
@@ -172,25 +190,25 @@ class FABTargeted(Attack):
             where = todo[pool.rows]
             x0 = clean[pool.rows]
             target = target_ranks[where, pool.restart // restarts]
-            gap, grad = self._logit_gap_and_grad(model, pool.xa, y[where], target, x.dtype)
+            gap, grad = self._logit_gap_and_grad(model, pool.xa, y[where], target, dtype)
             pool.xa = self._step(pool.xa, x0, gap, grad)
-            grad_evals += pool.size()
+            passes[0] += pool.size()
             with torch.no_grad():
-                misclassified = model(pool.xa.to(x.dtype)).argmax(dim=1) != y[where]
-            fwd_evals += pool.size()
+                misclassified = model(pool.xa.to(dtype)).argmax(dim=1) != y[where]
+            passes[1] += pool.size()
+            self.count_passes(pool.size(), pool.size())
             delta = pool.xa - x0
             inside = self._within(delta, radius)
             won = misclassified & inside
-            x_adv[where[won]] = pool.xa[won].to(x.dtype)
+            x_adv[where[won]] = pool.xa[won].to(dtype)
             broken[where[won]] = True
             # Adversarial but too far: pull back towards the clean input and search on.
-            shrink = (misclassified & ~inside).view(-1, *[1] * (x.dim() - 1))
+            shrink = (misclassified & ~inside).view(-1, *[1] * (pool.xa.dim() - 1))
             pool.xa = torch.where(shrink, x0 + delta * self.params.beta, pool.xa)
             pool.t += 1
             done = pool.t == self.params.steps
             pool.keep(~(won | (done & (pool.restart == last_phase))))
             self._next_phase(pool, clean, sample_ids[todo], radius)
-        return grad_evals, fwd_evals
 
     def _next_phase(self, pool: Pool, clean: torch.Tensor, ids: torch.Tensor, radius: Eps) -> None:
         """Slots at the end of a run move to the next restart, or to the next target from the clean input."""

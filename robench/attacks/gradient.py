@@ -25,7 +25,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from robench.attacks import randomness
-from robench.attacks.base import Attack, AttackParams, Cost, Eps, RunOutput, sign_or_normalized
+from robench.attacks.base import Attack, AttackParams, Cost, Eps, PartialRun, RunOutput, sign_or_normalized
 from robench.attacks.pool import Pool
 from robench.errors import UsageError
 from robench.expressions import check_expr, eval_expr
@@ -217,40 +217,46 @@ class GradientAttack(Attack):
         # Every sample's first starting point at once: one draw instead of one per admission.
         everyone = torch.arange(len(x), device=x.device)
         first = begin(everyone, torch.zeros_like(everyone))
-        while True:
-            if pool.free(batch_size) and pool.queued() and (refill or pool.empty()):
-                rows = pool.next_rows(batch_size)
-                xa = first[rows]
-                pool.admit(rows, xa, self.init_state(xa, state))
-            if pool.empty():
-                break
-            ending = pool.t == steps  # the end of a restart that is not the last one
-            if bool(ending.any()):
-                fwd_evals += self._end_restarts(model, x, y, pool, ending, x_best, scored, begin, state)
-                continue
-            labels = y[pool.rows]
-            outputs, losses, grad = self.loss_and_grad(model, pool.xa,
-                                                       self.loss_labels(labels, pool.rows, pool.restart))
-            grad_evals += pool.size() * self.gradient_passes()
-            if any_iterate:
-                fooled = self.loss.fooled(outputs, labels)
-                if bool(fooled.any()):
-                    x_best[pool.rows[fooled]] = pool.xa[fooled]
-                    scored[pool.rows[fooled]] = True
-                    keep = ~fooled
-                    losses, grad = losses[keep], grad[keep]
-                    pool.keep(keep)
-                    if pool.empty():
-                        continue
-            state.clean = x[pool.rows]
-            xa = self.step(pool.xa, grad, losses, state, pool.t)
-            pool.xa = self.project(xa, state.clean, radius)
-            pool.t += 1
-            finished = (pool.t == steps) & (pool.restart == last_restart)
-            if bool(finished.any()):
-                # The last iterate of the last restart: the base scores it.
-                x_best[pool.rows[finished]] = pool.xa[finished]
-                pool.keep(~finished)
+        try:
+            while True:
+                if pool.free(batch_size) and pool.queued() and (refill or pool.empty()):
+                    rows = pool.next_rows(batch_size)
+                    xa = first[rows]
+                    pool.admit(rows, xa, self.init_state(xa, state))
+                if pool.empty():
+                    break
+                ending = pool.t == steps  # the end of a restart that is not the last one
+                if bool(ending.any()):
+                    fwd_evals += self._end_restarts(model, x, y, pool, ending, x_best, scored, begin, state)
+                    continue
+                labels = y[pool.rows]
+                outputs, losses, grad = self.loss_and_grad(model, pool.xa,
+                                                           self.loss_labels(labels, pool.rows, pool.restart))
+                grad_evals += pool.size() * self.gradient_passes()
+                self.count_passes(pool.size() * self.gradient_passes())
+                if any_iterate:
+                    fooled = self.loss.fooled(outputs, labels)
+                    if bool(fooled.any()):
+                        x_best[pool.rows[fooled]] = pool.xa[fooled]
+                        scored[pool.rows[fooled]] = True
+                        keep = ~fooled
+                        losses, grad = losses[keep], grad[keep]
+                        pool.keep(keep)
+                        if pool.empty():
+                            continue
+                state.clean = x[pool.rows]
+                xa = self.step(pool.xa, grad, losses, state, pool.t)
+                pool.xa = self.project(xa, state.clean, radius)
+                pool.t += 1
+                finished = (pool.t == steps) & (pool.restart == last_restart)
+                if bool(finished.any()):
+                    # The last iterate of the last restart: the base scores it.
+                    x_best[pool.rows[finished]] = pool.xa[finished]
+                    pool.keep(~finished)
+        except KeyboardInterrupt as exc:
+            # Samples that left the pool are finished: x_best holds their final examples.
+            raise PartialRun(pool.left, RunOutput(x_best, grad_evals, fwd_evals, scored=scored,
+                                                  fooled=scored.clone())) from exc
         # The loop scored only examples that fooled the model; the base scores the last iterates.
         return RunOutput(x_best, grad_evals, fwd_evals, scored=scored, fooled=scored.clone())
 
@@ -273,6 +279,7 @@ class GradientAttack(Attack):
             pool.t[restarting] = 0
             pool.reset_state(restarting, self.init_state(pool.xa[restarting], state))
         pool.keep(~leaving)
+        self.count_passes(0, len(rows))
         return len(rows)
 
 

@@ -2,7 +2,8 @@
 
 Each slot holds one sample of the call's queue (``rows``: its position in the inputs),
 its current iterate, its own step counter and restart number, and the attack's
-per-sample state. Slots leave with ``keep``; ``admit`` appends the next samples of
+per-sample state. Slots leave with ``keep`` (an attack writes a sample's output before
+its slot leaves, so ``left`` marks finished samples); ``admit`` appends the next samples of
 the queue. Nothing here depends on which samples share a batch.
 """
 
@@ -21,6 +22,8 @@ class Pool:
         self.restart = torch.zeros(0, dtype=torch.long, device=device)
         self.xa = x[:0].clone()
         self.state = state  # per-sample tensors, aligned with the slots
+        # Queue positions whose slots have left: their outputs are final (an interrupted run keeps them).
+        self.left = torch.zeros(len(x), dtype=torch.bool, device=device)
 
     def size(self) -> int:
         return len(self.rows)
@@ -55,7 +58,8 @@ class Pool:
             self.state[name][which] = value
 
     def keep(self, keep: torch.Tensor) -> None:
-        """Only the slots where ``keep`` is true stay."""
+        """Only the slots where ``keep`` is true stay; the others have left for good."""
+        self.left[self.rows[~keep]] = True
         self.rows, self.t, self.restart, self.xa = self.rows[keep], self.t[keep], self.restart[keep], self.xa[keep]
         for name in list(self.state):
             self.state[name] = self.state[name][keep]

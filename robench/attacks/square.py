@@ -56,7 +56,7 @@ from pydantic import Field
 from torch import nn
 
 from robench.attacks import randomness
-from robench.attacks.base import Attack, AttackParams, Cost, Eps, RunOutput
+from robench.attacks.base import Attack, AttackParams, Cost, Eps, PartialRun, RunOutput
 from robench.attacks.pool import Pool
 from robench.errors import UsageError
 
@@ -310,32 +310,38 @@ class Square(Attack):
         forwards = 0
         # Every sample's first start at once: one draw instead of one per admission.
         firsts = self.start(x, radius, sample_ids, torch.zeros_like(sample_ids))
-        while True:
-            if pool.free(batch_size) and pool.queued() and (refill or pool.empty()):
-                rows = pool.next_rows(batch_size)
-                pool.admit(rows, firsts[rows], {"margin": torch.full((len(rows),), float("inf"), device=x.device)})
-            if pool.empty():
-                break
-            rows = pool.rows
-            candidate = self._candidates(pool, x, radius, sample_ids)
-            outputs = model(candidate)
-            forwards += pool.size()
-            margins, hit = margin(outputs, y[rows]), self.loss.fooled(outputs, y[rows])
-            # The start is always taken; later, a lower margin or a fooling proposal replaces the iterate.
-            better = (pool.t == 0) | hit | (margins < pool.state["margin"])
-            pool.xa = torch.where(better.view(-1, 1, 1, 1), candidate, pool.xa)
-            pool.state["margin"] = torch.where(better, margins, pool.state["margin"])
-            pool.t += 1
-            spent = ~hit & (pool.t == queries)
-            leaving = hit | (spent & (pool.restart == last_restart))
-            # Most queries fool nothing and end nothing: skip the bookkeeping then (a sync, not five copies).
-            if not bool((hit | spent).any()):
-                continue
-            x_out[rows[hit]], scored[rows[hit]], fooled[rows[hit]] = candidate[hit], True, True
-            if bool(spent.any()):
-                self._keep_lowest(pool, spent, x_out, margin_out, scored)
-                self._restart(pool, spent & ~leaving, x, radius, sample_ids)
-            pool.keep(~leaving)
+        try:
+            while True:
+                if pool.free(batch_size) and pool.queued() and (refill or pool.empty()):
+                    rows = pool.next_rows(batch_size)
+                    pool.admit(rows, firsts[rows], {"margin": torch.full((len(rows),), float("inf"), device=x.device)})
+                if pool.empty():
+                    break
+                rows = pool.rows
+                candidate = self._candidates(pool, x, radius, sample_ids)
+                outputs = model(candidate)
+                forwards += pool.size()
+                self.count_passes(0, pool.size())
+                margins, hit = margin(outputs, y[rows]), self.loss.fooled(outputs, y[rows])
+                # The start is always taken; later, a lower margin or a fooling proposal replaces the iterate.
+                better = (pool.t == 0) | hit | (margins < pool.state["margin"])
+                pool.xa = torch.where(better.view(-1, 1, 1, 1), candidate, pool.xa)
+                pool.state["margin"] = torch.where(better, margins, pool.state["margin"])
+                pool.t += 1
+                spent = ~hit & (pool.t == queries)
+                leaving = hit | (spent & (pool.restart == last_restart))
+                # Most queries fool nothing and end nothing: skip the bookkeeping then (a sync, not five copies).
+                if not bool((hit | spent).any()):
+                    continue
+                x_out[rows[hit]], scored[rows[hit]], fooled[rows[hit]] = candidate[hit], True, True
+                if bool(spent.any()):
+                    self._keep_lowest(pool, spent, x_out, margin_out, scored)
+                    self._restart(pool, spent & ~leaving, x, radius, sample_ids)
+                pool.keep(~leaving)
+        except KeyboardInterrupt as exc:
+            # Samples that left the pool are finished: x_out holds their answers.
+            raise PartialRun(pool.left, RunOutput(x_out, forward_evals=forwards, scored=scored,
+                                                  fooled=fooled)) from exc
         return RunOutput(x_out, forward_evals=forwards, scored=scored, fooled=fooled)
 
     def _candidates(self, pool: Pool, x: torch.Tensor, radius: Eps, sample_ids: torch.Tensor) -> torch.Tensor:

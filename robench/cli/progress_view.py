@@ -2,7 +2,7 @@
 
 The unit people read is a sample-attack (one sample through one suite entry; the clean pass
 is not counted): the total is samples x entries. The bar moves as each entry finishes a
-segment, not only when a segment has passed every attack. The ETA weighs each entry by its
+segment, and within an entry with every pass its attack makes (``tick``). The ETA weighs each entry by its
 attack's cost (a 100-step PGD sample takes ~100x an FGSM one), so it does not jump when the
 run moves from cheap to expensive entries.
 """
@@ -33,6 +33,7 @@ class Work:
     done_weight: float = 0.0
     started: float = field(default_factory=time.monotonic)
     start_weight: float = 0.0  # work found finished (a resumed run): not part of this process's speed
+    ticked: float = 0.0  # weight the entry under way has reported pass by pass, before its ``add``
 
     @property
     def total_units(self) -> int:
@@ -47,7 +48,15 @@ class Work:
             self.done_weight += samples
             return
         self.done_units += samples
-        self.done_weight += samples * self.weights[entry]
+        # Early-stopped samples make fewer passes than their weight: the rest is added now.
+        self.done_weight += max(0.0, samples * self.weights[entry] - self.ticked)
+        self.ticked = 0.0
+
+    def tick(self, weight: float) -> None:
+        """Passes an attack just made (weighed as ``weights`` are): the bar moves within an entry."""
+        weight = min(weight, max(0.0, self.total_weight - self.done_weight))
+        self.done_weight += weight
+        self.ticked += weight
 
     def skip(self, samples: int) -> None:
         """Samples finished before a resume."""
@@ -124,6 +133,14 @@ class EvalProgress:
 
     def entry_done(self, entry: int, samples: int) -> None:
         self.work.add(entry, samples)
+        self._show()
+
+    def tick(self, entry: int, weight: float) -> None:
+        """Passes an entry's attack just made: the bar and ETA move step by step."""
+        self.work.tick(weight)
+        self._show()
+
+    def _show(self) -> None:
         if self._task is not None:
             self._bar.update(self._task, completed=self.work.done_weight)
         elif self.enabled and not self.live and self._clock() - self._last_line >= PLAIN_EVERY_SECONDS:

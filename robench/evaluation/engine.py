@@ -5,12 +5,13 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 import torch
 
 from robench.attacks import AttackResult
+from robench.attacks.base import AttackInterrupted
 from robench.data.sources import ImageDataset, TensorImages, as_float
 from robench.errors import RobenchError, RunError, UsageError
 from robench.models.wrapper import RobustModel, evaluation_mode
@@ -90,11 +91,12 @@ def run(
 
     ``on_batch(samples)`` is called when samples are committed; ``progress`` (a display) hears of
     the run's size at the start and of every entry's part of a segment as soon as it is done.
-    ``save_state`` receives a snapshot of the finished batches at most every
-    ``save_every`` seconds, after the last batch and when the run is
-    interrupted; ``resume_state`` (such a snapshot) skips the batches it
-    holds. Randomness is keyed by sample index, so a resumed run equals an
-    uninterrupted one.
+    ``save_state`` receives a snapshot at most every ``save_every`` seconds (checked after
+    each entry), after the last batch and when the run is interrupted: the committed batches
+    and, for the segment under way, every (entry, sample) pair finished so far (an attack
+    interrupted by Ctrl-C reports the samples it had finished). ``resume_state`` (such a
+    snapshot) skips what it holds. Randomness is keyed by sample index, so a resumed run
+    equals an uninterrupted one.
 
     Batches are attacked a segment at a time (several batches, see ``segment_batches``):
     with ``refill``, an attack keeps ``batch_size`` samples in flight and refills the
@@ -126,8 +128,8 @@ def run(
     state = RunState.for_entries(len(entries), {"model_was_training": was_training},
                                  keep_examples=save_adversarial is not None)
 
-    def outcome(complete: bool, fingerprint: str) -> RunOutcome:
-        return RunOutcome(state, entries, fingerprint, time.perf_counter() - started, complete=complete,
+    def outcome(complete: bool, fingerprint: str, shown: RunState | None = None) -> RunOutcome:
+        return RunOutcome(shown or state, entries, fingerprint, time.perf_counter() - started, complete=complete,
                           total=len(dataset), batch_size=batch_size)
 
     with evaluation_mode(model), matmul_precision(precision):
@@ -146,10 +148,18 @@ def run(
         finished = done
         if progress:
             progress.start(len(dataset), min(len(dataset), done * batch_size))
+        def checkpoint() -> None:
+            """A snapshot when one is due: the committed batches and the segment under way."""
+            nonlocal last_save
+            if save_state and time.perf_counter() - last_save >= save_every:
+                save_state(state.snapshot(finished, batch_size))
+                last_save = time.perf_counter()
+
         context = _RunContext(forward, model, entries, device, dataset, dataset_labels(dataset), sweep_reuse,
-                              batch_size, refill, progress, save_adversarial)
+                              batch_size, refill, progress, save_adversarial, checkpoint)
         for entry in entries:
             entry.attack.log = _attack_logger(entry, context)
+            entry.attack.meter = _attack_meter(entry, context)
         # Without refill nothing gains from longer queues: a batch at a time, committed as it finishes.
         per_segment = segment_batches(batch_size, dataset) if refill else 1
         try:
@@ -157,9 +167,9 @@ def run(
             pending: list[tuple] = []  # batches of the segment being gathered: (x, y, idx, bytes)
 
             def run_segment() -> None:
-                nonlocal finished, last_save
+                nonlocal finished
                 first = _FirstBatch(resume_state is None, speed) if finished == done else None
-                _run_segment([b[:3] for b in pending], context, state, first)
+                _run_segment(pending, context, state, first, finished)
                 # Hashed once finished: a snapshot's data digest covers exactly its batches.
                 for batch in pending:
                     _hash_batch(digests, batch[3])
@@ -168,9 +178,7 @@ def run(
                 if on_batch:
                     on_batch(sum(len(b[1]) for b in pending))
                 pending.clear()
-                if save_state and time.perf_counter() - last_save >= save_every:
-                    save_state(state.snapshot(finished, batch_size))
-                    last_save = time.perf_counter()
+                checkpoint()
 
             for b, (x, y, idx) in enumerate(iterate_batches(dataset, batch_size, workers, device.type == "cuda")):
                 parts = _batch_bytes(x, y, idx)
@@ -189,11 +197,13 @@ def run(
             if hashed < done:  # fewer batches than the interrupted run finished
                 raise _data_changed(dataset.name, done)
         except BaseException as exc:
-            # Interrupted (Ctrl-C, SIGTERM) or failed: keep every finished batch for --resume.
-            if save_state and finished > done:
+            # Interrupted (Ctrl-C, SIGTERM) or failed: keep every finished batch, and what the segment
+            # under way finished, for --resume.
+            if save_state and (finished > done or state.partial is not None):
                 save_state(state.snapshot(finished, batch_size))
             if isinstance(exc, KeyboardInterrupt):
-                raise RunInterrupted(outcome(False, "")) from exc
+                shown = _with_finished_rows(state, exc, context) if isinstance(exc, _SegmentInterrupted) else state
+                raise RunInterrupted(outcome(False, "", shown)) from exc
             raise
     if save_state:
         save_state(state.snapshot(finished, batch_size))
@@ -211,7 +221,8 @@ class ProgressSink(Protocol):
 
     def entry_done(self, entry: int, samples: int) -> None: ...  # entry -1: the clean pass
 
-    # Optional: a line from an attack with parts (AutoAttack after each member); see _attack_logger.
+    # Optional: note(line), a line from an attack with parts (AutoAttack after each member), see
+    # _attack_logger; tick(entry, weight), passes an attack just made, see _attack_meter.
 
 
 def dataset_fingerprint(dataset: ImageDataset, batch_size: int, workers: int = 0) -> str:
@@ -302,6 +313,7 @@ class _RunContext:
     refill: bool
     progress: ProgressSink | None = None
     save_adversarial: int | None = None  # keep the first N samples' examples (0: all; None: none)
+    checkpoint: Callable[[], None] | None = None  # saves a snapshot when one is due
 
 
 @dataclass
@@ -315,17 +327,70 @@ class _FirstBatch:
 @dataclass
 class _EntryOutcome:
     robust: torch.Tensor  # per sample of the segment
-    success: torch.Tensor | None  # among the attacked samples; None when none was attacked
     seconds: float = 0.0
     gradient_evals: int = 0
     peak_memory: int | None = None
     found_by: torch.Tensor | None = None  # composite attacks: per sample of the segment, the part or -1
     examples: torch.Tensor | None = None  # --save-adversarial: the kept rows' examples (the clean image if unattacked)
+    done: torch.Tensor | None = None  # an interrupted entry: the rows it finished (None: every row)
+
+    def record(self) -> dict[str, Any]:
+        """As the progress file keeps it (plain CPU tensors and numbers)."""
+        rows = len(self.robust)
+        done = torch.ones(rows, dtype=torch.bool) if self.done is None else self.done.cpu()
+        return {"done": done, "robust": self.robust.cpu(), "seconds": self.seconds,
+                "gradient_evals": self.gradient_evals, "peak_memory": self.peak_memory,
+                "found_by": None if self.found_by is None else self.found_by.cpu(),
+                "examples": None if self.examples is None else self.examples.cpu()}
+
+    @classmethod
+    def restored(cls, record: dict[str, Any], device: torch.device) -> "_EntryOutcome":
+        def moved(value):
+            return None if value is None else value.to(device)
+
+        done = record["done"].to(device)
+        return cls(moved(record["robust"]), record["seconds"], record["gradient_evals"], record["peak_memory"],
+                   moved(record["found_by"]), moved(record["examples"]), None if bool(done.all()) else done)
 
 
-def _run_segment(batches: list[tuple], context: _RunContext, state: RunState,
-                 first: _FirstBatch | None = None) -> None:
+@dataclass
+class _Segment:
+    """A segment after its clean pass: what every entry attacks and what is committed."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    idx: torch.Tensor
+    pred: torch.Tensor  # -1 where the logits are not finite
+    finite: torch.Tensor
+    digest: str  # of its data: the progress of a segment under way is only resumed on the same data
+    keep: int  # leading rows whose examples are kept (--save-adversarial)
+
+    @property
+    def correct(self) -> torch.Tensor:
+        return self.pred == self.y
+
+
+class _SegmentInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a segment's attacks: the entries' outcomes so far (the last one possibly partial)."""
+
+    def __init__(self, segment: _Segment, outcomes: list[_EntryOutcome]) -> None:
+        super().__init__("interrupted")
+        self.segment, self.outcomes = segment, outcomes
+
+
+class _EntryInterrupted(KeyboardInterrupt):
+    def __init__(self, outcome: _EntryOutcome) -> None:
+        super().__init__("interrupted")
+        self.outcome = outcome
+
+
+def _run_segment(batches: list[tuple], context: _RunContext, state: RunState, first: _FirstBatch | None,
+                 start: int) -> None:
     """Clean pass batch by batch, then every entry over the whole segment, committed to ``state`` at the end.
+
+    ``start`` is the number of batches committed before this segment. Between entries (and when
+    interrupted inside one) ``state.partial`` holds the entries' outcomes so far, so a snapshot keeps
+    every finished (entry, sample) pair and a resumed run attacks only the rest.
 
     ``first`` is given for the first segment: its first batch's clean pass is probed (a model
     failure is explained, the output must be (batch, classes)), the model is asked whether it
@@ -333,8 +398,19 @@ def _run_segment(batches: list[tuple], context: _RunContext, state: RunState,
     an any-iterate attack listed with increasing eps attacks at each eps only the samples it
     has not fooled at the previous one.
     """
+    segment = _clean_pass(batches, context, state, first)
+    saved = state.segment_progress(start, segment.digest, len(segment.y))
+    outcomes = _attack_entries(segment, context, state, saved, start)
+    _commit(state, segment, outcomes, context)
+    state.partial = None
+
+
+def _clean_pass(batches: list[tuple], context: _RunContext, state: RunState, first: _FirstBatch | None) -> _Segment:
     xs, ys, preds, finites = [], [], [], []
-    for b, (x, y, idx) in enumerate(batches):
+    digest = hashlib.sha256()
+    for b, (x, y, idx, parts) in enumerate(batches):
+        for part in parts:
+            digest.update(part)
         x = x.to(context.device, non_blocking=True).float()
         y = y.to(context.device, non_blocking=True).long()
         logits = _clean_logits(x, y, idx, context, state, first if b == 0 else None)
@@ -342,38 +418,12 @@ def _run_segment(batches: list[tuple], context: _RunContext, state: RunState,
         # A row with NaN/inf logits has no prediction (-1): it is never correct.
         preds.append(torch.where(finite, logits.argmax(dim=1), torch.full_like(y, -1)))
         xs.append(x), ys.append(y), finites.append(finite)
-    x, y, pred, finite = torch.cat(xs), torch.cat(ys), torch.cat(preds), torch.cat(finites)
-    idx = torch.cat([b[2] for b in batches])
-    correct = pred == y
+    y = torch.cat(ys)
     if context.progress:
         context.progress.entry_done(-1, len(y))
     keep = 0 if context.save_adversarial is None else samples_to_keep(context.save_adversarial, state.n, len(y))
-    outcomes = _attack_entries(x, y, idx.to(context.device), correct, context, state, keep)
-    kept = _kept_examples(x[:keep], outcomes, context) if keep else None
-    # Commit the whole segment at once: an interruption leaves the state at a segment boundary.
-    totals = state.totals
-    totals.clean.update(correct)
-    totals.index.update(idx)
-    totals.labels.update(y)
-    totals.pred.update(pred)
-    totals.nonfinite.update(int((~finite).sum()))
-    worst = correct.clone()
-    for counts, result in zip(state.entries, outcomes):
-        counts.accuracy.update(result.robust)
-        counts.robust.update(result.robust)
-        if result.success is not None:
-            counts.fooled.update(result.success)
-        counts.seconds.update(result.seconds)
-        counts.gradient_evals.update(result.gradient_evals)
-        if result.peak_memory is not None:
-            counts.peak_memory.update(result.peak_memory)
-        if result.found_by is not None:
-            counts.found_by.update(result.found_by)
-        worst &= result.robust
-    totals.robust_all.update(worst)
-    if kept is not None:
-        for name, values in kept.items():
-            state.examples.metrics[name].update(values)
+    idx = torch.cat([b[2] for b in batches]).to(context.device)
+    return _Segment(torch.cat(xs), y, idx, torch.cat(preds), torch.cat(finites), digest.hexdigest(), keep)
 
 
 def _clean_logits(x, y, idx, context: _RunContext, state: RunState, first: _FirstBatch | None) -> torch.Tensor:
@@ -397,36 +447,132 @@ def _clean_logits(x, y, idx, context: _RunContext, state: RunState, first: _Firs
     return logits
 
 
-def _attack_entries(x, y, idx, correct, context: _RunContext, state: RunState, keep: int = 0) -> list[_EntryOutcome]:
-    """Every entry on the clean-correct samples of one segment (nothing is committed here).
+def _commit(state: RunState, segment: _Segment, outcomes: list[_EntryOutcome], context: _RunContext,
+            rows: torch.Tensor | None = None) -> None:
+    """Fold the segment's outcomes into ``state``: all its rows, or those ``rows`` marks (an interruption's)."""
+    pick = slice(None) if rows is None else rows
+    kept = _kept_examples(segment.x[:segment.keep], outcomes, context) if segment.keep else None
+    correct = segment.correct[pick]
+    totals = state.totals
+    totals.clean.update(correct)
+    totals.index.update(segment.idx[pick])
+    totals.labels.update(segment.y[pick])
+    totals.pred.update(segment.pred[pick])
+    totals.nonfinite.update(int((~segment.finite[pick]).sum()))
+    worst = correct.clone()
+    attacked = bool(correct.any())
+    for counts, result in zip(state.entries, outcomes):
+        robust = result.robust[pick]
+        counts.accuracy.update(robust)
+        counts.robust.update(robust)
+        if attacked:  # success among the clean-correct samples, the ones an entry attacks
+            counts.fooled.update(~robust[correct])
+        counts.seconds.update(result.seconds)
+        counts.gradient_evals.update(result.gradient_evals)
+        if result.peak_memory is not None:
+            counts.peak_memory.update(result.peak_memory)
+        if result.found_by is not None:
+            counts.found_by.update(result.found_by[pick])
+        worst &= robust
+    totals.robust_all.update(worst)
+    if kept is not None:
+        kept_rows = slice(None) if rows is None else rows[:segment.keep].cpu()
+        for name, values in kept.items():
+            state.examples.metrics[name].update(values[kept_rows])
 
-    The examples of the first ``keep`` rows are kept on the outcomes (``--save-adversarial``).
+
+def _with_finished_rows(state: RunState, stop: _SegmentInterrupted, context: _RunContext) -> RunState:
+    """The committed samples and, in a copy, the interrupted segment's samples that every entry finished."""
+    segment, outcomes = stop.segment, stop.outcomes
+    if len(outcomes) < len(context.entries):
+        return state  # some entries never reached the segment: none of its samples is finished
+    rows = torch.ones_like(segment.correct)
+    for outcome in outcomes:
+        if outcome.done is not None:
+            rows &= outcome.done
+    if not bool(rows.any()):
+        return state
+    shown = RunState.from_state_dict(state.state_dict())
+    _commit(shown, segment, outcomes, context, rows)
+    return shown
+
+
+def _attack_entries(segment: _Segment, context: _RunContext, state: RunState, saved: list[dict],
+                    start: int) -> list[_EntryOutcome]:
+    """Every entry on the clean-correct samples of one segment (committed by the caller).
+
+    ``saved``: the entries' outcomes an interrupted run kept for this segment; a finished entry is
+    taken as it is, a partial one attacks only the samples it had not finished.
     """
-    attacked = torch.nonzero(correct).squeeze(1)
-    outcomes = []
-    fooled_before: dict[int, tuple[float, torch.Tensor]] = {}  # per suite entry: (eps, fooled at that eps)
-    examples_before: dict[int, torch.Tensor] = {}  # per suite entry: the kept examples at that eps
+    outcomes: list[_EntryOutcome] = []
+    reuse = _SweepReuse(context.sweep_reuse)
     for entry, counts in zip(context.entries, state.entries):
-        targets = attacked
-        prior = fooled_before.get(id(entry.spec)) if context.sweep_reuse and _reusable(entry) else None
-        if prior is not None and entry.eps >= prior[0]:
-            # Fooled at a smaller eps of the same attack: that example lies in this larger ball too.
-            targets = attacked[~prior[1][attacked]]
-        result = _attack_segment(entry, counts.chunk, context, x, y, idx, correct, targets, keep)
-        if prior is not None and entry.eps >= prior[0]:
-            result.robust &= ~prior[1]
-            result.success = ~result.robust[attacked]
-            if keep:  # a reused sample's example is the one found at the smaller eps
-                reused = prior[1][:keep]
-                result.examples[reused] = examples_before[id(entry.spec)][reused]
-        if _reusable(entry):
-            fooled_before[id(entry.spec)] = (entry.eps, correct & ~result.robust)
-            if keep:
-                examples_before[id(entry.spec)] = result.examples
+        before = saved[entry.index] if entry.index < len(saved) else None
+        if before is not None and bool(before["done"].all()):
+            result = _EntryOutcome.restored(before, context.device)
+        else:
+            try:
+                result = _attack_entry(entry, counts.chunk, context, segment, reuse, before)
+            except _EntryInterrupted as stop:
+                outcomes.append(stop.outcome)
+                state.partial = _segment_record(start, segment, outcomes)
+                raise _SegmentInterrupted(segment, outcomes) from stop.__cause__
+        reuse.remember(entry, segment, result)
         outcomes.append(result)
+        state.partial = _segment_record(start, segment, outcomes)
         if context.progress:
-            context.progress.entry_done(entry.index, len(y))
+            context.progress.entry_done(entry.index, len(segment.y))
+        if context.checkpoint:
+            context.checkpoint()
     return outcomes
+
+
+def _segment_record(start: int, segment: _Segment, outcomes: list[_EntryOutcome]) -> dict[str, Any]:
+    return {"start": start, "digest": segment.digest, "entries": [o.record() for o in outcomes]}
+
+
+class _SweepReuse:
+    """``sweep_reuse``: per suite entry, the eps reached, the samples fooled there and their kept examples."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.fooled: dict[int, tuple[float, torch.Tensor]] = {}
+        self.examples: dict[int, torch.Tensor | None] = {}
+
+    def prior(self, entry: Entry) -> torch.Tensor | None:
+        """Samples fooled at a smaller eps of the same attack: their examples lie in this larger ball too."""
+        found = self.fooled.get(id(entry.spec)) if self.enabled and _reusable(entry) else None
+        return found[1] if found is not None and entry.eps >= found[0] else None
+
+    def apply(self, entry: Entry, result: _EntryOutcome, keep: int) -> None:
+        prior = self.prior(entry)
+        if prior is None:
+            return
+        result.robust &= ~prior
+        if keep:  # a reused sample's example is the one found at the smaller eps
+            reused = prior[:keep]
+            result.examples[reused] = self.examples[id(entry.spec)][reused]
+
+    def remember(self, entry: Entry, segment: _Segment, result: _EntryOutcome) -> None:
+        if _reusable(entry):
+            self.fooled[id(entry.spec)] = (entry.eps, segment.correct & ~result.robust)
+            self.examples[id(entry.spec)] = result.examples
+
+
+def _attack_entry(entry: Entry, chunk: Scalar, context: _RunContext, segment: _Segment, reuse: _SweepReuse,
+                  before: dict | None) -> _EntryOutcome:
+    """One entry on the segment: the clean-correct samples, less those sweep reuse already settles."""
+    targets = torch.nonzero(segment.correct).squeeze(1)
+    prior = reuse.prior(entry)
+    if prior is not None:
+        targets = targets[~prior[targets]]
+    try:
+        result = _attack_segment(entry, chunk, context, segment, targets, before)
+    except _EntryInterrupted as stop:
+        reuse.apply(entry, stop.outcome, segment.keep)
+        raise
+    reuse.apply(entry, result, segment.keep)
+    return result
 
 
 def _attack_logger(entry: Entry, context: _RunContext) -> Callable[[str], None] | None:
@@ -436,6 +582,14 @@ def _attack_logger(entry: Entry, context: _RunContext) -> Callable[[str], None] 
         return None
     name = entry.spec.display_name() + (f" eps {entry.eps_text}" if entry.eps is not None else "")
     return lambda message: note(f"{name}: {message}")
+
+
+def _attack_meter(entry: Entry, context: _RunContext) -> Callable[[int, int], None] | None:
+    """The progress display's ``tick`` for the entry: passes weighed as ``entry_weights`` weighs them."""
+    tick = getattr(context.progress, "tick", None)
+    if tick is None:
+        return None
+    return lambda gradient, forward: tick(entry.index, 3 * gradient + forward)
 
 
 def _reusable(entry: Entry) -> bool:
@@ -466,35 +620,80 @@ def _attack_with_backoff(entry: Entry, chunk: Scalar, context: _RunContext, x, y
             chunk.update(size)
 
 
-def _attack_segment(entry: Entry, chunk: Scalar, context: _RunContext, x, y, idx, correct,
-                    attacked, keep: int = 0) -> _EntryOutcome:
-    """Attack the clean-correct samples ``attacked`` (misclassified ones are already not robust).
+def _attack_segment(entry: Entry, chunk: Scalar, context: _RunContext, segment: _Segment, targets: torch.Tensor,
+                    before: dict | None) -> _EntryOutcome:
+    """Attack the rows ``targets`` of the segment (misclassified ones are already not robust).
 
-    The examples of the segment's first ``keep`` rows are returned too (clean where not attacked).
+    ``before`` (an interrupted run's outcome of this entry) settles the rows it finished. The
+    examples of the segment's first ``keep`` rows are returned too (clean where not attacked).
+    Ctrl-C raises ``_EntryInterrupted`` with the rows the attack had finished.
     """
-    robust = correct.clone()
-    found_by = torch.full_like(idx, -1) if entry.attack.parts() else None
-    examples = x[:keep].clone() if keep else None
-    if not attacked.numel():
-        return _EntryOutcome(robust, None, found_by=found_by, examples=examples)
+    keep = segment.keep
+    result = _EntryOutcome(segment.correct.clone(), found_by=torch.full_like(segment.idx, -1)
+                           if entry.attack.parts() else None, examples=segment.x[:keep].clone() if keep else None)
+    if before is not None:
+        targets = _take_finished(result, before, targets, keep)
+    if not targets.numel():
+        return result
     device = context.device
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    result = _attack_with_backoff(entry, chunk, context, x[attacked], y[attacked], idx[attacked])
-    peak = None
+    try:
+        attack = _attack_with_backoff(entry, chunk, context, segment.x[targets], segment.y[targets],
+                                      segment.idx[targets])
+        finished = None
+    except AttackInterrupted as stop:
+        attack, finished, interruption = stop.result, stop.done, stop
+    except KeyboardInterrupt as stop:  # an attack that keeps nothing of an interrupted call
+        attack, finished, interruption = None, torch.zeros_like(targets, dtype=torch.bool), stop
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device)
-    robust[attacked] = ~result.success
-    if found_by is not None and result.found_by is not None:
-        found_by[attacked] = result.found_by
-    if examples is not None:
-        among_kept = attacked < keep
-        examples[attacked[among_kept]] = result.x_adv[among_kept].to(examples.dtype)
-    return _EntryOutcome(robust, result.success, time.perf_counter() - t0, result.gradient_evals, peak, found_by,
-                         examples)
+        result.peak_memory = _larger(result.peak_memory, torch.cuda.max_memory_allocated(device))
+    result.seconds += time.perf_counter() - t0
+    if attack is not None:
+        _take_attack(result, attack, targets, finished, keep)
+    if finished is None:
+        return result
+    result.done = torch.ones_like(segment.correct)
+    result.done[targets[~finished.to(targets.device)]] = False
+    raise _EntryInterrupted(result) from interruption
+
+
+def _take_finished(result: _EntryOutcome, before: dict, targets: torch.Tensor, keep: int) -> torch.Tensor:
+    """Copy the rows an interrupted run finished into ``result``; returns the targets still to attack."""
+    earlier = _EntryOutcome.restored(before, result.robust.device)
+    done = earlier.done if earlier.done is not None else torch.ones_like(result.robust)
+    result.robust[done] = earlier.robust[done]
+    if result.found_by is not None and earlier.found_by is not None:
+        result.found_by[done] = earlier.found_by[done]
+    if keep:
+        result.examples[done[:keep]] = earlier.examples[done[:keep]]
+    result.seconds, result.gradient_evals = earlier.seconds, earlier.gradient_evals
+    result.peak_memory = earlier.peak_memory
+    return targets[~done[targets]]
+
+
+def _take_attack(result: _EntryOutcome, attack: AttackResult, targets: torch.Tensor, finished: torch.Tensor | None,
+                 keep: int) -> None:
+    """The attack's verdicts (and examples, found_by) on ``targets``, or on the ``finished`` ones of them."""
+    rows, success, found_by, x_adv = targets, attack.success, attack.found_by, attack.x_adv
+    if finished is not None:
+        finished = finished.to(targets.device)
+        rows, success, x_adv = targets[finished], success[finished], x_adv[finished]
+        found_by = None if found_by is None else found_by[finished]
+    result.robust[rows] = ~success
+    result.gradient_evals += attack.gradient_evals
+    if result.found_by is not None and found_by is not None:
+        result.found_by[rows] = found_by
+    if keep:
+        among_kept = rows < keep
+        result.examples[rows[among_kept]] = x_adv[among_kept].to(result.examples.dtype)
+
+
+def _larger(a: int | None, b: int | None) -> int | None:
+    return b if a is None else (a if b is None else max(a, b))
 
 
 def _kept_examples(x: torch.Tensor, outcomes: list[_EntryOutcome], context: _RunContext) -> dict[str, torch.Tensor]:

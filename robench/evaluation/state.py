@@ -61,6 +61,10 @@ class RunState:
     sanity: dict = field(default_factory=dict)  # the first batch's checks (a resumed run does not see it again)
     data_digest: str = ""  # hash of the finished batches' data: a resume tells when it changed
     examples: MetricCollection | None = None  # kept adversarial examples (``example_metrics``); None: not asked
+    # The segment under way: {"start": batches committed before it, "digest": its data's hash, "entries":
+    # per entry reached, its outcome's record (rows it finished, verdicts, ...)}. Kept in snapshots so an
+    # interrupted run loses no finished (entry, sample) pair; folded into the counts when the segment ends.
+    partial: dict[str, Any] | None = None
 
     @classmethod
     def for_entries(cls, count: int, sanity: dict | None = None, keep_examples: bool = False) -> "RunState":
@@ -87,6 +91,20 @@ class RunState:
     def robust_all(self) -> np.ndarray | None:
         """Robust under every entry (None for a suite without entries)."""
         return self.per_sample("robust_all").astype(bool) if self.entries else None
+
+    def segment_progress(self, start: int, digest: str, rows: int) -> list[dict[str, Any]]:
+        """The saved entry outcomes of the segment starting after ``start`` batches ([] when none)."""
+        partial = self.partial
+        if partial is None or partial["start"] != start:
+            return []
+        if partial["digest"] != digest:
+            raise UsageError("cannot resume: the data of the interrupted segment changed since the interrupted "
+                             "run; start a new run with another --out")
+        entries = partial["entries"]
+        if len(entries) > len(self.entries) or any(len(e["done"]) != rows for e in entries):
+            raise UsageError("cannot resume: the progress file does not match this run; start a new run with "
+                             "another --out")
+        return entries
 
     # -- combining -------------------------------------------------------------------------------------------
     def merge(self, other: "RunState") -> None:
@@ -138,7 +156,8 @@ class RunState:
         return {"format": PROGRESS_FORMAT, "batches": batches, "batch_size": batch_size,
                 "num_classes": self.num_classes, **self.totals.state_values(), "sanity": dict(self.sanity),
                 "data_digest": self.data_digest, "entries": [e.state_values() for e in self.entries],
-                **self._examples_part(lambda examples: examples.state_values())}
+                **self._examples_part(lambda examples: examples.state_values()),
+                **({} if self.partial is None else {"partial": self.partial})}
 
     def restore(self, snapshot: dict[str, Any], batch_size: int) -> int:
         """Load a snapshot taken with the same suite and batch size; returns the batches it holds."""
@@ -158,6 +177,7 @@ class RunState:
             self.examples.load_state_values(snapshot["examples"])
         self.num_classes, self.data_digest = snapshot["num_classes"], snapshot["data_digest"]
         self.sanity.update(snapshot["sanity"])
+        self.partial = _checked_partial(snapshot.get("partial"), snapshot["batches"])
         return snapshot["batches"]
 
 
@@ -201,6 +221,25 @@ def _check_float_examples(snapshot: dict) -> None:
     if any(isinstance(t, torch.Tensor) and not t.is_floating_point() for t in tensors):
         raise UsageError("cannot resume: the progress file was written by an older robench that kept 8-bit "
                          "examples; start a new run with another --out")
+
+
+PARTIAL_RECORD = {"done", "robust", "seconds", "gradient_evals", "peak_memory", "found_by", "examples"}
+
+
+def _checked_partial(partial: Any, batches: int) -> dict[str, Any] | None:
+    """The segment under way as a snapshot keeps it, its layout checked (None: there was none)."""
+    if partial is None:
+        return None
+    try:
+        ok = (partial["start"] == batches and isinstance(partial["digest"], str)
+              and all(set(e) == PARTIAL_RECORD and e["done"].dtype == torch.bool
+                      and e["robust"].shape == e["done"].shape for e in partial["entries"]))
+    except (KeyError, TypeError, AttributeError):
+        ok = False
+    if not ok:
+        raise UsageError("cannot resume: the progress file's record of the interrupted segment is damaged; start "
+                         "a new run with another --out")
+    return partial
 
 
 def check_format(state: dict) -> None:
