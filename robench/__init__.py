@@ -13,30 +13,29 @@ from robench._version import __version__
 
 # public name -> module that defines it
 _EXPORTS = {
-    "EvaluationResult": "robench.api",
     "evaluate": "robench.api",
     "register_attack": "robench.attacks.registry",
     "EvalConfig": "robench.config",
+    "UsageError": "robench.errors",
     "load_model": "robench.models",
     "pixel_index": "robench.pixels",
-    "pixel_index_folder": "robench.pixels.folder",
-    "evaluate_reid": "robench.reid.api",
-    "run_evaluation": "robench.runner",
+    "Result": "robench.results.result",
     "load_suite": "robench.suites",
+    "run_evaluation": "robench.tasks.run",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])
 
 if TYPE_CHECKING:  # static analysers see the real names
-    from robench.api import EvaluationResult, evaluate
+    from robench.api import evaluate
     from robench.attacks.registry import register_attack
     from robench.config import EvalConfig
+    from robench.errors import UsageError
     from robench.models import load_model
     from robench.pixels import pixel_index
-    from robench.pixels.folder import pixel_index_folder
-    from robench.reid.api import evaluate_reid
-    from robench.runner import run_evaluation
+    from robench.results.result import Result
     from robench.suites import load_suite
+    from robench.tasks.run import run_evaluation
 
 
 def __getattr__(name: str) -> Any:

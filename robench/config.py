@@ -13,17 +13,18 @@ from typing import Any
 
 from dataclasses import dataclass
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import field_validator
 from torch import nn
 
 from robench.data.images import check_pixel_limit
 from robench.data.sources import DataOptions
 from robench.attacks.registry import load_plugins
 from robench.errors import UsageError
+from robench.validated import Options
 from robench.models.loading import LoadedModel, load_model
 from robench.models.preprocessing import Normalization, resolve_normalization
+from robench.evaluation.engine import EngineOptions
 from robench.evaluation.precision import PRECISIONS
-from robench.registry import did_you_mean
 from robench.evaluation.speed import COMPILE_MODES
 from robench.suites import LoadedSuite, Suite, load_suite
 from robench.expressions import eval_expr
@@ -90,7 +91,7 @@ def _choice(option: str, value: str) -> str:
     return value
 
 
-class EvalConfig(BaseModel):
+class EvalConfig(Options):
     """One evaluation: model, data, suite and every run option.
 
     ``model``, ``data`` and ``suite`` also take objects (a module or ``LoadedModel``,
@@ -100,7 +101,6 @@ class EvalConfig(BaseModel):
     Any invalid value raises ``UsageError`` with a one-line message.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
     # checked first, in the order of the command line's checks
     batch_size: int | str = 256
@@ -161,12 +161,6 @@ class EvalConfig(BaseModel):
     surrogate: str | None = None
     surrogate_arch: str | None = None
     surrogate_num_classes: int | None = None
-
-    def __init__(self, **values: Any) -> None:
-        try:
-            super().__init__(**values)
-        except ValidationError as exc:
-            raise UsageError(_first_problem(exc)) from None
 
     @field_validator("batch_size", mode="before")
     @classmethod
@@ -242,6 +236,13 @@ class EvalConfig(BaseModel):
     def _image_size(cls, value: Any) -> tuple[int, int] | None:
         return parse_image_size(value) if isinstance(value, str) else value
 
+    def engine_options(self) -> EngineOptions:
+        """The part the evaluation engine runs by."""
+        return EngineOptions(batch_size=self.batch_size, precision=self.precision, seed=self.seed,
+                             workers=self.workers, compile=self.compile, compile_backend=self.compile_backend,
+                             channels_last=self.channels_last, sweep_reuse=self.sweep_reuse, refill=self.refill,
+                             save_adversarial=self.save_adversarial, save_every=self.save_every)
+
     def data_options(self) -> DataOptions:
         """A fresh DataOptions each call: nothing the run does can reach the caller's copy."""
         return DataOptions(root=self.data_root, download=self.download, limit=self.limit, resize=self.resize,
@@ -260,17 +261,6 @@ def data_option_fields(options: DataOptions) -> dict[str, Any]:
 
 def _as_text(value: Any) -> str:
     return value if isinstance(value, str) else ",".join(str(v) for v in value)
-
-
-def _first_problem(exc: ValidationError) -> str:
-    """Pydantic's report, reduced to the first problem on one line, naming the field."""
-    error = exc.errors()[0]
-    field = ".".join(str(part) for part in error["loc"]) or "config"
-    if error["type"] == "extra_forbidden":
-        return f"unknown option {field!r}" + did_you_mean(field, list(EvalConfig.model_fields))
-    if error["type"] == "missing":
-        return f"{field} is required"
-    return f"{field}: {error['msg']}, got {error.get('input')!r}"
 
 
 @dataclass(frozen=True)

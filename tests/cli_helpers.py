@@ -77,3 +77,13 @@ def lock_held_by_another_process(folder: Path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def evaluate_with_state(model, data, suite, *, resume_state=None, save_state=None, on_batch=None, **options):
+    """``robench.evaluate`` with the run's plumbing: progress snapshots, a resume, a per-batch hook."""
+    from robench.api import config_for
+    from robench.tasks import Hooks
+    from robench.tasks.classification import evaluate_config
+
+    return evaluate_config(config_for(model, data, suite, **options), hooks=Hooks(on_batch=on_batch),
+                           resume_state=resume_state, save_state=save_state)

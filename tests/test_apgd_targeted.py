@@ -10,9 +10,9 @@ from torch import nn
 
 from robench.attacks import ATTACKS
 from robench.attacks.apgd_targeted import APGDTargeted, TargetedDLR
+from robench.attacks.driver import RunContext
 from robench.attacks.objectives import Unscored
 from robench.errors import UsageError
-
 from cli_helpers import RowByRow, invoke
 from test_apgd import PARITY_IMAGES, clean_correct, drawing_robench_starts, sizes
 
@@ -79,10 +79,11 @@ def test_targets_are_the_highest_other_clean_logits():
                            [2.0, 8.0, 6.0, 0.0, 4.0]])  # misclassified: the true class 0 is never a target
     y = torch.tensor([0, 0])
     attack = APGDTargeted(targets=9)
-    targets = attack.ranked_targets(FixedLogits(logits), torch.zeros(2, 1, 2, 2), y, batch_size=2)
+    context = RunContext(torch.arange(2), batch_size=2)  # the model's rows are the batch's positions
+    targets = attack.ranked_targets(FixedLogits(logits), torch.zeros(2, 1, 2, 2), y, context)
     assert targets.tolist() == [[3, 2, 4, 1], [1, 2, 4, 3]]  # min(9, 5 - 1) = 4 targets
-    assert APGDTargeted(targets=2).ranked_targets(FixedLogits(logits), torch.zeros(2, 1, 2, 2), y, 2).tolist() == \
-        [[3, 2], [1, 2]]
+    assert APGDTargeted(targets=2).ranked_targets(FixedLogits(logits), torch.zeros(2, 1, 2, 2), y,
+                                                  context).tolist() == [[3, 2], [1, 2]]
     # Restart k of the loop is the k // restarts-th target.
     attack = APGDTargeted(targets=2, restarts=2)
     attack._targets = targets[:, :2]

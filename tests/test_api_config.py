@@ -22,7 +22,8 @@ from robench.config import EvalConfig, as_suite, normalization_for, resolve
 from robench.data.sources import DataOptions
 from robench.errors import UsageError
 from robench.models.preprocessing import PRESETS
-from robench.runner import prepare_run, resume_key, run_evaluation
+from robench.tasks.classification import resume_key
+from robench.tasks.run import eval_task, open_run_directory, run_evaluation
 
 from cli_helpers import invoke, one_error_line
 
@@ -121,16 +122,18 @@ def test_resume_key_changes_with_what_changes_the_results(tmp_path):
         assert resume_key(other, resolved) != same, change
 
 
-def test_prepare_run_dispatches_and_checks_resume_options(tmp_path):
-    prepared = prepare_run(EvalConfig(model="example:digits", suite="fgsm", out=tmp_path / "a"))
-    assert prepared.task == "classification" and prepared.key and prepared.resume_state is None
+def test_the_task_follows_the_data_and_the_run_directory_checks_resume_options(tmp_path):
+    task = eval_task(EvalConfig(model="example:digits", suite="fgsm"))
+    directory = open_run_directory(task, out=tmp_path / "a")
+    assert task.name == "classification" and directory.key and directory.resume_state is None
+    assert eval_task(EvalConfig(model="example:reid-digits", suite="reid-clean")).name == "reid"
     with pytest.raises(UsageError, match="give either --resume DIR or --out DIR"):
-        prepare_run(EvalConfig(model="example:digits", suite="fgsm", out=tmp_path / "a", resume=tmp_path / "b"))
+        open_run_directory(task, out=tmp_path / "a", resume=tmp_path / "b")
     with pytest.raises(UsageError, match="holds no interrupted run to resume"):
-        prepare_run(EvalConfig(model="example:digits", suite="fgsm", resume=tmp_path / "a"))
+        open_run_directory(task, resume=tmp_path / "a")
     with pytest.raises(UsageError, match="is for re-identification: pass --data market1501:ROOT"):
-        prepare_run(EvalConfig(model="example:digits", suite="reid-pgd", data="example:digits",
-                               out=tmp_path / "c")).evaluate()
+        eval_task(EvalConfig(model="example:digits", suite="reid-pgd", data="example:digits"))
+    assert not (tmp_path / "c").exists()
 
 
 # --- the API behind the CLI --------------------------------------------------------------------------
@@ -191,20 +194,26 @@ def test_evaluate_validates_its_options(digits_model, test_tensors):
 # --- public entry points -----------------------------------------------------------------------------
 
 def test_public_names():
-    for name in ("EvalConfig", "evaluate", "evaluate_reid", "pixel_index_folder", "run_evaluation"):
+    for name in ("EvalConfig", "Result", "evaluate", "run_evaluation"):
         assert name in robench.__all__ and callable(getattr(robench, name))
 
 
-def test_pixel_index_folder_takes_a_module(digits_model, digits_split, tmp_path):
+def test_the_pixel_index_through_evaluate_takes_a_module(digits_model, digits_split, tmp_path):
     _, x_te, _, y_te = digits_split
     for i, (img, label) in enumerate(zip(x_te[:30], y_te[:30])):
         (tmp_path / str(label)).mkdir(exist_ok=True)
         Image.fromarray(img[..., 0]).save(tmp_path / str(label) / f"{i:02d}.png")
     before = {k: v.clone() for k, v in digits_model.state_dict().items()}
-    doc = robench.pixel_index_folder(digits_model, tmp_path, pixels=[1, 4], batch_size=16)
+    result = robench.evaluate(digits_model, tmp_path, task="pixel-index", pixels=[1, 4], batch_size=16)
+    doc = result.doc
+    assert result.task == "pixel-index" and result.samples is None and "read=30" in repr(result)
     assert doc["task"] == "pixel-index" and doc["images"]["read"] == 30
     assert [r["pixels"] for r in doc["experiments"][0]["results"]] == [1, 4]
     assert all(torch.equal(v, before[k]) for k, v in digits_model.state_dict().items())
+    with pytest.raises(UsageError, match="takes no suite"):
+        robench.evaluate(digits_model, tmp_path, "fgsm", task="pixel-index", pixels=[1])
+    with pytest.raises(UsageError, match="task must be one of"):
+        robench.evaluate(digits_model, tmp_path, task="segmentation")
 
 
 # --- import hygiene ----------------------------------------------------------------------------------

@@ -237,3 +237,36 @@ def test_base_class_needs_a_step():
         Attack()(*args)
     with pytest.raises(NotImplementedError):
         GradientAttack()(*args)
+
+
+def test_every_builtin_attack_is_exported_and_batched_only_through_its_context():
+    import inspect
+
+    import robench.attacks
+    from robench.attacks.registry import BUILTIN_ATTACKS
+
+    for name in BUILTIN_ATTACKS:
+        cls = ATTACKS.get(name)
+        assert getattr(robench.attacks, cls.__name__) is cls and cls.__name__ in robench.attacks.__all__
+        assert list(inspect.signature(cls.run).parameters) == ["self", "model", "x", "y", "eps", "context"], name
+
+
+class RowCounter(torch.nn.Module):
+    """Records the rows of every forward pass."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.rows = model, []
+
+    def forward(self, x):
+        self.rows.append(len(x))
+        return self.model(x)
+
+
+@pytest.mark.parametrize("attack", [PGD(steps=5, restarts=2), BIM(steps=3)])
+@pytest.mark.parametrize("refill", [True, False])
+def test_the_driver_never_sends_more_than_the_batch_size(trained_model, data, attack, refill):
+    x, y = data[0][:30], data[1][:30]
+    model = RowCounter(trained_model)
+    result = attack(model, x, y, 0.1, batch_size=7, refill=refill)
+    assert max(model.rows) <= 7 and result.success.any()

@@ -13,7 +13,7 @@ import robench
 from robench.attacks import ATTACKS
 from robench.attacks.autoattack import VERSIONS, AutoAttack
 from robench.errors import UsageError
-from cli_helpers import invoke
+from cli_helpers import invoke, evaluate_with_state
 
 EPS = 0.1  # digits: PGD-50 leaves roughly half the points robust here, so every bound below can bite
 # Members cut down for the tests that are about the machinery, not the strength (CPU time).
@@ -202,10 +202,10 @@ def test_an_interrupted_run_resumes_to_the_same_log(trained_model, test_tensors)
     plain = robench.evaluate(trained_model, data, suite, device="cpu", batch_size=batch)
     saved = []
     with pytest.raises(EvaluationInterrupted):
-        robench.evaluate(trained_model, data, suite, device="cpu", batch_size=batch,
+        evaluate_with_state(trained_model, data, suite, device="cpu", batch_size=batch,
                          on_batch=stop_after(1), save_state=saved.append)
     assert saved[-1]["batches"] == SEGMENT_BATCHES
-    resumed = robench.evaluate(trained_model, data, suite, device="cpu", batch_size=batch,
+    resumed = evaluate_with_state(trained_model, data, suite, device="cpu", batch_size=batch,
                                resume_state=saved[-1])
     pd.testing.assert_frame_equal(resumed.samples, plain.samples)
     assert resumed.doc["attacks"][0]["parts"] == plain.doc["attacks"][0]["parts"]

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from robench.results import writers
+from robench.results import atomic, writers
 from cli_helpers import invoke, lock_held_by_another_process, one_error_line
 
 QUICK = "name: quick\nattacks:\n  - attack: fgsm\n    eps: [0.1]\n  - attack: pgd\n    eps: 0.1\n    steps: 3\n"
@@ -62,6 +62,22 @@ def test_dmr_training_options_are_bounded(tmp_path, option, value):
     result = invoke("dmr", "train", "example:digits", "--data", f"market1501:{tmp_path}", "--out",
                     tmp_path / "g.pt", option, value)
     assert result.exit_code == 2 and option in one_error_line(result)
+
+
+def test_a_generator_being_trained_is_locked(tmp_path):
+    lock = tmp_path / "g.pt.lock"
+    lock.mkdir()
+    with lock_held_by_another_process(lock) as pid:
+        result = invoke("dmr", "train", "example:digits", "--data", f"market1501:{tmp_path}", "--out",
+                        tmp_path / "g.pt")
+        assert result.exit_code == 2
+        assert f"another robench run (pid {pid}) is writing to {lock}" in one_error_line(result)
+    assert not (tmp_path / "g.pt").exists()
+    # The holder has gone: the next run takes the lock, and its failure (the folder holds no data)
+    # leaves neither the lock nor a generator behind.
+    result = invoke("dmr", "train", "example:digits", "--data", f"market1501:{tmp_path}", "--out", tmp_path / "g.pt")
+    assert result.exit_code == 2 and "no query/ folder" in one_error_line(result)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("field, message", [
@@ -170,7 +186,7 @@ def disk_full_for(monkeypatch, name: str) -> None:
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_fsync(fd)
 
-    monkeypatch.setattr(writers.os, "fsync", fsync)
+    monkeypatch.setattr(atomic.os, "fsync", fsync)
 
 
 def test_a_full_disk_names_the_disk_and_keeps_the_progress(tmp_path, monkeypatch):

@@ -18,7 +18,7 @@ from robench.models.wrapper import RobustModel
 from robench.evaluation.engine import SEGMENT_BATCHES
 from robench.evaluation.state import RunState
 from robench.evaluation.sanity import explain_failure, first_batch_checks
-from cli_helpers import invoke, one_error_line, stop_after
+from cli_helpers import invoke, one_error_line, stop_after, evaluate_with_state
 
 FGSM = {"name": "f", "attacks": [{"attack": "fgsm", "eps": 0.1}]}
 SUITE_YAML = "name: quick\nattacks:\n  - attack: fgsm\n    eps: 0.1\n"
@@ -80,13 +80,13 @@ class OneLogit(nn.Module):
 def test_flags_survive_a_resume_whose_batches_were_all_done(trained_model, test_tensors):
     data = test_tensors[0][:300], test_tensors[1][:300]
     saved = []
-    first = robench.evaluate(Centred(trained_model), data, FGSM, device="cpu", batch_size=128,
+    first = evaluate_with_state(Centred(trained_model), data, FGSM, device="cpu", batch_size=128,
                              save_state=saved.append, save_every=0)
     assert "batch_dependence" in first.doc["sanity"]["flag_names"]
     final = saved[-1]
     assert final["format"] == "robench.progress/3" and final["batches"] == 3  # 300 samples, 3 batches of 128
     # Killed after the final snapshot, before results.json: the resume has nothing left to compute.
-    resumed = robench.evaluate(Centred(trained_model), data, FGSM, device="cpu", batch_size=128,
+    resumed = evaluate_with_state(Centred(trained_model), data, FGSM, device="cpu", batch_size=128,
                                resume_state=final)
     assert resumed.doc["complete"] is True
     assert resumed.doc["sanity"]["flags"] == first.doc["sanity"]["flags"]
@@ -100,12 +100,12 @@ def test_a_snapshot_of_the_old_format_is_refused(trained_model, test_tensors):
     data = test_tensors[0][:192], test_tensors[1][:192]  # 12 batches of 16: segments of 8 and 4
     saved = []
     with pytest.raises(EvaluationInterrupted):
-        robench.evaluate(trained_model, data, FGSM, device="cpu", batch_size=16,
+        evaluate_with_state(trained_model, data, FGSM, device="cpu", batch_size=16,
                          on_batch=stop_after(1), save_state=saved.append)
     for older in ("robench.progress/1", "robench.progress/2"):
         old = {**saved[-1], "format": older}
         with pytest.raises(UsageError, match="older robench .*start a new run"):
-            robench.evaluate(trained_model, data, FGSM, device="cpu", batch_size=16, resume_state=old)
+            evaluate_with_state(trained_model, data, FGSM, device="cpu", batch_size=16, resume_state=old)
         with pytest.raises(UsageError, match="older robench"):
             RunState.for_entries(0).restore(old, 16)
 
@@ -116,11 +116,11 @@ def test_resume_on_data_with_fewer_batches_is_refused(trained_model, test_tensor
     batch = 4
     first = batch * SEGMENT_BATCHES  # the samples of the first segment, the one committed
     with pytest.raises(EvaluationInterrupted):  # two segments of SEGMENT_BATCHES batches
-        robench.evaluate(trained_model, (x[:2 * first], y[:2 * first]), FGSM, device="cpu", batch_size=batch,
+        evaluate_with_state(trained_model, (x[:2 * first], y[:2 * first]), FGSM, device="cpu", batch_size=batch,
                          on_batch=stop_after(1), save_state=saved.append)
     fewer = first - 3 * batch  # fewer batches than the interrupted run finished
     with pytest.raises(UsageError, match=f"data changed .*first {SEGMENT_BATCHES} batches"):
-        robench.evaluate(trained_model, (x[:fewer], y[:fewer]), FGSM, device="cpu", batch_size=batch,
+        evaluate_with_state(trained_model, (x[:fewer], y[:fewer]), FGSM, device="cpu", batch_size=batch,
                          resume_state=saved[-1])
 
 

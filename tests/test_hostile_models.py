@@ -26,8 +26,9 @@ from robench.data.sources import load_data
 from robench.errors import RunError, UsageError
 from robench.examples import digits_cnn
 from robench.models import load_model
-from robench.models import loading
-from robench.models.loading import MAX_CLASSES, hub_cache_path, sha256_file
+from robench.models import architectures
+from robench.models.architectures import MAX_CLASSES
+from robench.models.checkpoints import hub_cache_path, sha256_file
 from robench.models.trained import write_trained
 
 DIGITS = "robench/examples/digits_cnn.safetensors"
@@ -127,7 +128,7 @@ def test_backbone_weights_of_a_named_architecture_are_read_safely_too(hub, tmp_p
     marker = tmp_path / "ran"
     plant(hub_cache_path(torchvision.models.MobileNet_V3_Large_Weights.IMAGENET1K_V1.url), marker)
     with pytest.raises(UsageError, match="contains pickled Python objects.*--trust-checkpoint"):
-        loading.build_arch("torchvision:fasterrcnn_mobilenet_v3_large_320_fpn", None)
+        architectures.build_arch("torchvision:fasterrcnn_mobilenet_v3_large_320_fpn", None)
     assert not marker.exists()
 
 
@@ -215,7 +216,7 @@ def builds(monkeypatch):
         seen.append((kwargs.get("num_classes"), torch.empty(0).device.type))
         return digits_cnn(**kwargs)
 
-    monkeypatch.setitem(loading._ARCHITECTURES, "robench:digits_cnn", spy)
+    monkeypatch.setitem(architectures._ARCHITECTURES, "robench:digits_cnn", spy)
     return seen
 
 

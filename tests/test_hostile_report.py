@@ -24,7 +24,6 @@ from pathlib import Path
 
 import pytest
 
-import robench
 from robench.api import EvaluationInterrupted
 from robench.config import EvalConfig
 from robench.errors import Interrupted, UsageError
@@ -32,8 +31,9 @@ from robench.models import load_model
 from robench.results.adversarial import MAX_STEM_BYTES, file_stem, read_examples, unique_stems
 from robench.results.locking import release_run_dirs
 from robench.results.reading import read_result, validate_document
-from robench.runner import prepare_run
-from cli_helpers import invoke, one_error_line, stop_after
+from robench.tasks import Hooks
+from robench.tasks.run import run_evaluation
+from cli_helpers import invoke, one_error_line, stop_after, evaluate_with_state
 
 GOLDEN = Path(__file__).with_name("golden")
 TIME_LIMIT_S = 60
@@ -186,7 +186,7 @@ def test_every_real_document_is_consistent(runs, test_tensors, tmp_path):
     assert {a["attack"] for a in digits["attacks"]} == {"fgsm", "bim", "pgd"}
     # An interrupted run's partial document holds the same identities over its finished samples.
     with pytest.raises(EvaluationInterrupted) as info:
-        robench.evaluate(load_model("example:digits").model, test_tensors, PARTIAL_SUITE, device="cpu",
+        evaluate_with_state(load_model("example:digits").model, test_tensors, PARTIAL_SUITE, device="cpu",
                          batch_size=4, on_batch=stop_after(1))
     partial = json.loads((info.value.result.save(tmp_path / "partial") / "results.json").read_text())
     assert partial["complete"] is False and 0 < partial["clean"]["n"] < len(test_tensors[1])
@@ -355,7 +355,7 @@ def test_long_labels_resume(tmp_path):
     options = dict(model="example:digits", suite=str(tmp_path / "long.yaml"), limit=40, batch_size=1,
                    save_every=0, save_adversarial=2)
     with pytest.raises(Interrupted):  # after the first segment (32 samples): a partial result with examples
-        prepare_run(EvalConfig(**options, out=run)).evaluate(on_batch=stop_after(1))
+        run_evaluation(EvalConfig(**options, out=run), Hooks(on_batch=stop_after(1)))
     release_run_dirs()
     assert (run / "progress.pt").is_file() and json.loads((run / "results.json").read_text())["complete"] is False
     resumed = invoke("eval", "example:digits", "--suite", tmp_path / "long.yaml", "--limit", 40, "--batch-size", 1,

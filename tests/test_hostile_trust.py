@@ -21,7 +21,7 @@ from torch import nn
 
 from robench.errors import UsageError
 from robench.models import ARCHITECTURES, load_model, register_architecture
-from robench.models import loading
+from robench.models import architectures
 from robench.suites import Suite, builtin_suites, load_suite, parse_suite
 from cli_helpers import invoke, one_error_line
 
@@ -181,7 +181,7 @@ def test_suite_module_is_never_imported_without_trust(tmp_path, monkeypatch):
     spec = load_suite(str(suite), trust_code=True).suite.surrogate
     assert spec.arch == f"{module}:net" and not marker.exists()
     try:
-        assert isinstance(loading.build_arch(spec.arch, 10), nn.Module) and marker.exists()
+        assert isinstance(architectures.build_arch(spec.arch, 10), nn.Module) and marker.exists()
     finally:
         sys.modules.pop(module, None)
 
@@ -199,11 +199,11 @@ def test_suites_may_name_torchvision_and_registered_architectures():
     register_architecture("mypkg.nets:tiny", lambda num_classes=3: nn.Linear(2, num_classes))
     try:
         assert make("mypkg.nets:tiny").surrogate.arch == "mypkg.nets:tiny"  # registered: imports nothing
-        assert loading.build_arch("mypkg.nets:tiny", 5).out_features == 5
+        assert architectures.build_arch("mypkg.nets:tiny", 5).out_features == 5
         with pytest.raises(ValueError, match="registered twice"):
             register_architecture("mypkg.nets:tiny", lambda: nn.Linear(1, 1))
     finally:
-        loading._ARCHITECTURES.pop("mypkg.nets:tiny")  # the registry is process-wide
+        architectures._ARCHITECTURES.pop("mypkg.nets:tiny")  # the registry is process-wide
 
 
 def test_registered_digits_cnn_needs_no_import(trained_model, test_tensors, tmp_path):

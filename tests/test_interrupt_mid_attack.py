@@ -21,14 +21,15 @@ import pytest
 import torch
 import yaml
 
-import robench
 from robench.api import EvaluationInterrupted
 from robench.attacks.base import Attack
 from robench.cli.progress_view import Work
 from robench.config import EvalConfig
 from robench.errors import UsageError
-from robench.runner import run_evaluation
-from cli_helpers import RowByRow
+from robench.tasks.run import run_evaluation
+from robench.tasks import Hooks
+from robench.tasks.classification import evaluate_config
+from cli_helpers import RowByRow, evaluate_with_state
 
 EPS = 0.1
 QUICK = {"apgd-ce": {"steps": 10}, "apgd-t": {"steps": 5, "targets": 2}, "fab-t": {"steps": 5, "targets": 2},
@@ -90,8 +91,8 @@ def test_an_interrupted_attack_keeps_what_it_finished_and_resumes_to_the_same_re
 
     def evaluate(counter: PassCounter, **kwargs):
         counter.install(monkeypatch)
-        return robench.evaluate(model, (x, y), suite, device="cpu", batch_size=batch_size, compile="off",
-                                **options, **kwargs)
+        return evaluate_with_state(model, (x, y), suite, device="cpu", batch_size=batch_size, compile="off",
+                                   **options, **kwargs)
 
     whole = PassCounter()
     reference = evaluate(whole)
@@ -125,15 +126,15 @@ def test_a_resumed_segment_on_other_data_is_refused(trained_model, test_tensors,
     saved: list[dict] = []
     PassCounter(stop_at=30).install(monkeypatch)
     with pytest.raises(EvaluationInterrupted):
-        robench.evaluate(trained_model, (x, y), suite, device="cpu", batch_size=batch_size, compile="off",
-                         save_state=saved.append, save_every=0)
+        evaluate_with_state(trained_model, (x, y), suite, device="cpu", batch_size=batch_size, compile="off",
+                            save_state=saved.append, save_every=0)
     assert saved[-1]["batches"] == 0 and saved[-1]["partial"]["entries"]
     PassCounter().install(monkeypatch)
     changed = x.clone()
     changed[0] = 1 - changed[0]
     with pytest.raises(UsageError, match="data of the interrupted segment changed"):
-        robench.evaluate(trained_model, (changed, y), suite, device="cpu", batch_size=batch_size, compile="off",
-                         resume_state=saved[-1])
+        evaluate_with_state(trained_model, (changed, y), suite, device="cpu", batch_size=batch_size,
+                            compile="off", resume_state=saved[-1])
 
 
 def test_the_bar_moves_with_every_pass_and_ends_at_the_total():
@@ -162,7 +163,7 @@ def test_progress_hears_passes_within_an_entry(tmp_path):
             heard.append(("tick", entry))
 
     config = EvalConfig(model="example:digits", suite="pgd-linf", limit=40, out=tmp_path / "run")
-    robench.api.evaluate_config(config, progress=Sink())
+    evaluate_config(config, hooks=Hooks(progress=Sink()))
     ticks = [i for i, event in enumerate(heard) if event[0] == "tick"]
     assert len(ticks) >= 10  # one per step at least
     first_done = heard.index(("done", heard[ticks[0]][1]))
@@ -180,7 +181,8 @@ def _batch_invariant() -> bool:
     for bit (elsewhere the verdicts agree up to float rounding, see test_square)."""
     import numpy as np
 
-    from robench.examples import example_data_path, load_example_model
+    from robench.examples import example_data_path
+    from robench.models.loading import load_example_model
 
     model = load_example_model("digits").model.eval()
     with np.load(example_data_path("digits")) as data:

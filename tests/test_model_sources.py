@@ -27,7 +27,8 @@ from robench.config import EvalConfig, data_options_for, resolve
 from robench.data.sources import load_data
 from robench.errors import RunError, UsageError
 from robench.models import PRESETS, Normalization, load_model
-from robench.models.loading import build_arch, sha256_file
+from robench.models.architectures import build_arch
+from robench.models.checkpoints import sha256_file
 
 timm = pytest.importorskip("timm")
 
@@ -97,7 +98,7 @@ def test_explicit_normalization_wins_over_the_models(tmp_path):
 
 
 def test_resume_key_follows_the_weights_file(tmp_path):
-    from robench.runner import resume_key
+    from robench.tasks.classification import resume_key
 
     keys = []
     for seed in (0, 1):

@@ -16,7 +16,7 @@ from torch import nn
 import robench
 from robench.config import EvalConfig
 from robench.errors import UsageError
-from robench.runner import run_evaluation
+from robench.tasks.run import run_evaluation
 
 from cli_helpers import invoke, one_error_line, readme_block
 
@@ -122,7 +122,7 @@ def test_import_robench_and_help_do_not_load_torch():
 
 def test_lazy_public_names_are_the_real_ones():
     from robench.api import evaluate
-    from robench.runner import run_evaluation as real
+    from robench.tasks.run import run_evaluation as real
 
     assert robench.evaluate is evaluate and robench.run_evaluation is real
     assert set(robench.__all__) <= set(dir(robench))

@@ -17,7 +17,8 @@ import robench
 from robench.config import EvalConfig, resolve
 from robench.errors import Interrupted, UsageError
 from robench.results.locking import release_run_dirs
-from robench.runner import prepare_run
+from robench.tasks import Hooks
+from robench.tasks.run import run_evaluation
 from robench.suites import Suite, builtin_suites, load_suite, parse_suite
 from robench.suites.loader import with_overrides
 from cli_helpers import invoke, one_error_line, stop_after
@@ -232,7 +233,7 @@ def test_resume_refuses_other_overrides_and_continues_with_the_same(tmp_path, ru
     out = tmp_path / "run"
     options = dict(model="example:digits", suite="fgsm", limit=LIMIT, batch_size=32, save_every=0, refill=False)
     with pytest.raises(Interrupted):
-        prepare_run(EvalConfig(**options, eps="4/255", out=out)).evaluate(on_batch=stop_after(2))
+        run_evaluation(EvalConfig(**options, eps="4/255", out=out), Hooks(on_batch=stop_after(2)))
     release_run_dirs()
     assert (out / "progress.pt").is_file()
     common = ("eval", "example:digits", "--suite", "fgsm", "--limit", LIMIT, "--batch-size", 32, "--no-refill",

@@ -52,3 +52,45 @@ def test_experiment_counts_match_direct_trials(trained_model, digits_split):
     c = run_pixel_experiments(RobustModel(trained_model), images, labels, pixels=[6],
                               settings=build_settings([], [(4, 4)]), trials=3, seed=1)
     assert torch.equal(c.counts[(1, 6)], a.counts[(2, 6)])
+
+
+def test_a_resumed_run_counts_what_an_uninterrupted_one_does(trained_model, digits_split):
+    import io
+
+    from robench.models.wrapper import RobustModel
+    from robench.pixels.experiment import PixelExperimentsInterrupted
+    from cli_helpers import stop_after
+
+    _, x_te, _, y_te = digits_split
+    images = torch.from_numpy(x_te[:96]).permute(0, 3, 1, 2).contiguous()
+    labels = torch.from_numpy(y_te[:96])
+    model = RobustModel(trained_model)
+    options = {"pixels": [2, 6], "settings": build_settings([30], [(4, 4)]), "trials": 2, "seed": 1,
+               "attack_eps": 0.1, "batch_size": 16}
+    whole = run_pixel_experiments(model, images, labels, **options)
+    snapshots = []
+
+    def save(state):  # through bytes and back, as the progress file is read: plain tensors and numbers only
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        buffer.seek(0)
+        snapshots.append(torch.load(buffer, weights_only=True))
+
+    with pytest.raises(PixelExperimentsInterrupted) as stopped:
+        run_pixel_experiments(model, images, labels, **options, save_state=save, save_every=0, on_batch=stop_after(2))
+    assert stopped.value.counts.batches == 2 and snapshots[-1]["batches"] == 2
+    assert stopped.value.counts.clean_total == 32
+    resumed = run_pixel_experiments(model, images, labels, **options, resume_state=snapshots[-1])
+    for field in ("evaluated", "clean_total", "clean_correct", "adversarial", "forward_images", "fingerprint"):
+        assert getattr(resumed, field) == getattr(whole, field), field
+    for table in ("counts", "adversarial_counts"):
+        mine, theirs = getattr(resumed, table), getattr(whole, table)
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine), table
+    with pytest.raises(UsageError, match="the run used --batch-size 16, not 32"):
+        run_pixel_experiments(model, images, labels, **{**options, "batch_size": 32}, resume_state=snapshots[-1])
+    changed = images.clone()
+    changed[20] = 255 - changed[20]  # in the second finished batch
+    with pytest.raises(UsageError, match="the images changed since the interrupted run"):
+        run_pixel_experiments(model, changed, labels, **options, resume_state=snapshots[-1])
+    with pytest.raises(UsageError, match="the images changed since the interrupted run"):
+        run_pixel_experiments(model, images[:16], labels[:16], **options, resume_state=snapshots[-1])

@@ -18,10 +18,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 import robench
 from cli_helpers import invoke, one_error_line, readme_block
-from robench.attacks import ATTACKS, PGD, Attack, GradientAttack, RunOutput, StepSizeParams
+from robench.attacks import ATTACKS, PGD, Attack, GradientAttack, RunOutput, StepSizeParams, randomness
 from robench.errors import RunError, UsageError
 from robench.evaluation.sanity import attack_kind
 
@@ -36,7 +37,7 @@ import torch
 from pydantic import Field
 
 import robench
-from robench.attacks import Attack, AttackParams, Cost, RunOutput, randomness
+from robench.attacks import Attack, AttackParams, Cost, RunOutput
 
 Path(__file__).with_name(__name__ + ".imported").write_text("imported")
 
@@ -55,17 +56,14 @@ class NoiseAttack(Attack):
     def cost(cls, params):
         return Cost(forward=params.draws + 1)
 
-    def run(self, model, x, y, eps, sample_ids, batch_size, refill):
+    def run(self, model, x, y, eps, context):
         x_adv = x.clone()
         fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
         for draw in range(self.params.draws):
-            key = randomness.stream_key(self.seed, self.stream, draw)
-            u = randomness.uniform(sample_ids, tuple(x.shape[1:]), key, x.device).to(x.dtype)
+            u = context.uniform(tuple(x.shape[1:]), draw).to(x.dtype)
             candidate = (x + (2 * u - 1) * self.radius(eps, x)).clamp(0, 1)
             x_adv[~fooled] = candidate[~fooled]
-            for start in range(0, len(x), batch_size):
-                rows = slice(start, start + batch_size)
-                fooled[rows] |= self.loss.fooled(model(x_adv[rows]), y[rows])
+            fooled |= context.in_batches(lambda xs, ys: self.loss.fooled(model(xs), ys), x_adv, y)
         return RunOutput(x_adv, forward_evals=self.params.draws * len(x))
 '''
 REGISTER = "\nrobench.register_attack(NoiseAttack)\n"
@@ -267,7 +265,7 @@ class Noise(Attack):
     name = "plain-noise"
     family = "query"
 
-    def run(self, model, x, y, eps, sample_ids, batch_size, refill):
+    def run(self, model, x, y, eps, context):
         return RunOutput(x.clone())
 
 
@@ -369,7 +367,7 @@ class OutsideBall(Attack):
     family = "query"
     norms = ("linf",)
 
-    def run(self, model, x, y, eps, sample_ids, batch_size, refill):
+    def run(self, model, x, y, eps, context):
         return RunOutput((x + 2 * eps).clamp(0, 1))
 
 
@@ -389,6 +387,41 @@ def test_attack_returning_points_outside_its_ball_is_a_run_error(plugin_dir, tra
     x, y = test_tensors
     with pytest.raises(RunError, match=r"^outside-ball returned sample \d+ outside its threat model"):
         OutsideBall()(trained_model, x[:8], y[:8], 0.1)
+
+
+# -- a run written before the context ---------------------------------------------------------------------------
+
+class LegacyNoise(Attack):
+    """Uniform noise with the earlier ``run`` signature: batching by hand from ``batch_size``."""
+
+    name = "legacy-noise"
+    family = "query"
+    norms = ("linf",)
+
+    def run(self, model, x, y, eps, sample_ids, batch_size, refill):
+        key = randomness.stream_key(self.seed, self.stream, 0)
+        u = randomness.uniform(sample_ids, tuple(x.shape[1:]), key, x.device).to(x.dtype)
+        x_adv = (x + (2 * u - 1) * self.radius(eps, x)).clamp(0, 1)
+        self.batches = [len(part) for part in x.split(batch_size)]
+        return RunOutput(x_adv, forward_evals=len(x))
+
+
+class ContextNoise(LegacyNoise):
+    name = "context-noise"
+
+    def run(self, model, x, y, eps, context):
+        u = context.uniform(tuple(x.shape[1:]), 0).to(x.dtype)
+        return RunOutput((x + (2 * u - 1) * self.radius(eps, x)).clamp(0, 1), forward_evals=len(x))
+
+
+def test_a_run_with_the_earlier_signature_still_works_with_a_deprecation_warning(trained_model, test_tensors):
+    x, y = test_tensors[0][:20], test_tensors[1][:20]
+    legacy = LegacyNoise()
+    with pytest.warns(DeprecationWarning, match=r"LegacyNoise.run\(model, x, y, eps, sample_ids, batch_size, refill\)"):
+        old = legacy(trained_model, x, y, 0.3, torch.arange(20) + 5, batch_size=7)
+    assert legacy.batches == [7, 7, 6]  # the call's batch size reaches it as before
+    new = ContextNoise()(trained_model, x, y, 0.3, torch.arange(20) + 5, batch_size=7)
+    assert torch.equal(old.x_adv, new.x_adv) and torch.equal(old.success, new.success)
 
 
 # -- a user gradient attack is iterative by its traits ---------------------------------------------------------

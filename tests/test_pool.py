@@ -17,7 +17,7 @@ import robench
 from robench.api import EvaluationInterrupted
 from robench.attacks import MIFGSM, PGD
 from robench.evaluation.engine import SEGMENT_BATCHES
-from cli_helpers import RowByRow, invoke, stop_after
+from cli_helpers import RowByRow, invoke, stop_after, evaluate_with_state
 
 # Timing and memory facts of a run: the only parts of results.json allowed to differ.
 VOLATILE = {"seconds", "finished_at", "speed", "peak_memory_bytes", "attack_chunk"}
@@ -274,7 +274,7 @@ def test_resume_with_refill_equals_an_uninterrupted_run(trained_model, test_tens
                              compile="off")
     saved = []
     with pytest.raises(EvaluationInterrupted) as info:
-        robench.evaluate(trained_model, data, RESUME_SUITE, device="cpu", batch_size=batch, refill=True,
+        evaluate_with_state(trained_model, data, RESUME_SUITE, device="cpu", batch_size=batch, refill=True,
                          compile="off", on_batch=stop_after(1), save_state=saved.append)
     partial = info.value.result
     # Interrupted after the first segment: exactly its batches are kept.
@@ -282,7 +282,7 @@ def test_resume_with_refill_equals_an_uninterrupted_run(trained_model, test_tens
     assert partial.doc["progress"] == {"evaluated": batch * SEGMENT_BATCHES, "total": 200}
     assert saved and saved[-1]["batches"] == SEGMENT_BATCHES
     assert partial.samples.equals(plain.samples.iloc[:batch * SEGMENT_BATCHES])
-    resumed = robench.evaluate(trained_model, data, RESUME_SUITE, device="cpu", batch_size=batch,
+    resumed = evaluate_with_state(trained_model, data, RESUME_SUITE, device="cpu", batch_size=batch,
                                refill=resume_refill, compile="off", resume_state=saved[-1])
     assert resumed.doc["complete"] is True
     assert resumed.samples.equals(plain.samples)

@@ -200,6 +200,7 @@ def test_generator_trains_and_attacks_end_to_end(reid_models, market, tmp_path):
                     "--msssim-weight", 0.1)
     assert result.exit_code == 0, result.stderr
     assert gen_path.is_file() and "validation mAP" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.pt"], "no lock or temporary file is left"
     again = invoke("dmr", "train", reid_models["surrogate"], "--arch", "test_reid:embedding_net",
                    "--data", f"market1501:{market}", "--out", gen_path)
     assert again.exit_code == 2 and "never overwritten" in again.stderr

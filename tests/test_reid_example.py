@@ -19,7 +19,8 @@ import torch
 
 import robench
 from robench.errors import UsageError
-from robench.examples import HERE, example_data_path, load_example_model, load_example_reid_data
+from robench.examples import HERE, example_data_path, load_example_reid_data
+from robench.models.loading import load_example_model
 from robench.reid.datasets import ReIDImages
 from robench.reid.report import reid_table
 from cli_helpers import invoke, one_error_line
@@ -131,7 +132,9 @@ def test_in_memory_images_are_rgb_and_unchanged(stored):
 
 
 def test_api_matches_the_command_line(readme_run):
-    doc = robench.evaluate_reid("example:reid-digits", "example:reid-digits", "reid-clean", device="cpu")
+    result = robench.evaluate("example:reid-digits", "example:reid-digits", "reid-clean", device="cpu")
+    doc = result.doc
+    assert result.task == "reid" and result.samples is None and "rank1=" in repr(result)
     assert doc["clean"] == readme_run["clean"]
     assert doc["data"]["fingerprint"] == readme_run["data"]["fingerprint"]
 

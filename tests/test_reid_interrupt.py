@@ -198,3 +198,23 @@ def test_interrupted_before_the_first_setting_saves_nothing(where, pgd_suite, tm
     assert one_error_line(result, "interrupted") == ("robench: interrupted: interrupted before the first setting "
                                                      "finished; nothing to save (0 of 3 settings)")
     assert not out.exists()  # no empty folder, not even the lock file
+
+
+def test_sigkill_mid_run_then_the_same_command_resumes_to_the_same_results(pgd_suite, pgd_reference, tmp_path):
+    """No handler runs on SIGKILL: what survives is the progress file saved after each finished setting."""
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "robench", *map(str, pgd_args(pgd_suite)), "--out", str(out)]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / PROGRESS_FILE).exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.kill()
+    proc.wait(timeout=60)
+    assert not (out / "results.json").exists()
+
+    resumed = subprocess.run(command, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["complete"] is True and measured(doc) == measured(pgd_reference)
+    assert not (out / PROGRESS_FILE).exists()

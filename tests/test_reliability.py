@@ -16,7 +16,7 @@ import robench
 from robench.api import EvaluationInterrupted
 from robench.attacks import PGD
 from robench.evaluation.engine import SEGMENT_BATCHES
-from cli_helpers import stop_after
+from cli_helpers import stop_after, evaluate_with_state
 
 SUITE = {"name": "rel", "attacks": [{"attack": "pgd", "eps": [0.05, 0.1], "steps": 5},
                                     {"attack": "fgsm", "eps": 0.1}]}
@@ -29,14 +29,14 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(trained_model, test_t
     plain = robench.evaluate(trained_model, test_tensors, SUITE, device="cpu", batch_size=batch)
     saved = []
     with pytest.raises(EvaluationInterrupted) as info:
-        robench.evaluate(trained_model, test_tensors, SUITE, device="cpu", batch_size=batch,
+        evaluate_with_state(trained_model, test_tensors, SUITE, device="cpu", batch_size=batch,
                          on_batch=stop_after(1), save_state=saved.append)
     partial = info.value.result
     first = batch * SEGMENT_BATCHES
     assert partial.doc["complete"] is False and partial.doc["progress"] == {"evaluated": first, "total": 540}
     assert len(partial.samples) == first
     assert saved and saved[-1]["batches"] == SEGMENT_BATCHES
-    resumed = robench.evaluate(trained_model, test_tensors, SUITE, device="cpu", batch_size=batch,
+    resumed = evaluate_with_state(trained_model, test_tensors, SUITE, device="cpu", batch_size=batch,
                                resume_state=saved[-1])
     assert resumed.doc["complete"] is True
     assert resumed.samples.equals(plain.samples)
@@ -44,7 +44,7 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(trained_model, test_t
         assert a["accuracy"] == b["accuracy"] and a["success_rate"] == b["success_rate"]
     assert resumed.doc["env"]["dataset_fingerprint"] == plain.doc["env"]["dataset_fingerprint"]
     with pytest.raises(robench.errors.UsageError, match="batch-size"):
-        robench.evaluate(trained_model, test_tensors, SUITE, device="cpu", batch_size=64, resume_state=saved[-1])
+        evaluate_with_state(trained_model, test_tensors, SUITE, device="cpu", batch_size=64, resume_state=saved[-1])
 
 
 def test_out_of_memory_halves_the_chunk_and_keeps_the_results(trained_model, test_tensors, monkeypatch):

@@ -21,12 +21,11 @@ import pytest
 from PIL import Image
 from torch import nn
 
-import robench
 from robench.api import EvaluationInterrupted
 from robench.models import load_model
 from robench.reporting.html import build_report, write_report
 from robench.results.metric_table import metric_info
-from cli_helpers import invoke, one_error_line
+from cli_helpers import invoke, one_error_line, evaluate_with_state
 
 GOLDEN_AUTOATTACK = Path(__file__).with_name("golden") / "autoattack.json"
 HOSTILE = '<script>alert("x")</script> & \'q\' </td>'
@@ -124,7 +123,7 @@ def runs(tmp_path_factory, test_tensors, digits_split):
 
     with pytest.raises(EvaluationInterrupted) as info:
         # The bundled model: no training needed (the session's trained model takes a while on a busy CPU).
-        robench.evaluate(Softmaxed(load_model("example:digits").model).train(), test_tensors, suite, device="cpu",
+        evaluate_with_state(Softmaxed(load_model("example:digits").model).train(), test_tensors, suite, device="cpu",
                          batch_size=8, on_batch=stop_after_first)
     out["flagged"] = info.value.result.save(root / "flagged")
 

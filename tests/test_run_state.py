@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from robench.data.sources import ImageDataset, from_arrays
-from robench.evaluation.engine import run
+from robench.evaluation.engine import EngineOptions, run
 from robench.metrics import Accuracy, Collected, Scalar
 from robench.models.wrapper import RobustModel
 from robench.evaluation.state import PROGRESS_FORMAT, RunInterrupted, RunState, entry_metrics
@@ -137,9 +137,10 @@ def engine_inputs(trained_model, test_tensors):
     return RobustModel(trained_model), dataset, parse_suite(SUITE).suite
 
 
-def evaluate(engine_inputs, dataset=None, **options):
+def evaluate(engine_inputs, dataset=None, *, on_batch=None, resume_state=None, save_state=None, **options):
     model, whole, suite = engine_inputs
-    return run(model, dataset or whole, suite, device=torch.device("cpu"), batch_size=BATCH, **options)
+    return run(model, dataset or whole, suite, EngineOptions(batch_size=BATCH, **options), device=torch.device("cpu"),
+               on_batch=on_batch, resume_state=resume_state, save_state=save_state)
 
 
 TIMING = ("seconds", "sanity")  # wall time differs; the sanity report is the first batch's, checked apart

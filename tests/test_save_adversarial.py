@@ -20,11 +20,12 @@ from robench.api import EvaluationInterrupted
 from robench.config import EvalConfig
 from robench.errors import UsageError
 from robench.evaluation.engine import SEGMENT_BATCHES
-from robench.reporting.adversarial_grid import MAX_ROWS, grid_size
-from robench.results.adversarial import quantize_adversarial, read_examples
+from robench.results.adversarial_grid import MAX_ROWS, grid_size
+from robench.evaluation.kept_examples import quantize_adversarial
+from robench.results.adversarial import read_examples
 from robench.results.reading import validate_document
-from robench.runner import prepare_run
-from cli_helpers import RowByRow, invoke, one_error_line, stop_after
+from robench.tasks.run import eval_task
+from cli_helpers import RowByRow, invoke, one_error_line, stop_after, evaluate_with_state
 
 BOUNDS_SUITE = {"name": "bounds", "attacks": [
     {"attack": "fgsm", "eps": [8 / 255, 0.1]},
@@ -152,11 +153,11 @@ def test_an_interrupted_then_resumed_run_saves_the_same_examples(trained_model, 
     plain = robench.evaluate(trained_model, test_tensors, suite, **options)
     snapshots = []
     with pytest.raises(EvaluationInterrupted) as info:
-        robench.evaluate(trained_model, test_tensors, suite, on_batch=stop_after(1), save_state=snapshots.append,
+        evaluate_with_state(trained_model, test_tensors, suite, on_batch=stop_after(1), save_state=snapshots.append,
                          save_every=0, **options)
     partial = info.value.result
     assert [len(ex.index) for ex in partial.adversarial] == [batch * SEGMENT_BATCHES] * 2
-    resumed = robench.evaluate(trained_model, test_tensors, suite, resume_state=saved_and_loaded(snapshots[-1]),
+    resumed = evaluate_with_state(trained_model, test_tensors, suite, resume_state=saved_and_loaded(snapshots[-1]),
                                **options)
     plain.save(tmp_path / "plain")
     resumed.save(tmp_path / "resumed")
@@ -219,7 +220,7 @@ def test_refused_where_examples_cannot_be_gathered(monkeypatch, tmp_path):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(UsageError, match="torchrun"):
-        prepare_run(EvalConfig(model="example:digits", suite="fgsm", save_adversarial=3, out=tmp_path / "ddp"))
+        eval_task(EvalConfig(model="example:digits", suite="fgsm", save_adversarial=3, out=tmp_path / "ddp"))
     assert not Path(tmp_path / "ddp").exists()
 
 

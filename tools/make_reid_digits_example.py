@@ -183,8 +183,8 @@ def clean_metrics(weights: dict[str, torch.Tensor], data_path: Path) -> dict[str
 
     net = reid_digits_net()
     net.load_state_dict(weights)
-    doc = robench.evaluate_reid(net.eval(), load_reid_digits(data_path, "example:reid-digits"), "reid-clean",
-                                device="cpu")
+    doc = robench.evaluate(net.eval(), load_reid_digits(data_path, "example:reid-digits"), "reid-clean",
+                           device="cpu").doc
     return {k: doc["clean"][k] for k in ("rank1", "rank5", "rank10", "mAP")}
 
 

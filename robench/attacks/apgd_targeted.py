@@ -34,6 +34,7 @@ from torch import nn
 
 from robench.attacks.apgd import APGD, APGDCommonParams
 from robench.attacks.base import AttackParams, Cost, RunOutput
+from robench.attacks.driver import RunContext
 from robench.attacks.objectives import Objective
 from robench.errors import UsageError
 
@@ -94,18 +95,18 @@ class APGDTargeted(APGD):
         return torch.stack([labels, target], dim=1)
 
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | None,
-            sample_ids: torch.Tensor, batch_size: int, refill: bool) -> RunOutput:
-        self._targets = self.ranked_targets(model, x, y, batch_size)
+            context: RunContext) -> RunOutput:
+        self._targets = self.ranked_targets(model, x, y, context)
         try:
-            out = super().run(model, x, y, eps, sample_ids, batch_size, refill)
+            out = super().run(model, x, y, eps, context)
         finally:
             self._targets = None
         out.forward_evals += len(x)
         return out
 
-    def ranked_targets(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> torch.Tensor:
+    def ranked_targets(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, context: RunContext) -> torch.Tensor:
         """Per row, the classes other than ``y`` with the highest clean logits, highest first."""
-        logits = torch.cat([model(x[start:start + batch_size]).float() for start in range(0, len(x), batch_size)])
+        logits = context.in_batches(lambda part: model(part).float(), x)
         classes = logits.shape[1] if logits.dim() == 2 else 0
         if classes < MIN_CLASSES:
             raise UsageError(f"{self.name} needs a classifier of at least {MIN_CLASSES} classes for the targeted "

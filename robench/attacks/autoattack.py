@@ -34,6 +34,7 @@ from torch import nn
 from robench.attacks import randomness
 from robench.attacks.base import (Attack, AttackInterrupted, AttackParams, AttackResult, Cost, Eps, PartialRun,
                                   RunOutput, first_error)
+from robench.attacks.driver import RunContext
 from robench.attacks.objectives import CrossEntropy
 from robench.errors import UsageError
 
@@ -131,7 +132,7 @@ class AutoAttack(Attack):
         return {"norm": self.norm, "version": self.params.version, "attacks": self.parts(), "members": members}
 
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Eps | None,
-            sample_ids: torch.Tensor, batch_size: int, refill: bool) -> RunOutput:
+            context: RunContext) -> RunOutput:
         x_adv = x.clone()
         found_by = torch.full((len(x),), -1, dtype=torch.long, device=x.device)
         evals = [0, 0]  # gradient and forward passes of the members
@@ -143,7 +144,8 @@ class AutoAttack(Attack):
                 rows = torch.nonzero(found_by < 0).squeeze(1)
                 if not len(rows):
                     break
-                result = member(model, x[rows], y[rows], eps, sample_ids[rows], batch_size=batch_size, refill=refill)
+                # Through the member's own call: it checks and scores its examples, batched as this call is.
+                result = context.delegate(member, model, x, y, eps, rows)
                 self._take(result, rows, k, x_adv, found_by, evals)
                 if self.log:  # as the reference prints: robust so far after each member, and the time
                     robust = int((found_by < 0).sum())

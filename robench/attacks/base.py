@@ -18,13 +18,17 @@ final ``__call__`` does: the reported success is that of the returned examples.
 
 from __future__ import annotations
 
+import inspect
+import warnings
 from dataclasses import dataclass
+from functools import cache
 from typing import Any, Callable, ClassVar, Literal, final
 
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from robench.attacks.driver import PartialRun, RunContext
 from robench.attacks.objectives import CrossEntropy, Objective
 from robench.errors import RunError, UsageError
 
@@ -74,17 +78,6 @@ class RunOutput:
     scored: torch.Tensor | None = None
     fooled: torch.Tensor | None = None
     found_by: torch.Tensor | None = None  # composite attacks: the part (index into ``parts()``) per sample, or -1
-
-
-class PartialRun(KeyboardInterrupt):
-    """Raised by ``run`` on Ctrl-C: ``done`` marks the samples it had finished, whose ``output`` rows are final.
-
-    A KeyboardInterrupt still (whoever does not know it sees one); the base turns it into ``AttackInterrupted``.
-    """
-
-    def __init__(self, done: torch.Tensor, output: RunOutput) -> None:
-        super().__init__("interrupted")
-        self.done, self.output = done, output
 
 
 class AttackInterrupted(KeyboardInterrupt):
@@ -188,11 +181,12 @@ class Attack:
 
     # -- what a subclass writes ------------------------------------------------------------------------------
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Eps | None,
-            sample_ids: torch.Tensor, batch_size: int, refill: bool) -> RunOutput:
+            context: RunContext) -> RunOutput:
         """Adversarial examples for ``x`` (the base checks, projects and scores them).
 
-        ``batch_size`` bounds the samples sent to the model at once; ``refill`` lets an attack
-        that retires samples early refill their slots from the rest of ``x``.
+        ``context`` holds the samples' ids (``context.sample_ids``, what keys their randomness) and
+        the call's batching: ``context.in_batches`` sends the model a batch at a time,
+        ``context.drive`` runs a slot search (:mod:`robench.attacks.driver`).
         """
         raise NotImplementedError
 
@@ -235,27 +229,43 @@ class Attack:
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | None = None,
                  sample_ids: torch.Tensor | None = None, *, batch_size: int | None = None,
                  refill: bool = True) -> AttackResult:
-        """Attack ``x`` at ``eps`` (suite units); every output is checked, projected and scored."""
+        """Attack ``x`` at ``eps`` (suite units); every output is checked, projected and scored.
+
+        ``batch_size`` bounds the samples sent to the model at once (default: all); ``refill`` lets
+        an attack that retires samples early give their slots to the next ones.
+        """
         eps = self._check_eps(eps)
         ids = torch.arange(len(x), device=x.device) if sample_ids is None else sample_ids.to(x.device)
-        size = max(1, batch_size or len(x))
+        context = RunContext(ids, batch_size=batch_size or len(x), refill=refill, seed=self.seed,
+                             stream=self.stream)
         if len(x) == 0:
             return AttackResult(x.clone(), torch.zeros(0, dtype=torch.bool, device=x.device))
         try:
-            out = self.run(model, x, y, eps, ids, size, refill)
+            out = self._run(model, x, y, eps, context)
         except PartialRun as partial:
-            raise self._interrupted(model, x, y, eps, partial, size) from partial.__cause__
-        return self._checked(model, x, y, eps, out, size)
+            raise self._interrupted(model, x, y, eps, partial, context) from partial.__cause__
+        return self._checked(model, x, y, eps, out, context)
+
+    def _run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | None,
+             context: RunContext) -> RunOutput:
+        """``run``, called the old way where a plugin still writes ``run(..., sample_ids, batch_size, refill)``."""
+        if not takes_legacy_arguments(type(self).run):
+            return self.run(model, x, y, eps, context)
+        # stacklevel: past this method, __call__ and torch.no_grad's wrapper, to whoever called the attack.
+        warnings.warn(f"{type(self).__name__}.run(model, x, y, eps, sample_ids, batch_size, refill) is deprecated: "
+                      "write run(model, x, y, eps, context) and batch through the context (context.in_batches, "
+                      "context.drive)", DeprecationWarning, stacklevel=4)
+        return self.run(model, x, y, eps, *context.legacy_arguments())
 
     def _checked(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | None, out: RunOutput,
-                 size: int) -> AttackResult:
+                 context: RunContext) -> AttackResult:
         """``run``'s output in the threat model and scored (what every call returns)."""
         x_adv, moved = self._into_threat_model(out.x_adv, x, eps)
         known = torch.zeros(len(x), dtype=torch.bool, device=x.device) if out.scored is None else out.scored & ~moved
         success = torch.zeros(len(x), dtype=torch.bool, device=x.device)
         if out.fooled is not None:
             success[known] = out.fooled[known]
-        scored = self._score(model, x_adv, y, ~known, success, size)
+        scored = self._score(model, x_adv, y, ~known, success, context)
         found_by = None
         if out.found_by is not None:  # a part counts only where the returned example fools the model
             found = out.found_by.to(x.device)
@@ -263,7 +273,7 @@ class Attack:
         return AttackResult(x_adv, success, out.gradient_evals, out.forward_evals + scored, found_by)
 
     def _interrupted(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | None,
-                     partial: PartialRun, size: int) -> AttackInterrupted:
+                     partial: PartialRun, context: RunContext) -> AttackInterrupted:
         """The finished rows of an interrupted call, checked and scored as a whole call's would be."""
         done, out = partial.done.to(x.device), partial.output
         rows = torch.nonzero(done).squeeze(1)
@@ -273,7 +283,7 @@ class Attack:
 
         finished = self._checked(model, x[rows], y[rows], eps, RunOutput(
             out.x_adv[rows], out.gradient_evals, out.forward_evals, part(out.scored), part(out.fooled),
-            part(out.found_by)), size)
+            part(out.found_by)), context)
         x_adv, success = x.clone(), torch.zeros(len(x), dtype=torch.bool, device=x.device)
         x_adv[rows], success[rows] = finished.x_adv, finished.success
         found_by = None
@@ -332,7 +342,7 @@ class Attack:
         return torch.maximum(box, ball)
 
     def _score(self, model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, todo: torch.Tensor,
-               success: torch.Tensor, size: int) -> int:
+               success: torch.Tensor, context: RunContext) -> int:
         """Fooled or not for the examples ``todo``, into ``success``; returns the forward passes made.
 
         Objectives without a per-sample "fooled" (a ranking) leave everything False.
@@ -340,10 +350,20 @@ class Attack:
         if not self.loss.scores:
             return 0
         rows = torch.nonzero(todo).squeeze(1)
-        for start in range(0, len(rows), size):
-            part = rows[start:start + size]
-            success[part] = self.loss.fooled(model(x_adv[part]), y[part])
+        if len(rows):
+            success[rows] = context.in_batches(lambda part: self.loss.fooled(model(x_adv[part]), y[part]), rows)
         return len(rows)
+
+
+@cache
+def takes_legacy_arguments(run: Callable[..., Any]) -> bool:
+    """Whether ``run`` has the signature plugins wrote before the context:
+    ``run(self, model, x, y, eps, sample_ids, batch_size, refill)``, seven arguments after ``self``."""
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    parameters = list(inspect.signature(run).parameters.values())
+    if any(p.kind == inspect.Parameter.VAR_POSITIONAL for p in parameters):
+        return False
+    return sum(p.kind in kinds for p in parameters) == 8
 
 
 def first_error(exc: Exception) -> str:

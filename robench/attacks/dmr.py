@@ -14,6 +14,7 @@ from pydantic import Field
 from torch import nn
 
 from robench.attacks.base import Attack, AttackParams, Cost, RunOutput
+from robench.attacks.driver import RunContext
 from robench.reid.generator import load_generator, perturb
 
 
@@ -43,10 +44,7 @@ class GeneratorAttack(Attack):
         return {"norm": "linf", "generator": str(self.params.generator), "trained_eps": self.config.eps}
 
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | None,
-            sample_ids: torch.Tensor, batch_size: int, refill: bool) -> RunOutput:
+            context: RunContext) -> RunOutput:
         self.generator.to(x.device)
-        x_adv = torch.empty_like(x)
-        for start in range(0, len(x), batch_size):
-            part = slice(start, start + batch_size)
-            x_adv[part] = perturb(self.generator, x[part], self.radius(eps, x))
-        return RunOutput(x_adv)
+        radius = self.radius(eps, x)
+        return RunOutput(context.in_batches(lambda part: perturb(self.generator, part, radius).to(x.dtype), x))

@@ -49,7 +49,8 @@ from pydantic import Field
 from torch import nn
 
 from robench.attacks import randomness
-from robench.attacks.base import Attack, AttackParams, Cost, Eps, PartialRun, RunOutput
+from robench.attacks.base import Attack, AttackParams, Cost, Eps, RunOutput
+from robench.attacks.driver import PartialRun, RunContext, SlotSearch
 from robench.attacks.gradient import MAX_STEPS
 from robench.attacks.objectives import CrossEntropy
 from robench.attacks.pool import Pool
@@ -131,100 +132,23 @@ class FABTargeted(Attack):
 
     # -- the loop --------------------------------------------------------------------------------------------
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Eps | None,
-            sample_ids: torch.Tensor, batch_size: int, refill: bool) -> RunOutput:
+            context: RunContext) -> RunOutput:
         radius = self.radius(eps, x)
-        ranking, correct = self._clean_ranking(model, x, y, batch_size)
+        # Classes by decreasing clean logit; the top one says whether the model gets a sample right.
+        logits = context.in_batches(lambda part: model(part).float(), x)
+        ranking = torch.sort(logits, dim=1, descending=True, stable=True).indices
+        correct = ranking[:, 0] == y
         targets = min(self.params.targets, ranking.shape[1] - 1)
-        x_adv = x.clone()
-        broken = torch.zeros(len(x), dtype=torch.bool, device=x.device)
-        todo = torch.nonzero(correct).squeeze(1)
-        # At eps 0 no correctly classified point can be broken.
-        passes = [0, 0]  # gradient and forward passes of the search
+        search = FABSearch(self, model, x, y, correct, ranking[:, 1:targets + 1], radius, context.sample_ids)
         try:
-            if targets > 0 and len(todo) and float(torch.as_tensor(radius).max()) > 0:
-                self._attack(model, x, y, todo, ranking[:, 1:targets + 1], radius, sample_ids, batch_size, refill,
-                             x_adv, broken, passes)
+            # At eps 0 no correctly classified point can be broken.
+            if targets > 0 and len(search.todo) and float(torch.as_tensor(radius).max()) > 0:
+                context.drive(search, search.clean)
         except PartialRun as partial:  # the rows the search finished, and every row it did not need to attack
             done = ~correct
-            done[todo[partial.done]] = True
-            raise PartialRun(done, self._output(x, x_adv, correct, broken, passes)) from partial.__cause__
-        return self._output(x, x_adv, correct, broken, passes)
-
-    @staticmethod
-    def _output(x, x_adv, correct, broken, passes: list[int]) -> RunOutput:
-        fooled = ~correct | broken
-        # Verdicts were taken on exactly the returned points, unless the cast to x's dtype changed them.
-        scored = ~broken if x.dtype != torch.float32 else torch.ones_like(broken)
-        return RunOutput(x_adv, passes[0], len(x) + passes[1], scored=scored, fooled=fooled)
-
-    def _clean_ranking(self, model, x, y, batch_size) -> tuple[torch.Tensor, torch.Tensor]:
-        """Classes by decreasing clean logit, and which samples the model gets right."""
-        logits = torch.cat([model(part).float() for part in x.split(batch_size)])
-        ranking = torch.sort(logits, dim=1, descending=True, stable=True).indices
-        return ranking, ranking[:, 0] == y
-
-    def _attack(self, model, x, y, todo, target_ranks, radius, sample_ids, batch_size, refill,
-                x_adv, broken, passes: list[int]) -> None:
-        """Run the targets and restarts over a pool of slots; a slot's phase is target * restarts + restart.
-
-        ``passes`` receives the gradient and forward passes as they are made.
-        """
-        clean = x[todo].float()
-        pool = Pool(clean, {})
-        try:
-            self._search(model, y, todo, target_ranks, radius, sample_ids, batch_size, refill, x_adv, broken,
-                         passes, clean, pool, x.dtype)
-        except KeyboardInterrupt as exc:
-            raise PartialRun(pool.left, RunOutput(x_adv)) from exc
-
-    def _search(self, model, y, todo, target_ranks, radius, sample_ids, batch_size, refill, x_adv, broken,
-                passes: list[int], clean: torch.Tensor, pool: Pool, dtype: torch.dtype) -> None:
-        restarts = self.params.restarts
-        last_phase = target_ranks.shape[1] * restarts - 1
-        while True:
-            if pool.free(batch_size) and pool.queued() and (refill or pool.empty()):
-                rows = pool.next_rows(batch_size)
-                pool.admit(rows, clean[rows], {})  # phase 0 starts at the clean input
-            if pool.empty():
-                break
-            where = todo[pool.rows]
-            x0 = clean[pool.rows]
-            target = target_ranks[where, pool.restart // restarts]
-            gap, grad = self._logit_gap_and_grad(model, pool.xa, y[where], target, dtype)
-            pool.xa = self._step(pool.xa, x0, gap, grad)
-            passes[0] += pool.size()
-            with torch.no_grad():
-                misclassified = model(pool.xa.to(dtype)).argmax(dim=1) != y[where]
-            passes[1] += pool.size()
-            self.count_passes(pool.size(), pool.size())
-            delta = pool.xa - x0
-            inside = self._within(delta, radius)
-            won = misclassified & inside
-            x_adv[where[won]] = pool.xa[won].to(dtype)
-            broken[where[won]] = True
-            # Adversarial but too far: pull back towards the clean input and search on.
-            shrink = (misclassified & ~inside).view(-1, *[1] * (pool.xa.dim() - 1))
-            pool.xa = torch.where(shrink, x0 + delta * self.params.beta, pool.xa)
-            pool.t += 1
-            done = pool.t == self.params.steps
-            pool.keep(~(won | (done & (pool.restart == last_phase))))
-            self._next_phase(pool, clean, sample_ids[todo], radius)
-
-    def _next_phase(self, pool: Pool, clean: torch.Tensor, ids: torch.Tensor, radius: Eps) -> None:
-        """Slots at the end of a run move to the next restart, or to the next target from the clean input."""
-        done = pool.t == self.params.steps
-        if not bool(done.any()):
-            return
-        phase = pool.restart[done] + 1
-        rows = pool.rows[done]
-        start = clean[rows].clone()
-        for k in phase.unique().tolist():
-            if k % self.params.restarts:
-                mine = phase == k
-                start[mine] = self._random_start(clean[rows[mine]], ids[rows[mine]], k, radius)
-        pool.xa[done] = start
-        pool.restart[done] = phase
-        pool.t[done] = 0
+            done[search.todo[partial.done]] = True
+            raise PartialRun(done, partial.output) from partial.__cause__
+        return search.output()
 
     def _random_start(self, x0: torch.Tensor, ids: torch.Tensor, phase: int, radius: Eps) -> torch.Tensor:
         """A point at distance eps/2 from the clean input in a random direction, clipped to the box."""
@@ -269,3 +193,70 @@ class FABTargeted(Attack):
         eta = self.params.eta
         mixed = (xa.flatten(1) + eta * d_iter) * (1 - alpha) + (x0.flatten(1) + eta * d_clean) * alpha
         return mixed.clamp(0.0, 1.0).view(shape)
+
+
+class FABSearch(SlotSearch):
+    """FAB-T's per-slot logic on the ``correct`` (correctly classified) samples only: its queue is
+    ``todo``, the rows of those samples (queue position i is row ``todo[i]`` of the call).
+
+    A slot's restart number is its phase, ``target * restarts + restart``: each phase runs
+    ``steps`` steps, from the clean input (a target's first run) or a random start.
+    """
+
+    def __init__(self, attack: FABTargeted, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                 correct: torch.Tensor, target_ranks: torch.Tensor, radius: Eps, sample_ids: torch.Tensor) -> None:
+        self.attack, self.model, self.y, self.correct, self.radius = attack, model, y, correct, radius
+        self.todo = torch.nonzero(correct).squeeze(1)
+        self.target_ranks, self.ids, self.dtype = target_ranks, sample_ids[self.todo], x.dtype
+        self.clean = x[self.todo].float()  # the search runs in fp32; the model sees its inputs' dtype
+        self.steps, self.restarts = attack.params.steps, target_ranks.shape[1] * attack.params.restarts
+        self.x_adv = x.clone()
+        self.broken = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+        self.gradient_evals = self.forward_evals = 0
+
+    def fresh(self, rows: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self.clean[rows], {}  # phase 0 starts at the clean input
+
+    def restart(self, slots: Pool, which: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The next restart from a random start, or the next target from the clean input."""
+        phase, rows = slots.restart[which], slots.rows[which]
+        start = self.clean[rows].clone()
+        for k in phase.unique().tolist():
+            if k % self.attack.params.restarts:
+                mine = phase == k
+                start[mine] = self.attack._random_start(self.clean[rows[mine]], self.ids[rows[mine]], k, self.radius)
+        return start, {}
+
+    def step(self, slots: Pool) -> torch.Tensor:
+        """One FAB step of every slot; per slot, whether its new iterate is adversarial within eps."""
+        attack, where = self.attack, self.todo[slots.rows]
+        x0 = self.clean[slots.rows]
+        target = self.target_ranks[where, slots.restart // attack.params.restarts]
+        gap, grad = attack._logit_gap_and_grad(self.model, slots.xa, self.y[where], target, self.dtype)
+        slots.xa = attack._step(slots.xa, x0, gap, grad)
+        self.gradient_evals += slots.size()
+        with torch.no_grad():
+            misclassified = self.model(slots.xa.to(self.dtype)).argmax(dim=1) != self.y[where]
+        self.forward_evals += slots.size()
+        attack.count_passes(slots.size(), slots.size())
+        delta = slots.xa - x0
+        inside = attack._within(delta, self.radius)
+        # Adversarial but too far: pull back towards the clean input and search on.
+        shrink = (misclassified & ~inside).view(-1, *[1] * (slots.xa.dim() - 1))
+        slots.xa = torch.where(shrink, x0 + delta * attack.params.beta, slots.xa)
+        return misclassified & inside
+
+    def keep_fooled(self, slots: Pool, fooled: torch.Tensor) -> None:
+        where = self.todo[slots.rows[fooled]]
+        self.x_adv[where] = slots.xa[fooled].to(self.dtype)
+        self.broken[where] = True
+
+    def output(self) -> RunOutput:
+        """Every row of the call: misclassified samples count as fooled at their clean input."""
+        fooled = ~self.correct | self.broken
+        # Verdicts were taken on exactly the returned points, unless the cast to x's dtype changed them.
+        scored = ~self.broken if self.x_adv.dtype != torch.float32 else torch.ones_like(self.broken)
+        # The clean pass that ranked the targets was one forward pass per sample.
+        return RunOutput(self.x_adv, self.gradient_evals, len(self.correct) + self.forward_evals, scored=scored,
+                         fooled=fooled)
+

@@ -1,12 +1,12 @@
 """Gradient attacks: a subclass writes ``step`` (and optionally ``init``/``init_state``, and
 ``loss_labels``/``gradient_passes`` for per-slot targets or several passes per step).
 
-``GradientAttack.run`` drives the steps over a pool of slots (:mod:`robench.attacks.pool`):
-a sample leaves its slot when it is fooled (any-iterate) or has run all its steps and
-restarts, and with ``refill`` the slot is given to the next sample still to attack, so
-the model keeps seeing full batches. Each slot carries its own step counter, restart
-and state; random starts are keyed by the sample's index, so every outcome is the one
-the plain path (no refill) gives.
+``GradientAttack.run`` hands :class:`GradientSearch`, the per-slot logic, to the slot
+driver (:mod:`robench.attacks.driver`): a sample leaves its slot when it is fooled
+(any-iterate) or has run all its steps and restarts, and with refill the slot is given
+to the next sample still to attack, so the model keeps seeing full batches. Each slot
+carries its own step counter, restart and state; random starts are keyed by the
+sample's index, so every outcome is the one the plain path (no refill) gives.
 
 Which iterate counts:
 
@@ -25,7 +25,8 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from robench.attacks import randomness
-from robench.attacks.base import Attack, AttackParams, Cost, Eps, PartialRun, RunOutput, sign_or_normalized
+from robench.attacks.base import Attack, AttackParams, Cost, Eps, RunOutput, sign_or_normalized
+from robench.attacks.driver import RunContext, SlotSearch
 from robench.attacks.pool import Pool
 from robench.errors import UsageError
 from robench.expressions import check_expr, eval_expr
@@ -192,95 +193,98 @@ class GradientAttack(Attack):
         return outputs.detach(), losses.detach(), grad.detach()
 
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | None,
-            sample_ids: torch.Tensor, batch_size: int, refill: bool) -> RunOutput:
-        radius = self.radius(eps, x)
-        state = StepState(radius, self.radius(self.step_size_at(self.params, eps), x), self.norm)
-        start = self.start_radius(eps)
-        start = None if start is None else (radius if start is True else self.radius(start, x))
-        steps, last_restart = self.steps(), self.restarts() - 1
-        any_iterate = not self.final_iterate and self.loss.scores
+            context: RunContext) -> RunOutput:
         if self.loss.coupled:
-            batch_size = len(x)  # the loss of each sample depends on its batch: never split it
-        pool = Pool(x, state)
-        x_best = x.clone()
-        scored = torch.zeros(len(x), dtype=torch.bool, device=x.device)  # fooled by the x_best the loop saw
-        grad_evals = fwd_evals = 0
+            context = context.unsplit()  # the loss of each sample depends on its batch: never split it
+        return context.drive(GradientSearch(self, model, x, y, eps, context.sample_ids), x)
 
-        def begin(rows: torch.Tensor, restart: torch.Tensor) -> torch.Tensor:
-            """Projected starting points; slots of one restart number share its random stream."""
-            xa = torch.empty_like(x[rows])
-            for k in restart.unique().tolist():
-                mine = restart == k
-                xa[mine] = self.init(x[rows[mine]], start, sample_ids[rows[mine]], k)
-            return self.project(xa, x[rows], radius)
 
+class GradientSearch(SlotSearch):
+    """The gradient loop's per-slot logic: steps from each restart's start, any-iterate early stop.
+
+    ``x_best`` holds each sample's answer: the iterate that fooled it, or else the last iterate of
+    its latest restart; ``scored`` marks the samples whose ``x_best`` the loop saw fool the model.
+    """
+
+    def __init__(self, attack: GradientAttack, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                 eps: float | None, sample_ids: torch.Tensor) -> None:
+        self.attack, self.model, self.x, self.y, self.sample_ids = attack, model, x, y, sample_ids
+        self.radius = attack.radius(eps, x)
+        self.state = StepState(self.radius, attack.radius(attack.step_size_at(attack.params, eps), x), attack.norm)
+        start = attack.start_radius(eps)
+        self.start = None if start is None else (self.radius if start is True else attack.radius(start, x))
+        self.steps, self.restarts = attack.steps(), attack.restarts()
+        self.any_iterate = not attack.final_iterate and attack.loss.scores
+        self.x_best = x.clone()
+        self.scored = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+        self.gradient_evals = self.forward_evals = 0
         # Every sample's first starting point at once: one draw instead of one per admission.
         everyone = torch.arange(len(x), device=x.device)
-        first = begin(everyone, torch.zeros_like(everyone))
-        try:
-            while True:
-                if pool.free(batch_size) and pool.queued() and (refill or pool.empty()):
-                    rows = pool.next_rows(batch_size)
-                    xa = first[rows]
-                    pool.admit(rows, xa, self.init_state(xa, state))
-                if pool.empty():
-                    break
-                ending = pool.t == steps  # the end of a restart that is not the last one
-                if bool(ending.any()):
-                    fwd_evals += self._end_restarts(model, x, y, pool, ending, x_best, scored, begin, state)
-                    continue
-                labels = y[pool.rows]
-                outputs, losses, grad = self.loss_and_grad(model, pool.xa,
-                                                           self.loss_labels(labels, pool.rows, pool.restart))
-                grad_evals += pool.size() * self.gradient_passes()
-                self.count_passes(pool.size() * self.gradient_passes())
-                if any_iterate:
-                    fooled = self.loss.fooled(outputs, labels)
-                    if bool(fooled.any()):
-                        x_best[pool.rows[fooled]] = pool.xa[fooled]
-                        scored[pool.rows[fooled]] = True
-                        keep = ~fooled
-                        losses, grad = losses[keep], grad[keep]
-                        pool.keep(keep)
-                        if pool.empty():
-                            continue
-                state.clean = x[pool.rows]
-                xa = self.step(pool.xa, grad, losses, state, pool.t)
-                pool.xa = self.project(xa, state.clean, radius)
-                pool.t += 1
-                finished = (pool.t == steps) & (pool.restart == last_restart)
-                if bool(finished.any()):
-                    # The last iterate of the last restart: the base scores it.
-                    x_best[pool.rows[finished]] = pool.xa[finished]
-                    pool.keep(~finished)
-        except KeyboardInterrupt as exc:
-            # Samples that left the pool are finished: x_best holds their final examples.
-            raise PartialRun(pool.left, RunOutput(x_best, grad_evals, fwd_evals, scored=scored,
-                                                  fooled=scored.clone())) from exc
-        # The loop scored only examples that fooled the model; the base scores the last iterates.
-        return RunOutput(x_best, grad_evals, fwd_evals, scored=scored, fooled=scored.clone())
+        self.first = self.begin(everyone, torch.zeros_like(everyone))
 
-    def _end_restarts(self, model, x, y, pool: Pool, ending: torch.Tensor, x_best: torch.Tensor,
-                      scored: torch.Tensor, begin, state: StepState) -> int:
-        """Score the final iterate of the slots ending a restart; the fooled leave, the others restart."""
-        xa, rows = pool.xa[ending], pool.rows[ending]
-        fooled = self.loss.fooled(model(xa), y[rows]) if self.loss.scores else torch.zeros_like(rows, dtype=torch.bool)
+    def begin(self, rows: torch.Tensor, restart: torch.Tensor) -> torch.Tensor:
+        """Projected starting points; slots of one restart number share its random stream."""
+        x = self.x
+        xa = torch.empty_like(x[rows])
+        for k in restart.unique().tolist():
+            mine = restart == k
+            xa[mine] = self.attack.init(x[rows[mine]], self.start, self.sample_ids[rows[mine]], k)
+        return self.attack.project(xa, x[rows], self.radius)
+
+    def slot_state(self) -> StepState:
+        return self.state
+
+    def fresh(self, rows: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        xa = self.first[rows]
+        return xa, self.attack.init_state(xa, self.state)
+
+    def restart(self, slots: Pool, which: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        xa = self.begin(slots.rows[which], slots.restart[which])
+        return xa, self.attack.init_state(xa, self.state)
+
+    def step(self, slots: Pool) -> torch.Tensor:
+        """A gradient pass at every slot's iterate; slots it fools leave (any-iterate), the others step."""
+        attack = self.attack
+        labels = self.y[slots.rows]
+        outputs, losses, grad = attack.loss_and_grad(self.model, slots.xa,
+                                                     attack.loss_labels(labels, slots.rows, slots.restart))
+        passes = slots.size() * attack.gradient_passes()
+        self.gradient_evals += passes
+        attack.count_passes(passes)
+        if self.any_iterate:
+            # The fooled leave before the step: their answer is the iterate that fooled them.
+            keep = ~attack.loss.fooled(outputs, labels)
+            if not bool(keep.all()):
+                self.x_best[slots.rows[~keep]] = slots.xa[~keep]
+                self.scored[slots.rows[~keep]] = True
+                losses, grad = losses[keep], grad[keep]
+                slots.keep(keep)
+        if not slots.empty():
+            self.state.clean = self.x[slots.rows]
+            xa = attack.step(slots.xa, grad, losses, self.state, slots.t)
+            slots.xa = attack.project(xa, self.state.clean, self.radius)
+        return torch.zeros(slots.size(), dtype=torch.bool, device=slots.rows.device)
+
+    def end_restart(self, slots: Pool, ending: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """Final iterates: the last restart's the base scores; earlier ones are scored here, the fooled leave."""
+        rows, xa = slots.rows[ending], slots.xa[ending]
         # Unfooled samples keep their last iterate until a later restart does better.
-        x_best[rows] = xa
-        scored[rows[fooled]] = True
-        leaving = torch.zeros_like(ending)
-        leaving[ending] = fooled
-        restarting = ending & ~leaving
-        if bool(restarting.any()):
-            again = pool.rows[restarting]
-            restart = pool.restart[restarting] + 1
-            pool.xa[restarting] = begin(again, restart)
-            pool.restart[restarting] = restart
-            pool.t[restarting] = 0
-            pool.reset_state(restarting, self.init_state(pool.xa[restarting], state))
-        pool.keep(~leaving)
-        self.count_passes(0, len(rows))
-        return len(rows)
+        self.x_best[rows] = xa
+        fooled = torch.zeros_like(ending)
+        scoring = ending & ~last
+        if bool(scoring.any()):
+            rows, xa = slots.rows[scoring], slots.xa[scoring]
+            if self.attack.loss.scores:
+                fooled[scoring] = self.attack.loss.fooled(self.model(xa), self.y[rows])
+            self.scored[rows[fooled[scoring]]] = True
+            self.forward_evals += len(rows)
+            self.attack.count_passes(0, len(rows))
+        return fooled
+
+    def output(self) -> RunOutput:
+        # The loop scored only examples that fooled the model; the base scores the last iterates.
+        return RunOutput(self.x_best, self.gradient_evals, self.forward_evals, scored=self.scored,
+                         fooled=self.scored.clone())
 
 
 _CPU = torch.empty(0)  # describes radii on the CPU, in float32 as the suites' tensors are

@@ -20,6 +20,7 @@ from torch import nn
 
 from robench.attacks import randomness
 from robench.attacks.base import Attack, AttackParams, Cost, RunOutput
+from robench.attacks.driver import RunContext
 from robench.pixels.perturb import MAX_TRIALS, change_pixels
 
 DEFAULT_PIXELS = [4, 8, 16, 32, 64]
@@ -83,12 +84,9 @@ class PixelChange(Attack):
         return {"pixels": self.n_pixels, "trials": self.params.trials, **self._change()}
 
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | None,
-            sample_ids: torch.Tensor, batch_size: int, refill: bool) -> RunOutput:
-        x_adv = x.clone()
-        fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
-        for start in range(0, len(x), batch_size):
-            part = slice(start, start + batch_size)
-            x_adv[part], fooled[part] = self._trials(model, x[part], y[part], sample_ids[part])
+            context: RunContext) -> RunOutput:
+        # A batch of images at a time through all its trials.
+        x_adv, fooled = context.in_batches(lambda *part: self._trials(model, *part), x, y, context.sample_ids)
         # Every returned image is one the model was shown: the trials' verdicts are its score.
         return RunOutput(x_adv, forward_evals=len(x) * self.params.trials,
                          scored=torch.ones_like(fooled), fooled=fooled)

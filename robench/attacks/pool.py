@@ -1,4 +1,4 @@
-"""Slots of samples under attack: the continuous-batching pool of the gradient loop.
+"""Slots of samples under attack: the continuous-batching pool the slot driver fills (:mod:`robench.attacks.driver`).
 
 Each slot holds one sample of the call's queue (``rows``: its position in the inputs),
 its current iterate, its own step counter and restart number, and the attack's

@@ -56,7 +56,8 @@ from pydantic import Field
 from torch import nn
 
 from robench.attacks import randomness
-from robench.attacks.base import Attack, AttackParams, Cost, Eps, PartialRun, RunOutput
+from robench.attacks.base import Attack, AttackParams, Cost, Eps, RunOutput
+from robench.attacks.driver import RunContext, SlotSearch
 from robench.attacks.pool import Pool
 from robench.errors import UsageError
 
@@ -294,86 +295,86 @@ class Square(Attack):
 
     # -- the loop --------------------------------------------------------------------------------------------
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | None,
-            sample_ids: torch.Tensor, batch_size: int, refill: bool) -> RunOutput:
+            context: RunContext) -> RunOutput:
         """Slots query the model together; a sample leaves when fooled or when its last restart is spent."""
         if x.dim() != 4:
             raise UsageError(f"square attacks images (N, C, H, W), got inputs of shape {tuple(x.shape)}")
         if not self.loss.scores:
             raise UsageError("square needs a classifier's logits and labels")
-        radius = self.radius(eps, x)
-        queries, last_restart = self.params.queries, self.params.restarts - 1
-        pool = Pool(x, {})
-        x_out = x.clone()
-        margin_out = torch.full((len(x),), float("inf"), device=x.device)
-        scored = torch.zeros(len(x), dtype=torch.bool, device=x.device)  # x_out[i] went through the model
-        fooled = torch.zeros_like(scored)
-        forwards = 0
-        # Every sample's first start at once: one draw instead of one per admission.
-        firsts = self.start(x, radius, sample_ids, torch.zeros_like(sample_ids))
-        try:
-            while True:
-                if pool.free(batch_size) and pool.queued() and (refill or pool.empty()):
-                    rows = pool.next_rows(batch_size)
-                    pool.admit(rows, firsts[rows], {"margin": torch.full((len(rows),), float("inf"), device=x.device)})
-                if pool.empty():
-                    break
-                rows = pool.rows
-                candidate = self._candidates(pool, x, radius, sample_ids)
-                outputs = model(candidate)
-                forwards += pool.size()
-                self.count_passes(0, pool.size())
-                margins, hit = margin(outputs, y[rows]), self.loss.fooled(outputs, y[rows])
-                # The start is always taken; later, a lower margin or a fooling proposal replaces the iterate.
-                better = (pool.t == 0) | hit | (margins < pool.state["margin"])
-                pool.xa = torch.where(better.view(-1, 1, 1, 1), candidate, pool.xa)
-                pool.state["margin"] = torch.where(better, margins, pool.state["margin"])
-                pool.t += 1
-                spent = ~hit & (pool.t == queries)
-                leaving = hit | (spent & (pool.restart == last_restart))
-                # Most queries fool nothing and end nothing: skip the bookkeeping then (a sync, not five copies).
-                if not bool((hit | spent).any()):
-                    continue
-                x_out[rows[hit]], scored[rows[hit]], fooled[rows[hit]] = candidate[hit], True, True
-                if bool(spent.any()):
-                    self._keep_lowest(pool, spent, x_out, margin_out, scored)
-                    self._restart(pool, spent & ~leaving, x, radius, sample_ids)
-                pool.keep(~leaving)
-        except KeyboardInterrupt as exc:
-            # Samples that left the pool are finished: x_out holds their answers.
-            raise PartialRun(pool.left, RunOutput(x_out, forward_evals=forwards, scored=scored,
-                                                  fooled=fooled)) from exc
-        return RunOutput(x_out, forward_evals=forwards, scored=scored, fooled=fooled)
+        return context.drive(SquareSearch(self, model, x, y, self.radius(eps, x), context.sample_ids), x)
 
-    def _candidates(self, pool: Pool, x: torch.Tensor, radius: Eps, sample_ids: torch.Tensor) -> torch.Tensor:
-        """The slots' next queries: a start where t is 0 (already in ``pool.xa``), a proposal elsewhere."""
-        moving = pool.t > 0
+
+class SquareSearch(SlotSearch):
+    """Square's per-slot logic: each step queries every slot's next candidate (its start, then proposals).
+
+    ``x_out`` holds each sample's answer: the query that fooled it, or else the lowest-margin
+    iterate of its restarts so far; ``scored`` marks the answers that went through the model.
+    """
+
+    def __init__(self, attack: Square, model: nn.Module, x: torch.Tensor, y: torch.Tensor, radius: Eps,
+                 sample_ids: torch.Tensor) -> None:
+        self.attack, self.model, self.x, self.y, self.radius, self.sample_ids = attack, model, x, y, radius, sample_ids
+        self.steps, self.restarts = attack.params.queries, attack.params.restarts
+        self.x_out = x.clone()
+        self.margin_out = torch.full((len(x),), float("inf"), device=x.device)
+        self.scored = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+        self.fooled = torch.zeros_like(self.scored)
+        self.forwards = 0
+        # Every sample's first start at once: one draw instead of one per admission.
+        self.firsts = attack.start(x, radius, sample_ids, torch.zeros_like(sample_ids))
+
+    def _unscored_margins(self, count: int) -> dict[str, torch.Tensor]:
+        return {"margin": torch.full((count,), float("inf"), device=self.x.device)}
+
+    def fresh(self, rows: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self.firsts[rows], self._unscored_margins(len(rows))
+
+    def restart(self, slots: Pool, which: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        rows = slots.rows[which]
+        xa = self.attack.start(self.x[rows], self.radius, self.sample_ids[rows], slots.restart[which])
+        return xa, self._unscored_margins(len(rows))
+
+    def step(self, slots: Pool) -> torch.Tensor:
+        """Query every slot's candidate; per slot, whether it fooled the model."""
+        labels = self.y[slots.rows]
+        candidate = self._candidates(slots)
+        outputs = self.model(candidate)
+        self.forwards += slots.size()
+        self.attack.count_passes(0, slots.size())
+        margins, hit = margin(outputs, labels), self.attack.loss.fooled(outputs, labels)
+        # The start is always taken; later, a lower margin or a fooling proposal replaces the iterate.
+        better = (slots.t == 0) | hit | (margins < slots.state["margin"])
+        slots.xa = torch.where(better.view(-1, 1, 1, 1), candidate, slots.xa)
+        slots.state["margin"] = torch.where(better, margins, slots.state["margin"])
+        return hit
+
+    def _candidates(self, slots: Pool) -> torch.Tensor:
+        """The slots' next queries: a start where t is 0 (already in ``slots.xa``), a proposal elsewhere."""
+        moving = slots.t > 0
         if not bool(moving.any()):
-            return pool.xa
+            return slots.xa
         if bool(moving.all()):  # the usual case: no slot is at its start
-            return self.propose(pool.xa, x[pool.rows], radius, sample_ids[pool.rows], pool.restart, pool.t)
-        candidate = pool.xa.clone()
-        rows = pool.rows[moving]
-        candidate[moving] = self.propose(pool.xa[moving], x[rows], radius, sample_ids[rows],
-                                         pool.restart[moving], pool.t[moving])
+            return self.attack.propose(slots.xa, self.x[slots.rows], self.radius, self.sample_ids[slots.rows],
+                                       slots.restart, slots.t)
+        candidate = slots.xa.clone()
+        rows = slots.rows[moving]
+        candidate[moving] = self.attack.propose(slots.xa[moving], self.x[rows], self.radius, self.sample_ids[rows],
+                                                slots.restart[moving], slots.t[moving])
         return candidate
 
-    @staticmethod
-    def _keep_lowest(pool: Pool, spent: torch.Tensor, x_out: torch.Tensor, margin_out: torch.Tensor,
-                     scored: torch.Tensor) -> None:
-        """A restart that ends unfooled: its iterate is the sample's answer if its margin is the lowest yet."""
-        rows, margins = pool.rows[spent], pool.state["margin"][spent]
-        lower = margins < margin_out[rows]
-        x_out[rows[lower]] = pool.xa[spent][lower]
-        margin_out[rows[lower]] = margins[lower]
-        scored[rows[lower]] = True
+    def keep_fooled(self, slots: Pool, fooled: torch.Tensor) -> None:
+        # A fooling query was taken as the iterate: it is the answer.
+        rows = slots.rows[fooled]
+        self.x_out[rows], self.scored[rows], self.fooled[rows] = slots.xa[fooled], True, True
 
-    def _restart(self, pool: Pool, again: torch.Tensor, x: torch.Tensor, radius: Eps,
-                 sample_ids: torch.Tensor) -> None:
-        if not bool(again.any()):
-            return
-        rows = pool.rows[again]
-        restart = pool.restart[again] + 1
-        pool.xa[again] = self.start(x[rows], radius, sample_ids[rows], restart)
-        pool.restart[again] = restart
-        pool.t[again] = 0
-        pool.state["margin"][again] = float("inf")
+    def end_restart(self, slots: Pool, ending: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """A restart that ends unfooled: its iterate is the sample's answer if its margin is the lowest yet."""
+        rows, margins = slots.rows[ending], slots.state["margin"][ending]
+        lower = margins < self.margin_out[rows]
+        self.x_out[rows[lower]] = slots.xa[ending][lower]
+        self.margin_out[rows[lower]] = margins[lower]
+        self.scored[rows[lower]] = True
+        return torch.zeros_like(ending)
+
+    def output(self) -> RunOutput:
+        return RunOutput(self.x_out, forward_evals=self.forwards, scored=self.scored, fooled=self.fooled)

@@ -19,6 +19,7 @@ from torch import nn
 
 from robench.attacks import randomness
 from robench.attacks.base import Attack, AttackParams, RunOutput
+from robench.attacks.driver import RunContext
 from robench.errors import UsageError
 from robench.registry import did_you_mean
 
@@ -76,20 +77,21 @@ class TorchattacksAttack(Attack):
         return {"norm": self.norm, **{k: v for k, v in self.params.params.items() if k != "eps"}}
 
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | None,
-            sample_ids: torch.Tensor, batch_size: int, refill: bool) -> RunOutput:
+            context: RunContext) -> RunOutput:
         arguments = dict(self.params.params)
         if eps is not None and "eps" in self.Params.accepted:
             arguments["eps"] = float(eps)
-        x_adv = torch.empty_like(x)
         devices = [x.device.index or 0] if x.device.type == "cuda" else []
-        for start in range(0, len(x), batch_size):
-            part = slice(start, start + batch_size)
+
+        def attack_batch(xs: torch.Tensor, ys: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+            # The global RNG, seeded per batch and put back after: the caller's stream is untouched.
             with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(randomness.stream_key(self.seed, self.stream, int(sample_ids[start])))
+                torch.manual_seed(randomness.stream_key(self.seed, self.stream, int(ids[0])))
                 attack = self.ta_class(model, **arguments)
                 with torch.enable_grad():
-                    x_adv[part] = attack(x[part], y[part]).detach()
-        return RunOutput(x_adv)
+                    return attack(xs, ys).detach().to(x.dtype)
+
+        return RunOutput(context.in_batches(attack_batch, x, y, context.sample_ids))
 
 
 def torchattacks_attack(name: str) -> type[Attack]:

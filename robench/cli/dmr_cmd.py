@@ -8,7 +8,6 @@ from typing import Optional
 import typer
 
 from robench.cli.common import handle_errors, stderr
-from robench.errors import UsageError
 
 app = typer.Typer(help="The DMR generator attack (Deep Mis-Ranking, Wang et al. 2020).", no_args_is_help=True)
 
@@ -57,56 +56,16 @@ def train(
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
 ) -> None:
     """Train the generator; the checkpoint with the lowest validation mAP under attack is kept."""
-    import torch
+    # Imported here, not at the top: building the command line (--help) must not load torch.
+    from robench.tasks.dmr import DMRTrainConfig, train_dmr_generator
 
-    from robench.config import check_range, parse_image_size
-    from robench.evaluation.precision import resolve_device
-    from robench.expressions import eval_expr
-    from robench.models import load_model, resolve_normalization
-    from robench.reid.api import is_reid_spec, load_reid_spec
-    from robench.reid.datasets import ReIDImages
-    from robench.reid.features import ReIDFeatures
-    from robench.reid.generator import GeneratorConfig, save_generator, train_generator
-
-    if out.exists():
-        raise UsageError(f"{out} exists; generators are never overwritten")
-    if not is_reid_spec(data):
-        raise UsageError("--data must be market1501:ROOT, dukemtmc:ROOT or reid:ROOT")
-    budget = eval_expr(eps)
-    if not 0 < budget <= 1:
-        raise UsageError(f"--eps must be in (0, 1], got {budget:g}")
-    for name, value in (("steps", steps), ("ids-per-batch", ids_per_batch - 1), ("images-per-id", images_per_id),
-                        ("val-every", val_every)):
-        if value < 1:
-            raise UsageError(f"--{name} is too small")
-    # Bounded and finite: a NaN weight or rate passes every comparison and trains garbage.
-    for name, value, low, high in (("--lr", lr, 1e-12, 10.0), ("--margin", margin, 0.0, 100.0),
-                                   ("--ce-weight", ce_weight, 0.0, 1e6), ("--msssim-weight", msssim_weight, 0.0, 1e6),
-                                   ("--steps", steps, 1, 10_000_000), ("--width", width, 1, 4096),
-                                   ("--blocks", blocks, 1, 64)):
-        check_range(name, value, low, high)
-    if not 0 <= val_fraction < 1:
-        raise UsageError("--val-fraction must be in [0, 1)")
-    dataset = load_reid_spec(data)
-    if dataset.train is None or len(dataset.train) == 0:
-        raise UsageError(f"{dataset.root} has no bounding_box_train/ images to train on")
-    loaded = load_model(surrogate, arch=arch, num_classes=num_classes, trust_checkpoint=trust_checkpoint)
-    dev = resolve_device(device)
-    model = ReIDFeatures(loaded.model, resolve_normalization(normalize, mean, std), layer=feature_layer).to(dev)
-    logits_fn = None
-    if classifier_layer is not None:
-        head = ReIDFeatures(loaded.model, model.normalization, layer=classifier_layer).to(dev)
-        logits_fn = head
-    images = ReIDImages(dataset.train, parse_image_size(image_size))
-    config = GeneratorConfig(eps=budget, width=width, blocks=blocks, margin=margin, exclude_self=not dmr_compat,
-                             ce_weight=ce_weight if classifier_layer else 0.0, msssim_weight=msssim_weight,
-                             ids_per_batch=ids_per_batch,
-                             images_per_id=images_per_id, steps=steps, lr=lr, val_fraction=val_fraction,
-                             val_every=val_every, seed=seed)
-    generator, history = train_generator(
-        model, lambda idx: torch.stack([images[i][0] for i in idx]), dataset.train.pids, dataset.train.camids,
-        config, device=dev, logits_fn=logits_fn, log=lambda m: stderr.print(f"robench: {m}", highlight=False),
+    config = DMRTrainConfig(
+        out=out, data=data, eps=eps, steps=steps, ids_per_batch=ids_per_batch, images_per_id=images_per_id,
+        val_every=val_every, lr=lr, margin=margin, ce_weight=ce_weight, msssim_weight=msssim_weight, width=width,
+        blocks=blocks, val_fraction=val_fraction, image_size=image_size, normalize=normalize, mean=mean, std=std,
+        surrogate=surrogate, arch=arch, num_classes=num_classes, trust_checkpoint=trust_checkpoint,
+        feature_layer=feature_layer, classifier_layer=classifier_layer, dmr_compat=dmr_compat, seed=seed,
+        device=device,
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_generator(out, generator.cpu(), config, history)
-    stderr.print(f"generator written to {out}", highlight=False)
+    written = train_dmr_generator(config, log=lambda line: stderr.print(f"robench: {line}", highlight=False))
+    stderr.print(f"generator written to {written}", highlight=False)

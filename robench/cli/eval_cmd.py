@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -13,8 +14,10 @@ from robench.cli.common import handle_errors, interrupt_on_sigterm, stderr, stdo
 from robench.errors import UsageError
 
 if TYPE_CHECKING:
-    from robench.api import EvaluationResult
-    from robench.runner import PreparedRun
+    from robench.results.result import Result
+    from robench.tasks.classification import ClassificationTask
+    from robench.tasks.reid import ReIDTask
+    from robench.tasks.rundir import RunDirectory
 
 # The modules that need torch are imported when the command runs, not when the command line
 # is built: `robench --help` and `robench eval --help` start in a fraction of a second.
@@ -173,7 +176,7 @@ def eval_command(
         reported_metrics
     from robench.reporting.tables import results_table
     from robench.results.reading import read_result
-    from robench.runner import prepare_run
+    from robench.tasks.run import eval_task, open_run_directory
 
     if baseline is None and (rule or junit or require_significant or max_drop or allow_flag or metric):
         raise UsageError("--max-drop, --rule, --metric, --require-significant, --junit and --allow-flag need "
@@ -198,53 +201,58 @@ def eval_command(
         reid_pattern=reid_pattern, surrogate=surrogate, surrogate_arch=surrogate_arch,
         surrogate_num_classes=surrogate_num_classes,
     )
-    prepared = prepare_run(config)
-    note = unnormalised_weights_note(prepared.resolved)
-    if note and prepared.main:
+    task = eval_task(config)
+    directory = open_run_directory(task, config.out, config.resume)
+    note = unnormalised_weights_note(task.resolved)
+    if note and directory.main:
         warn(note)
-    if prepared.task == "reid":
-        result = _evaluate_reid(prepared, quiet)
-    else:
-        result = _evaluate_with_progress(prepared, quiet)
-    prepared.finish(result)
-    if not prepared.main:
+    result = _run_with_progress(task, directory, quiet)
+    directory.finish(result)
+    if not directory.main:
         return  # under torchrun only rank 0 reports
-    if prepared.task == "reid":
+    if task.name == "reid":
         _print(result.doc, reid_table(result.doc), as_json)
     else:
         _warn_about(result.doc, forced_channels=gray is not None)
         for line in result.rounding_warnings():  # the saved 8-bit images do not reproduce the reported number
             warn(line)
         _print(result.doc, results_table(result.doc), as_json)
-    stderr.print(f"results written to {prepared.run_dir}", highlight=False)
-    _gate(prepared.run_dir, baseline, max_drop, rule, require_significant, junit, allow_flag, metric)
+    stderr.print(f"results written to {directory.path}", highlight=False)
+    _gate(directory.path, baseline, max_drop, rule, require_significant, junit, allow_flag, metric)
 
 
-def _evaluate_with_progress(prepared: PreparedRun, quiet: bool) -> EvaluationResult:
-    """The run, with its progress on stderr; Ctrl-C and SIGTERM stop it with the finished work saved."""
+def _run_with_progress(task: ClassificationTask | ReIDTask, directory: RunDirectory, quiet: bool) -> Result:
+    """The run, its progress on stderr (a bar, or a line per ReID stage); Ctrl-C and SIGTERM stop it with the
+    finished work saved."""
     from robench.cli.progress_view import EvalProgress
     from robench.evaluation.entries import entry_weights
+    from robench.tasks import Hooks
 
-    suite = prepared.resolved.suite.suite
-    progress = EvalProgress(stderr, f"{prepared.resolved.loaded.name} · {suite.name}", entry_weights(suite),
-                            enabled=not quiet and prepared.main)
-    if prepared.resume_state is not None:
-        stderr.print(f"robench: resuming {prepared.run_dir} after {prepared.resume_state['batches']} finished "
-                     "batch(es)", highlight=False)
+    hooks = Hooks(on_warning=warn, on_step=None if quiet else _note)
+    progress = None
+    if task.name == "classification":
+        suite = task.resolved.suite.suite
+        progress = EvalProgress(stderr, f"{task.resolved.loaded.name} · {suite.name}", entry_weights(suite),
+                                enabled=not quiet and directory.main)
+        hooks = Hooks(progress=progress, on_warning=warn)
+    elif quiet:
+        hooks = Hooks()
+    if directory.resume_state is not None:
+        stderr.print(f"robench: resuming {directory.path} after {_finished_text(task, directory.resume_state)}",
+                     highlight=False)
     # SIGTERM is turned into an interruption only while evaluating: the final progress file is on
     # disk before the results are written, so a kill at any later moment still resumes to the end.
-    with progress, interrupt_on_sigterm():
-        return prepared.evaluate(progress=progress, on_warning=warn)
+    with contextlib.ExitStack() as stack:
+        if progress is not None:
+            stack.enter_context(progress)
+        stack.enter_context(interrupt_on_sigterm())
+        return task.run(directory, hooks)
 
 
-def _evaluate_reid(prepared: PreparedRun, quiet: bool) -> Any:
-    """A ReID run, a line per stage on stderr; Ctrl-C and SIGTERM stop it with the finished settings saved."""
-    if prepared.resume_state is not None:
-        stderr.print(f"robench: resuming {prepared.run_dir} after {len(prepared.resume_state.get('settings', ()))} "
-                     "finished setting(s)", highlight=False)
-    # As for classification: the progress file is on disk before the results are written.
-    with interrupt_on_sigterm():
-        return prepared.evaluate(on_step=None if quiet else _note, on_warning=None if quiet else warn)
+def _finished_text(task: ClassificationTask | ReIDTask, state: dict) -> str:
+    if task.name == "reid":
+        return f"{len(state.get('settings', ()))} finished setting(s)"
+    return f"{state['batches']} finished batch(es)"
 
 
 def _warn_about(doc: dict, forced_channels: bool) -> None:

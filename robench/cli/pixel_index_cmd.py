@@ -5,36 +5,11 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
-from robench.cli.common import handle_errors, stderr, stdout_console, warn
-from robench.errors import UsageError
-
-
-def _ints(text: str | None, what: str) -> list[int]:
-    if not text:
-        return []
-    try:
-        values = [int(v) for v in text.replace(" ", "").split(",") if v]
-    except ValueError:
-        raise UsageError(f"--{what} takes comma-separated integers, got {text!r}") from None
-    if any(v < 0 for v in values) or not values:
-        raise UsageError(f"--{what} values must be non-negative integers, got {text!r}")
-    return values
-
-
-def _areas(text: str | None) -> list[tuple[int, int]]:
-    areas = []
-    for part in (text or "").replace(" ", "").split(","):
-        if not part:
-            continue
-        rows, _, cols = part.lower().partition("x")
-        if not rows.isdigit() or (cols and not cols.isdigit()) or int(rows) < 1 or (cols and int(cols) < 1):
-            raise UsageError(f"--area takes sides such as 200 or 200x150, got {part!r}")
-        areas.append((int(rows), int(cols or rows)))
-    return areas
+from robench.cli.common import handle_errors, interrupt_on_sigterm, stderr, stdout_console, warn
 
 
 @handle_errors
@@ -79,7 +54,10 @@ def pixel_index_command(
                                                    "pixels (decompression bombs; default: Pillow's limit)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     batch_size: int = typer.Option(256, "--batch-size", "-b", help="Images per forward pass."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default runs/pixel-index/<model>/<UTC time>/)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default runs/pixel-index/<model>/<UTC "
+                                       "time>/); an interrupted run there is continued."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the interrupted run in this directory."),
+    save_every: float = typer.Option(2.0, "--save-every", help="Seconds between progress saves (0: every batch)."),
     save_adversarial: Optional[str] = typer.Option(None, "--save-adversarial", metavar="[N|all]",
                                                    help="Save the first N images (alone or all: every image) as changed "
                                                    "by the first trial, per setting and pixel count, in "
@@ -89,76 +67,43 @@ def pixel_index_command(
 ) -> None:
     """Misclassification under random few-pixel changes, and the Pixel-index Pi = w / (p r a)."""
     # Imported here, not at the top: building the command line (--help) must not load torch.
-    from robench.config import check_range
-    from robench.data.images import check_pixel_limit, input_geometry
-    from robench.expressions import eval_expr
-    from robench.models import load_model, resolve_normalization
-    from robench.pixels.experiment import build_settings
-    from robench.pixels.folder import pixel_index_folder
-    from robench.pixels.perturb import CHANNEL_MODES, MAX_TRIALS
-    from robench.pixels.report import pixel_tables
-    from robench.results.adversarial import parse_count
-    from robench.results.tidy import tidy_frame
-    from robench.results.writers import default_run_dir, prepare_run_dir, write_results
+    from robench.tasks import Hooks
+    from robench.tasks.pixel_index import PixelIndexConfig, PixelIndexTask
+    from robench.tasks.rundir import RunDirectory
 
-    counts = _ints(pixels, "pixels")
-    if 0 in counts:
-        raise UsageError("--pixels values must be >= 1")
-    deltas = _ints(delta, "delta")
-    if any(d > 255 for d in deltas):
-        raise UsageError("--delta values must be in [0, 255]")
-    if channels not in CHANNEL_MODES:
-        raise UsageError(f"--channels must be one of {', '.join(CHANNEL_MODES)}, got {channels!r}")
-    check_range("--trials", trials, 1, MAX_TRIALS)
-    if batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
-    attack_eps = None
-    if on_attack is not None:
-        if on_attack.lower() != "fgsm":
-            raise UsageError(f"--on-attack supports fgsm, got {on_attack!r}")
-        if eps is None:
-            raise UsageError("--on-attack needs --eps")
-        attack_eps = eval_expr(eps)
-        if not 0 < attack_eps <= 1:
-            raise UsageError(f"--eps must be in (0, 1] pixel units, got {attack_eps:g}")
-    elif eps is not None:
-        raise UsageError("--eps is only used with --on-attack")
-    resize, crop = input_geometry(input_size, resize, crop)
-    check_pixel_limit(max_image_pixels)
-    keep = parse_count(save_adversarial)  # before any work: a bad count is a usage error
-    normalization = resolve_normalization(normalize, mean, std)
-    loaded = load_model(model, arch=arch, num_classes=num_classes, trust_checkpoint=trust_checkpoint,
-                        weights=weights, dataset=dataset, threat_model=threat_model, model_dir=model_dir)
-    if loaded.preprocessing is not None:
-        # A model by name brings its preprocessing; explicit options still win.
-        normalization = normalization if (normalize or mean or std) else loaded.preprocessing.normalization
-        if resize is None and crop is None:
-            resize, crop = loaded.preprocessing.resize, loaded.preprocessing.crop
-    run_dir = prepare_run_dir(out if out else default_run_dir("pixel-index", loaded.name))
-    doc = pixel_index_folder(
-        loaded, folder, normalization=normalization, pixels=counts, settings=build_settings(deltas, _areas(area)),
-        trials=trials, seed=seed, shared_positions=shared_positions, channels=channels, resize=resize, crop=crop,
-        class_map=class_map, gray=gray, attack_eps=attack_eps, batch_size=batch_size, device=device,
-        max_image_pixels=max_image_pixels, save_adversarial=keep, save_to=run_dir,
-        warn=warn,
+    config = PixelIndexConfig(
+        pixels=pixels, delta=delta, area=area, channels=channels, trials=trials, batch_size=batch_size,
+        save_every=save_every, on_attack=on_attack, eps=eps, input_size=input_size, resize=resize, crop=crop,
+        max_image_pixels=max_image_pixels, save_adversarial=save_adversarial, normalize=normalize, mean=mean,
+        std=std, model=model, folder=folder, arch=arch, num_classes=num_classes, weights=weights, dataset=dataset,
+        threat_model=threat_model, model_dir=model_dir, trust_checkpoint=trust_checkpoint, seed=seed,
+        shared_positions=shared_positions, class_map=class_map, gray=gray, device=device, out=out, resume=resume,
     )
-    config = {"model": loaded.source, "arch": arch, "folder": str(folder), "pixels": counts, "delta": deltas,
-              "area": _areas(area), "trials": trials, "seed": seed, "shared_positions": shared_positions,
-              "channels": channels, "resize": resize, "crop": crop, "class_map": class_map, "gray": gray,
-              "max_image_pixels": max_image_pixels,
-              "normalization": normalization.as_dict() if normalization else None, "on_attack": on_attack,
-              "eps": attack_eps, "device": device, "batch_size": batch_size,
-              **({"save_adversarial": keep} if keep is not None else {})}
-    write_results(run_dir, doc, tidy_frame(doc), config)
+    task = PixelIndexTask(config)
+    directory = RunDirectory.open(task.resume_settings(), task.default_dir, out=config.out, resume=config.resume)
+    if directory.resume_state is not None:
+        stderr.print(f"robench: resuming {directory.path} after {directory.resume_state['clean_total']} finished "
+                     "image(s)", highlight=False)
+    # SIGTERM stops the run like Ctrl-C only while it computes: the last progress file is on disk
+    # before the results are written, so a kill at any later moment still resumes to the end.
+    with interrupt_on_sigterm():
+        result = task.run(directory, Hooks(on_warning=warn))
+    directory.finish(result)
+    _print(result.doc, as_json)
+    if not quiet:
+        stderr.print(f"results written to {directory.path}", highlight=False)
+
+
+def _print(doc: dict[str, Any], as_json: bool) -> None:
+    from robench.pixels.report import pixel_tables
+
     if as_json:
         sys.stdout.write(json.dumps(doc, indent=2) + "\n")
-    else:
-        console = stdout_console()
-        images = doc["images"]
-        console.print(f"{images['evaluated']} of {images['read']} images evaluated: "
-                      f"{images['excluded_misclassified']} excluded (misclassified before any change), "
-                      f"{len(images['skipped'])} file(s) skipped", highlight=False)
-        for table in pixel_tables(doc):
-            console.print(table)
-    if not quiet:
-        stderr.print(f"results written to {run_dir}", highlight=False)
+        return
+    console = stdout_console()
+    images = doc["images"]
+    console.print(f"{images['evaluated']} of {images['read']} images evaluated: "
+                  f"{images['excluded_misclassified']} excluded (misclassified before any change), "
+                  f"{len(images['skipped'])} file(s) skipped", highlight=False)
+    for table in pixel_tables(doc):
+        console.print(table)

@@ -20,13 +20,15 @@ from robench.evaluation.sanity import check_output_shape, explain_failure, first
 from robench.evaluation.speed import (SpeedReport, auto_batch_size, estimated_work, finish, should_compile, speed_up,
                            timed_first_call)
 from robench.evaluation.entries import Entry, build_entries
+from robench.evaluation.kept_examples import (as_float as from_8bit, quantize_adversarial, quantize_clean,
+                                              samples_to_keep)
 from robench.metrics import Scalar
 from robench.evaluation.state import RunInterrupted, RunOutcome, RunState
-from robench.results.adversarial import as_float as from_8bit, quantize_adversarial, quantize_clean, samples_to_keep
 from robench.suites import Suite
 from robench.suites.schema import REID_FIELDS
 
-__all__ = ["check_labels", "dataset_fingerprint", "dataset_labels", "iterate_batches", "run", "segment_batches"]
+__all__ = ["EngineOptions", "check_labels", "dataset_fingerprint", "dataset_labels", "iterate_batches", "run",
+           "segment_batches"]
 
 
 def iterate_batches(dataset: ImageDataset, batch_size: int, workers: int, pin: bool) -> Iterator:
@@ -65,27 +67,38 @@ def check_labels(labels: np.ndarray, num_classes: int, indices: np.ndarray) -> N
         )
 
 
+@dataclass(frozen=True)
+class EngineOptions:
+    """How the engine runs: batching, precision, randomness, compilation, what it keeps.
+
+    Randomness is keyed by ``seed`` and each sample's index, so ``batch_size``, ``refill``,
+    ``workers``, ``compile``, ``channels_last`` and ``save_every`` change the speed, not the results.
+    """
+
+    batch_size: int | str = 256  # or "auto"
+    precision: str = "fp32"
+    seed: int = 0
+    workers: int = 0
+    compile: str = "off"
+    compile_backend: str = "inductor"
+    channels_last: bool = False
+    sweep_reuse: bool = False
+    refill: bool = True
+    save_adversarial: int | None = None  # keep the first N samples' examples (0: all; None: none)
+    save_every: float = 10.0  # seconds between progress snapshots
+
+
 def run(
     model: RobustModel,
     dataset: ImageDataset,
     suite: Suite,
+    options: EngineOptions = EngineOptions(),
     *,
     device: torch.device,
-    batch_size: int | str = 256,
-    precision: str = "fp32",
-    seed: int = 0,
-    workers: int = 0,
     on_batch: Callable[[int], None] | None = None,
     progress: ProgressSink | None = None,
     resume_state: dict | None = None,
     save_state: Callable[[dict], None] | None = None,
-    save_every: float = 10.0,
-    compile: str = "off",
-    compile_backend: str = "inductor",
-    channels_last: bool = False,
-    sweep_reuse: bool = False,
-    refill: bool = True,
-    save_adversarial: int | None = None,
 ) -> RunOutcome:
     """Evaluate every entry of ``suite``, batch by batch.
 
@@ -105,10 +118,29 @@ def run(
     ``save_adversarial`` keeps the first N samples' examples as 8-bit images in the run state
     (0: every sample; None: none), see :mod:`robench.results.adversarial`. It changes no result.
     """
+    _check_inputs(dataset, suite, options)
+    started = time.perf_counter()
+    model.to(device)
+    entries = build_entries(suite, model, options.seed)
+    was_training = any(m.training for m in model.model.modules())
+    state = RunState.for_entries(len(entries), {"model_was_training": was_training},
+                                 keep_examples=options.save_adversarial is not None)
+    with evaluation_mode(model), matmul_precision(options.precision):
+        loop = _Loop(model, dataset, suite, options, entries, state, device, started)
+        loop.prepare(progress, resume_state, was_training)
+        try:
+            loop.all_segments(on_batch, save_state)
+        except BaseException as exc:
+            loop.stopped(exc, save_state)
+            raise
+    return loop.finished_outcome(save_state)
+
+
+def _check_inputs(dataset: ImageDataset, suite: Suite, options: EngineOptions) -> None:
     if len(dataset) == 0:
         raise UsageError("the dataset is empty")
-    auto_batch = batch_size == "auto"
-    if not auto_batch and (not isinstance(batch_size, int) or batch_size < 1):
+    batch_size = options.batch_size
+    if batch_size != "auto" and (not isinstance(batch_size, int) or batch_size < 1):
         raise UsageError(f"--batch-size must be a positive integer or auto, got {batch_size}")
     reid_only = [s.display_name() for s in suite.attacks
                  if any(getattr(s, f) is not None for f in REID_FIELDS)]
@@ -116,102 +148,118 @@ def run(
         raise UsageError(f"suite {suite.name} is for re-identification models "
                          f"({', '.join(reid_only) or 'task: reid'}); evaluate it on market1501:, dukemtmc: "
                          "or reid: data")
-    started = time.perf_counter()
-    model.to(device)
-    entries = build_entries(suite, model, seed)
-    # One stream per field, joined at the end: the fingerprint does not depend on batch size.
-    digests = [hashlib.sha256() for _ in range(3)]
-    done = 0
-    last_save = time.perf_counter()
-    finished = done
-    was_training = any(m.training for m in model.model.modules())
-    state = RunState.for_entries(len(entries), {"model_was_training": was_training},
-                                 keep_examples=save_adversarial is not None)
 
-    def outcome(complete: bool, fingerprint: str, shown: RunState | None = None) -> RunOutcome:
-        return RunOutcome(shown or state, entries, fingerprint, time.perf_counter() - started, complete=complete,
-                          total=len(dataset), batch_size=batch_size)
 
-    with evaluation_mode(model), matmul_precision(precision):
+class _Loop:
+    """One run's segments in order: what is committed (``finished`` batches), what a resume skipped
+    (``done``), the data digest and the snapshots."""
+
+    def __init__(self, model: RobustModel, dataset: ImageDataset, suite: Suite, options: EngineOptions,
+                 entries: list[Entry], state: RunState, device: torch.device, started: float) -> None:
+        self.model, self.dataset, self.suite, self.options = model, dataset, suite, options
+        self.entries, self.state, self.device, self.started = entries, state, device, started
+        # One stream per field, joined at the end: the fingerprint does not depend on batch size.
+        self.digests = [hashlib.sha256() for _ in range(3)]
+        self.done = self.finished = 0  # batches: finished before a resume, committed by now
+        self.last_save = time.perf_counter()
+        self.batch_size = options.batch_size
+        self.resume_state: dict | None = None
+        self.save_state: Callable[[dict], None] | None = None
+
+    def prepare(self, progress: ProgressSink | None, resume_state: dict | None, was_training: bool) -> None:
+        """The forward pass (precision, compilation), the batch size, a resumed state, the attacks' hooks."""
+        options, device, dataset = self.options, self.device, self.dataset
         # eval() on the outer wrapper too: torchattacks restores the mode it finds.
-        forward = PrecisionModel(model, precision, device).eval()
-        compiled = should_compile(compile, device, estimated_work(len(dataset), suite))
-        forward, speed = speed_up(forward, compile=compiled, backend=compile_backend, channels_last=channels_last)
-        if auto_batch:
+        forward = PrecisionModel(self.model, options.precision, device).eval()
+        compiled = should_compile(options.compile, device, estimated_work(len(dataset), self.suite))
+        forward, self.speed = speed_up(forward, compile=compiled, backend=options.compile_backend,
+                                       channels_last=options.channels_last)
+        if self.batch_size == "auto":
             # A resumed run keeps the batches it was cut into.
-            batch_size = resume_state["batch_size"] if resume_state else _auto_batch_size(forward, model, dataset,
-                                                                                           device)
+            self.batch_size = resume_state["batch_size"] if resume_state else _auto_batch_size(
+                forward, self.model, dataset, device)
+        self.resume_state = resume_state
         if resume_state is not None:
-            done = state.restore(resume_state, batch_size)
+            self.done = self.finished = self.state.restore(resume_state, self.batch_size)
             # The saved report describes the run's real first batch; keep it, as an uninterrupted run would.
-            state.sanity["model_was_training"] = bool(state.sanity.get("model_was_training")) or was_training
-        finished = done
+            sanity = self.state.sanity
+            sanity["model_was_training"] = bool(sanity.get("model_was_training")) or was_training
         if progress:
-            progress.start(len(dataset), min(len(dataset), done * batch_size))
-        def checkpoint() -> None:
-            """A snapshot when one is due: the committed batches and the segment under way."""
-            nonlocal last_save
-            if save_state and time.perf_counter() - last_save >= save_every:
-                save_state(state.snapshot(finished, batch_size))
-                last_save = time.perf_counter()
-
-        context = _RunContext(forward, model, entries, device, dataset, dataset_labels(dataset), sweep_reuse,
-                              batch_size, refill, progress, save_adversarial, checkpoint)
-        for entry in entries:
-            entry.attack.log = _attack_logger(entry, context)
-            entry.attack.meter = _attack_meter(entry, context)
+            progress.start(len(dataset), min(len(dataset), self.done * self.batch_size))
+        self.context = _RunContext(forward, self.model, self.entries, device, dataset, dataset_labels(dataset),
+                                   options.sweep_reuse, self.batch_size, options.refill, progress,
+                                   options.save_adversarial, self.checkpoint)
+        for entry in self.entries:
+            entry.attack.log = _attack_logger(entry, self.context)
+            entry.attack.meter = _attack_meter(entry, self.context)
         # Without refill nothing gains from longer queues: a batch at a time, committed as it finishes.
-        per_segment = segment_batches(batch_size, dataset) if refill else 1
-        try:
-            hashed = 0
-            pending: list[tuple] = []  # batches of the segment being gathered: (x, y, idx, bytes)
+        self.per_segment = segment_batches(self.batch_size, dataset) if options.refill else 1
 
-            def run_segment() -> None:
-                nonlocal finished
-                first = _FirstBatch(resume_state is None, speed) if finished == done else None
-                _run_segment(pending, context, state, first, finished)
-                # Hashed once finished: a snapshot's data digest covers exactly its batches.
-                for batch in pending:
-                    _hash_batch(digests, batch[3])
-                state.data_digest = _joined_digest(digests)
-                finished += len(pending)
-                if on_batch:
-                    on_batch(sum(len(b[1]) for b in pending))
-                pending.clear()
-                checkpoint()
+    def checkpoint(self) -> None:
+        """A snapshot when one is due: the committed batches and the segment under way."""
+        if self.save_state and time.perf_counter() - self.last_save >= self.options.save_every:
+            self.save_state(self.state.snapshot(self.finished, self.batch_size))
+            self.last_save = time.perf_counter()
 
-            for b, (x, y, idx) in enumerate(iterate_batches(dataset, batch_size, workers, device.type == "cuda")):
-                parts = _batch_bytes(x, y, idx)
-                hashed = b + 1
-                if b < done:
-                    # Finished before the interruption: only the fingerprint needs its data.
-                    _hash_batch(digests, parts)
-                    if b + 1 == done:
-                        _check_same_data(resume_state, digests, done, dataset.name)
-                    continue
-                pending.append((x, y, idx, parts))
-                if len(pending) == per_segment:
-                    run_segment()
-            if pending:
-                run_segment()
-            if hashed < done:  # fewer batches than the interrupted run finished
-                raise _data_changed(dataset.name, done)
-        except BaseException as exc:
-            # Interrupted (Ctrl-C, SIGTERM) or failed: keep every finished batch, and what the segment
-            # under way finished, for --resume.
-            if save_state and (finished > done or state.partial is not None):
-                save_state(state.snapshot(finished, batch_size))
-            if isinstance(exc, KeyboardInterrupt):
-                shown = _with_finished_rows(state, exc, context) if isinstance(exc, _SegmentInterrupted) else state
-                raise RunInterrupted(outcome(False, "", shown)) from exc
-            raise
-    if save_state:
-        save_state(state.snapshot(finished, batch_size))
-    finish(speed)
-    result = outcome(True, _joined_digest(digests))
-    result.speed = {**speed.as_dict(), "sweep_reuse": sweep_reuse, "batch_size_auto": auto_batch, "refill": refill,
-                    "segment_batches": per_segment}
-    return result
+    def all_segments(self, on_batch: Callable[[int], None] | None,
+                     save_state: Callable[[dict], None] | None) -> None:
+        self.save_state = save_state
+        hashed, pending = 0, []  # pending: the batches of the segment being gathered, (x, y, idx, bytes)
+        batches = iterate_batches(self.dataset, self.batch_size, self.options.workers, self.device.type == "cuda")
+        for b, (x, y, idx) in enumerate(batches):
+            parts = _batch_bytes(x, y, idx)
+            hashed = b + 1
+            if b < self.done:
+                # Finished before the interruption: only the fingerprint needs its data.
+                _hash_batch(self.digests, parts)
+                if b + 1 == self.done:
+                    _check_same_data(self.resume_state, self.digests, self.done, self.dataset.name)
+                continue
+            pending.append((x, y, idx, parts))
+            if len(pending) == self.per_segment:
+                self.segment(pending, on_batch)
+        if pending:
+            self.segment(pending, on_batch)
+        if hashed < self.done:  # fewer batches than the interrupted run finished
+            raise _data_changed(self.dataset.name, self.done)
+
+    def segment(self, pending: list[tuple], on_batch: Callable[[int], None] | None) -> None:
+        first = _FirstBatch(self.resume_state is None, self.speed) if self.finished == self.done else None
+        _run_segment(pending, self.context, self.state, first, self.finished)
+        # Hashed once finished: a snapshot's data digest covers exactly its batches.
+        for batch in pending:
+            _hash_batch(self.digests, batch[3])
+        self.state.data_digest = _joined_digest(self.digests)
+        self.finished += len(pending)
+        if on_batch:
+            on_batch(sum(len(b[1]) for b in pending))
+        pending.clear()
+        self.checkpoint()
+
+    def stopped(self, exc: BaseException, save_state: Callable[[dict], None] | None) -> None:
+        """Interrupted (Ctrl-C, SIGTERM) or failed: keep every finished batch, and what the segment under way
+        finished, for --resume; an interruption becomes ``RunInterrupted`` with what finished."""
+        state = self.state
+        if save_state and (self.finished > self.done or state.partial is not None):
+            save_state(state.snapshot(self.finished, self.batch_size))
+        if isinstance(exc, KeyboardInterrupt):
+            shown = _with_finished_rows(state, exc, self.context) if isinstance(exc, _SegmentInterrupted) else state
+            raise RunInterrupted(self.outcome(False, "", shown)) from exc
+
+    def outcome(self, complete: bool, fingerprint: str, shown: RunState | None = None) -> RunOutcome:
+        return RunOutcome(shown or self.state, self.entries, fingerprint, time.perf_counter() - self.started,
+                          complete=complete, total=len(self.dataset), batch_size=self.batch_size)
+
+    def finished_outcome(self, save_state: Callable[[dict], None] | None) -> RunOutcome:
+        if save_state:
+            save_state(self.state.snapshot(self.finished, self.batch_size))
+        finish(self.speed)
+        result = self.outcome(True, _joined_digest(self.digests))
+        options = self.options
+        result.speed = {**self.speed.as_dict(), "sweep_reuse": options.sweep_reuse,
+                        "batch_size_auto": options.batch_size == "auto", "refill": options.refill,
+                        "segment_batches": self.per_segment}
+        return result
 
 
 class ProgressSink(Protocol):

@@ -95,11 +95,12 @@ def load_example_reid_data(name: str):
     return load_reid_digits(_files(name)[1], "example:reid-digits")  # results name the data, not the model
 
 
-def load_example_model(name: str):
-    from robench.models.loading import LoadedModel, load_model
+def example_model_file(name: str) -> tuple[Path, str, int | None]:
+    """The weights file of ``example:NAME``, its architecture and number of classes.
 
+    The model itself is loaded by ``robench.models.loading.load_example_model``: the loader reads
+    this catalogue, so the examples never import the loader.
+    """
     weights, _ = _files(name)
     arch, num_classes = ARCHITECTURES[name]
-    loaded: LoadedModel = load_model(str(weights), arch=arch, num_classes=num_classes)
-    loaded.name = f"example-{name}"
-    return loaded
+    return weights, arch, num_classes

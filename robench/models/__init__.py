@@ -1,6 +1,8 @@
 """Model loading (files and models by name), preprocessing metadata and the normalising wrapper."""
 
-from robench.models.loading import ARCHITECTURES, LoadedModel, load_model, register_architecture
+from robench.models.architectures import ARCHITECTURES, register_architecture
+from robench.models.checkpoints import LoadedModel
+from robench.models.loading import load_model
 from robench.models.preprocessing import PRESETS, Normalization, Preprocessing, resolve_normalization
 from robench.models.wrapper import RobustModel, evaluation_mode, logits_from
 

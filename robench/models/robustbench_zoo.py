@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from robench.errors import RunError, UsageError
-from robench.models.loading import LoadedModel, sha256_file
+from robench.models.checkpoints import LoadedModel, sha256_file
 from robench.models.preprocessing import Preprocessing
-from robench.models.sources import SourceOptions, first_line
+from robench.models.source_options import SourceOptions, first_line
 from robench.registry import did_you_mean
 
 DATASETS = ("cifar10", "cifar100", "imagenet")

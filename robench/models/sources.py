@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib
 import pickle
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,40 +18,25 @@ import torch
 from torch import nn
 
 from robench.errors import RobenchError, RunError, UsageError
-from robench.models.loading import (
+from robench.models.architectures import check_torchvision_arch, torchvision_model
+from robench.models.checkpoints import (
     LoadedModel,
     check_model_path,
-    check_torchvision_arch,
     hash_model_file,
     hub_cache_path,
     load_weights,
     program_kind,
     read_checkpoint,
     sha256_file,
-    torchvision_model,
     unwrap_state_dict,
 )
 from robench.models.preprocessing import INTERPOLATIONS, Preprocessing, eval_geometry
+from robench.models.robustbench_zoo import load_robustbench
+from robench.models.source_options import SourceOptions, first_line
 from robench.registry import did_you_mean
 
 NAMED_SOURCES = ("timm", "torchvision", "hf", "robustbench")
 SPEC_HELP = "timm:NAME, torchvision:NAME[:WEIGHTS], hf:REPO_ID or robustbench:NAME"
-
-
-@dataclass(frozen=True)
-class SourceOptions:
-    """The options that pick a named model's weights (``--weights``, ``--num-classes``, RobustBench's)."""
-
-    weights: str | None = None
-    num_classes: int | None = None
-    dataset: str | None = None
-    threat_model: str | None = None
-    model_dir: str | None = None
-    trust_checkpoint: bool = False
-
-    def robustbench_given(self) -> list[str]:
-        return [flag for flag, value in (("--dataset", self.dataset), ("--threat-model", self.threat_model),
-                                         ("--model-dir", self.model_dir)) if value is not None]
 
 
 def is_named_spec(spec: str) -> bool:
@@ -80,8 +64,6 @@ def load_named(spec: str, options: SourceOptions, *, arch: str | None = None,
     if kind != "robustbench" and options.robustbench_given():
         raise UsageError(f"{_apply(options.robustbench_given())} to robustbench: models only, not to {spec}")
     if kind == "robustbench":
-        from robench.models.robustbench_zoo import load_robustbench
-
         return load_robustbench(spec, name, options)
     loaders: dict[str, Callable[[str, str, SourceOptions], LoadedModel]] = {
         "timm": _load_timm, "torchvision": _load_torchvision, "hf": _load_hf}
@@ -97,12 +79,6 @@ def require(module: str, message: str) -> Any:
         return importlib.import_module(module)
     except ImportError:
         raise UsageError(message) from None
-
-
-def first_line(exc: BaseException) -> str:
-    """Libraries raise multi-line errors (a state dict's key lists); the user gets one line."""
-    text = str(exc).strip().splitlines()
-    return (text[0].rstrip(".") if text else type(exc).__name__)[:400]
 
 
 def weights_file(options: SourceOptions, spec: str) -> tuple[Path, str] | None:

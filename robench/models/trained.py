@@ -19,6 +19,9 @@ from typing import Any, Mapping
 import torch
 
 from robench.errors import UsageError
+from robench.models.architectures import ARCHITECTURES, build_arch, num_classes_problem
+from robench.models.checkpoints import fit_problems, strip_prefixes
+from robench.models.preprocessing import Preprocessing
 
 PREFIX = "robench."
 FORMAT = "robench-trained-1"
@@ -37,8 +40,6 @@ class TrainedInfo:
     recipe: str | None
 
     def preprocessing(self):
-        from robench.models.preprocessing import Preprocessing
-
         source = f"robench train recipe {self.recipe}" if self.recipe else "robench train"
         return Preprocessing(source, mean=self.mean, std=self.std,
                              input_size=tuple(self.input_size) if self.input_size else None)
@@ -122,8 +123,6 @@ def _arch(path: Path, meta: dict[str, str]) -> str:
 
 
 def _num_classes(path: Path, value: Any) -> int | None:
-    from robench.models.loading import num_classes_problem
-
     problem = num_classes_problem(value)
     if problem:
         raise damaged(path, f"num_classes {problem}")
@@ -176,8 +175,6 @@ def check_fits(path: Path, info: TrainedInfo) -> None:
     Checked before the real network is built: a forged ``num_classes`` within bounds would
     otherwise still allocate its classifier before any shape is compared.
     """
-    from robench.models.loading import build_arch, fit_problems
-
     found = _shapes(path)
     try:
         with torch.device("meta"):
@@ -196,8 +193,6 @@ def _shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Tensor shapes from the header alone; {} when unreadable (the regular reader reports it)."""
     from safetensors import safe_open
 
-    from robench.models.loading import strip_prefixes
-
     try:
         with safe_open(str(path), framework="pt") as f:
             return {strip_prefixes(k): tuple(f.get_slice(k).get_shape()) for k in f.keys()}
@@ -207,6 +202,4 @@ def _shapes(path: Path) -> dict[str, tuple[int, ...]]:
 
 def importable_without_code(arch: str) -> bool:
     """Architectures a file may name: registered ones and torchvision's (no module is imported)."""
-    from robench.models.loading import ARCHITECTURES
-
     return arch in ARCHITECTURES or arch.startswith("torchvision:")

@@ -15,10 +15,11 @@ import numpy as np
 import torch
 
 from robench.attacks import randomness
+from robench.evaluation.kept_examples import as_float, quantize_clean, samples_to_keep
 from robench.models.wrapper import RobustModel, evaluation_mode
 from robench.pixels.experiment import PixelSetting
 from robench.pixels.perturb import change_pixels
-from robench.results.adversarial import SavedExamples, as_float, nhwc, quantize_clean, samples_to_keep
+from robench.results.adversarial import SavedExamples, nhwc
 
 TRIAL = 0  # the trial whose changes are saved
 

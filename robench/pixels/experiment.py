@@ -16,19 +16,19 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from robench.attacks import FGSM, randomness
 from robench.errors import UsageError
 from robench.models.wrapper import RobustModel, evaluation_mode
-from robench.pixels.perturb import pixel_trials
-from robench.pixels.index import pixel_index_terms
-from robench.pixels.perturb import area_box, value_range
+from robench.pixels.perturb import area_box, pixel_trials
 
 _KIND_CODE = {"range": 0, "delta": 1, "area": 2, "attack": 3}
+PIXEL_PROGRESS_FORMAT = "robench.pixel-progress/1"  # the snapshots of ``run_pixel_experiments``
 
 
 @dataclass(frozen=True)
@@ -64,25 +64,121 @@ class PixelCounts:
     fingerprint: str = ""
     seconds: float = 0.0
     forward_images: int = 0  # images passed through the model, all passes together
+    batches: int = 0  # finished batches these counts hold
+    data_digest: str = ""  # of those batches' images and labels: a resume checks it
+
+    def merged(self, batch: "PixelCounts", data_digest: str) -> "PixelCounts":
+        """New counts: these and one more finished batch's. The run swaps them in with one assignment,
+        so an interruption never leaves a batch half counted."""
+        counts, adversarial_counts = dict(self.counts), dict(self.adversarial_counts)
+        for key, trials in batch.counts.items():
+            _add(counts, key, trials)
+        for key, trials in batch.adversarial_counts.items():
+            _add(adversarial_counts, key, trials)
+        return replace(self, evaluated=self.evaluated + batch.evaluated,
+                       clean_total=self.clean_total + batch.clean_total,
+                       clean_correct=self.clean_correct + batch.clean_correct, counts=counts,
+                       adversarial=self.adversarial + batch.adversarial, adversarial_counts=adversarial_counts,
+                       forward_images=self.forward_images + batch.forward_images, batches=self.batches + 1,
+                       data_digest=data_digest)
+
+    def snapshot(self, batch_size: int) -> dict[str, Any]:
+        """The finished batches' counts as plain numbers, strings and tensors, which
+        ``torch.load(weights_only=True)`` reads back; the per-setting table becomes
+        ``[setting index, pixels, per-trial counts]`` rows (no tuple keys)."""
+        return {"format": PIXEL_PROGRESS_FORMAT, "batches": self.batches, "batch_size": batch_size,
+                "data_digest": self.data_digest, "evaluated": self.evaluated, "clean_total": self.clean_total,
+                "clean_correct": self.clean_correct, "adversarial": self.adversarial,
+                "forward_images": self.forward_images, "seconds": self.seconds,
+                "counts": [[si, n, trials] for (si, n), trials in self.counts.items()],
+                "adversarial_counts": [[n, trials] for n, trials in self.adversarial_counts.items()]}
+
+    @classmethod
+    def restored(cls, snapshot: dict[str, Any], batch_size: int) -> "PixelCounts":
+        """The counts of a snapshot taken with the same batch size."""
+        if not isinstance(snapshot, dict) or snapshot.get("format") != PIXEL_PROGRESS_FORMAT:
+            raise UsageError("cannot resume: the progress file is not that of a robench Pixel-index run")
+        if snapshot["batch_size"] != batch_size:
+            raise UsageError(f"cannot resume: the run used --batch-size {snapshot['batch_size']}, not {batch_size}")
+        return cls(evaluated=snapshot["evaluated"], clean_total=snapshot["clean_total"],
+                   clean_correct=snapshot["clean_correct"], adversarial=snapshot["adversarial"],
+                   seconds=snapshot["seconds"], forward_images=snapshot["forward_images"],
+                   batches=snapshot["batches"], data_digest=snapshot["data_digest"],
+                   counts={(si, n): trials for si, n, trials in snapshot["counts"]},
+                   adversarial_counts={n: trials for n, trials in snapshot["adversarial_counts"]})
 
 
-def run_pixel_experiments(
-    model: RobustModel,
-    images: torch.Tensor,
-    labels: torch.Tensor | None,
-    *,
-    pixels: list[int],
-    settings: list[PixelSetting],
-    trials: int = 1,
-    seed: int = 0,
-    shared_positions: bool = False,
-    channels: str = "all",
-    attack_eps: float | None = None,
-    batch_size: int = 256,
-    device: torch.device = torch.device("cpu"),
-    on_batch: Callable[[int], None] | None = None,
-) -> PixelCounts:
-    """``images``: uint8 NCHW at the model's input size; ``labels`` None means "the clean prediction"."""
+class PixelExperimentsInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) during the experiments; ``counts`` holds the batches that finished."""
+
+    def __init__(self, counts: PixelCounts) -> None:
+        super().__init__("the pixel experiments were interrupted")
+        self.counts = counts
+
+
+def run_pixel_experiments(model: RobustModel, images: torch.Tensor, labels: torch.Tensor | None, *, pixels: list[int],
+                          settings: list[PixelSetting], trials: int = 1, seed: int = 0, shared_positions: bool = False,
+                          channels: str = "all", attack_eps: float | None = None, batch_size: int = 256,
+                          device: torch.device = torch.device("cpu"), on_batch: Callable[[int], None] | None = None,
+                          resume_state: dict[str, Any] | None = None,
+                          save_state: Callable[[dict[str, Any]], None] | None = None,
+                          save_every: float = 2.0) -> PixelCounts:
+    """``images``: uint8 NCHW at the model's input size; ``labels`` None means "the clean prediction".
+
+    ``save_state`` receives a snapshot (``PixelCounts.snapshot``) after a batch at most every
+    ``save_every`` seconds, after the last batch and when the run stops; ``resume_state`` (such
+    a snapshot) skips the batches it holds, once their images are found unchanged. Draws are
+    keyed by image position, so a resumed run counts exactly what an uninterrupted one does.
+    Ctrl-C raises ``PixelExperimentsInterrupted`` with the finished batches' counts.
+    """
+    _check_inputs(images, pixels, settings, trials)
+    started = time.perf_counter()
+    out = PixelCounts.restored(resume_state, batch_size) if resume_state is not None else PixelCounts()
+    done, earlier = out.batches, out.seconds  # finished, and the time they took, before an interruption
+    batch = _BatchExperiments(model, pixels, settings, trials, seed, attack_eps, device,
+                              {"shared_positions": shared_positions, "channels": channels})
+    digest = _DataDigest()
+    seen, last_save = 0, time.perf_counter()  # seen: batches read, finished ones included
+
+    def snapshot() -> dict[str, Any]:
+        out.seconds = earlier + time.perf_counter() - started
+        return out.snapshot(batch_size)
+
+    model.to(device)
+    with evaluation_mode(model), torch.no_grad():
+        try:
+            for start in range(0, len(images), batch_size):
+                x, y = images[start:start + batch_size], None if labels is None else labels[start:start + batch_size]
+                digest.add(x, y)
+                seen += 1
+                if seen <= done:  # finished before the interruption: only the digests need its images
+                    if seen == done and digest.data() != resume_state["data_digest"]:
+                        raise _images_changed(done)
+                    continue
+                out = out.merged(batch.run(x, y, start), digest.data())
+                if on_batch:
+                    on_batch(len(x))
+                if save_state and time.perf_counter() - last_save >= save_every:
+                    save_state(snapshot())
+                    last_save = time.perf_counter()
+            if seen < done:  # fewer batches than the interrupted run finished
+                raise _images_changed(done)
+        except BaseException as exc:
+            # Interrupted or failed: the finished batches stay for --resume.
+            if save_state and out.batches > done:
+                save_state(snapshot())
+            if isinstance(exc, KeyboardInterrupt):
+                out.seconds = earlier + time.perf_counter() - started
+                raise PixelExperimentsInterrupted(out) from exc
+            raise
+    if save_state:
+        save_state(snapshot())
+    out.fingerprint = digest.images.hexdigest()
+    out.seconds = earlier + time.perf_counter() - started
+    return out
+
+
+def _check_inputs(images: torch.Tensor, pixels: list[int], settings: list[PixelSetting], trials: int) -> None:
     if images.dtype != torch.uint8 or images.dim() != 4:
         raise UsageError("pixel experiments need 8-bit images (uint8 NCHW)")
     if trials < 1:
@@ -92,39 +188,67 @@ def run_pixel_experiments(
         _, _, rows, cols = area_box(h, w, s.area)
         if max(pixels) > rows * cols:
             raise UsageError(f"{max(pixels)} pixels do not fit in the {s.label} area of a {h}x{w} input")
-    started = time.perf_counter()
-    out = PixelCounts()
-    digest = hashlib.sha256()
-    change = {"shared_positions": shared_positions, "channels": channels}
-    model.to(device)
-    with evaluation_mode(model), torch.no_grad():
-        for start in range(0, len(images), batch_size):
-            x = images[start:start + batch_size]
-            digest.update(x.numpy().tobytes())
-            ids = torch.arange(start, start + len(x), device=device)
-            x = x.to(device).float().div_(255.0)
-            pred = model(x).argmax(dim=1)
-            out.forward_images += len(x)
-            ref = pred if labels is None else labels[start:start + len(x)].to(device)
-            keep = pred == ref
-            out.clean_total += len(x)
-            out.clean_correct += int(keep.sum())
-            x, ref, ids = x[keep], ref[keep], ids[keep]
-            out.evaluated += len(x)
-            if len(x):
-                for si, s in enumerate(settings):
-                    for n in pixels:
-                        fooled = pixel_trials(model, x, ref, ids, n_pixels=n, trials=trials,
-                                              key=s.stream(seed, n), delta=s.delta, area=s.area, **change)
-                        _add(out.counts, (si, n), fooled.sum(dim=1).cpu())
-                        out.forward_images += trials * len(x)
-                if attack_eps is not None:
-                    _attack_experiment(model, x, ref, ids, out, pixels, trials, seed, attack_eps, change)
-            if on_batch:
-                on_batch(len(images[start:start + batch_size]))
-    out.fingerprint = digest.hexdigest()
-    out.seconds = time.perf_counter() - started
-    return out
+
+
+def _images_changed(done: int) -> UsageError:
+    return UsageError(f"cannot resume: the images changed since the interrupted run (its first {done} batch(es) "
+                      "differ); start a new run with another --out")
+
+
+class _DataDigest:
+    """SHA-256 of the images (the folder's fingerprint) and of their labels, fed batch by batch."""
+
+    def __init__(self) -> None:
+        self.images = hashlib.sha256()
+        self.labels = hashlib.sha256()
+
+    def add(self, x: torch.Tensor, y: torch.Tensor | None) -> None:
+        self.images.update(x.numpy().tobytes())
+        if y is not None:
+            self.labels.update(y.cpu().numpy().astype(np.int64).tobytes())
+
+    def data(self) -> str:
+        """Both, for the batches added so far (``digest()`` leaves the streams open for more)."""
+        return hashlib.sha256(self.images.digest() + self.labels.digest()).hexdigest()
+
+
+@dataclass
+class _BatchExperiments:
+    """Every experiment on one batch of images, added to the run's counts."""
+
+    model: RobustModel
+    pixels: list[int]
+    settings: list[PixelSetting]
+    trials: int
+    seed: int
+    attack_eps: float | None
+    device: torch.device
+    change: dict[str, Any]
+
+    def run(self, images: torch.Tensor, labels: torch.Tensor | None, start: int) -> PixelCounts:
+        """The batch's counts, apart from the run's: an interruption inside a batch leaves nothing half-counted."""
+        model, trials, out = self.model, self.trials, PixelCounts()
+        ids = torch.arange(start, start + len(images), device=self.device)  # the draws' key: position in the folder
+        x = images.to(self.device).float().div_(255.0)
+        pred = model(x).argmax(dim=1)
+        out.forward_images += len(x)
+        ref = pred if labels is None else labels.to(self.device)
+        keep = pred == ref
+        out.clean_total += len(x)
+        out.clean_correct += int(keep.sum())
+        x, ref, ids = x[keep], ref[keep], ids[keep]
+        out.evaluated += len(x)
+        if not len(x):
+            return out
+        for si, s in enumerate(self.settings):
+            for n in self.pixels:
+                fooled = pixel_trials(model, x, ref, ids, n_pixels=n, trials=trials, key=s.stream(self.seed, n),
+                                      delta=s.delta, area=s.area, **self.change)
+                _add(out.counts, (si, n), fooled.sum(dim=1).cpu())
+                out.forward_images += trials * len(x)
+        if self.attack_eps is not None:
+            _attack_experiment(model, x, ref, ids, out, self.pixels, trials, self.seed, self.attack_eps, self.change)
+        return out
 
 
 def _attack_experiment(model, x, ref, ids, out: PixelCounts, pixels, trials, seed, eps, change) -> None:
@@ -147,46 +271,3 @@ def _attack_experiment(model, x, ref, ids, out: PixelCounts, pixels, trials, see
 
 def _add(table: dict, key: Any, value: torch.Tensor) -> None:
     table[key] = table[key] + value if key in table else value
-
-
-def experiments_document(counts: PixelCounts, settings: list[PixelSetting], pixels: list[int],
-                         image_hw: tuple[int, int], attack_eps: float | None) -> list[dict[str, Any]]:
-    """One object per setting: per pixel count, misclassified (mean over trials), w, p, r, a, pi."""
-    h, w = image_hw
-    total = counts.evaluated
-    experiments = []
-    for si, s in enumerate(settings):
-        rows = []
-        vr = value_range(s.delta)
-        area_pixels = s.area[0] * s.area[1] if s.area else None
-        for n in pixels:
-            per_trial = counts.counts.get((si, n), torch.zeros(1))
-            mean = float(per_trial.float().mean())
-            rows.append({
-                "pixels": n,
-                "misclassified": mean,
-                "misclassified_trials": [int(v) for v in per_trial],
-                "misclassified_std": float(per_trial.float().std()) if len(per_trial) > 1 else 0.0,
-                "total": total,
-                "recognition_rate": 1.0 - mean / total,
-                **pixel_index_terms(mean, total, n, h * w, vr, area_pixels),
-            })
-        experiments.append({"experiment": s.experiment, "setting": s.label, "delta": s.delta,
-                            "area": list(s.area) if s.area else None, "value_range": vr, "results": rows})
-    if attack_eps is not None:
-        rows = []
-        for n in pixels:
-            per_trial = counts.adversarial_counts.get(n, torch.zeros(1))
-            mean = float(per_trial.float().mean())
-            adv = counts.adversarial
-            rows.append({
-                "pixels": n,
-                "misclassified": mean,  # still fooled after the change
-                "misclassified_trials": [int(v) for v in per_trial],
-                "misclassified_std": float(per_trial.float().std()) if len(per_trial) > 1 else 0.0,
-                "total": adv,
-                "recognition_rate": 1.0 - mean / adv if adv else None,  # returned to the correct class
-            })
-        experiments.append({"experiment": "attack", "setting": "fgsm", "attack": "fgsm", "eps": attack_eps,
-                            "adversarial": counts.adversarial, "results": rows})
-    return experiments

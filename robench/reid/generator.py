@@ -10,6 +10,7 @@ never looked at.
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -83,10 +84,18 @@ class GeneratorConfig:
     seed: int = 0
 
 
+def generator_bytes(generator: PerturbationGenerator, config: GeneratorConfig,
+                    history: list[dict[str, Any]]) -> bytes:
+    """The generator file's content (what ``load_generator`` reads), to be written in one piece."""
+    buffer = io.BytesIO()
+    torch.save({"format": "robench.dmr-generator/1", "state_dict": generator.state_dict(),
+                "config": asdict(config), "history": history}, buffer)
+    return buffer.getvalue()
+
+
 def save_generator(path: Path, generator: PerturbationGenerator, config: GeneratorConfig,
                    history: list[dict[str, Any]]) -> None:
-    torch.save({"format": "robench.dmr-generator/1", "state_dict": generator.state_dict(),
-                "config": asdict(config), "history": history}, path)
+    Path(path).write_bytes(generator_bytes(generator, config, history))
 
 
 def load_generator(path: str | Path) -> tuple[PerturbationGenerator, GeneratorConfig]:

@@ -28,7 +28,7 @@ from robench.results.adversarial import entry_label, unique_stems
 from robench.results.metric_table import metric_info
 from robench.results.reading import (KNOWN_SCHEMAS, ResultFile, comparability_problems, load_json,
                                      read_result, results_frame, validate_document)
-from robench.results.writers import write_file_atomically
+from robench.results.atomic import write_file_atomically
 
 SUFFIXES = (".html", ".htm")
 KIND_ORDER = ("classification", "reid", "pixel")

@@ -15,7 +15,7 @@ _EXPORTS = {
     "TIDY_COLUMNS": "robench.results.tidy",
     "tidy_frame": "robench.results.tidy",
     "tidy_rows": "robench.results.tidy",
-    "atomic_write": "robench.results.writers",
+    "atomic_write": "robench.results.atomic",
     "default_run_dir": "robench.results.writers",
     "prepare_run_dir": "robench.results.writers",
     "write_run": "robench.results.writers",

@@ -29,7 +29,8 @@ and within the entry's eps. For data on the 8-bit grid (images read from 8-bit f
 the bundled digits) ``x = clean_q / 255`` and this is the rounding of ``x_adv`` itself;
 for other data the clean image moves by at most half a step and the perturbation is
 bounded against the saved clean image. One tolerance: a perturbation within
-``STEP_TOLERANCE`` of a whole step counts as that step. An attack's projection works in
+``STEP_TOLERANCE`` (in ``robench.evaluation.kept_examples``, with the rounding itself) of a
+whole step counts as that step. An attack's projection works in
 float32, where ``x + 8/255`` can land a hair under 8 steps from ``x``; truncating those
 pixels to 7 steps would silently weaken the example (on the digits model it cost PGD
 at 8/255 a third of its saved successes). The excess allowed is 1e-4/255 per pixel,
@@ -61,14 +62,14 @@ import numpy as np
 import torch
 
 from robench.errors import UsageError
+from robench.evaluation.kept_examples import quantize_adversarial, quantize_clean
 from robench.files import check_regular_file
-from robench.results.writers import write_file_atomically
+from robench.results.atomic import write_file_atomically
 
 if TYPE_CHECKING:
     from robench.evaluation.state import RunOutcome
 
 FOLDER = "adversarial"
-STEP_TOLERANCE = 1e-4  # of one 1/255 step: float32 noise of an attack's projection, not a perturbation
 # File systems allow 255 bytes a name: a stem leaves room for -N, .npz or .png and the temporary
 # name an atomic write uses beside the file (a dot before, a dot and 8 characters after).
 MAX_STEM_BYTES = 100
@@ -86,31 +87,6 @@ def parse_count(value: Any, option: str = "--save-adversarial") -> int | None:
     if isinstance(value, bool) or not (text.isascii() and text.isdigit()):
         raise UsageError(f"{option} takes a number of samples or all, got {value!r}")
     return int(text)
-
-
-def samples_to_keep(count: int, already: int, segment: int) -> int:
-    """How many leading rows of a segment fall among the first ``count`` samples (0: all of them)."""
-    if count == 0:
-        return segment
-    return max(0, min(segment, count - already))
-
-
-def quantize_clean(x: torch.Tensor) -> torch.Tensor:
-    """Float images in [0,1] -> uint8, each value rounded to the nearest k/255."""
-    return torch.round(x.detach().double() * 255.0).clamp_(0, 255).to(torch.uint8)
-
-
-def quantize_adversarial(x: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
-    """The adversarial image in uint8: the saved clean image plus the perturbation rounded toward zero."""
-    # float64: the difference of two float32 values is exact there.
-    steps = (x_adv.detach().double() - x.detach().double()) * 255.0
-    steps = torch.trunc(steps + torch.sign(steps) * STEP_TOLERANCE)
-    return (quantize_clean(x).double() + steps).clamp_(0, 255).to(torch.uint8)
-
-
-def as_float(images: torch.Tensor) -> torch.Tensor:
-    """uint8 -> float in [0,1], as the data loaders convert 8-bit images."""
-    return images.float().div_(255.0)
 
 
 @dataclass

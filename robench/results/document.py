@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from robench._version import __version__
-from robench.models.loading import LoadedModel
+from robench.models.checkpoints import LoadedModel
 from robench.models.preprocessing import Normalization
 from robench.evaluation.precision import device_name
 

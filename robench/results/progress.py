@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from robench.errors import UsageError
-from robench.results.writers import write_file_atomically
+from robench.results.atomic import write_file_atomically
 
 PROGRESS_FILE = "progress.pt"
 

@@ -1,6 +1,6 @@
 """The tidy form of a results document: one row per value, the same for every kind of run.
 
-``results.csv`` holds these rows, ``EvaluationResult.tidy()`` returns them and the reader
+``results.csv`` holds these rows, ``Result.tidy()`` returns them and the reader
 behind ``compare`` and ``gate`` builds its table from them, so what a run writes and what
 is read back never disagree. Rows follow the document's own keys (every ``rankN`` a ReID
 run reports, every metric of a pixel row) rather than a fixed list.

@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-import errno
 import json
-import os
 import shlex
-import shutil
 import sys
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
 import pandas as pd
 
-from robench.errors import RunError, UsageError
+from robench.errors import UsageError
+from robench.results.atomic import atomic_write
 from robench.results.locking import lock_run_dir
 from robench.results.tidy import tidy_frame
-
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def default_run_dir(suite: str, model: str, base: str = "runs") -> Path:
@@ -90,59 +85,6 @@ def prepare_run_dir(path: Path, complete: Callable[[Path], str | None] = _finish
     return path
 
 
-def current_umask() -> int:
-    # os.umask can only be read by setting it; it is set straight back.
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def disk_full_error(path: Path) -> RunError:
-    """Name the disk, not the library call that noticed it."""
-    try:
-        free = f"{shutil.disk_usage(path.parent).free:,} bytes free"
-    except OSError:
-        free = "free space unknown"
-    return RunError(f"no space left on the device holding {path.parent} ({free}) while writing {path.name}; "
-                    "free some space and run the same command again (finished work is resumed, not redone)")
-
-
-def is_disk_full(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) and exc.errno in _DISK_FULL
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Write to a temporary file beside ``path`` and rename: readers never see half a file."""
-    write_file_atomically(path, text.encode("utf-8"))
-
-
-def write_file_atomically(path: Path, data: bytes) -> None:
-    """Bytes to a temporary file, then a rename; the file gets the mode the umask asks for."""
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    except OSError as exc:
-        raise _write_error(path, exc) from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())  # a full disk can surface only here
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp creates 0600 whatever the umask
-        os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise _write_error(path, exc) from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_error(path: Path, exc: OSError) -> RunError:
-    if is_disk_full(exc):
-        return disk_full_error(path)
-    return RunError(f"cannot write {path}: {exc.strerror or exc}")
-
-
 def command_line() -> str:
     """The command that started this process, as a user would type it again."""
     argv = sys.argv or [""]
@@ -163,6 +105,8 @@ def write_results(path: Path, doc: dict[str, Any], tidy: pd.DataFrame, config: d
     atomic_write(path / "results.json", json.dumps(doc, indent=2) + "\n")
 
 
-def write_run(path: Path, doc: dict[str, Any], samples: pd.DataFrame, config: dict[str, Any]) -> None:
-    atomic_write(path / "samples.csv", samples.to_csv(index=False))
+def write_run(path: Path, doc: dict[str, Any], samples: pd.DataFrame | None, config: dict[str, Any]) -> None:
+    """A run's files: samples.csv (where the task has a per-sample table), then ``write_results``."""
+    if samples is not None:
+        atomic_write(path / "samples.csv", samples.to_csv(index=False))
     write_results(path, doc, tidy_frame(doc), config)

@@ -157,7 +157,7 @@ TRUST_CODE = "trust_code"
 
 def _check_suite_arch(arch: str, trusted: bool) -> None:
     """Suites are shared files: by default they may only name architectures that import nothing."""
-    from robench.models.loading import ARCHITECTURES, check_torchvision_arch, known_architectures
+    from robench.models.architectures import ARCHITECTURES, check_torchvision_arch, known_architectures
 
     if arch in ARCHITECTURES:
         return

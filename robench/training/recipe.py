@@ -51,7 +51,7 @@ class ModelSpec(_Strict):
         from robench.models.trained import importable_without_code
 
         if not importable_without_code(arch):
-            from robench.models.loading import known_architectures
+            from robench.models.architectures import known_architectures
 
             raise ValueError(f"unknown architecture {arch!r}; a recipe names a registered one or torchvision:NAME"
                              + did_you_mean(arch, known_architectures()))

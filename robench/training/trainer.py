@@ -216,7 +216,7 @@ def _settings(specs: tuple[str, str], options: TrainOptions, recipe: Recipe, tra
 
 def _build_model(loaded: LoadedRecipe, device: torch.device) -> tuple[nn.Module, nn.Module]:
     """The bare network (what the checkpoint holds) and the model training sees: [0,1] pixels in."""
-    from robench.models.loading import build_arch
+    from robench.models.architectures import build_arch
     from robench.models.preprocessing import Normalization
     from robench.models.wrapper import RobustModel
 
@@ -535,7 +535,7 @@ def _epoch_line(record: EpochRecord, epochs: int) -> str:
 
 def _save_state(out: Path, recipe_sha256: str, settings: RunSettings, parts: _Trainable,
                 history: list[EpochRecord]) -> None:
-    from robench.results.writers import write_file_atomically
+    from robench.results.atomic import write_file_atomically
 
     # Serialised in memory first: a full disk is then reported by the shared writer, naming the disk.
     buffer = io.BytesIO()
@@ -806,7 +806,7 @@ def _log_header(loaded: LoadedRecipe, settings: RunSettings, options: TrainOptio
 
 
 def _write_log(out: Path, header: dict[str, Any], history: list[EpochRecord], done: bool) -> None:
-    from robench.results.writers import atomic_write
+    from robench.results.atomic import atomic_write
 
     doc = {"format": "robench-training-1", "complete": done, **header, "epochs": [asdict(h) for h in history]}
     atomic_write(out / LOG, json.dumps(doc, indent=2) + "\n")

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from robench.results.adversarial import SavedExamples, write_examples
-from robench.results.writers import write_file_atomically
+from robench.results.atomic import write_file_atomically
 
 MAX_ROWS = 8
 CELL_INCHES = (2.0, 2.1)  # width, height of one image with its caption
