@@ -85,8 +85,9 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     pixels = [int(p) for p in args.pixels.split(",")]
-    print(f"{dt.date.today()} · {device_name(device)} · batch {args.batch_size} · fp32 · robench {robench.__version__}, "
-          f"torch {torch.__version__}, torchvision {torchvision.__version__}, Python {platform.python_version()}")
+    print(f"{dt.date.today()} · {device_name(device)} · batch {args.batch_size} · fp32 · "
+          f"robench {robench.__version__}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
+          f"Python {platform.python_version()}")
     print("| model | images | forward passes per image | plain forward img/s | pixel experiments img/s per pass "
           "| ratio |")
     print("|---|---|---|---|---|---|")

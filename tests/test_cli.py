@@ -57,7 +57,8 @@ def test_eval_json_on_the_bundled_example(tmp_path):
     assert json.loads((out / "results.json").read_text()) == doc
     config = json.loads((out / "config.json").read_text())
     assert config["seed"] == 0 and config["suite"]["name"] == "digits"
-    assert (out / "results.csv").read_text().startswith("model,kind,suite,entry,attack,norm,settings,eps,eps_text,pixels,metric,value,n,ap_convention\n")
+    assert (out / "results.csv").read_text().startswith(
+        "model,kind,suite,entry,attack,norm,settings,eps,eps_text,pixels,metric,value,n,ap_convention\n")
     assert "results written to" in result.stderr
 
 

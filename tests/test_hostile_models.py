@@ -352,7 +352,8 @@ def test_fifo_and_devices_as_npz_are_refused_not_read(tmp_path):
 def test_fifo_as_a_model_file_is_refused_not_read(tmp_path):
     fifo = tmp_path / "model.pt"
     os.mkfifo(fifo)
-    with opened_if_waited_on(fifo), pytest.raises(UsageError, match=r"model file .*model\.pt is a pipe \(FIFO\), not a regular"):
+    refused = r"model file .*model\.pt is a pipe \(FIFO\), not a regular"
+    with opened_if_waited_on(fifo), pytest.raises(UsageError, match=refused):
         load_model(str(fifo), arch="robench:digits_cnn")
 
 

@@ -8,21 +8,19 @@ model and suite files are one clear line (exit 2).
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import sys
 import time
 
 import pytest
 import torch
-import yaml
 from PIL import Image
 from torch import nn
 
 from robench.errors import UsageError
 from robench.models import ARCHITECTURES, load_model, register_architecture
 from robench.models import architectures
-from robench.suites import Suite, builtin_suites, load_suite, parse_suite
+from robench.suites import builtin_suites, load_suite, parse_suite
 from cli_helpers import invoke, one_error_line
 
 ARCH = "robench.examples:digits_cnn"

@@ -65,7 +65,8 @@ def test_end_to_end_json_contract(digits_folder, tmp_path):
     assert full[0]["misclassified"] < full[1]["misclassified"] < full[2]["misclassified"]
     assert doc["experiments"][3]["results"][0]["a"] == pytest.approx(16 / 64)
     assert doc["experiments"][1]["results"][0]["r"] == pytest.approx(40 / 255)
-    assert (tmp_path / "run" / "results.csv").read_text().startswith("model,kind,suite,entry,attack,norm,settings,eps,eps_text,pixels,metric,value,n,ap_convention\n")
+    assert (tmp_path / "run" / "results.csv").read_text().startswith(
+        "model,kind,suite,entry,attack,norm,settings,eps,eps_text,pixels,metric,value,n,ap_convention\n")
 
 
 def test_table_output_and_fgsm_experiment(digits_folder, tmp_path):

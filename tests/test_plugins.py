@@ -516,7 +516,7 @@ def test_readme_example_runs_as_written(plugin_dir, monkeypatch):
                            ("draws: 0", "attacks[0].draws: Input should be greater than or equal to 1")):
         bad = (plugin_dir / "my-suite.yaml").read_text().replace("draws: 20", wrong)
         (plugin_dir / "bad-suite.yaml").write_text(bad)
-        line_no = bad.splitlines().index(next(l for l in bad.splitlines() if wrong in l)) + 1
+        line_no = bad.splitlines().index(next(line for line in bad.splitlines() if wrong in line)) + 1
         result = invoke("eval", "example:digits", "--suite", "bad-suite.yaml", "--plugin", "my_attacks")
         assert result.exit_code == 2
         assert one_error_line(result) == f"robench: error: bad-suite.yaml:{line_no} {problem}"

@@ -281,7 +281,8 @@ def test_duke_and_generic_patterns(tmp_path):
 
 def test_perturbing_the_gallery(reid_models, market, tmp_path):
     suite = tmp_path / "g.yaml"
-    suite.write_text("name: g\ntask: reid\nattacks:\n  - attack: pgd\n    eps: 0.1\n    steps: 5\n    objective: away\n")
+    suite.write_text("name: g\ntask: reid\nattacks:\n  - attack: pgd\n    eps: 0.1\n    steps: 5\n"
+                     "    objective: away\n")
     result = invoke(*eval_args(reid_models["target"], market, suite, tmp_path / "r", "--perturb", "gallery"))
     assert result.exit_code == 0, result.stderr
     doc = json.loads(result.stdout)

@@ -110,7 +110,8 @@ def eval_command(
                                                    rich_help_panel=_DATA),
     workers: int = typer.Option(0, help="DataLoader worker processes for file-based datasets.",
                                 rich_help_panel=_DATA),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default runs/<suite>/<model>/<UTC time>/); "
+    out: Optional[Path] = typer.Option(None, "--out", "-o",
+                                       help="Run directory (default runs/<suite>/<model>/<UTC time>/); "
                                        "an interrupted run there is continued.", rich_help_panel=_OUTPUT),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the interrupted run in this directory.",
                                           rich_help_panel=_OUTPUT),
@@ -252,7 +253,12 @@ def _run_with_progress(task: ClassificationTask | ReIDTask, directory: RunDirect
 def _finished_text(task: ClassificationTask | ReIDTask, state: dict) -> str:
     if task.name == "reid":
         return f"{len(state.get('settings', ()))} finished setting(s)"
-    return f"{state['batches']} finished batch(es)"
+    text = f"{state['batches']} finished batch(es)"
+    partial = state.get("partial")
+    if partial:  # what the attacks finished of the segment under way
+        pairs = sum(int(entry["done"].sum()) for entry in partial["entries"])
+        text += f" and {pairs} finished (sample, attack) pair(s) of the next"
+    return text
 
 
 def _warn_about(doc: dict, forced_channels: bool) -> None:

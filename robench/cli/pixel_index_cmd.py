@@ -58,10 +58,10 @@ def pixel_index_command(
                                        "time>/); an interrupted run there is continued."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the interrupted run in this directory."),
     save_every: float = typer.Option(2.0, "--save-every", help="Seconds between progress saves (0: every batch)."),
-    save_adversarial: Optional[str] = typer.Option(None, "--save-adversarial", metavar="[N|all]",
-                                                   help="Save the first N images (alone or all: every image) as changed "
-                                                   "by the first trial, per setting and pixel count, in "
-                                                   "adversarial/<setting>.npz with a PNG grid."),
+    save_adversarial: Optional[str] = typer.Option(
+        None, "--save-adversarial", metavar="[N|all]",
+        help="Save the first N images (alone or all: every image) as changed by the first trial, per setting "
+        "and pixel count, in adversarial/<setting>.npz with a PNG grid."),
     as_json: bool = typer.Option(False, "--json", help="Print only the results JSON to stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not print where the results were written."),
 ) -> None:

@@ -10,7 +10,6 @@ run moves from cheap to expensive entries.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from rich.console import Console
@@ -18,64 +17,9 @@ from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn,
 from rich.table import Column
 from rich.text import Text
 
+from robench.cli.progress_work import Work, clock
+
 PLAIN_EVERY_SECONDS = 30.0  # CI logs: a line every half minute is enough and never floods
-# An ETA from the first 2% of the work (or the first minute) swings by factors: it is not shown.
-EARLY_SHARE, EARLY_SECONDS = 0.02, 60.0
-
-
-@dataclass
-class Work:
-    """Sample-attacks and cost-weighted work, done and in all."""
-
-    weights: Sequence[float]  # per entry; the clean pass weighs 1 per sample
-    samples: int
-    done_units: int = 0
-    done_weight: float = 0.0
-    started: float = field(default_factory=time.monotonic)
-    start_weight: float = 0.0  # work found finished (a resumed run): not part of this process's speed
-    ticked: float = 0.0  # weight the entry under way has reported pass by pass, before its ``add``
-
-    @property
-    def total_units(self) -> int:
-        return self.samples * len(self.weights)
-
-    @property
-    def total_weight(self) -> float:
-        return self.samples * (1.0 + sum(self.weights))
-
-    def add(self, entry: int, samples: int) -> None:
-        if entry < 0:
-            self.done_weight += samples
-            return
-        self.done_units += samples
-        # Early-stopped samples make fewer passes than their weight: the rest is added now.
-        self.done_weight += max(0.0, samples * self.weights[entry] - self.ticked)
-        self.ticked = 0.0
-
-    def tick(self, weight: float) -> None:
-        """Passes an attack just made (weighed as ``weights`` are): the bar moves within an entry."""
-        weight = min(weight, max(0.0, self.total_weight - self.done_weight))
-        self.done_weight += weight
-        self.ticked += weight
-
-    def skip(self, samples: int) -> None:
-        """Samples finished before a resume."""
-        if not samples:
-            return
-        self.done_units += samples * len(self.weights)
-        self.done_weight += samples * (1.0 + sum(self.weights))
-        self.start_weight = self.done_weight
-
-    def seconds_left(self) -> float | None:
-        spent = time.monotonic() - self.started
-        gained = self.done_weight - self.start_weight
-        if gained <= 0 or spent <= 0:
-            return None
-        if gained < EARLY_SHARE * (self.total_weight - self.start_weight) and spent < EARLY_SECONDS:
-            return None  # the first segment's speed (compilation, warm-up) says little: no ETA yet
-        return max(0.0, (self.total_weight - self.done_weight) * spent / gained)
-
-
 class _Units(ProgressColumn):
     """``1,234/5,400 sample-attacks`` from the task's ``work`` field."""
 
@@ -87,12 +31,7 @@ class _Units(ProgressColumn):
 class _Eta(ProgressColumn):
     def render(self, task: Task) -> Text:
         left = task.fields["work"].seconds_left()
-        return Text("eta -:--:--" if left is None else f"eta {_clock(left)}", style="progress.remaining")
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+        return Text("eta -:--:--" if left is None else f"eta {clock(left)}", style="progress.remaining")
 
 
 class EvalProgress:
@@ -157,4 +96,4 @@ class EvalProgress:
         share = work.done_weight / work.total_weight if work.total_weight else 1.0
         left = work.seconds_left()
         return (f"robench: {self.title}: {work.done_units:,}/{work.total_units:,} sample-attacks "
-                f"({share:.0%} of the work), eta {'-:--:--' if left is None else _clock(left)}")
+                f"({share:.0%} of the work), eta {'-:--:--' if left is None else clock(left)}")

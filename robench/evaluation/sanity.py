@@ -156,8 +156,9 @@ def masking_flags(attacks: list[dict[str, Any]]) -> list[str]:
             continue
         key = (a["norm"], round(a["eps"], 10))
         if key in strong and a["accuracy"] < strong[key] - 1e-12:
-            flags.append(f"{a['label']} ({kinds[a['attack']]}) at eps {a['eps']:g} beats the iterative white-box attacks "
-                         f"({100 * a['accuracy']:.2f}% vs {100 * strong[key]:.2f}%): a sign of gradient masking")
+            flags.append(f"{a['label']} ({kinds[a['attack']]}) at eps {a['eps']:g} beats the iterative white-box "
+                         f"attacks ({100 * a['accuracy']:.2f}% vs {100 * strong[key]:.2f}%): a sign of gradient "
+                         "masking")
     return flags
 
 

@@ -184,13 +184,7 @@ def run_reid(
     """
     started = time.perf_counter()
     target.to(device)
-    for spec in suite.attacks:
-        if spec.source == "surrogate" and surrogate is None:
-            raise UsageError(f"{spec.display_name()} is a transfer attack: the suite or --surrogate must name "
-                             "a surrogate model")
-        if spec.attack_class.family not in ("gradient", "generator", "transfer"):
-            raise UsageError(f"{spec.attack} does not apply to re-identification models; use dmr, or a gradient "
-                             "attack (fgsm, bim, pgd, mifgsm) with an objective (away, odfa, misrank)")
+    _check_suite(suite, surrogate)
     entries = build_entries(suite, target, options.seed, loss_for=entry_objective)
     fingerprint = _fingerprint(data)
     done = _restore(resume_state, entries, fingerprint) if resume_state is not None else {}
@@ -206,18 +200,9 @@ def run_reid(
         ctx.__enter__()
     try:
         q, g = data.query, data.gallery
-        if on_step:
-            on_step("gallery features")
-        gf = _extract_all(target, g, options, device)
-        if on_step:
-            on_step("query features")
-        qf = _extract_all(target, q, options, device)
-        outcome.nonfinite_features = int((~torch.isfinite(qf).all(dim=1)).sum()
-                                         + (~torch.isfinite(gf).all(dim=1)).sum())
+        qf, gf = _clean_features(target, data, options, device, outcome, on_step)
         # The attacked split is read from disk once, then shared by every entry (8-bit, as on disk).
         images = _ImageCache(q if options.perturb == "query" else g, options.size)
-        outcome.clean = _metrics(qf, gf, q, g, options, False)
-        outcome.clean_reranked = _metrics(qf, gf, q, g, options, True) if options.rerank else None
         for entry in entries:
             if entry.index in finished:
                 continue
@@ -236,6 +221,32 @@ def run_reid(
             ctx.__exit__(None, None, None)
     _settle(outcome, finished, earlier + time.perf_counter() - started)
     return outcome
+
+
+def _check_suite(suite: Suite, surrogate: ReIDFeatures | None) -> None:
+    for spec in suite.attacks:
+        if spec.source == "surrogate" and surrogate is None:
+            raise UsageError(f"{spec.display_name()} is a transfer attack: the suite or --surrogate must name "
+                             "a surrogate model")
+        if spec.attack_class.family not in ("gradient", "generator", "transfer"):
+            raise UsageError(f"{spec.attack} does not apply to re-identification models; use dmr, or a gradient "
+                             "attack (fgsm, bim, pgd, mifgsm) with an objective (away, odfa, misrank)")
+
+
+def _clean_features(target: ReIDFeatures, data: ReIDData, options: ReIDOptions, device: torch.device,
+                    outcome: ReIDOutcome, on_step: Callable[[str], None] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query and gallery features of the clean images, and the clean metrics (into ``outcome``)."""
+    q, g = data.query, data.gallery
+    if on_step:
+        on_step("gallery features")
+    gf = _extract_all(target, g, options, device)
+    if on_step:
+        on_step("query features")
+    qf = _extract_all(target, q, options, device)
+    outcome.nonfinite_features = int((~torch.isfinite(qf).all(dim=1)).sum() + (~torch.isfinite(gf).all(dim=1)).sum())
+    outcome.clean = _metrics(qf, gf, q, g, options, False)
+    outcome.clean_reranked = _metrics(qf, gf, q, g, options, True) if options.rerank else None
+    return qf, gf
 
 
 def _settle(outcome: ReIDOutcome, finished: dict[int, dict[str, Any]], seconds: float) -> None:
@@ -312,7 +323,8 @@ def _run_entry(entry: Entry, target: ReIDFeatures, surrogate: ReIDFeatures | Non
     if objective_name == "misrank":
         groups = identity_batches(split.pids, spec.ids_per_batch or DEFAULT_IDS_PER_BATCH)
     else:
-        groups = [list(range(s, min(s + options.batch_size, len(split)))) for s in range(0, len(split), options.batch_size)]
+        size = options.batch_size
+        groups = [list(range(s, min(s + size, len(split)))) for s in range(0, len(split), size)]
     adv_features = torch.empty(len(split), qf.shape[1], device=device)
     rank, size, _ = distributed.world()
     groups = groups[rank::size]  # under torchrun each process attacks its share of the groups
@@ -345,4 +357,5 @@ def _run_entry(entry: Entry, target: ReIDFeatures, surrogate: ReIDFeatures | Non
         params.update({"margin": margin, "exclude_self": exclude_self, "dmr_compat": bool(spec.dmr_compat),
                        "ids_per_batch": spec.ids_per_batch or DEFAULT_IDS_PER_BATCH})
     return {"attack": entry.attack.name, "label": spec.display_name(), "norm": entry.attack.norm,
-            "eps": entry.attack.effective_eps(entry.eps), **metrics, "reranked": reranked, "params": params, "seconds": round(seconds, 4)}
+            "eps": entry.attack.effective_eps(entry.eps), **metrics, "reranked": reranked, "params": params,
+            "seconds": round(seconds, 4)}

@@ -153,8 +153,6 @@ def train_generator(
     log: Callable[[str], None] | None = None,
 ) -> tuple[PerturbationGenerator, list[dict[str, Any]]]:
     """Train against ``surrogate`` (images in [0,1] -> features); returns the best generator and its history."""
-    from robench.reid.metrics import distance_matrix, rank_metrics
-
     gen_seed = torch.Generator().manual_seed(config.seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
@@ -171,26 +169,7 @@ def train_generator(
         p.requires_grad_(False)
 
     def validate() -> float | None:
-        if len(val_idx) < 2:
-            return None
-        generator.eval()
-        with torch.no_grad():
-            feats = []
-            for s in range(0, len(val_idx), 64):
-                x = load_images(val_idx[s:s + 64].tolist()).to(device)
-                feats.append(surrogate(perturb(generator, x, config.eps)).float())
-            f = torch.cat(feats)
-        generator.train()
-        clean = torch.tensor(pids[val_idx], device=device), torch.tensor(camids[val_idx], device=device)
-        try:
-            # Adversarial images against the clean validation images of the other cameras.
-            with torch.no_grad():
-                ref = torch.cat([surrogate(load_images(val_idx[s:s + 64].tolist()).to(device)).float()
-                                 for s in range(0, len(val_idx), 64)])
-            result = rank_metrics(distance_matrix(f, ref), clean[0], clean[0], clean[1], clean[1])
-        except UsageError:
-            return None
-        return result["mAP"]
+        return _validation_map(generator, surrogate, load_images, val_idx, pids, camids, config.eps, device)
 
     best = (math.inf, None)
     history: list[dict[str, Any]] = []
@@ -199,17 +178,7 @@ def train_generator(
         batch = next(batches)
         x = load_images(train_idx[batch].tolist()).to(device)
         y = torch.tensor(pids[train_idx][batch], device=device)
-        x_adv = perturb(generator, x, config.eps)
-        feats = surrogate(x_adv)
-        loss = misranking_loss(feats, y, config.margin, config.exclude_self)
-        logits = logits_fn(x_adv) if logits_fn is not None else None
-        if logits is not None and config.ce_weight > 0:
-            target = torch.tensor([classes[int(p)] for p in y.tolist()], device=device)
-            # Push the surrogate's classifier away from the true identity.
-            loss = loss - config.ce_weight * F.cross_entropy(logits.float(), target, reduction="sum")
-        if config.msssim_weight > 0:
-            # Keep the adversarial image perceptually close to the original.
-            loss = loss + config.msssim_weight * (1.0 - ms_ssim(x_adv, x)).sum()
+        loss = _generator_loss(generator, surrogate, x, y, config, classes, logits_fn)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -225,3 +194,49 @@ def train_generator(
     if best[1] is not None:
         generator.load_state_dict(best[1])
     return generator.eval(), history
+
+
+def _generator_loss(generator: PerturbationGenerator, surrogate: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                    config: GeneratorConfig, classes: dict[int, int],
+                    logits_fn: Callable[[torch.Tensor], torch.Tensor | None] | None) -> torch.Tensor:
+    """The mis-ranking loss of one batch, with the optional identity and perceptual terms."""
+    x_adv = perturb(generator, x, config.eps)
+    feats = surrogate(x_adv)
+    loss = misranking_loss(feats, y, config.margin, config.exclude_self)
+    logits = logits_fn(x_adv) if logits_fn is not None else None
+    if logits is not None and config.ce_weight > 0:
+        target = torch.tensor([classes[int(p)] for p in y.tolist()], device=x.device)
+        # Push the surrogate's classifier away from the true identity.
+        loss = loss - config.ce_weight * F.cross_entropy(logits.float(), target, reduction="sum")
+    if config.msssim_weight > 0:
+        # Keep the adversarial image perceptually close to the original.
+        loss = loss + config.msssim_weight * (1.0 - ms_ssim(x_adv, x)).sum()
+    return loss
+
+
+def _validation_map(generator: PerturbationGenerator, surrogate: nn.Module,
+                    load_images: Callable[[list[int]], torch.Tensor], val_idx: np.ndarray, pids: np.ndarray,
+                    camids: np.ndarray, eps: float, device: torch.device) -> float | None:
+    """mAP of the held-out identities' adversarial images against their clean ones (None: too few to rank)."""
+    from robench.reid.metrics import distance_matrix, rank_metrics
+
+    if len(val_idx) < 2:
+        return None
+    generator.eval()
+    with torch.no_grad():
+        feats = []
+        for s in range(0, len(val_idx), 64):
+            x = load_images(val_idx[s:s + 64].tolist()).to(device)
+            feats.append(surrogate(perturb(generator, x, eps)).float())
+        f = torch.cat(feats)
+    generator.train()
+    clean = torch.tensor(pids[val_idx], device=device), torch.tensor(camids[val_idx], device=device)
+    try:
+        # Adversarial images against the clean validation images of the other cameras.
+        with torch.no_grad():
+            ref = torch.cat([surrogate(load_images(val_idx[s:s + 64].tolist()).to(device)).float()
+                             for s in range(0, len(val_idx), 64)])
+        result = rank_metrics(distance_matrix(f, ref), clean[0], clean[0], clean[1], clean[1])
+    except UsageError:
+        return None
+    return result["mAP"]
