@@ -272,7 +272,7 @@ def test_finished_attacks_are_kept_before_any_sample_has_passed_every_attack(tmp
     counter.install(monkeypatch)
     resumed = invoke(*args, "--resume", out, "--json")
     assert resumed.exit_code == 0, resumed.stderr
-    assert f"after 0 finished batch(es) and {pgd_done} finished (sample, attack) pair(s)" in resumed.stderr
+    assert f"after 0 finished batch(es), keeping {pgd_done} finished (sample, attack) pair(s)" in resumed.stderr
     # PGD goes on with the samples it had not finished; FGSM runs on all.
     assert counter.passes < whole.passes
     assert _stable(json.loads(resumed.stdout)) == _stable(json.loads(reference.stdout))

@@ -257,7 +257,7 @@ def _finished_text(task: ClassificationTask | ReIDTask, state: dict) -> str:
     partial = state.get("partial")
     if partial:  # what the attacks finished of the segment under way
         pairs = sum(int(entry["done"].sum()) for entry in partial["entries"])
-        text += f" and {pairs} finished (sample, attack) pair(s) of the next"
+        text += f", keeping {pairs} finished (sample, attack) pair(s) of the next segment"
     return text
 
 
