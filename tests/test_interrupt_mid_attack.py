@@ -275,4 +275,9 @@ def test_finished_attacks_are_kept_before_any_sample_has_passed_every_attack(tmp
     assert f"after 0 finished batch(es), keeping {pgd_done} finished (sample, attack) pair(s)" in resumed.stderr
     # PGD goes on with the samples it had not finished; FGSM runs on all.
     assert counter.passes < whole.passes
-    assert _stable(json.loads(resumed.stdout)) == _stable(json.loads(reference.stdout))
+    mine, theirs = json.loads(resumed.stdout), json.loads(reference.stdout)
+    if _batch_invariant():
+        assert _stable(mine) == _stable(theirs)
+    else:  # the resumed pools hold other samples: float rounding may flip a boundary sample or two
+        for a, b in zip(mine["attacks"], theirs["attacks"]):
+            assert abs(a["accuracy"] - b["accuracy"]) * a["n"] <= 2
