@@ -61,7 +61,5 @@ def config_for(model: nn.Module | LoadedModel | str, data: Any = None,
         if options.get("normalize") is not None:
             raise UsageError("give either normalization or normalize, not both")
         options["normalize"] = normalization
-    if isinstance(options.get("plugins"), list):
-        options["plugins"] = tuple(options["plugins"])
     return EvalConfig(model=model, data=data, suite=suite if suite is not None else "pgd-linf",
                       **{**fields, **options})

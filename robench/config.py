@@ -333,10 +333,6 @@ def data_options_for(config: EvalConfig, resolved: Resolved) -> DataOptions:
 
 def normalization_for(config: EvalConfig, suite: LoadedSuite) -> Normalization | None:
     """An explicit normalize/mean/std wins over the suite's suggestion."""
-    if isinstance(config.normalize, Normalization):
-        if config.mean or config.std:
-            raise UsageError("give either --normalize or --mean/--std, not both")
-        return config.normalize
     explicit = config.normalize or config.mean or config.std
     preset = config.normalize if explicit else suite.suite.normalize
     return resolve_normalization(preset, config.mean, config.std)

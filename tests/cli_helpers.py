@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import re
 import subprocess
 import sys
@@ -87,3 +88,20 @@ def evaluate_with_state(model, data, suite, *, resume_state=None, save_state=Non
 
     return evaluate_config(config_for(model, data, suite, **options), hooks=Hooks(on_batch=on_batch),
                            resume_state=resume_state, save_state=save_state)
+
+
+def saved_and_loaded(obj):
+    """What a progress file gives back: ``obj`` saved and loaded as robench does (weights only)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def without(value, keys):
+    """A results document (or any part of it) with the fields named in ``keys`` dropped at every depth."""
+    if isinstance(value, dict):
+        return {k: without(v, keys) for k, v in value.items() if k not in keys}
+    if isinstance(value, list):
+        return [without(v, keys) for v in value]
+    return value

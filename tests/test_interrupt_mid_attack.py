@@ -8,7 +8,6 @@ must equal the uninterrupted one exactly. The last test sends a real SIGINT to `
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -29,7 +28,7 @@ from robench.errors import UsageError
 from robench.tasks.run import run_evaluation
 from robench.tasks import Hooks
 from robench.tasks.classification import evaluate_config
-from cli_helpers import RowByRow, evaluate_with_state
+from cli_helpers import RowByRow, evaluate_with_state, saved_and_loaded, without
 
 EPS = 0.1
 QUICK = {"apgd-ce": {"steps": 10}, "apgd-t": {"steps": 5, "targets": 2}, "fab-t": {"steps": 5, "targets": 2},
@@ -66,22 +65,6 @@ class PassCounter:
         monkeypatch.setattr(Attack, "count_passes", count_passes)
 
 
-def _stable(doc):
-    if isinstance(doc, dict):
-        return {k: _stable(v) for k, v in doc.items() if k not in VOLATILE}
-    if isinstance(doc, list):
-        return [_stable(v) for v in doc]
-    return doc
-
-
-def _through_a_file(snapshot: dict) -> dict:
-    """What --resume reads: the snapshot saved and loaded as the progress file is (weights only)."""
-    buffer = io.BytesIO()
-    torch.save(snapshot, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
-
-
 @pytest.mark.parametrize("name", list(SUITES))
 def test_an_interrupted_attack_keeps_what_it_finished_and_resumes_to_the_same_results(
         name, trained_model, test_tensors, monkeypatch):
@@ -109,11 +92,11 @@ def test_an_interrupted_attack_keeps_what_it_finished_and_resumes_to_the_same_re
     pd.testing.assert_frame_equal(partial.samples, ref_rows)
 
     resumed_passes = PassCounter()
-    resumed = evaluate(resumed_passes, resume_state=_through_a_file(saved[-1]))
+    resumed = evaluate(resumed_passes, resume_state=saved_and_loaded(saved[-1]))
     # Finished (entry, sample) pairs are not attacked again: fewer passes than the whole run made.
     assert whole.calls - stop.calls <= resumed_passes.calls and resumed_passes.passes < whole.passes
     pd.testing.assert_frame_equal(resumed.samples, reference.samples)
-    assert _stable(resumed.doc) == _stable(reference.doc)
+    assert without(resumed.doc, VOLATILE) == without(reference.doc, VOLATILE)
     assert len(resumed.adversarial) == len(reference.adversarial)
     for mine, theirs in zip(resumed.adversarial, reference.adversarial):
         assert (mine.adversarial_float == theirs.adversarial_float).all()
@@ -240,7 +223,7 @@ def test_sigint_in_a_100_sample_autoattack_run_keeps_the_finished_samples(tmp_pa
     robust = [c for c in ref.columns if c.startswith("robust[")]
     if _batch_invariant():
         pd.testing.assert_frame_equal(samples, ref)
-        assert _stable(doc) == _stable(reference.doc)
+        assert without(doc, VOLATILE) == without(reference.doc, VOLATILE)
     else:  # the resumed pools hold other samples: float rounding may flip a boundary sample or two
         assert int((samples[robust] != ref[robust]).to_numpy().sum()) <= 2
 
@@ -277,7 +260,7 @@ def test_finished_attacks_are_kept_before_any_sample_has_passed_every_attack(tmp
     assert counter.passes < whole.passes
     mine, theirs = json.loads(resumed.stdout), json.loads(reference.stdout)
     if _batch_invariant():
-        assert _stable(mine) == _stable(theirs)
+        assert without(mine, VOLATILE) == without(theirs, VOLATILE)
     else:  # the resumed pools hold other samples: float rounding may flip a boundary sample or two
         for a, b in zip(mine["attacks"], theirs["attacks"]):
             assert abs(a["accuracy"] - b["accuracy"]) * a["n"] <= 2

@@ -17,7 +17,7 @@ from PIL import Image
 
 import robench.pixels.experiment as experiment
 from robench.examples import example_data_path
-from cli_helpers import invoke, one_error_line
+from cli_helpers import invoke, one_error_line, without
 
 IMAGES = 200  # 25 batches of 8: a run long enough to be stopped in the middle
 BATCH = 8
@@ -28,14 +28,6 @@ VOLATILE = {"seconds", "finished_at", "robench", "torch", "torchvision", "python
 
 def command(folder, *extra):
     return ["pixel-index", "example:digits", str(folder), *SETTINGS, "--quiet", *map(str, extra)]
-
-
-def stable(value):
-    if isinstance(value, dict):
-        return {k: stable(v) for k, v in value.items() if k not in VOLATILE}
-    if isinstance(value, list):
-        return [stable(v) for v in value]
-    return value
 
 
 def results(run_dir) -> dict:
@@ -61,7 +53,7 @@ def uninterrupted(folder, tmp_path_factory):
     assert result.exit_code == 0, result.stderr
     doc = results(out)
     assert doc["progress"] == {"evaluated": IMAGES, "total": IMAGES, "unit": "images"}
-    return stable(doc)
+    return without(doc, VOLATILE)
 
 
 def signal_after_batches(monkeypatch, batches: int, signum: int) -> None:
@@ -100,7 +92,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_results(folder, uninterrupted
     resumed = invoke(*command(folder, "--resume", run_dir))
     assert resumed.exit_code == 0, resumed.stderr
     assert f"robench: resuming {run_dir} after " in resumed.stderr
-    assert stable(results(run_dir)) == uninterrupted
+    assert without(results(run_dir), VOLATILE) == uninterrupted
     assert not (run_dir / "progress.pt").exists()
 
 
@@ -119,7 +111,7 @@ def test_an_interrupted_run_writes_partial_results_and_resumes(folder, uninterru
     resumed = invoke(*command(folder, "--resume", run_dir))
     assert resumed.exit_code == 0, resumed.stderr
     assert f"robench: resuming {run_dir} after {3 * BATCH} finished image(s)" in resumed.stderr
-    assert stable(results(run_dir)) == uninterrupted
+    assert without(results(run_dir), VOLATILE) == uninterrupted
 
 
 def test_a_resume_on_other_images_or_batches_is_refused(folder, tmp_path, monkeypatch):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from robench.metrics import Accuracy, Collected, Scalar
 from robench.models.wrapper import RobustModel
 from robench.evaluation.state import PROGRESS_FORMAT, RunInterrupted, RunState, entry_metrics
 from robench.suites import parse_suite
+from cli_helpers import saved_and_loaded
 
 SUITE = "name: core\nattacks:\n  - attack: fgsm\n    eps: [0.05, 0.1]\n  - attack: pgd\n    eps: 0.1\n    steps: 3\n"
 BATCH = 64
@@ -38,13 +38,6 @@ def metrics_over(batches) -> dict:
         for name in ("sum", "max", "min"):
             metrics[name].update(int(correct.sum()))
     return metrics
-
-
-def saved_and_loaded(obj):
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
 
 
 def assert_same_states(a: dict, b: dict, skip: tuple = ()) -> None:

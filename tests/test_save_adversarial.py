@@ -5,7 +5,6 @@ to the results."""
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from robench.evaluation.kept_examples import quantize_adversarial
 from robench.results.adversarial import read_examples
 from robench.results.reading import validate_document
 from robench.tasks.run import eval_task
-from cli_helpers import RowByRow, invoke, one_error_line, stop_after, evaluate_with_state
+from cli_helpers import RowByRow, evaluate_with_state, invoke, one_error_line, saved_and_loaded, stop_after
 
 BOUNDS_SUITE = {"name": "bounds", "attacks": [
     {"attack": "fgsm", "eps": [8 / 255, 0.1]},
@@ -137,13 +136,6 @@ def stable(doc: dict) -> dict:
     if isinstance(doc, list):
         return [stable(v) for v in doc]
     return doc
-
-
-def saved_and_loaded(snapshot: dict) -> dict:
-    buffer = io.BytesIO()
-    torch.save(snapshot, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
 
 
 def test_an_interrupted_then_resumed_run_saves_the_same_examples(trained_model, test_tensors, tmp_path):

@@ -229,24 +229,20 @@ def _run_with_progress(task: ClassificationTask | ReIDTask, directory: RunDirect
     from robench.evaluation.entries import entry_weights
     from robench.tasks import Hooks
 
-    hooks = Hooks(on_warning=warn, on_step=None if quiet else _note)
-    progress = None
     if task.name == "classification":
         suite = task.resolved.suite.suite
         progress = EvalProgress(stderr, f"{task.resolved.loaded.name} · {suite.name}", entry_weights(suite),
                                 enabled=not quiet and directory.main)
         hooks = Hooks(progress=progress, on_warning=warn)
-    elif quiet:
-        hooks = Hooks()
+    else:  # ReID: a line per stage, unless quiet
+        progress = contextlib.nullcontext()
+        hooks = Hooks() if quiet else Hooks(on_warning=warn, on_step=_note)
     if directory.resume_state is not None:
         stderr.print(f"robench: resuming {directory.path} after {_finished_text(task, directory.resume_state)}",
                      highlight=False)
     # SIGTERM is turned into an interruption only while evaluating: the final progress file is on
     # disk before the results are written, so a kill at any later moment still resumes to the end.
-    with contextlib.ExitStack() as stack:
-        if progress is not None:
-            stack.enter_context(progress)
-        stack.enter_context(interrupt_on_sigterm())
+    with progress, interrupt_on_sigterm():
         return task.run(directory, hooks)
 
 

@@ -225,11 +225,13 @@ class _Loop:
 
     def segment(self, pending: list[tuple], on_batch: Callable[[int], None] | None) -> None:
         first = _FirstBatch(self.resume_state is None, self.speed) if self.finished == self.done else None
-        _run_segment(pending, self.context, self.state, first, self.finished)
-        # Hashed once finished: a snapshot's data digest covers exactly its batches.
+        # The data through this segment: what its saved progress is resumed against. The state's own
+        # digest (what a snapshot's committed batches are checked by) moves only once it is committed.
         for batch in pending:
             _hash_batch(self.digests, batch[3])
-        self.state.data_digest = _joined_digest(self.digests)
+        through = _joined_digest(self.digests)
+        _run_segment(pending, self.context, self.state, first, self.finished, through)
+        self.state.data_digest = through
         self.finished += len(pending)
         if on_batch:
             on_batch(sum(len(b[1]) for b in pending))
@@ -410,7 +412,7 @@ class _Segment:
     idx: torch.Tensor
     pred: torch.Tensor  # -1 where the logits are not finite
     finite: torch.Tensor
-    digest: str  # of its data: the progress of a segment under way is only resumed on the same data
+    digest: str  # of the data through it: the progress of a segment under way is only resumed on the same data
     keep: int  # leading rows whose examples are kept (--save-adversarial)
 
     @property
@@ -433,10 +435,11 @@ class _EntryInterrupted(KeyboardInterrupt):
 
 
 def _run_segment(batches: list[tuple], context: _RunContext, state: RunState, first: _FirstBatch | None,
-                 start: int) -> None:
+                 start: int, digest: str) -> None:
     """Clean pass batch by batch, then every entry over the whole segment, committed to ``state`` at the end.
 
-    ``start`` is the number of batches committed before this segment. Between entries (and when
+    ``start`` is the number of batches committed before this segment, ``digest`` that of the data
+    through it. Between entries (and when
     interrupted inside one) ``state.partial`` holds the entries' outcomes so far, so a snapshot keeps
     every finished (entry, sample) pair and a resumed run attacks only the rest.
 
@@ -446,19 +449,17 @@ def _run_segment(batches: list[tuple], context: _RunContext, state: RunState, fi
     an any-iterate attack listed with increasing eps attacks at each eps only the samples it
     has not fooled at the previous one.
     """
-    segment = _clean_pass(batches, context, state, first)
+    segment = _clean_pass(batches, context, state, first, digest)
     saved = state.segment_progress(start, segment.digest, len(segment.y))
     outcomes = _attack_entries(segment, context, state, saved, start)
     _commit(state, segment, outcomes, context)
     state.partial = None
 
 
-def _clean_pass(batches: list[tuple], context: _RunContext, state: RunState, first: _FirstBatch | None) -> _Segment:
+def _clean_pass(batches: list[tuple], context: _RunContext, state: RunState, first: _FirstBatch | None,
+                digest: str) -> _Segment:
     xs, ys, preds, finites = [], [], [], []
-    digest = hashlib.sha256()
-    for b, (x, y, idx, parts) in enumerate(batches):
-        for part in parts:
-            digest.update(part)
+    for b, (x, y, idx, _) in enumerate(batches):
         x = x.to(context.device, non_blocking=True).float()
         y = y.to(context.device, non_blocking=True).long()
         logits = _clean_logits(x, y, idx, context, state, first if b == 0 else None)
@@ -471,7 +472,7 @@ def _clean_pass(batches: list[tuple], context: _RunContext, state: RunState, fir
         context.progress.entry_done(-1, len(y))
     keep = 0 if context.save_adversarial is None else samples_to_keep(context.save_adversarial, state.n, len(y))
     idx = torch.cat([b[2] for b in batches]).to(context.device)
-    return _Segment(torch.cat(xs), y, idx, torch.cat(preds), torch.cat(finites), digest.hexdigest(), keep)
+    return _Segment(torch.cat(xs), y, idx, torch.cat(preds), torch.cat(finites), digest, keep)
 
 
 def _clean_logits(x, y, idx, context: _RunContext, state: RunState, first: _FirstBatch | None) -> torch.Tensor:
@@ -576,7 +577,8 @@ def _attack_entries(segment: _Segment, context: _RunContext, state: RunState, sa
 
 
 def _segment_record(start: int, segment: _Segment, outcomes: list[_EntryOutcome]) -> dict[str, Any]:
-    return {"start": start, "digest": segment.digest, "entries": [o.record() for o in outcomes]}
+    # The outcomes themselves: copied to the CPU (``record``) only when a snapshot is written.
+    return {"start": start, "digest": segment.digest, "entries": list(outcomes)}
 
 
 class _SweepReuse:

@@ -61,9 +61,10 @@ class RunState:
     sanity: dict = field(default_factory=dict)  # the first batch's checks (a resumed run does not see it again)
     data_digest: str = ""  # hash of the finished batches' data: a resume tells when it changed
     examples: MetricCollection | None = None  # kept adversarial examples (``example_metrics``); None: not asked
-    # The segment under way: {"start": batches committed before it, "digest": its data's hash, "entries":
-    # per entry reached, its outcome's record (rows it finished, verdicts, ...)}. Kept in snapshots so an
-    # interrupted run loses no finished (entry, sample) pair; folded into the counts when the segment ends.
+    # The segment under way: {"start": batches committed before it, "digest": the hash of the data through
+    # it, "entries": per entry reached, its outcome (rows it finished, verdicts, ...): a record as a snapshot
+    # holds it, or an object whose ``record()`` gives one}. Kept in snapshots so an interrupted run loses no
+    # finished (entry, sample) pair; folded into the counts when the segment ends.
     partial: dict[str, Any] | None = None
 
     @classmethod
@@ -157,7 +158,7 @@ class RunState:
                 "num_classes": self.num_classes, **self.totals.state_values(), "sanity": dict(self.sanity),
                 "data_digest": self.data_digest, "entries": [e.state_values() for e in self.entries],
                 **self._examples_part(lambda examples: examples.state_values()),
-                **({} if self.partial is None else {"partial": self.partial})}
+                **({} if self.partial is None else {"partial": _partial_record(self.partial)})}
 
     def restore(self, snapshot: dict[str, Any], batch_size: int) -> int:
         """Load a snapshot taken with the same suite and batch size; returns the batches it holds."""
@@ -221,6 +222,10 @@ def _check_float_examples(snapshot: dict) -> None:
     if any(isinstance(t, torch.Tensor) and not t.is_floating_point() for t in tensors):
         raise UsageError("cannot resume: the progress file was written by an older robench that kept 8-bit "
                          "examples; start a new run with another --out")
+
+
+def _partial_record(partial: dict[str, Any]) -> dict[str, Any]:
+    return {**partial, "entries": [e if isinstance(e, dict) else e.record() for e in partial["entries"]]}
 
 
 PARTIAL_RECORD = {"done", "robust", "seconds", "gradient_evals", "peak_memory", "found_by", "examples"}

@@ -38,11 +38,13 @@ def _parse_floats(text: str, what: str) -> tuple[float, ...]:
 
 
 def resolve_normalization(
-    preset: str | None, mean: str | None, std: str | None
+    preset: str | Normalization | None, mean: str | None, std: str | None
 ) -> Normalization | None:
-    """Combine ``--normalize PRESET`` and explicit ``--mean/--std``."""
+    """Combine ``--normalize PRESET`` (a name, or from Python a ``Normalization``) and explicit ``--mean/--std``."""
     if preset and (mean or std):
         raise UsageError("give either --normalize or --mean/--std, not both")
+    if isinstance(preset, Normalization):
+        return preset
     if preset:
         return PRESETS.get(preset)
     if mean is None and std is None:

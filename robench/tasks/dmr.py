@@ -126,18 +126,11 @@ class DMRTrainConfig(Options):
     @field_validator("std")
     @classmethod
     def _normalization(cls, value: str | None, info: Any) -> str | None:
-        normalize, mean = info.data.get("normalize"), info.data.get("mean")
-        if isinstance(normalize, Normalization):
-            if mean or value:
-                raise UsageError("give either --normalize or --mean/--std, not both")
-        else:
-            resolve_normalization(normalize, mean, value)
+        resolve_normalization(info.data.get("normalize"), info.data.get("mean"), value)
         return value
 
     def normalization(self) -> Normalization | None:
         """The surrogate's input normalisation (None: it takes [0,1] pixels)."""
-        if isinstance(self.normalize, Normalization):
-            return self.normalize
         return resolve_normalization(self.normalize, self.mean, self.std)
 
     def generator_config(self) -> GeneratorConfig:

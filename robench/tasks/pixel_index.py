@@ -222,18 +222,11 @@ class PixelIndexConfig(Options):
     @field_validator("std")
     @classmethod
     def _normalization(cls, value: str | None, info: Any) -> str | None:
-        normalize, mean = info.data.get("normalize"), info.data.get("mean")
-        if isinstance(normalize, Normalization):
-            if mean or value:
-                raise UsageError("give either --normalize or --mean/--std, not both")
-        else:
-            resolve_normalization(normalize, mean, value)
+        resolve_normalization(info.data.get("normalize"), info.data.get("mean"), value)
         return value
 
     def explicit_normalization(self) -> Normalization | None:
         """What --normalize or --mean/--std ask for (None: nothing was asked)."""
-        if isinstance(self.normalize, Normalization):
-            return self.normalize
         return resolve_normalization(self.normalize, self.mean, self.std)
 
     def requested_geometry(self) -> tuple[int | None, int | None]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from robench.config import EvalConfig, Resolved, as_loaded_model, resolve
 from robench.errors import UsageError
 from robench.evaluation import distributed
@@ -75,18 +77,19 @@ class ReIDTask:
         if data.skipped and hooks.on_warning:
             hooks.on_warning(f"skipped {len(data.skipped)} file(s) whose names do not match the pattern "
                              "(listed in results.json)")
+        device = distributed.local_device(resolve_device(config.device))
         try:
-            outcome = self._run(data, hooks, directory)
+            outcome = self._run(data, hooks, directory, device)
         except ReIDRunInterrupted as stopped:
-            partial = Result(self._document(stopped.outcome, data), self._settings())
+            partial = Result(self._document(stopped.outcome, data, device), self._settings())
             if directory is None:
                 raise ReIDEvaluationInterrupted(partial) from stopped
             raise directory.stopped(partial, "settings", "setting") from None
-        return Result(self._document(outcome, data), self._settings())
+        return Result(self._document(outcome, data, device), self._settings())
 
-    def _run(self, data: ReIDData, hooks: Hooks, directory: RunDirectory | None) -> ReIDOutcome:
+    def _run(self, data: ReIDData, hooks: Hooks, directory: RunDirectory | None,
+             device: torch.device) -> ReIDOutcome:
         config, loaded = self.config, self.resolved.loaded
-        device = distributed.local_device(resolve_device(config.device))
         target = ReIDFeatures(loaded.model, self.resolved.normalization, layer=config.feature_layer, flip=config.flip,
                               l2=config.l2)
         surrogate = None
@@ -103,9 +106,8 @@ class ReIDTask:
                 return run_reid(target, data, suite, on_step=on_step, **options)
         return run_reid(target, data, suite, on_step=hooks.on_step, **options)
 
-    def _document(self, outcome: ReIDOutcome, data: ReIDData) -> dict[str, Any]:
+    def _document(self, outcome: ReIDOutcome, data: ReIDData, device: torch.device) -> dict[str, Any]:
         config = self.config
-        device = distributed.local_device(resolve_device(config.device))
         return reid_document(outcome, self.resolved.loaded, self.resolved.normalization, self.surrogate,
                              self.resolved.suite, data, self.options, config.feature_layer, config.flip, config.l2,
                              device)
