@@ -6,7 +6,8 @@ from typing import Any
 
 from torch import nn
 
-from robench.config import EvalConfig, data_option_fields
+from robench.config import EvalConfig
+from robench.data.config import DataConfig
 from robench.data.sources import DataOptions
 from robench.errors import UsageError
 from robench.models.loading import LoadedModel
@@ -56,10 +57,11 @@ def config_for(model: nn.Module | LoadedModel | str, data: Any = None,
                suite: str | Suite | LoadedSuite | dict | None = None, *, normalization: Any = None,
                data_options: DataOptions | None = None, **options: Any) -> EvalConfig:
     """The validated ``EvalConfig`` that ``evaluate`` builds from its arguments."""
-    fields = data_option_fields(data_options) if data_options is not None else {}
     if normalization is not None:
         if options.get("normalize") is not None:
             raise UsageError("give either normalization or normalize, not both")
         options["normalize"] = normalization
-    return EvalConfig(model=model, data=data, suite=suite if suite is not None else "pgd-linf",
-                      **{**fields, **options})
+    if data_options is not None:  # the base; data options given by name still win
+        given = DataConfig.of(None, data_options).model_dump(exclude={"source"})
+        options = {"data_root": given.pop("root"), **given, **options}
+    return EvalConfig.of(model=model, data=data, suite=suite if suite is not None else "pgd-linf", **options)

@@ -18,7 +18,11 @@ from pydantic import ValidationError
 import robench
 from robench.api import evaluate
 from robench.attacks.registry import BUILTIN_ATTACKS, AttackRegistry
-from robench.config import EvalConfig, as_suite, normalization_for, resolve
+from robench.config import EvalConfig, resolve
+from robench.data.config import DataConfig
+from robench.evaluation.config import EngineConfig
+from robench.models.config import ModelConfig
+from robench.suites.config import as_suite
 from robench.data.sources import DataOptions
 from robench.errors import UsageError
 from robench.models.preprocessing import PRESETS
@@ -67,72 +71,96 @@ BATCH_SIZE_RANGE = "--batch-size must be an integer (a positive integer or auto,
 ])
 def test_config_rejects_bad_values_with_the_cli_message(field, value, message):
     with pytest.raises(UsageError) as caught:
-        EvalConfig(model="example:digits", **{field: value})
+        EvalConfig.of(model="example:digits", **{field: value})
     assert str(caught.value).startswith(message)
     assert "\n" not in str(caught.value)
 
 
 def test_config_names_unknown_and_mistyped_fields():
     with pytest.raises(UsageError, match=r"unknown option 'sed'; did you mean 'seed'"):
-        EvalConfig(model="example:digits", sed=1)
+        EvalConfig.of(model="example:digits", sed=1)
     with pytest.raises(UsageError, match=r"^seed: .*integer.*got 'x'$"):
-        EvalConfig(model="example:digits", seed="x")
+        EvalConfig.of(model="example:digits", seed="x")
     with pytest.raises(UsageError, match="model is required"):
         EvalConfig()
 
 
 def test_config_parses_cli_text_and_is_frozen():
-    config = EvalConfig(model="example:digits", batch_size="64", ranks="1,20", image_size="256x128")
-    assert (config.batch_size, config.ranks, config.image_size) == (64, (1, 20), (256, 128))
-    assert EvalConfig(model="m", batch_size="auto").reid_batch_size() == 64
+    config = EvalConfig.of(model="example:digits", batch_size="64", ranks="1,20", image_size="256x128")
+    assert (config.engine.batch_size, config.reid.ranks, config.reid.image_size) == (64, (1, 20), (256, 128))
+    assert EvalConfig.of(model="m", batch_size="auto").reid_batch_size() == 64
     with pytest.raises(ValidationError):
-        config.seed = 3
+        config.engine.seed = 3
+    with pytest.raises(ValidationError):
+        config.engine = EngineConfig()
+
+
+def test_config_is_nested_parts_built_from_flat_options():
+    config = EvalConfig.of(model="example:digits", data="example:digits", data_root="/d", trust_suite=True,
+                           reid_pattern="x", limit=3, device="cpu", out="o")
+    assert (config.model.source, config.data.source, config.data.root, config.data.limit) == \
+        ("example:digits", "example:digits", "/d", 3)
+    assert (config.suite.source, config.suite.trust_code, config.reid.pattern) == ("pgd-linf", True, "x")
+    assert (config.engine.device, str(config.output.out)) == ("cpu", "o")
+    engine = EngineConfig(batch_size=8, seed=2)
+    whole = EvalConfig.of(model="m", engine=engine, data=DataConfig(source="example:digits", limit=4))
+    assert whole.engine is engine and whole.data.limit == 4
+    assert whole == EvalConfig(model=ModelConfig(source="m"), engine=engine,
+                               data=DataConfig(source="example:digits", limit=4))
+    with pytest.raises(UsageError, match=r"give either engine or its options \(seed\), not both"):
+        EvalConfig.of(model="m", engine=engine, seed=1)
+    with pytest.raises(UsageError, match="^model is required$"):
+        EvalConfig.of(limit=3)
+    with pytest.raises(UsageError, match="unknown option 'source'"):  # two parts have one: only through an alias
+        EvalConfig.of(model="m", source="x")
 
 
 def test_config_reports_the_first_problem_in_command_line_order():
     # The CLI has always checked --batch-size before --precision: the same error comes first.
     with pytest.raises(UsageError, match="--batch-size"):
-        EvalConfig(model="example:digits", precision="fp8", batch_size="0")
+        EvalConfig.of(model="example:digits", precision="fp8", batch_size="0")
 
 
 def test_each_call_gets_a_fresh_data_options():
-    config = EvalConfig(model="example:digits", limit=7, crop=4)
-    first = config.data_options()
+    config = EvalConfig.of(model="example:digits", limit=7, crop=4)
+    first = config.data.options()
     first.limit = 1
-    assert config.data_options().limit == 7 and config.data_options().crop == 4
+    assert config.data.options().limit == 7 and config.data.options().crop == 4
 
 
 def test_explicit_normalization_wins_over_the_suite_suggestion():
     suite = as_suite({**SUITE, "normalize": "mnist"})
-    assert normalization_for(EvalConfig(model="m"), suite) == PRESETS.get("mnist")
-    assert normalization_for(EvalConfig(model="m", normalize="cifar10"), suite) == PRESETS.get("cifar10")
-    explicit = normalization_for(EvalConfig(model="m", mean="0.5", std="0.25"), suite)
+    suggested = suite.suite.normalize
+    assert EvalConfig.of(model="m").model.normalization(suggested) == PRESETS.get("mnist")
+    assert EvalConfig.of(model="m", normalize="cifar10").model.normalization(suggested) == PRESETS.get("cifar10")
+    explicit = EvalConfig.of(model="m", mean="0.5", std="0.25").model.normalization(suggested)
     assert (explicit.mean, explicit.std) == ((0.5,), (0.25,))
     with pytest.raises(UsageError, match="give either --normalize or --mean/--std, not both"):
-        normalization_for(EvalConfig(model="m", normalize="mnist", mean="0.5", std="0.2"), suite)
+        EvalConfig.of(model="m", normalize="mnist", mean="0.5", std="0.2")
 
 
 def test_resume_key_changes_with_what_changes_the_results(tmp_path):
-    config = EvalConfig(model="example:digits", suite="fgsm", limit=20)
+    asked = {"model": "example:digits", "suite": "fgsm", "limit": 20}
+    config = EvalConfig.of(**asked)
     resolved = resolve(config)
     same = resume_key(config, resolved)
-    assert resume_key(EvalConfig(model="example:digits", suite="fgsm", limit=20), resolved) == same
+    assert resume_key(EvalConfig.of(model="example:digits", suite="fgsm", limit=20), resolved) == same
     for change in ({"seed": 1}, {"limit": 21}, {"precision": "bf16"}, {"batch_size": 7}):
-        other = EvalConfig(**{**config.model_dump(), **change})
+        other = EvalConfig.of(**{**asked, **change})
         assert resume_key(other, resolved) != same, change
 
 
 def test_the_task_follows_the_data_and_the_run_directory_checks_resume_options(tmp_path):
-    task = eval_task(EvalConfig(model="example:digits", suite="fgsm"))
+    task = eval_task(EvalConfig.of(model="example:digits", suite="fgsm"))
     directory = open_run_directory(task, out=tmp_path / "a")
     assert task.name == "classification" and directory.key and directory.resume_state is None
-    assert eval_task(EvalConfig(model="example:reid-digits", suite="reid-clean")).name == "reid"
+    assert eval_task(EvalConfig.of(model="example:reid-digits", suite="reid-clean")).name == "reid"
     with pytest.raises(UsageError, match="give either --resume DIR or --out DIR"):
         open_run_directory(task, out=tmp_path / "a", resume=tmp_path / "b")
     with pytest.raises(UsageError, match="holds no interrupted run to resume"):
         open_run_directory(task, resume=tmp_path / "a")
     with pytest.raises(UsageError, match="is for re-identification: pass --data market1501:ROOT"):
-        eval_task(EvalConfig(model="example:digits", suite="reid-pgd", data="example:digits"))
+        eval_task(EvalConfig.of(model="example:digits", suite="reid-pgd", data="example:digits"))
     assert not (tmp_path / "c").exists()
 
 
@@ -142,7 +170,7 @@ def test_cli_and_api_write_the_same_results(tmp_path):
     args = ("eval", "example:digits", "--suite", "fgsm", "--limit", "24", "--batch-size", "16", "--seed", "3")
     result = invoke(*args, "--out", tmp_path / "cli", "--quiet")
     assert result.exit_code == 0, result.stderr
-    run_dir, api_result = run_evaluation(EvalConfig(model="example:digits", suite="fgsm", limit=24,
+    run_dir, api_result = run_evaluation(EvalConfig.of(model="example:digits", suite="fgsm", limit=24,
                                                     batch_size=16, seed=3, out=tmp_path / "api"))
     cli_doc = json.loads((tmp_path / "cli" / "results.json").read_text())
     api_doc = json.loads((run_dir / "results.json").read_text())

@@ -21,7 +21,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cli_helpers import invoke, one_error_line
-from robench.config import MAX_EPS_VALUES, EvalConfig
+from robench.config import EvalConfig
+from robench.suites.config import MAX_EPS_VALUES
 from robench.data.sources import load_data
 from robench.errors import RunError, UsageError
 from robench.examples import digits_cnn
@@ -406,6 +407,6 @@ def test_eps_list_is_bounded(tmp_path):
                                      "split the sweep into several runs"
     assert not (tmp_path / "run").exists()
     sweep = [f"{i}/255" for i in range(MAX_EPS_VALUES)]
-    assert len(EvalConfig(model="example:digits", data="example:digits", suite="fgsm", eps=sweep).eps) == 64
+    assert len(EvalConfig.of(model="example:digits", data="example:digits", suite="fgsm", eps=sweep).suite.eps) == 64
     with pytest.raises(UsageError, match="at most 64 values, got 65"):
-        EvalConfig(model="example:digits", data="example:digits", suite="fgsm", eps=sweep + ["1/255"])
+        EvalConfig.of(model="example:digits", data="example:digits", suite="fgsm", eps=sweep + ["1/255"])

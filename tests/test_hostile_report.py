@@ -355,7 +355,7 @@ def test_long_labels_resume(tmp_path):
     options = dict(model="example:digits", suite=str(tmp_path / "long.yaml"), limit=40, batch_size=1,
                    save_every=0, save_adversarial=2)
     with pytest.raises(Interrupted):  # after the first segment (32 samples): a partial result with examples
-        run_evaluation(EvalConfig(**options, out=run), Hooks(on_batch=stop_after(1)))
+        run_evaluation(EvalConfig.of(**options, out=run), Hooks(on_batch=stop_after(1)))
     release_run_dirs()
     assert (run / "progress.pt").is_file() and json.loads((run / "results.json").read_text())["complete"] is False
     resumed = invoke("eval", "example:digits", "--suite", tmp_path / "long.yaml", "--limit", 40, "--batch-size", 1,

@@ -145,7 +145,7 @@ def test_progress_hears_passes_within_an_entry(tmp_path):
         def tick(self, entry, weight):
             heard.append(("tick", entry))
 
-    config = EvalConfig(model="example:digits", suite="pgd-linf", limit=40, out=tmp_path / "run")
+    config = EvalConfig.of(model="example:digits", suite="pgd-linf", limit=40, out=tmp_path / "run")
     evaluate_config(config, hooks=Hooks(progress=Sink()))
     ticks = [i for i, event in enumerate(heard) if event[0] == "tick"]
     assert len(ticks) >= 10  # one per step at least
@@ -214,7 +214,7 @@ def test_sigint_in_a_100_sample_autoattack_run_keeps_the_finished_samples(tmp_pa
     doc = json.loads((out / "results.json").read_text())
     assert doc["complete"] is True and doc["progress"]["evaluated"] == 100
 
-    _, reference = run_evaluation(EvalConfig(model="example:digits", suite=suite, limit=100,
+    _, reference = run_evaluation(EvalConfig.of(model="example:digits", suite=suite, limit=100,
                                              out=tmp_path / "reference"))
     samples = pd.read_csv(out / "samples.csv")
     ref = pd.read_csv(tmp_path / "reference" / "samples.csv")

@@ -92,9 +92,9 @@ def test_explicit_normalization_wins_over_the_models(tmp_path):
     path = tmp_path / "w.safetensors"
     save_file(random_timm("test_resnet", 10).state_dict(), str(path))
     common = dict(model="timm:test_resnet", weights=str(path), suite="fgsm", data="example:digits")
-    assert resolve(EvalConfig(**common)).normalization.mean == (0.5, 0.5, 0.5)
-    assert resolve(EvalConfig(**common, normalize="imagenet")).normalization == PRESETS.get("imagenet")
-    assert resolve(EvalConfig(**common, mean="0.1", std="0.2")).normalization.std == (0.2,)
+    assert resolve(EvalConfig.of(**common)).normalization.mean == (0.5, 0.5, 0.5)
+    assert resolve(EvalConfig.of(**common, normalize="imagenet")).normalization == PRESETS.get("imagenet")
+    assert resolve(EvalConfig.of(**common, mean="0.1", std="0.2")).normalization.std == (0.2,)
 
 
 def test_resume_key_follows_the_weights_file(tmp_path):
@@ -104,7 +104,7 @@ def test_resume_key_follows_the_weights_file(tmp_path):
     for seed in (0, 1):
         path = tmp_path / f"w{seed}.safetensors"
         save_file(random_timm("test_resnet", 10, seed=seed).state_dict(), str(path))
-        config = EvalConfig(model="timm:test_resnet", weights=str(path), suite="fgsm", data="example:digits")
+        config = EvalConfig.of(model="timm:test_resnet", weights=str(path), suite="fgsm", data="example:digits")
         keys.append(resume_key(config, resolve(config)))
     assert keys[0] != keys[1]  # a run resumed with other weights is refused
 
@@ -248,20 +248,20 @@ def test_hf_repo_from_the_local_cache(tmp_path, monkeypatch, digit_folder):
     assert (prep.resize, prep.crop, prep.interpolation) == (120, 96, "bicubic")  # floor(96 / 0.8) = 120
     assert loaded.sha256 == sha256_file(snapshot / "model.safetensors") and loaded.source == "hf:acme/tiny-digits"
     # An image folder read for this model gets its bicubic resize and crop: timm's own transform, pixel for pixel.
-    config = EvalConfig(model="hf:acme/tiny-digits", data=f"imagefolder:{digit_folder}", suite="fgsm")
+    config = EvalConfig.of(model="hf:acme/tiny-digits", data=f"imagefolder:{digit_folder}", suite="fgsm")
     options = data_options_for(config, resolve(config))
     assert (options.resize, options.crop, options.interpolation) == (120, 96, "bicubic")
-    images = load_data(config.data, options).base.x.float() / 255
+    images = load_data(config.data.source, options).base.x.float() / 255
     transform = timm.data.create_transform(**timm.data.resolve_data_config(model=loaded.model))
     first = sorted(p for p in digit_folder.iterdir())[0]
     reference = transform(Image.open(sorted(first.iterdir())[0]).convert("RGB"))
     normalised = (images[0] - torch.tensor(prep.mean).view(3, 1, 1)) / torch.tensor(prep.std).view(3, 1, 1)
     assert torch.allclose(normalised, reference, atol=1e-5)
     # Given --resize/--crop (or tensor data) keep the user's geometry.
-    given = EvalConfig(model="hf:acme/tiny-digits", data=f"imagefolder:{digit_folder}", suite="fgsm", resize=64)
+    given = EvalConfig.of(model="hf:acme/tiny-digits", data=f"imagefolder:{digit_folder}", suite="fgsm", resize=64)
     kept = data_options_for(given, resolve(given))
     assert (kept.resize, kept.crop, kept.interpolation) == (64, None, None)
-    tensors = EvalConfig(model="hf:acme/tiny-digits", data="example:digits", suite="fgsm")
+    tensors = EvalConfig.of(model="hf:acme/tiny-digits", data="example:digits", suite="fgsm")
     assert data_options_for(tensors, resolve(tensors)).resize is None
     with pytest.raises(RunError, match="cannot load the pretrained weights of hf:acme/absent") as caught:
         load_model("hf:acme/absent")
@@ -374,7 +374,7 @@ def test_robustbench_stand_in_loads_without_normalisation(stand_in_robustbench):
     state = torch.load(weights)
     assert all(torch.equal(state[k], v) for k, v in loaded.model.state_dict().items())
     # A suite's normalize: suggestion must not normalise a second time.
-    config = EvalConfig(model="robustbench:Tiny2024", model_dir=str(model_dir), data="example:digits",
+    config = EvalConfig.of(model="robustbench:Tiny2024", model_dir=str(model_dir), data="example:digits",
                         suite={"name": "s", "normalize": "cifar10", "attacks": [{"attack": "fgsm", "eps": 0.1}]})
     assert resolve(config).normalization is None
     with pytest.raises(UsageError, match="RobustBench has no cifar10 Linf model 'Tiny2042'; did you mean 'Tiny2024'"):

@@ -70,7 +70,7 @@ def test_compare_skips_run_directories_without_results(tmp_path):
 
 def test_api_save_never_overwrites_complete_results(tmp_path):
     out = tmp_path / "run"
-    _, result = run_evaluation(EvalConfig(model="example:digits", suite="fgsm", limit=40, out=out))
+    _, result = run_evaluation(EvalConfig.of(model="example:digits", suite="fgsm", limit=40, out=out))
     before = (out / "results.json").read_bytes()
     with pytest.raises(UsageError, match="already holds a complete results.json"):
         result.save(out)

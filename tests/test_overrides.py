@@ -220,11 +220,11 @@ def test_the_api_overrides_through_the_config_and_leaves_the_callers_suite_alone
     loaded = parse_suite(yaml.safe_dump(as_dict))
     loaded_before = (loaded.sha256, loaded.overrides, [a.eps_text for a in loaded.suite.attacks])
     for suite in (as_object, loaded):
-        resolved = resolve(EvalConfig(model="example:digits", suite=suite, eps=[0.1, "1/20"], norm="l2"))
+        resolved = resolve(EvalConfig.of(model="example:digits", suite=suite, eps=[0.1, "1/20"], norm="l2"))
         assert resolved.suite.sha256 == by_hand.doc["suite"]["sha256"] and resolved.suite.overrides == record
     assert (as_object.model_dump(), [a.eps_text for a in as_object.attacks]) == object_before
     assert (loaded.sha256, loaded.overrides, [a.eps_text for a in loaded.suite.attacks]) == loaded_before
-    assert EvalConfig(model="m", eps=0.03).eps == ("0.03",)
+    assert EvalConfig.of(model="m", eps=0.03).suite.eps == ("0.03",)
     with pytest.raises(UsageError, match="--norm must be one of linf, l2"):
         robench.evaluate("example:digits", "example:digits", "fgsm", norm="l1")
 
@@ -233,7 +233,7 @@ def test_resume_refuses_other_overrides_and_continues_with_the_same(tmp_path, ru
     out = tmp_path / "run"
     options = dict(model="example:digits", suite="fgsm", limit=LIMIT, batch_size=32, save_every=0, refill=False)
     with pytest.raises(Interrupted):
-        run_evaluation(EvalConfig(**options, eps="4/255", out=out), Hooks(on_batch=stop_after(2)))
+        run_evaluation(EvalConfig.of(**options, eps="4/255", out=out), Hooks(on_batch=stop_after(2)))
     release_run_dirs()
     assert (out / "progress.pt").is_file()
     common = ("eval", "example:digits", "--suite", "fgsm", "--limit", LIMIT, "--batch-size", 32, "--no-refill",
@@ -252,5 +252,5 @@ def test_resume_refuses_other_overrides_and_continues_with_the_same(tmp_path, ru
 def test_no_overrides_leave_the_suite_and_its_hash_as_written():
     loaded = load_suite("fgsm")
     assert with_overrides(loaded) is loaded
-    assert resolve(EvalConfig(model="example:digits", suite="fgsm")).suite.sha256 == loaded.sha256
-    assert EvalConfig(model="m").eps is None and EvalConfig(model="m").norm is None
+    assert resolve(EvalConfig.of(model="example:digits", suite="fgsm")).suite.sha256 == loaded.sha256
+    assert EvalConfig.of(model="m").suite.eps is None and EvalConfig.of(model="m").suite.norm is None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import robench.reid.engine as reid_engine
@@ -218,3 +220,57 @@ def test_sigkill_mid_run_then_the_same_command_resumes_to_the_same_results(pgd_s
     doc = json.loads((out / "results.json").read_text())
     assert doc["complete"] is True and measured(doc) == measured(pgd_reference)
     assert not (out / PROGRESS_FILE).exists()
+
+
+def stop_at_group(monkeypatch, stop: int | None) -> list:
+    """Ctrl-C as group ``stop`` (counted over the whole run, from 1) is about to be attacked."""
+    real, groups = reid_engine._group_inputs, []
+
+    def group_inputs(images, group, *args, **kwargs):
+        groups.append(list(group))
+        if len(groups) == stop:
+            raise KeyboardInterrupt
+        return real(images, group, *args, **kwargs)
+
+    monkeypatch.setattr(reid_engine, "_group_inputs", group_inputs)
+    return groups
+
+
+def test_a_setting_stopped_between_groups_resumes_from_its_finished_groups(pgd_suite, tmp_path, monkeypatch):
+    # Groups of 8 queries; a snapshot after every group. The reference runs with the same groups:
+    # a CPU's float results may depend on the batch they are computed in.
+    args = [*pgd_args(pgd_suite), "--batch-size", "8", "--save-every", "0"]
+    with monkeypatch.context() as patch:
+        every = stop_at_group(patch, None)
+        reference = uninterrupted(args, tmp_path / "reference")
+    per_setting = len(every) // 3
+    assert per_setting >= 3 and len(every) == 3 * per_setting
+
+    # Stopped in the second setting, after two of its groups.
+    stop = per_setting + 3
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        stop_at_group(patch, stop)
+        stopped = invoke(*args, "--out", out)
+    assert stopped.exit_code == 130
+    assert "interrupted after 1 of 3 settings" in one_error_line(stopped, "interrupted")
+    state = torch.load(out / PROGRESS_FILE, weights_only=True)
+    assert state["partial"]["index"] == 1 and len(state["partial"]["rows"]) == 2 * 8
+
+    # A progress file is input: a setting under way that does not fit the run is refused.
+    forged = tmp_path / "forged"
+    shutil.copytree(out, forged)
+    state["partial"]["features"] = state["partial"]["features"][:, :3]
+    torch.save(state, forged / PROGRESS_FILE)
+    refused = invoke(*args, "--out", forged)
+    assert refused.exit_code == 2
+    assert one_error_line(refused) == ("robench: error: cannot resume: the progress file's setting under way "
+                                       "does not fit this run")
+
+    # The same command attacks only the groups that were not finished.
+    resumed_groups = stop_at_group(monkeypatch, None)
+    resumed = invoke(*args, "--out", out)
+    assert resumed.exit_code == 0, resumed.stderr
+    assert resumed_groups == every[stop - 1:]
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["complete"] is True and measured(doc) == measured(reference)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from robench.data.sources import ImageDataset, from_arrays
-from robench.evaluation.engine import EngineOptions, run
+from robench.evaluation.config import EngineConfig
+from robench.evaluation.engine import run
 from robench.metrics import Accuracy, Collected, Scalar
 from robench.models.wrapper import RobustModel
 from robench.evaluation.state import PROGRESS_FORMAT, RunInterrupted, RunState, entry_metrics
@@ -132,7 +133,7 @@ def engine_inputs(trained_model, test_tensors):
 
 def evaluate(engine_inputs, dataset=None, *, on_batch=None, resume_state=None, save_state=None, **options):
     model, whole, suite = engine_inputs
-    return run(model, dataset or whole, suite, EngineOptions(batch_size=BATCH, **options), device=torch.device("cpu"),
+    return run(model, dataset or whole, suite, EngineConfig(batch_size=BATCH, **options), device=torch.device("cpu"),
                on_batch=on_batch, resume_state=resume_state, save_state=save_state)
 
 

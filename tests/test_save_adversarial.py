@@ -202,7 +202,7 @@ def test_bad_counts_are_one_line_usage_errors(value, tmp_path):
         assert "--save-adversarial" in one_error_line(result)
     assert not (tmp_path / "never").exists()
     with pytest.raises(UsageError, match="save-adversarial"):
-        EvalConfig(model="example:digits", save_adversarial=int(value) if value == "-1" else value)
+        EvalConfig.of(model="example:digits", save_adversarial=int(value) if value == "-1" else value)
 
 
 def test_refused_where_examples_cannot_be_gathered(monkeypatch, tmp_path):
@@ -212,7 +212,7 @@ def test_refused_where_examples_cannot_be_gathered(monkeypatch, tmp_path):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(UsageError, match="torchrun"):
-        eval_task(EvalConfig(model="example:digits", suite="fgsm", save_adversarial=3, out=tmp_path / "ddp"))
+        eval_task(EvalConfig.of(model="example:digits", suite="fgsm", save_adversarial=3, out=tmp_path / "ddp"))
     assert not Path(tmp_path / "ddp").exists()
 
 

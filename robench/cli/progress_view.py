@@ -13,7 +13,7 @@ import time
 from typing import Callable, Sequence
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, ProgressColumn, Task, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Column
 from rich.text import Text
 
@@ -45,7 +45,7 @@ class EvalProgress:
         self._clock = clock
         self._last_line = clock()
         self._bar: Progress | None = None
-        self._task = None
+        self._task: TaskID | None = None
 
     def __enter__(self) -> "EvalProgress":
         if self.enabled and self.live:
@@ -63,8 +63,9 @@ class EvalProgress:
         self.work = Work(self.work.weights, samples)
         self.work.skip(done)
         if self._bar is not None:
-            self._task = self._bar.add_task(self.title, total=self.work.total_weight,
-                                            completed=self.work.done_weight, work=self.work)
+            self._task = self._bar.add_task(
+                self.title, total=self.work.total_weight, work=self.work,
+                completed=self.work.done_weight)  # type: ignore[arg-type]  # rich types it int, keeps floats
 
     def __exit__(self, *exc) -> None:
         if self._bar is not None:
@@ -80,7 +81,7 @@ class EvalProgress:
         self._show()
 
     def _show(self) -> None:
-        if self._task is not None:
+        if self._bar is not None and self._task is not None:
             self._bar.update(self._task, completed=self.work.done_weight)
         elif self.enabled and not self.live and self._clock() - self._last_line >= PLAIN_EVERY_SECONDS:
             self._last_line = self._clock()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import numpy as np
 import torch
@@ -291,7 +291,8 @@ def _imagefolder(path: str, options: DataOptions) -> ImageDataset:
     images, kept = load_folder(scan, options.resize, options.crop, options.gray, options.max_image_pixels,
                                interpolation=options.interpolation)
     classes = sorted({c for c in scan.class_names if c is not None})
-    labels = torch.tensor([classes.index(scan.class_names[i]) for i in kept], dtype=torch.long)
+    # Class-structured: every file has a class (files beside the class folders are skipped).
+    labels = torch.tensor([classes.index(cast(str, scan.class_names[i])) for i in kept], dtype=torch.long)
     dataset = ImageDataset(TensorImages(images, labels), f"imagefolder:{Path(path).name}")
     dataset.skipped = scan.skipped
     dataset.converted = scan.converted

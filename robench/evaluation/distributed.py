@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator
+from typing import Iterator, TypeVar, cast
 
 import torch
 import torch.distributed as dist
 
 from robench.errors import UsageError
+
+T = TypeVar("T")
 
 
 def world() -> tuple[int, int, int]:
@@ -62,8 +64,8 @@ def shard_bounds(n: int, rank: int, size: int) -> tuple[int, int]:
     return start, start + base + (1 if rank < extra else 0)
 
 
-def gather(obj: object) -> list[object]:
-    """Every process's object, in rank order, on every process."""
-    out: list[object] = [None] * dist.get_world_size()
+def gather(obj: T) -> list[T]:
+    """Every process's object (each sends the same kind), in rank order, on every process."""
+    out: list[T | None] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
-    return out
+    return cast("list[T]", out)  # every slot now holds a process's object

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol, cast
 
 import numpy as np
 import torch
@@ -15,6 +15,7 @@ from robench.attacks.base import AttackInterrupted
 from robench.data.sources import ImageDataset, TensorImages, as_float
 from robench.errors import RobenchError, RunError, UsageError
 from robench.models.wrapper import RobustModel, evaluation_mode
+from robench.evaluation.config import EngineConfig
 from robench.evaluation.precision import PrecisionModel, matmul_precision
 from robench.evaluation.sanity import check_output_shape, explain_failure, first_batch_checks
 from robench.evaluation.speed import (SpeedReport, auto_batch_size, estimated_work, finish, should_compile, speed_up,
@@ -27,7 +28,7 @@ from robench.evaluation.state import RunInterrupted, RunOutcome, RunState
 from robench.suites import Suite
 from robench.suites.schema import REID_FIELDS
 
-__all__ = ["EngineOptions", "check_labels", "dataset_fingerprint", "dataset_labels", "iterate_batches", "run",
+__all__ = ["check_labels", "dataset_fingerprint", "dataset_labels", "iterate_batches", "run",
            "segment_batches"]
 
 
@@ -67,32 +68,11 @@ def check_labels(labels: np.ndarray, num_classes: int, indices: np.ndarray) -> N
         )
 
 
-@dataclass(frozen=True)
-class EngineOptions:
-    """How the engine runs: batching, precision, randomness, compilation, what it keeps.
-
-    Randomness is keyed by ``seed`` and each sample's index, so ``batch_size``, ``refill``,
-    ``workers``, ``compile``, ``channels_last`` and ``save_every`` change the speed, not the results.
-    """
-
-    batch_size: int | str = 256  # or "auto"
-    precision: str = "fp32"
-    seed: int = 0
-    workers: int = 0
-    compile: str = "off"
-    compile_backend: str = "inductor"
-    channels_last: bool = False
-    sweep_reuse: bool = False
-    refill: bool = True
-    save_adversarial: int | None = None  # keep the first N samples' examples (0: all; None: none)
-    save_every: float = 10.0  # seconds between progress snapshots
-
-
 def run(
     model: RobustModel,
     dataset: ImageDataset,
     suite: Suite,
-    options: EngineOptions = EngineOptions(),
+    options: EngineConfig = EngineConfig(),
     *,
     device: torch.device,
     on_batch: Callable[[int], None] | None = None,
@@ -136,7 +116,7 @@ def run(
     return loop.finished_outcome(save_state)
 
 
-def _check_inputs(dataset: ImageDataset, suite: Suite, options: EngineOptions) -> None:
+def _check_inputs(dataset: ImageDataset, suite: Suite, options: EngineConfig) -> None:
     if len(dataset) == 0:
         raise UsageError("the dataset is empty")
     batch_size = options.batch_size
@@ -154,7 +134,7 @@ class _Loop:
     """One run's segments in order: what is committed (``finished`` batches), what a resume skipped
     (``done``), the data digest and the snapshots."""
 
-    def __init__(self, model: RobustModel, dataset: ImageDataset, suite: Suite, options: EngineOptions,
+    def __init__(self, model: RobustModel, dataset: ImageDataset, suite: Suite, options: EngineConfig,
                  entries: list[Entry], state: RunState, device: torch.device, started: float) -> None:
         self.model, self.dataset, self.suite, self.options = model, dataset, suite, options
         self.entries, self.state, self.device, self.started = entries, state, device, started
@@ -162,7 +142,6 @@ class _Loop:
         self.digests = [hashlib.sha256() for _ in range(3)]
         self.done = self.finished = 0  # batches: finished before a resume, committed by now
         self.last_save = time.perf_counter()
-        self.batch_size = options.batch_size
         self.resume_state: dict | None = None
         self.save_state: Callable[[dict], None] | None = None
 
@@ -170,12 +149,13 @@ class _Loop:
         """The forward pass (precision, compilation), the batch size, a resumed state, the attacks' hooks."""
         options, device, dataset = self.options, self.device, self.dataset
         # eval() on the outer wrapper too: torchattacks restores the mode it finds.
-        forward = PrecisionModel(self.model, options.precision, device).eval()
+        precise = PrecisionModel(self.model, options.precision, device).eval()
         compiled = should_compile(options.compile, device, estimated_work(len(dataset), self.suite))
-        forward, self.speed = speed_up(forward, compile=compiled, backend=options.compile_backend,
+        forward, self.speed = speed_up(precise, compile=compiled, backend=options.compile_backend,
                                        channels_last=options.channels_last)
-        if self.batch_size == "auto":
-            # A resumed run keeps the batches it was cut into.
+        if isinstance(options.batch_size, int):
+            self.batch_size = options.batch_size
+        else:  # "auto" (_check_inputs allows no other text); a resumed run keeps the batches it was cut into
             self.batch_size = resume_state["batch_size"] if resume_state else _auto_batch_size(
                 forward, self.model, dataset, device)
         self.resume_state = resume_state
@@ -213,6 +193,7 @@ class _Loop:
                 # Finished before the interruption: only the fingerprint needs its data.
                 _hash_batch(self.digests, parts)
                 if b + 1 == self.done:
+                    assert self.resume_state is not None  # batches are done only after a resume
                     _check_same_data(self.resume_state, self.digests, self.done, self.dataset.name)
                 continue
             pending.append((x, y, idx, parts))
@@ -458,7 +439,10 @@ def _run_segment(batches: list[tuple], context: _RunContext, state: RunState, fi
 
 def _clean_pass(batches: list[tuple], context: _RunContext, state: RunState, first: _FirstBatch | None,
                 digest: str) -> _Segment:
-    xs, ys, preds, finites = [], [], [], []
+    xs: list[torch.Tensor] = []
+    ys: list[torch.Tensor] = []
+    preds: list[torch.Tensor] = []
+    finites: list[torch.Tensor] = []
     for b, (x, y, idx, _) in enumerate(batches):
         x = x.to(context.device, non_blocking=True).float()
         y = y.to(context.device, non_blocking=True).long()
@@ -466,7 +450,9 @@ def _clean_pass(batches: list[tuple], context: _RunContext, state: RunState, fir
         finite = torch.isfinite(logits).all(dim=1)
         # A row with NaN/inf logits has no prediction (-1): it is never correct.
         preds.append(torch.where(finite, logits.argmax(dim=1), torch.full_like(y, -1)))
-        xs.append(x), ys.append(y), finites.append(finite)
+        xs.append(x)
+        ys.append(y)
+        finites.append(finite)
     y = torch.cat(ys)
     if context.progress:
         context.progress.entry_done(-1, len(y))
@@ -525,6 +511,7 @@ def _commit(state: RunState, segment: _Segment, outcomes: list[_EntryOutcome], c
         worst &= robust
     totals.robust_all.update(worst)
     if kept is not None:
+        assert state.examples is not None  # rows are kept only when the run keeps examples
         kept_rows = slice(None) if rows is None else rows[:segment.keep].cpu()
         for name, values in kept.items():
             state.examples.metrics[name].update(values[kept_rows])
@@ -561,7 +548,8 @@ def _attack_entries(segment: _Segment, context: _RunContext, state: RunState, sa
             result = _EntryOutcome.restored(before, context.device)
         else:
             try:
-                result = _attack_entry(entry, counts.chunk, context, segment, reuse, before)
+                # entry_metrics makes ``chunk`` a Scalar.
+                result = _attack_entry(entry, cast(Scalar, counts.chunk), context, segment, reuse, before)
             except _EntryInterrupted as stop:
                 outcomes.append(stop.outcome)
                 state.partial = _segment_record(start, segment, outcomes)
@@ -591,21 +579,27 @@ class _SweepReuse:
 
     def prior(self, entry: Entry) -> torch.Tensor | None:
         """Samples fooled at a smaller eps of the same attack: their examples lie in this larger ball too."""
-        found = self.fooled.get(id(entry.spec)) if self.enabled and _reusable(entry) else None
-        return found[1] if found is not None and entry.eps >= found[0] else None
+        eps = _reuse_eps(entry) if self.enabled else None
+        if eps is None:
+            return None
+        found = self.fooled.get(id(entry.spec))
+        return found[1] if found is not None and eps >= found[0] else None
 
     def apply(self, entry: Entry, result: _EntryOutcome, keep: int) -> None:
         prior = self.prior(entry)
         if prior is None:
             return
         result.robust &= ~prior
-        if keep:  # a reused sample's example is the one found at the smaller eps
+        earlier = self.examples[id(entry.spec)]
+        # Examples exist when rows are kept (keep > 0): a reused sample's is the one found at the smaller eps.
+        if result.examples is not None and earlier is not None:
             reused = prior[:keep]
-            result.examples[reused] = self.examples[id(entry.spec)][reused]
+            result.examples[reused] = earlier[reused]
 
     def remember(self, entry: Entry, segment: _Segment, result: _EntryOutcome) -> None:
-        if _reusable(entry):
-            self.fooled[id(entry.spec)] = (entry.eps, segment.correct & ~result.robust)
+        eps = _reuse_eps(entry)
+        if eps is not None:
+            self.fooled[id(entry.spec)] = (eps, segment.correct & ~result.robust)
             self.examples[id(entry.spec)] = result.examples
 
 
@@ -642,12 +636,13 @@ def _attack_meter(entry: Entry, context: _RunContext) -> Callable[[int, int], No
     return lambda gradient, forward: tick(entry.index, 3 * gradient + forward)
 
 
-def _reusable(entry: Entry) -> bool:
-    """Sweep reuse needs nested threat models (an eps-ball), any-iterate semantics (a fooled example
-    stays valid) and eps in pixel units (per-channel radii are kept out, as before)."""
+def _reuse_eps(entry: Entry) -> float | None:
+    """The entry's eps when sweep reuse applies to it, else None. Reuse needs nested threat models (an
+    eps-ball), any-iterate semantics (a fooled example stays valid) and eps in pixel units (per-channel
+    radii are kept out, as before)."""
     attack = entry.attack
-    return (entry.eps is not None and attack.eps_budget != "none" and not attack.final_iterate
-            and attack.eps_scale is None)
+    reusable = attack.eps_budget != "none" and not attack.final_iterate and attack.eps_scale is None
+    return entry.eps if reusable else None
 
 
 def _attack_with_backoff(entry: Entry, chunk: Scalar, context: _RunContext, x, y, idx) -> AttackResult:
@@ -657,7 +652,7 @@ def _attack_with_backoff(entry: Entry, chunk: Scalar, context: _RunContext, x, y
     slot it lands in. The smallest pool used is recorded in ``chunk`` (right away: the
     next segments start from it).
     """
-    size = chunk.compute() or context.batch_size
+    size = int(chunk.compute() or context.batch_size)  # the chunk holds the int sizes it was given
     while True:
         try:
             return entry(context.forward, x, y, idx, batch_size=size, refill=context.refill)
@@ -690,6 +685,9 @@ def _attack_segment(entry: Entry, chunk: Scalar, context: _RunContext, segment: 
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
+    attack: AttackResult | None
+    finished: torch.Tensor | None
+    interruption: KeyboardInterrupt
     try:
         attack = _attack_with_backoff(entry, chunk, context, segment.x[targets], segment.y[targets],
                                       segment.idx[targets])
@@ -718,7 +716,7 @@ def _take_finished(result: _EntryOutcome, before: dict, targets: torch.Tensor, k
     result.robust[done] = earlier.robust[done]
     if result.found_by is not None and earlier.found_by is not None:
         result.found_by[done] = earlier.found_by[done]
-    if keep:
+    if result.examples is not None and earlier.examples is not None:  # rows are kept (keep > 0)
         result.examples[done[:keep]] = earlier.examples[done[:keep]]
     result.seconds, result.gradient_evals = earlier.seconds, earlier.gradient_evals
     result.peak_memory = earlier.peak_memory
@@ -737,7 +735,7 @@ def _take_attack(result: _EntryOutcome, attack: AttackResult, targets: torch.Ten
     result.gradient_evals += attack.gradient_evals
     if result.found_by is not None and found_by is not None:
         result.found_by[rows] = found_by
-    if keep:
+    if result.examples is not None:  # rows are kept (keep > 0)
         among_kept = rows < keep
         result.examples[rows[among_kept]] = x_adv[among_kept].to(result.examples.dtype)
 
@@ -757,6 +755,7 @@ def _kept_examples(x: torch.Tensor, outcomes: list[_EntryOutcome], context: _Run
     # A copy: ``x`` is a view of the whole segment, whose storage would stay alive with it.
     kept = {"clean": x.to("cpu", copy=True), "clean_pred": clean_pred.cpu()}
     for j, outcome in enumerate(outcomes):
+        assert outcome.examples is not None  # every outcome holds the kept rows' examples
         adversarial = quantize_adversarial(x, outcome.examples)
         # Unchanged images need no second pass: their prediction is the clean one.
         changed = (adversarial != clean).flatten(1).any(dim=1)

@@ -6,9 +6,9 @@ An entry is configuration only; what a run counts for it lives in ``robench.eval
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
-from robench.attacks import Attack, Objective
+from robench.attacks import Attack, AttackParams, Objective
 from robench.errors import UsageError
 from robench.suites import AttackSpec, Suite
 
@@ -55,13 +55,14 @@ def build_entries(suite: Suite, model, seed: int,
     return entries
 
 
-def _cells(spec: AttackSpec, cls: type) -> list[tuple[Any, float | None, str]]:
+def _cells(spec: AttackSpec, cls: type[Attack]) -> list[tuple[AttackParams, float | None, str]]:
     """(parameters, eps, eps as written) of each result row of one suite entry."""
     sweep = getattr(cls, "sweep", None)
     if sweep:
         return [(spec.settings.model_copy(update={sweep: [value]}), None, cls.sweep_label(value))
                 for value in getattr(spec.settings, sweep)]
-    return [(spec.settings, eps, text) for eps, text in zip(spec.eps or [None], spec.eps_text or [""])]
+    eps_values: Sequence[float | None] = spec.eps or [None]  # no eps: one row without one
+    return [(spec.settings, eps, text) for eps, text in zip(eps_values, spec.eps_text or [""])]
 
 
 def entry_weights(suite: Suite) -> list[float]:

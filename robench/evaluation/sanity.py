@@ -145,7 +145,7 @@ BLACK_BOX_GAIN_WARN = 0.002
 def masking_flags(attacks: list[dict[str, Any]]) -> list[str]:
     """A weaker attack beating an iterative white-box one of the same norm and eps points at masked gradients."""
     flags = [flag for a in attacks for flag in _composite_masking(a)]
-    strong = {}
+    strong: dict[tuple[str, float], float] = {}  # (norm, eps) -> the iterative attacks' lowest accuracy
     kinds = {a["attack"]: attack_kind(a["attack"]) for a in attacks}
     for a in attacks:
         if kinds[a["attack"]] == "iterative" and a["eps"] is not None and a["accuracy"] is not None:

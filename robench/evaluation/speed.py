@@ -13,18 +13,20 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from robench.errors import RunError, UsageError
+from robench.suites import Suite
 
+Forward = Callable[[torch.Tensor], torch.Tensor]  # a model's forward pass, possibly compiled
 COMPILE_MODES = ("off", "on", "auto")
 AUTO_COMPILE_MIN_WORK = 200_000
 
 
-def estimated_work(n_samples: int, suite) -> int:
+def estimated_work(n_samples: int, suite: Suite) -> int:
     """Forward+backward image passes the suite needs at most (no early stopping), from the attacks' costs."""
     work = 0
     for spec in suite.attacks:
@@ -74,17 +76,17 @@ def _graph_count() -> int:
 
 
 def speed_up(forward: nn.Module, *, compile: bool, backend: str = "inductor",
-             channels_last: bool = False) -> tuple[nn.Module, SpeedReport]:
+             channels_last: bool = False) -> tuple[Forward, SpeedReport]:
     report = SpeedReport(compile=compile, backend=backend if compile else None, channels_last=channels_last)
     if channels_last:
         forward = ChannelsLast(forward)
-    if compile:
-        report._graphs_before = _graph_count()
-        forward = torch.compile(forward, dynamic=True, backend=backend)
-    return forward, report
+    if not compile:
+        return forward, report
+    report._graphs_before = _graph_count()
+    return torch.compile(forward, dynamic=True, backend=backend), report
 
 
-def timed_first_call(forward, x: torch.Tensor, report: SpeedReport) -> torch.Tensor:
+def timed_first_call(forward: Forward, x: torch.Tensor, report: SpeedReport) -> torch.Tensor:
     start = time.perf_counter()
     out = forward(x)
     if x.device.type == "cuda":
@@ -102,7 +104,7 @@ AUTO_BATCH_START = 1024
 CPU_BATCH = 256
 
 
-def auto_batch_size(forward, sample: torch.Tensor, device: torch.device, start: int = AUTO_BATCH_START) -> int:
+def auto_batch_size(forward: Forward, sample: torch.Tensor, device: torch.device, start: int = AUTO_BATCH_START) -> int:
     """The largest power-of-two batch (from ``start`` down) whose forward+input-gradient pass fits.
 
     On a CPU memory is the machine's and a fixed 256 is used. Attacks keep a few

@@ -8,7 +8,7 @@ processes all go through the metrics' ``state_dict``/``load_state_dict``/
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -45,6 +45,12 @@ def example_metrics(entries: int) -> MetricCollection:
     return MetricCollection(clean=Collected(), clean_pred=Collected(), **per_entry)
 
 
+def accuracy_of(metrics: MetricCollection, name: str) -> Accuracy:
+    """The member ``name`` that ``entry_metrics`` or ``run_metrics`` makes an ``Accuracy`` (a collection's
+    members are typed as any ``Metric``)."""
+    return cast(Accuracy, metrics.metrics[name])
+
+
 def run_metrics() -> MetricCollection:
     """What a run counts over all samples. The names are the progress file's keys."""
     return MetricCollection(nonfinite=Scalar("sum"), clean=Accuracy(), index=Collected(), labels=Collected(),
@@ -75,11 +81,11 @@ class RunState:
     # -- reading ---------------------------------------------------------------------------------------------
     @property
     def clean(self) -> Accuracy:
-        return self.totals.clean
+        return accuracy_of(self.totals, "clean")
 
     @property
     def n(self) -> int:
-        return self.totals.clean.total
+        return self.clean.total
 
     @property
     def nonfinite(self) -> int:

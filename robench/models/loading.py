@@ -67,13 +67,19 @@ def load_model(
     path = Path(spec)
     check_model_path(path, spec)
     digest = hash_model_file(path, spec)
-    name = path.stem
     program = program_kind(path)
     if program is not None:
         module = _load_program(path, spec, program, trust_checkpoint, map_location, arch_option)
         info = _mode_info(module)
-        return LoadedModel(module.eval(), name, str(path), digest, arch="torchscript", info=info)
+        return LoadedModel(module.eval(), path.stem, str(path), digest, arch="torchscript", info=info)
+    return _load_checkpoint(path, spec, digest, arch, num_classes, trust_checkpoint, map_location, arch_option)
 
+
+def _load_checkpoint(path: Path, spec: str, digest: str, arch: str | None, num_classes: int | None,
+                     trust_checkpoint: bool, map_location: str | torch.device, arch_option: str) -> LoadedModel:
+    """A whole module (trusted pickle) or a state dict, built on ``arch`` or the architecture
+    ``robench train`` recorded beside it."""
+    name = path.stem
     trained = _trained_info(path, arch)
     if trained is not None:
         arch = trained.arch

@@ -119,7 +119,7 @@ def _owning_distribution(origin: str) -> str | None:
     for name in metadata.packages_distributions().get("robustbench", []):
         dist = metadata.distribution(name)
         for file in dist.files or ():
-            if Path(dist.locate_file(file)).resolve() == target:
+            if Path(str(dist.locate_file(file))).resolve() == target:  # typed as a protocol, not PathLike
                 return dist.metadata["Name"] or name
     return None
 

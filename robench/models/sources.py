@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 import pickle
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import torch
 from torch import nn
@@ -141,7 +141,7 @@ def _load_timm(spec: str, name: str, options: SourceOptions) -> LoadedModel:
     if found is None:
         _check_pretrained_classes(spec, options, getattr(cfg, "num_classes", None))
         model = _create_pretrained(timm, name, spec, {})
-        sha = hub_file_sha256(model.pretrained_cfg.get("hf_hub_id"))
+        sha = hub_file_sha256(_pretrained_cfg(model).get("hf_hub_id"))
         weights = None
     else:
         path, sha = found
@@ -155,9 +155,14 @@ def _load_timm(spec: str, name: str, options: SourceOptions) -> LoadedModel:
             # The same count in the cfg and the model: timm then loads the classifier instead of dropping it.
             overlay["num_classes"] = kwargs["num_classes"] = classes
         model = _create_from_file(timm, name, spec, path, overlay, kwargs)
-        model.pretrained_cfg.pop("state_dict", None)  # the cfg stays on the model: it must not keep a copy
+        _pretrained_cfg(model).pop("state_dict", None)  # the cfg stays on the model: it must not keep a copy
         weights = str(path)
     return _timm_loaded(timm, model, spec, name, sha, weights)
+
+
+def _pretrained_cfg(model: nn.Module) -> dict[str, Any]:
+    """The configuration timm sets on every model it creates (an attribute nn.Module's types do not know)."""
+    return cast(dict[str, Any], model.pretrained_cfg)
 
 
 def _classes_in(tensors: dict[str, torch.Tensor], classifier: Any) -> int | None:
@@ -196,11 +201,12 @@ def _create_from_file(timm: Any, name: str, spec: str, path: Path, overlay: dict
 def _refused_pickle(exc: BaseException) -> bool:
     """torch's safe unpickler refused the file (timm re-raises that as a RuntimeError)."""
     seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, pickle.UnpicklingError):
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        if isinstance(link, pickle.UnpicklingError):
             return True
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
+        seen.add(id(link))
+        link = link.__cause__ or link.__context__
     return False
 
 
@@ -222,7 +228,7 @@ def timm_preprocessing(timm: Any, model: nn.Module, source: str) -> Preprocessin
     crop_pct = config.get("crop_pct")
     resize, crop = eval_geometry(height, width, crop_pct)
     interpolation = config.get("interpolation") or "bilinear"
-    details = (("crop_pct", crop_pct), ("crop_mode", config.get("crop_mode", "center")))
+    details: tuple[tuple[str, object], ...] = (("crop_pct", crop_pct), ("crop_mode", config.get("crop_mode", "center")))
     if interpolation not in INTERPOLATIONS:  # timm's "random" is a training-time choice
         details += (("source_interpolation", interpolation),)
         interpolation = "bilinear"
@@ -256,10 +262,10 @@ def _load_torchvision(spec: str, rest: str, options: SourceOptions) -> LoadedMod
     check_torchvision_arch(name)
     enum = _torchvision_weights(tvm, name, weights_name, spec) if weights_name else None
     found = weights_file(options, spec)
-    if enum is None and found is None:
-        raise UsageError(f"{spec} names no weights: name them ({_weight_names(tvm, name)}, or DEFAULT), "
-                         f"e.g. torchvision:{name}:DEFAULT, or pass --weights FILE")
     if found is None:
+        if enum is None:
+            raise UsageError(f"{spec} names no weights: name them ({_weight_names(tvm, name)}, or DEFAULT), "
+                             f"e.g. torchvision:{name}:DEFAULT, or pass --weights FILE")
         classes = len(enum.meta.get("categories") or []) or None
         _check_pretrained_classes(spec, options, classes)
         try:
@@ -274,7 +280,8 @@ def _load_torchvision(spec: str, rest: str, options: SourceOptions) -> LoadedMod
         path, sha = found
         tensors = read_state_dict(path, options)
         classes = options.num_classes or _torchvision_classes(name, tensors)
-        module = torchvision_model(name, **({"num_classes": classes} if classes else {}))
+        architecture: dict[str, Any] = {"num_classes": classes} if classes else {}  # get_model's own options
+        module = torchvision_model(name, **architecture)
         load_weights(module, tensors, str(path), spec)
         weights = str(path)
     prep = torchvision_preprocessing(enum) if enum is not None else None

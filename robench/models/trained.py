@@ -75,7 +75,7 @@ def read_trained(path: Path) -> TrainedInfo | None:
     mean, std = _floats(path, info, "mean"), _floats(path, info, "std")
     if (mean is None) != (std is None):
         raise damaged(path, "mean and std go together (one is missing)")
-    if mean is not None and len(mean) != len(std):
+    if mean is not None and std is not None and len(mean) != len(std):
         raise damaged(path, f"mean has {len(mean)} values but std has {len(std)}")
     if std is not None and not all(v > 0 for v in std):
         raise damaged(path, f"std values must be > 0, got {list(std)}")

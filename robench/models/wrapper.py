@@ -21,6 +21,9 @@ class RobustModel(nn.Module):
     tuple/dict outputs are reduced to one logits tensor (or refused).
     """
 
+    mean: torch.Tensor  # buffers, registered in __init__
+    std: torch.Tensor
+
     def __init__(self, model: nn.Module, normalization: Normalization | None = None) -> None:
         super().__init__()
         self.model = model

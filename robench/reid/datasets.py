@@ -13,12 +13,16 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from robench.errors import UsageError
+
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
 # Group 1: person id (may be -1), group 2: camera (1-based).
@@ -110,13 +114,12 @@ def load_reid(kind: str, root: str | Path, pattern: str | None = None) -> ReIDDa
         if compiled.groups < 2:
             raise UsageError("--reid-pattern needs two groups: person id and camera")
     skipped: list[dict[str, str]] = []
-    splits = {}
+    splits: dict[str, ReIDSplit] = {}
     junk = 0
     for split, dirname in SPLIT_DIRS.items():
         directory = root / dirname
         if not directory.is_dir():
             if split == "train":
-                splits[split] = None
                 continue
             raise UsageError(f"{root} has no {dirname}/ folder (expected query/ and bounding_box_test/)")
         splits[split], dropped = parse_split(directory, pattern, kind, skipped)
@@ -126,7 +129,7 @@ def load_reid(kind: str, root: str | Path, pattern: str | None = None) -> ReIDDa
         raise UsageError(f"{root / 'query'} holds no usable query images")
     if len(gallery) == 0:
         raise UsageError(f"{root / 'bounding_box_test'} holds no usable gallery images")
-    return ReIDData(kind, root, query, gallery, splits["train"], skipped, junk)
+    return ReIDData(kind, root, query, gallery, splits.get("train"), skipped, junk)
 
 
 class ReIDImages(Dataset):
@@ -140,20 +143,18 @@ class ReIDImages(Dataset):
         return len(self.split)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
-        arr = self._read(i) if self.split.images is None else self._from_memory(i)
+        images = self.split.images
+        arr = self._read(i) if images is None else self._from_memory(images[i])
         x = torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)
         return x, int(self.split.pids[i]), i
 
-    def _from_memory(self, i: int) -> np.ndarray:
+    def _from_memory(self, arr: np.ndarray) -> np.ndarray:
         from PIL import Image
 
-        arr = self.split.images[i]
         if arr.shape[-1] == 1:
             arr = np.repeat(arr, 3, axis=-1)  # RGB, as folder images are read
         if self.size is not None and tuple(arr.shape[:2]) != tuple(self.size):
-            img = Image.fromarray(np.ascontiguousarray(arr), "RGB").resize((self.size[1], self.size[0]),
-                                                                            Image.BILINEAR)
-            arr = np.asarray(img, dtype=np.uint8)
+            arr = np.asarray(_resized(Image.fromarray(np.ascontiguousarray(arr), "RGB"), self.size), dtype=np.uint8)
         return np.array(arr, dtype=np.uint8)  # a copy: torch.from_numpy must not alias the split
 
     def _read(self, i: int) -> np.ndarray:
@@ -164,7 +165,15 @@ class ReIDImages(Dataset):
             with Image.open(path) as img:
                 img = img.convert("RGB")
                 if self.size is not None:
-                    img = img.resize((self.size[1], self.size[0]), Image.BILINEAR)
+                    img = _resized(img, self.size)
                 return np.asarray(img, dtype=np.uint8).copy()
         except OSError as exc:
             raise UsageError(f"cannot read image {path}: {exc}") from None
+
+
+def _resized(img: PILImage, size: tuple[int, int]) -> PILImage:
+    """``img`` at (height, width) ``size``, bilinear."""
+    from PIL import Image
+
+    # Image.BILINEAR is set through globals(); Image.Resampling would need Pillow 9.1.
+    return img.resize((size[1], size[0]), Image.BILINEAR)  # type: ignore[attr-defined]  # see above

@@ -16,6 +16,7 @@ interrupted run and the others computed as if it had not stopped.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -24,7 +25,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from robench.evaluation import distributed
 from robench.evaluation.entries import Entry, build_entries
@@ -55,6 +56,23 @@ class ReIDOptions:
     batch_size: int = 64
     workers: int = 0
     seed: int = 0
+    save_every: float = 2.0  # seconds between snapshots of the setting under way
+
+
+@dataclass
+class EntryProgress:
+    """The setting under way: the rows attacked so far (whole groups), their adversarial features
+    and the seconds spent on them; a resume attacks only the other groups."""
+
+    index: int
+    label: str
+    rows: list[int]
+    features: Callable[[], torch.Tensor]  # [len(rows), D]; copied out only when a snapshot is written
+    seconds: float
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"index": self.index, "label": self.label, "rows": torch.tensor(self.rows, dtype=torch.int64),
+                "features": self.features().detach().cpu(), "seconds": self.seconds}
 
 
 @dataclass
@@ -72,6 +90,7 @@ class ReIDOutcome:
     total: int = 0
     complete: bool = True
     indices: list[int] = field(default_factory=list)  # the entry index of each row of ``attacks``
+    partial: EntryProgress | None = None  # the setting under way, when some of its groups are done
 
     def snapshot(self) -> dict[str, Any]:
         """The finished settings as plain values (torch.save-able with weights_only), for ``resume_state``."""
@@ -79,7 +98,8 @@ class ReIDOutcome:
                                        "settings": [{"index": i, "row": row}
                                                     for i, row in zip(self.indices, self.attacks)]}))
         return {"format": REID_PROGRESS_FORMAT, "fingerprint": self.fingerprint, "total": self.total,
-                "nonfinite_features": self.nonfinite_features, "seconds": self.seconds, **plain}
+                "nonfinite_features": self.nonfinite_features, "seconds": self.seconds, **plain,
+                **({"partial": self.partial.snapshot()} if self.partial is not None else {})}
 
 
 class ReIDRunInterrupted(Exception):
@@ -91,7 +111,7 @@ class ReIDRunInterrupted(Exception):
 
 
 def _loader(split: ReIDSplit, options: ReIDOptions, indices: list[int] | None = None) -> DataLoader:
-    dataset = ReIDImages(split, options.size)
+    dataset: Dataset = ReIDImages(split, options.size)
     if indices is not None:
         dataset = Subset(dataset, indices)
     return DataLoader(dataset, batch_size=options.batch_size, shuffle=False, num_workers=options.workers)
@@ -100,7 +120,9 @@ def _loader(split: ReIDSplit, options: ReIDOptions, indices: list[int] | None = 
 def identity_batches(pids: np.ndarray, ids_per_batch: int) -> list[list[int]]:
     """Indices grouped so that every batch holds all images of ``ids_per_batch`` persons."""
     order = np.argsort(pids, kind="stable")
-    batches, current, seen = [], [], []
+    batches: list[list[int]] = []
+    current: list[int] = []
+    seen: list[int] = []
     for i in order:
         pid = int(pids[i])
         if pid not in seen:
@@ -201,26 +223,58 @@ def run_reid(
     try:
         q, g = data.query, data.gallery
         qf, gf = _clean_features(target, data, options, device, outcome, on_step)
+        split = q if options.perturb == "query" else g
+        kept = _restore_partial(resume_state, entries, finished, len(split), qf.shape[1]) if resume_state else None
         # The attacked split is read from disk once, then shared by every entry (8-bit, as on disk).
-        images = _ImageCache(q if options.perturb == "query" else g, options.size)
+        images = _ImageCache(split, options.size)
+        snapshots = _Snapshots(outcome, finished, save_state, options.save_every, earlier, started)
         for entry in entries:
             if entry.index in finished:
                 continue
             if on_step:
                 on_step(f"{entry.spec.display_name()} eps {entry.eps_text}")
-            finished[entry.index] = _run_entry(entry, target, surrogate, data, qf, gf, options, device, images)
-            if save_state:
-                _settle(outcome, finished, earlier + time.perf_counter() - started)
-                save_state(outcome.snapshot())
+            carried = kept if kept is not None and kept.index == entry.index else None
+            finished[entry.index] = _run_entry(entry, target, surrogate, data, qf, gf, options, device, images,
+                                               kept=carried, on_group=snapshots.group_done)
+            snapshots.entry_done()
     except KeyboardInterrupt as exc:
         _settle(outcome, finished, earlier + time.perf_counter() - started)
         outcome.complete = False
+        if save_state and outcome.partial is not None:  # the groups of the setting under way
+            save_state(outcome.snapshot())
         raise ReIDRunInterrupted(outcome) from exc
     finally:
         for ctx in reversed(contexts):
             ctx.__exit__(None, None, None)
     _settle(outcome, finished, earlier + time.perf_counter() - started)
     return outcome
+
+
+class _Snapshots:
+    """Progress snapshots: after every finished setting, and within a setting after a group at most
+    every ``save_every`` seconds."""
+
+    def __init__(self, outcome: ReIDOutcome, finished: dict[int, dict[str, Any]],
+                 save_state: Callable[[dict[str, Any]], None] | None, save_every: float, earlier: float,
+                 started: float) -> None:
+        self.outcome, self.finished, self.save_state, self.save_every = outcome, finished, save_state, save_every
+        self.earlier, self.started, self.last = earlier, started, time.perf_counter()
+
+    def group_done(self, progress: EntryProgress) -> None:
+        self.outcome.partial = progress
+        if self.save_state and time.perf_counter() - self.last >= self.save_every:
+            self._save()
+
+    def entry_done(self) -> None:
+        self.outcome.partial = None
+        if self.save_state:
+            self._save()
+
+    def _save(self) -> None:
+        assert self.save_state is not None
+        _settle(self.outcome, self.finished, self.earlier + time.perf_counter() - self.started)
+        self.save_state(self.outcome.snapshot())
+        self.last = time.perf_counter()
 
 
 def _check_suite(suite: Suite, surrogate: ReIDFeatures | None) -> None:
@@ -280,6 +334,27 @@ def _restore(state: dict[str, Any], entries: list[Entry], fingerprint: str) -> d
     return done
 
 
+def _restore_partial(state: dict[str, Any], entries: list[Entry], finished: dict[int, dict[str, Any]],
+                     rows: int, dim: int) -> EntryProgress | None:
+    """The setting a snapshot was in the middle of, checked against this run (a progress file is input)."""
+    saved = state.get("partial")
+    if saved is None:
+        return None
+    try:
+        index, label, seconds = int(saved["index"]), str(saved["label"]), float(saved["seconds"])
+        done, features = saved["rows"], saved["features"]
+        fits = (0 <= index < len(entries) and index not in finished and label == entries[index].spec.display_name()
+                and isinstance(done, torch.Tensor) and done.dtype == torch.int64 and done.dim() == 1
+                and isinstance(features, torch.Tensor) and features.dtype == torch.float32
+                and tuple(features.shape) == (len(done), dim) and seconds >= 0
+                and bool(((done >= 0) & (done < rows)).all()) and len(torch.unique(done)) == len(done))
+    except (KeyError, TypeError, ValueError):
+        fits = False
+    if not fits:
+        raise UsageError("cannot resume: the progress file's setting under way does not fit this run")
+    return EntryProgress(index, label, done.tolist(), lambda: features, seconds)
+
+
 class _ImageCache:
     """Decoded images of one split, kept as uint8 and handed out as [0,1] floats (values unchanged)."""
 
@@ -312,12 +387,17 @@ def entry_objective(spec) -> Objective | None:
 
 def _run_entry(entry: Entry, target: ReIDFeatures, surrogate: ReIDFeatures | None, data: ReIDData,
                qf: torch.Tensor, gf: torch.Tensor, options: ReIDOptions, device: torch.device,
-               images: _ImageCache) -> dict[str, Any]:
+               images: _ImageCache, *, kept: EntryProgress | None = None,
+               on_group: Callable[[EntryProgress], None] | None = None) -> dict[str, Any]:
+    """One setting: its groups attacked (those ``kept`` holds are taken as they are), then the metrics."""
     spec = entry.spec
     generated = entry.attack.family != "gradient"  # a trained generator: no objective, no gradients
     objective_name = None if generated else (spec.objective or "away")
     margin, exclude_self = _margin(spec), _exclude_self(spec)
-    source = surrogate if spec.source == "surrogate" else target
+    source = target
+    if spec.source == "surrogate":
+        assert surrogate is not None  # _check_suite refuses a transfer entry without a surrogate
+        source = surrogate
     split = data.query if options.perturb == "query" else data.gallery
     t0 = time.perf_counter()
     if objective_name == "misrank":
@@ -329,21 +409,27 @@ def _run_entry(entry: Entry, target: ReIDFeatures, surrogate: ReIDFeatures | Non
     rank, size, _ = distributed.world()
     groups = groups[rank::size]  # under torchrun each process attacks its share of the groups
     done: list[int] = []
+    earlier = 0.0
+    if kept is not None:  # the groups an interrupted run finished: their features as it computed them
+        adv_features[torch.tensor(kept.rows, device=device)] = kept.features().to(device)
+        done, earlier = list(kept.rows), kept.seconds
+    finished_rows = set(done)
     for group in groups:
-        x = images.batch(group).to(device)
+        if finished_rows.issuperset(group):
+            continue
         idx = torch.tensor(group, device=device)
-        if objective_name == "misrank" or generated:
-            y = torch.from_numpy(split.pids[group]).to(device)
-        else:
-            with torch.no_grad():
-                y = source(x).float()
+        x, y = _group_inputs(images, group, split, source, objective_name, generated, device)
         x_adv = entry(source, x, y, idx, batch_size=len(group)).x_adv
         with torch.no_grad():
             adv_features[idx] = target(x_adv).float()
         done.extend(group)
+        if on_group:
+            rows = list(done)
+            on_group(EntryProgress(entry.index, spec.display_name(), rows,
+                                   functools.partial(_rows_of, adv_features, rows), earlier + time.perf_counter() - t0))
     if size > 1:
         adv_features = _gather_rows(done, adv_features, len(split), device)
-    seconds = time.perf_counter() - t0
+    seconds = earlier + time.perf_counter() - t0
     if options.perturb == "query":
         metrics = _metrics(adv_features, gf, data.query, data.gallery, options, False)
         reranked = _metrics(adv_features, gf, data.query, data.gallery, options, True) if options.rerank else None
@@ -359,3 +445,18 @@ def _run_entry(entry: Entry, target: ReIDFeatures, surrogate: ReIDFeatures | Non
     return {"attack": entry.attack.name, "label": spec.display_name(), "norm": entry.attack.norm,
             "eps": entry.attack.effective_eps(entry.eps), **metrics, "reranked": reranked, "params": params,
             "seconds": round(seconds, 4)}
+
+
+def _group_inputs(images: _ImageCache, group: list[int], split: ReIDSplit, source: ReIDFeatures,
+                  objective_name: str | None, generated: bool, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """A group's images and what its attack moves away from: identities (mis-ranking, generators) or
+    the source model's clean features."""
+    x = images.batch(group).to(device)
+    if objective_name == "misrank" or generated:
+        return x, torch.from_numpy(split.pids[group]).to(device)
+    with torch.no_grad():
+        return x, source(x).float()
+
+
+def _rows_of(features: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    return features[torch.tensor(rows, device=features.device)]

@@ -21,6 +21,9 @@ class ReIDFeatures(nn.Module):
     layumi baseline's test-time trick); ``l2`` normalises the result.
     """
 
+    mean: torch.Tensor  # buffers, registered in __init__ with a normalization
+    std: torch.Tensor
+
     def __init__(self, model: nn.Module, normalization: Normalization | None = None, *, layer: str | None = None,
                  flip: bool = False, l2: bool = False) -> None:
         super().__init__()

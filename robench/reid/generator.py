@@ -14,7 +14,7 @@ import io
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -124,17 +124,17 @@ def split_validation_ids(pids: np.ndarray, fraction: float, seed: int) -> tuple[
     return np.nonzero(~is_val)[0], np.nonzero(is_val)[0]
 
 
-def pk_batches(pids: np.ndarray, p: int, k: int, rng: np.random.Generator):
+def pk_batches(pids: np.ndarray, p: int, k: int, rng: np.random.Generator) -> Iterator[list[int]]:
     """Endless P x K batches: P random identities with K images each (sampled with replacement if fewer)."""
-    by_id: dict[int, np.ndarray] = {}
+    by_id: dict[int, list[int]] = {}
     for i, pid in enumerate(pids):
-        by_id.setdefault(int(pid), []).append(i)  # type: ignore[arg-type]
+        by_id.setdefault(int(pid), []).append(i)
     ids = np.array(sorted(by_id))
     if len(ids) < 2:
         raise UsageError("training the generator needs images of at least two identities")
     while True:
         chosen = rng.choice(ids, size=min(p, len(ids)), replace=False)
-        batch = []
+        batch: list[int] = []
         for pid in chosen:
             pool = np.asarray(by_id[int(pid)])
             batch.extend(rng.choice(pool, size=k, replace=len(pool) < k).tolist())
@@ -171,7 +171,7 @@ def train_generator(
     def validate() -> float | None:
         return _validation_map(generator, surrogate, load_images, val_idx, pids, camids, config.eps, device)
 
-    best = (math.inf, None)
+    best: tuple[float, dict[str, torch.Tensor] | None] = (math.inf, None)
     history: list[dict[str, Any]] = []
     generator.train()
     for step in range(1, config.steps + 1):

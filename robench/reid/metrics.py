@@ -144,6 +144,20 @@ def _chunk_stats(dist: torch.Tensor, q_pids: torch.Tensor, g_pids: torch.Tensor,
     return hits, ap_values, inp, valid
 
 
+def _checked_protocol(ap: str, denominator: str, ranks: Sequence[int], chunk: int) -> tuple[int, ...]:
+    """The protocol's choices checked; the ranks as plain ints."""
+    if ap not in AP_CONVENTIONS:
+        raise UsageError(f"AP convention must be one of {', '.join(AP_CONVENTIONS)}, got {ap!r}")
+    if denominator not in DENOMINATORS:
+        raise UsageError(f"denominator must be one of {', '.join(DENOMINATORS)}, got {denominator!r}")
+    ranks = tuple(ranks)
+    if not ranks or any(isinstance(k, bool) or int(k) != k or k < 1 for k in ranks):
+        raise UsageError(f"ranks must be integers >= 1, got {ranks}")
+    if chunk < 1:
+        raise UsageError(f"chunk must be >= 1, got {chunk}")
+    return tuple(int(k) for k in ranks)
+
+
 def rank_metrics(
     dist: torch.Tensor,
     q_pids: torch.Tensor,
@@ -162,16 +176,7 @@ def rank_metrics(
     Returns ``{"cmc": {k: float}, "mAP": float, "mINP": float | None, "queries": int,
     "valid_queries": int, "ap_convention": ap, "denominator": denominator}``.
     """
-    if ap not in AP_CONVENTIONS:
-        raise UsageError(f"AP convention must be one of {', '.join(AP_CONVENTIONS)}, got {ap!r}")
-    if denominator not in DENOMINATORS:
-        raise UsageError(f"denominator must be one of {', '.join(DENOMINATORS)}, got {denominator!r}")
-    ranks = tuple(ranks)
-    if not ranks or any(isinstance(k, bool) or int(k) != k or k < 1 for k in ranks):
-        raise UsageError(f"ranks must be integers >= 1, got {ranks}")
-    ranks = tuple(int(k) for k in ranks)
-    if chunk < 1:
-        raise UsageError(f"chunk must be >= 1, got {chunk}")
+    ranks = _checked_protocol(ap, denominator, ranks, chunk)
     dist = torch.as_tensor(dist)
     if dist.dim() != 2:
         raise UsageError(f"the distance matrix must be 2-D (queries x gallery), got shape {tuple(dist.shape)}")

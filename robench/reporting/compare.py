@@ -16,7 +16,7 @@ from __future__ import annotations
 import html
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 import pandas as pd
 
@@ -53,7 +53,13 @@ class ComparisonTable:
         return mask
 
 
-LAYOUTS: Registry[Callable[[pd.DataFrame, str], ComparisonTable]] = Registry("layout")
+class Layout(Protocol):
+    """A layout's table of the long result rows; each layout has its own default metric."""
+
+    def __call__(self, rows: pd.DataFrame, metric: str = ...) -> ComparisonTable: ...
+
+
+LAYOUTS: Registry[Layout] = Registry("layout")
 
 
 def _eps_label(eps: float | None, text: str | None = None) -> str:

@@ -138,7 +138,10 @@ def exact_value(metric: str, value: float, n: Any) -> tuple[Fraction, str | None
 
 
 def _whole(n: Any) -> bool:
-    return isinstance(n, numbers.Real) and not isinstance(n, bool) and math.isfinite(n) and n > 0 and n == int(n)
+    if not isinstance(n, numbers.Real) or isinstance(n, bool):
+        return False
+    value = float(n)  # a count (an int, a float or a numpy number) is exact as a float
+    return math.isfinite(value) and value > 0 and value == int(value)
 
 
 def standard_error(metric: str, value: float, n: Any) -> float | None:

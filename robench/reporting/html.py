@@ -449,7 +449,8 @@ def _grids(r: ResultFile, i: int, warn: Warn) -> str:
     folder = r.path.parent / "adversarial"
     if not folder.is_dir():
         return ""
-    figures, skipped = [], []
+    figures: list[str] = []
+    skipped: list[str] = []
     for png in _entry_order(r.doc, folder.glob("*.png")):
         try:
             uri = png_data_uri(png)

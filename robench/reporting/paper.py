@@ -69,7 +69,7 @@ def available() -> list[str]:
 
 def _csv_text(name: str) -> str:
     """The table's CSV, ``paper_tables/NAME.csv`` inside the package."""
-    return resources.files("robench.reporting").joinpath("paper_tables", f"{name}.csv").read_text("utf-8")
+    return (resources.files("robench.reporting") / "paper_tables" / f"{name}.csv").read_text("utf-8")
 
 
 def read_table(name: str) -> pd.DataFrame:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich.console import JustifyMethod
 from rich.table import Table
 
 from robench.results.metric_table import metric_info
@@ -25,8 +26,10 @@ def _eps(a: dict[str, Any]) -> str:
 def results_table(doc: dict[str, Any]) -> Table:
     model, suite, data = doc["model"]["name"], doc["suite"]["name"], doc["data"]["spec"]
     table = Table(title=f"robench · {model} · suite {suite} · {data} (n={doc['clean']['n']})")
-    for col, justify in (("attack", "left"), ("norm", "left"), ("eps", "right"), ("accuracy %", "right"),
-                         ("success %", "right"), ("time s", "right")):
+    columns: tuple[tuple[str, JustifyMethod], ...] = (
+        ("attack", "left"), ("norm", "left"), ("eps", "right"), ("accuracy %", "right"), ("success %", "right"),
+        ("time s", "right"))
+    for col, justify in columns:
         table.add_column(col, justify=justify)
     table.add_row("clean", "", "", _show("accuracy", doc["clean"]["accuracy"]), "", "")
     for a in doc["attacks"]:

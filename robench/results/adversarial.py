@@ -61,7 +61,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from robench.errors import UsageError
 from robench.evaluation.kept_examples import quantize_adversarial, quantize_clean
 from robench.files import check_regular_file
 from robench.results.atomic import write_file_atomically
@@ -75,18 +74,6 @@ FOLDER = "adversarial"
 MAX_STEM_BYTES = 100
 HASH_CHARS = 12
 CHUNK = 1024  # samples rounded at a time: the float64 intermediates of a whole large run would not fit
-
-
-def parse_count(value: Any, option: str = "--save-adversarial") -> int | None:
-    """``None`` (off), ``"all"`` or 0 (every sample: stored as 0), or a positive number of samples."""
-    if value is None:
-        return None
-    text = str(value).strip().lower()
-    if text == "all":
-        return 0
-    if isinstance(value, bool) or not (text.isascii() and text.isdigit()):
-        raise UsageError(f"{option} takes a number of samples or all, got {value!r}")
-    return int(text)
 
 
 @dataclass
@@ -129,7 +116,7 @@ class SavedExamples:
                 **self._float_arrays(), **{k: np.asarray(v) for k, v in self.extra.items()}}
 
     def _float_arrays(self) -> dict[str, np.ndarray]:
-        if self.adversarial_float is None:
+        if self.clean_float is None or self.adversarial_float is None:  # a run keeps both or neither
             return {}
         return {"clean_float": self.clean_float, "adversarial_float": self.adversarial_float}
 
@@ -175,7 +162,7 @@ def write_examples(run_dir: Path, examples: list[SavedExamples]) -> list[Path]:
     paths = []
     for ex, stem in zip(examples, unique_stems([e.entry for e in examples])):
         buffer = io.BytesIO()
-        np.savez_compressed(buffer, **ex.arrays())
+        np.savez_compressed(buffer, **ex.arrays())  # type: ignore[arg-type]  # no array is named allow_pickle
         write_file_atomically(folder / f"{stem}.npz", buffer.getvalue())
         paths.append(folder / f"{stem}.npz")
     return paths

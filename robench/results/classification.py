@@ -12,7 +12,7 @@ import torch
 from robench.data.sources import ImageDataset
 from robench.evaluation import distributed
 from robench.evaluation.sanity import named_flags
-from robench.evaluation.state import RunOutcome
+from robench.evaluation.state import RunOutcome, accuracy_of
 from robench.metrics import MetricCollection
 from robench.models.loading import LoadedModel
 from robench.models.preprocessing import Normalization
@@ -53,16 +53,17 @@ def classification_document(outcome: RunOutcome, loaded: LoadedModel, norm: Norm
 
 def _attack_entry(e: Any, counts: MetricCollection, suite: LoadedSuite, outcome: RunOutcome) -> dict[str, Any]:
     has_gradient = outcome.state.sanity.get("input_gradient", True) is not False
+    accuracy, fooled = accuracy_of(counts, "accuracy"), accuracy_of(counts, "fooled")
     return {
         "attack": e.attack.name,
         "label": e.spec.display_name(),
         "norm": e.attack.norm,
         "eps": e.eps,
         "eps_space": suite.suite.eps_space,
-        "accuracy": counts.accuracy.compute(),
-        "success_rate": counts.fooled.compute(),
-        "n": counts.accuracy.total,
-        "attacked": counts.fooled.total,
+        "accuracy": accuracy.compute(),
+        "success_rate": fooled.compute(),
+        "n": accuracy.total,
+        "attacked": fooled.total,
         "params": e.params(),
         "seconds": round(counts.seconds.compute(), 4),
         "gradient_evals": counts.gradient_evals.compute(),
@@ -77,9 +78,10 @@ def _attack_entry(e: Any, counts: MetricCollection, suite: LoadedSuite, outcome:
 def _parts_log(parts: list[str], counts: MetricCollection) -> list[dict[str, Any]]:
     """A composite attack's log (AutoAttack's): per part, the points it broke first and the accuracy after it."""
     found = counts.found_by.compute()
-    n = counts.accuracy.total
+    accuracy = accuracy_of(counts, "accuracy")
+    n = accuracy.total
     broken = [int((found == k).sum()) for k in range(len(parts))]
-    robust = counts.accuracy.correct
+    robust = accuracy.correct
     log = []
     for k, name in enumerate(parts):
         # Robust after part k: robust at the end, plus what the later parts broke.

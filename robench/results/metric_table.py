@@ -7,6 +7,7 @@ new metric (or a new CMC rank) is described once. ``rankN`` is a CMC value for a
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 # A fraction of n samples (or queries): sqrt(p(1-p)/n) is its standard error.
@@ -66,9 +67,10 @@ def is_proportion(name: str) -> bool:
     return metric_info(name).kind == PROPORTION
 
 
-def rank_keys(keys) -> list[str]:
+def rank_keys(keys: Iterable[str]) -> list[str]:
     """The CMC keys among ``keys`` (a metrics object or a list of names), in rank order."""
-    return sorted((k for k in keys if RANK_KEY.match(k)), key=lambda k: int(RANK_KEY.match(k).group(1)))
+    ranked = [(k, int(m.group(1))) for k in keys if (m := RANK_KEY.match(k))]
+    return [k for k, _ in sorted(ranked, key=lambda pair: pair[1])]
 
 
 def reid_metric_keys(metrics: dict) -> list[str]:

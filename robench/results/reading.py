@@ -133,7 +133,7 @@ def comparability_problems(results: list[ResultFile]) -> list[str]:
     for attr, what in (("fingerprint", "dataset fingerprint"), ("settings_hash", "suite settings")):
         values = {getattr(r, attr) for r in results}
         if len(values) > 1:
-            groups = {}
+            groups: dict[str | None, list[str]] = {}
             for r in results:
                 groups.setdefault(getattr(r, attr), []).append(r.label)
             problems.append(f"different {what}: " + "; ".join(", ".join(v) for v in groups.values()))
@@ -502,11 +502,11 @@ def _check_pixel_row_terms(check: _Checker, row: dict, path: str) -> None:
     w = row.get("w")
     if w is not None and (share is None or not _close(w, share)):
         check.fail(_join(path, "w"), f"must be misclassified / total ({total}), got {_show(w)}")
-    terms = [row.get(k) for k in ("w", "p", "r", "a", "pi")]
-    if None not in terms and terms[1] * terms[2] * terms[3] > 0:
-        expected = terms[0] / (terms[1] * terms[2] * terms[3])
-        if not _close(terms[4], expected):
-            check.fail(_join(path, "pi"), f"must be w / (p r a) = {expected:.6g}, got {_show(terms[4])}")
+    p, r, a, pi = row.get("p"), row.get("r"), row.get("a"), row.get("pi")
+    if w is not None and p is not None and r is not None and a is not None and pi is not None and p * r * a > 0:
+        expected = w / (p * r * a)
+        if not _close(pi, expected):
+            check.fail(_join(path, "pi"), f"must be w / (p r a) = {expected:.6g}, got {_show(pi)}")
 
 
 def _check_sanity(check: _Checker, doc: dict[str, Any]) -> None:

@@ -96,7 +96,9 @@ def _reid_rows(doc: dict[str, Any], add: Add) -> None:
     keys = reid_metric_keys(doc["clean"])
 
     def add_block(entry: str, attack: str, settings: str, m: dict | None, **identity: Any) -> None:
-        for key in keys if m else ():
+        if not m:
+            return
+        for key in keys:
             add(entry, attack, settings, key, m.get(key), m.get("queries"), ap=m.get("ap_convention"), **identity)
 
     add_block("clean", "clean", "", doc["clean"], eps=0.0)

@@ -225,14 +225,15 @@ def _check_yaml_bounds(text: str, source: str) -> None:
     open_collections: list[tuple[str | None, int]] = []  # (anchor, nodes counted before it)
     anchor_sizes: dict[str, int] = {}
     for event in yaml.parse(text, Loader=yaml.SafeLoader):
-        where = f"{source}:{event.start_mark.line + 1}"
+        mark = event.start_mark  # the parser marks every event; the type allows none
+        where = source if mark is None else f"{source}:{mark.line + 1}"
         if isinstance(event, yaml.AliasEvent):
             aliases += 1
             if aliases > MAX_ALIASES:
                 raise UsageError(f"{where}: too many YAML aliases ({aliases}; at most {MAX_ALIASES})")
             if any(anchor == event.anchor for anchor, _ in open_collections):
                 raise UsageError(f"{where}: YAML alias *{event.anchor} refers to the collection it is in")
-            total += anchor_sizes.get(event.anchor, 1)
+            total += anchor_sizes.get(event.anchor, 1) if event.anchor else 1
         elif isinstance(event, yaml.ScalarEvent):
             total += 1
             if event.anchor:

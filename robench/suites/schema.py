@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from robench.expressions import eval_expr
 from robench.errors import UsageError
+
+if TYPE_CHECKING:  # the attacks are imported when a suite is validated, not with this module
+    from robench.attacks import Attack, AttackParams
 
 Number = float | int | str
 
@@ -46,7 +49,7 @@ class AttackSpec(BaseModel):
     dmr_compat: bool | None = None
     ids_per_batch: int | None = Field(default=None, ge=2, le=10_000)
     source: Literal["target", "surrogate"] | None = None
-    _settings: Any = PrivateAttr(default=None)
+    _settings: AttackParams | None = PrivateAttr(default=None)  # set by _fields_fit_attack
 
     @model_validator(mode="before")
     @classmethod
@@ -81,9 +84,9 @@ class AttackSpec(BaseModel):
     @model_validator(mode="after")
     def _fields_fit_attack(self) -> "AttackSpec":
         attack = self.attack_class
-        self._settings = self._validated_settings(attack)
+        settings = self._settings = self._validated_settings(attack)
         # The dump (and the suite's hash) holds the validated values, e.g. area: 4 as [4, 4].
-        given = self._settings.model_dump(exclude_unset=True)
+        given = settings.model_dump(exclude_unset=True)
         given.pop("params", None)
         self.__pydantic_extra__ = given
         if attack.family != "gradient":
@@ -93,7 +96,7 @@ class AttackSpec(BaseModel):
         self._check_budget(attack)
         return self
 
-    def _validated_settings(self, attack: type) -> Any:
+    def _validated_settings(self, attack: type[Attack]) -> AttackParams:
         from robench.registry import did_you_mean
 
         given = dict(self.model_extra or {})
@@ -116,7 +119,7 @@ class AttackSpec(BaseModel):
                 raise ValueError(f"{field}: {self.attack} needs this field") from None
             raise ValueError(f"{field}: {err['msg'].removeprefix('Value error, ')}") from None
 
-    def _check_budget(self, attack: type) -> None:
+    def _check_budget(self, attack: type[Attack]) -> None:
         if attack.eps_budget == "none":
             if self.eps:
                 raise ValueError(f"eps: {self.attack} has no eps budget (its budget is in {attack.norms[0]})")
@@ -131,10 +134,10 @@ class AttackSpec(BaseModel):
                     raise ValueError(f"eps {v:g} is absurd for linf in [0,1] pixel units (max {LINF_MAX_EPS:g})")
         for eps in self.eps:
             # e.g. a step size evaluated at every real (eps, steps): a typo must not run as a negative step
-            attack.check_at(self._settings, eps)
+            attack.check_at(self.settings, eps)
 
     @property
-    def attack_class(self) -> type:
+    def attack_class(self) -> type[Attack]:
         from robench.attacks import ATTACKS
 
         try:
@@ -143,9 +146,10 @@ class AttackSpec(BaseModel):
             raise ValueError(str(exc)) from None
 
     @property
-    def settings(self) -> Any:
+    def settings(self) -> AttackParams:
         """The attack's parameters, validated by its ``Params`` model."""
-        return self._settings
+        # Set by validation, which every entry passes (None only in an unvalidated model_construct copy).
+        return cast("AttackParams", self._settings)
 
     def display_name(self) -> str:
         return self.label or self.attack

@@ -11,7 +11,8 @@ from robench.config import EvalConfig, Resolved, data_options_for, resolve
 from robench.data.sources import DataOptions, ImageDataset, from_arrays, load_data
 from robench.errors import UsageError
 from robench.evaluation import distributed
-from robench.evaluation.engine import EngineOptions, dataset_fingerprint, run
+from robench.evaluation.config import EngineConfig
+from robench.evaluation.engine import dataset_fingerprint, run
 from robench.evaluation.precision import resolve_device
 from robench.evaluation.state import RunInterrupted, RunOutcome, merge_shards
 from robench.models.loading import LoadedModel
@@ -39,21 +40,21 @@ class ClassificationTask:
 
     def __init__(self, config: EvalConfig, resolved: Resolved | None = None) -> None:
         # Each process holds only its shard's examples; a single process keeps the first N of the whole set.
-        if distributed.world()[1] > 1 and config.save_adversarial is not None:
+        if distributed.world()[1] > 1 and config.engine.save_adversarial is not None:
             raise UsageError("--save-adversarial is not available under torchrun; run it with a single process")
         self.config = config
         self.resolved = resolved or resolve(config)
 
     def resume_settings(self) -> dict[str, Any]:
-        config, resolved = self.config, self.resolved
+        engine, resolved = self.config.engine, self.resolved
         loaded = resolved.loaded
         return {"model": loaded.sha256 or loaded.source, "arch": loaded.arch, "suite": resolved.suite.sha256,
-                "data": resolved.data, "options": _key_options(config), "normalization": resolved.normalization,
-                "device": config.device, "batch_size": config.batch_size, "precision": config.precision,
-                "seed": config.seed, "compile": config.compile, "channels_last": config.channels_last,
-                "sweep_reuse": config.sweep_reuse,
+                "data": resolved.data, "options": _key_options(self.config), "normalization": resolved.normalization,
+                "device": engine.device, "batch_size": engine.batch_size, "precision": engine.precision,
+                "seed": engine.seed, "compile": engine.compile, "channels_last": engine.channels_last,
+                "sweep_reuse": engine.sweep_reuse,
                 # Only when asked: the keys of runs without it stay as they were.
-                **({"save_adversarial": config.save_adversarial} if config.save_adversarial is not None else {})}
+                **({"save_adversarial": engine.save_adversarial} if engine.save_adversarial is not None else {})}
 
     def default_dir(self) -> Path:
         return default_run_dir(self.resolved.suite.suite.name, self.resolved.loaded.name)
@@ -76,7 +77,7 @@ def resume_key(config: EvalConfig, resolved: Resolved) -> str:
 
 def _key_options(config: EvalConfig) -> dict:
     # Options added later enter the key only when set: runs interrupted before they existed still resume.
-    options = dict(config.data_options().__dict__)
+    options = dict(config.data.options().__dict__)
     if options.get("interpolation") is None:
         options.pop("interpolation", None)
     return options
@@ -96,13 +97,13 @@ def evaluate_config(config: EvalConfig, resolved: Resolved | None = None, *, hoo
     was_training = handed_over_in_train_mode(loaded)
     options = data_options_for(config, resolved)
     dataset = _as_dataset(resolved.data, options)
-    device = distributed.local_device(resolve_device(config.device))
+    device = distributed.local_device(resolve_device(config.engine.device))
     outcome, interrupted = _run(RobustModel(loaded.model, norm), dataset, suite, device, config, hooks,
                                 resume_state, save_state)
     if was_training:
         outcome.state.sanity["model_was_training"] = True
-    doc = classification_document(outcome, loaded, norm, suite, dataset, device, config.precision, config.seed,
-                                  outcome.batch_size, resolved.data)
+    doc = classification_document(outcome, loaded, norm, suite, dataset, device, config.engine.precision,
+                                  config.engine.seed, outcome.batch_size, resolved.data)
     examples = examples_of_run(outcome)
     add_saved_counts(doc, examples)
     result = Result(doc, _run_config(config, resolved, dataset, options, device), samples_frame(outcome), examples,
@@ -115,7 +116,7 @@ def evaluate_config(config: EvalConfig, resolved: Resolved | None = None, *, hoo
 def _run(model: RobustModel, dataset: ImageDataset, suite: LoadedSuite, device: torch.device, config: EvalConfig,
          hooks: Hooks, resume_state: dict | None, save_state: Any) -> tuple[RunOutcome, RunInterrupted | None]:
     """The engine over the whole set (or this process's shard under torchrun); an interruption's outcome too."""
-    options = config.engine_options()
+    options = config.engine
     reporting = {"on_batch": hooks.on_batch, "progress": hooks.progress}
     rank, size, _ = distributed.world()
     try:
@@ -128,7 +129,7 @@ def _run(model: RobustModel, dataset: ImageDataset, suite: LoadedSuite, device: 
 
 
 def _run_sharded(model: RobustModel, dataset: ImageDataset, suite: LoadedSuite, device: torch.device, rank: int,
-                 size: int, options: EngineOptions, reporting: dict[str, Any]) -> RunOutcome:
+                 size: int, options: EngineConfig, reporting: dict[str, Any]) -> RunOutcome:
     """This process's exact share of the data, then everyone's results merged in index order."""
     start, stop = distributed.shard_bounds(len(dataset), rank, size)
     shard = ImageDataset(dataset.base, dataset.name, dataset.indices[start:stop])
@@ -143,14 +144,14 @@ def _run_sharded(model: RobustModel, dataset: ImageDataset, suite: LoadedSuite, 
 def _run_config(config: EvalConfig, resolved: Resolved, dataset: ImageDataset, options: DataOptions,
                 device: torch.device) -> dict[str, Any]:
     """config.json: what was asked for, as resolved (the model's source, the suite as run)."""
-    loaded, suite, data = resolved.loaded, resolved.suite, resolved.data
+    loaded, suite, data, engine = resolved.loaded, resolved.suite, resolved.data, config.engine
     norm = resolved.normalization or loaded.normalization
     return {
         "model": loaded.source, "arch": loaded.arch, "normalization": norm.as_dict() if norm else None,
         "data": data if isinstance(data, str) else dataset.name, "limit": options.limit,
         "suite": suite.suite.model_dump(mode="json"), "suite_source": suite.path, "suite_overrides": suite.overrides,
-        "device": str(device), "batch_size": config.batch_size, "precision": config.precision, "seed": config.seed,
-        **({"save_adversarial": config.save_adversarial} if config.save_adversarial is not None else {}),
+        "device": str(device), "batch_size": engine.batch_size, "precision": engine.precision, "seed": engine.seed,
+        **({"save_adversarial": engine.save_adversarial} if engine.save_adversarial is not None else {}),
     }
 
 

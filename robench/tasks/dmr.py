@@ -16,9 +16,10 @@ import torch
 from pydantic import ConfigDict, field_validator
 
 # robench.config first: it imports the attacks, which the ReID modules need loaded before them.
-from robench.config import as_loaded_model, check_range, parse_image_size
+from robench.models.config import as_loaded_model
+from robench.reid.config import parse_image_size
 from robench.errors import UsageError
-from robench.validated import Options
+from robench.validated import Options, check_range
 from robench.evaluation.precision import resolve_device
 from robench.expressions import eval_expr
 from robench.models.preprocessing import Normalization, resolve_normalization

@@ -18,19 +18,21 @@ import torch
 from pydantic import ConfigDict, field_validator
 
 # robench.config first: it imports the attacks, which the pixel modules need loaded before them.
-from robench.config import MAX_SAVE_EVERY, as_loaded_model, check_range
+import robench.config  # noqa: F401
+from robench.evaluation.config import MAX_SAVE_EVERY
+from robench.models.config import ModelConfig
+from robench.results.output import OutputConfig
 from robench.data.images import ImageFolderScan, check_pixel_limit, class_indices, input_geometry, load_folder, \
     scan_folder
 from robench.errors import UsageError
-from robench.validated import Options
+from robench.validated import Options, check_range, from_flat, parse_count
 from robench.evaluation.precision import resolve_device
 from robench.expressions import eval_expr
-from robench.models.preprocessing import Normalization, resolve_normalization
 from robench.models.wrapper import RobustModel, evaluation_mode
 from robench.pixels.examples import pixel_examples
 from robench.pixels.experiment import PixelCounts, PixelExperimentsInterrupted, build_settings, run_pixel_experiments
 from robench.pixels.perturb import CHANNEL_MODES, MAX_TRIALS
-from robench.results.adversarial import SavedExamples, parse_count
+from robench.results.adversarial import SavedExamples
 from robench.results.pixel_index import FolderImages, pixel_index_document
 from robench.results.result import Result
 from robench.results.writers import default_run_dir
@@ -84,17 +86,17 @@ def parse_areas(value: Any) -> tuple[tuple[int, int], ...]:
 
 
 class PixelIndexConfig(Options):
-    """One Pixel-index run: the model, the folder and every option of ``robench pixel-index``.
+    """One Pixel-index run: the folder, the experiments and how images are read and batched, with the
+    model part (``ModelConfig``) and the output part (``OutputConfig``) ``robench eval`` has too.
 
-    ``model`` is a checkpoint path or spec, an ``nn.Module`` or a ``LoadedModel``; ``normalize`` a
-    preset name or a ``Normalization``. Fields are checked in declaration order, the order the
-    command line has always reported problems in; any invalid value raises ``UsageError`` with a
-    one-line message naming the command-line option.
+    ``PixelIndexConfig.of`` takes every option of ``robench pixel-index`` by its flat name. Any
+    invalid value raises ``UsageError`` with a one-line message naming the command-line option.
     """
 
     model_config = ConfigDict(**Options.model_config, validate_default=True)
 
-    # checked first, in the order of the command line's checks
+    model: ModelConfig
+    output: OutputConfig = OutputConfig()  # the command line's; the Python function returns the Result instead
     pixels: tuple[int, ...] = DEFAULT_PIXELS
     delta: tuple[int, ...] = ()
     area: tuple[tuple[int, int], ...] = ()
@@ -109,28 +111,18 @@ class PixelIndexConfig(Options):
     crop: int | None = None
     max_image_pixels: int | None = None
     save_adversarial: int | None = None  # the first N images as trial 0 changed them; 0 ("all"): every one
-    normalize: str | Normalization | None = None
-    mean: str | None = None
-    std: str | None = None
-    # what is evaluated
-    model: Any
     folder: Path
-    arch: str | None = None
-    num_classes: int | None = None
-    weights: str | None = None
-    dataset: str | None = None
-    threat_model: str | None = None
-    model_dir: str | None = None
-    trust_checkpoint: bool = False
-    # how
     seed: int = 0
     shared_positions: bool = False
     class_map: str | None = None
     gray: bool | None = None
     device: str = "auto"
-    # where the results go (the command line's; the Python function returns the Result instead)
-    out: Path | None = None
-    resume: Path | None = None
+
+    @classmethod
+    def of(cls, **options: Any) -> "PixelIndexConfig":
+        """From the flat options of ``robench pixel-index`` (``model``, ``folder``, ``pixels``, ``arch``,
+        ``normalize``, ``out``, ...), each sent to its part."""
+        return from_flat(cls, options, {"model": "model.source"})
 
     @field_validator("pixels", mode="before")
     @classmethod
@@ -219,16 +211,6 @@ class PixelIndexConfig(Options):
     def _save_adversarial(cls, value: Any) -> int | None:
         return parse_count(value)
 
-    @field_validator("std")
-    @classmethod
-    def _normalization(cls, value: str | None, info: Any) -> str | None:
-        resolve_normalization(info.data.get("normalize"), info.data.get("mean"), value)
-        return value
-
-    def explicit_normalization(self) -> Normalization | None:
-        """What --normalize or --mean/--std ask for (None: nothing was asked)."""
-        return resolve_normalization(self.normalize, self.mean, self.std)
-
     def requested_geometry(self) -> tuple[int | None, int | None]:
         """(resize, crop) as asked: --input-size N is resize N/0.875 and crop N."""
         return input_geometry(self.input_size, self.resize, self.crop)
@@ -260,16 +242,13 @@ class PixelIndexTask:
 
     def __init__(self, config: PixelIndexConfig) -> None:
         self.config = config
-        self.loaded = as_loaded_model(config.model, arch=config.arch, num_classes=config.num_classes,
-                                      trust_checkpoint=config.trust_checkpoint, weights=config.weights,
-                                      dataset=config.dataset, threat_model=config.threat_model,
-                                      model_dir=config.model_dir)
-        self.normalization = config.explicit_normalization()
+        self.loaded = config.model.load()
+        self.normalization = config.model.normalization()
         self.resize, self.crop = config.requested_geometry()
         preprocessing = self.loaded.preprocessing
         if preprocessing is not None:
             # A model by name brings its preprocessing; explicit options still win.
-            if not (config.normalize or config.mean or config.std):
+            if not config.model.explicit_normalization():
                 self.normalization = preprocessing.normalization
             if self.resize is None and self.crop is None:
                 self.resize, self.crop = preprocessing.resize, preprocessing.crop
@@ -310,7 +289,8 @@ class PixelIndexTask:
         if counts.evaluated == 0:
             raise UsageError(f"no image of {folder.scan.root} is classified correctly by the model before the "
                              f"change ({counts.clean_total} read); check --class-map and the preprocessing options")
-        examples = self._examples(model, folder, device) if config.save_adversarial is not None else []
+        count = config.save_adversarial
+        examples = self._examples(model, folder, device, count) if count is not None else []
         return self._result(counts, folder, device, complete=True, examples=examples)
 
     def _read_folder(self, warn: Callable[[str], None] | None) -> _FolderRead:
@@ -329,7 +309,8 @@ class PixelIndexTask:
         """Class sub-folders name the labels: mapped to the model's classes (--class-map where needed)."""
         with evaluation_mode(model), torch.no_grad():
             num_classes = model(folder.images[:1].to(device).float() / 255.0).shape[1]
-        names = [folder.scan.class_names[i] for i in folder.kept]
+        # Called for class sub-folders only, where every file has its folder's name.
+        names = [name for name in (folder.scan.class_names[i] for i in folder.kept) if name is not None]
         indices = class_indices(names, num_classes, self.config.class_map)
         folder.labels = torch.tensor(indices, dtype=torch.long)
         folder.class_names = _class_names(names, indices, num_classes)
@@ -344,10 +325,11 @@ class PixelIndexTask:
             on_batch=hooks.on_batch, resume_state=directory.resume_state if directory else None,
             save_state=directory.saver(hooks.on_warning) if directory else None, save_every=config.save_every)
 
-    def _examples(self, model: RobustModel, folder: _FolderRead, device: torch.device) -> list[SavedExamples]:
+    def _examples(self, model: RobustModel, folder: _FolderRead, device: torch.device,
+                  count: int) -> list[SavedExamples]:
         """Computed from the whole folder once the counts are in: the same whether or not the run was resumed."""
         config = self.config
-        examples = pixel_examples(model, folder.images, folder.labels, count=config.save_adversarial,
+        examples = pixel_examples(model, folder.images, folder.labels, count=count,
                                   pixels=list(config.pixels), settings=self.settings, seed=config.seed,
                                   shared_positions=config.shared_positions, channels=config.channels,
                                   batch_size=config.batch_size, device=device)
@@ -373,7 +355,7 @@ class PixelIndexTask:
     def _run_config(self) -> dict[str, Any]:
         """config.json: what was asked for, with the preprocessing as settled by the model."""
         config = self.config
-        return {"model": self.loaded.source, "arch": config.arch, "folder": str(config.folder),
+        return {"model": self.loaded.source, "arch": config.model.arch, "folder": str(config.folder),
                 "pixels": list(config.pixels), "delta": list(config.delta), "area": [list(a) for a in config.area],
                 "trials": config.trials, "seed": config.seed, "shared_positions": config.shared_positions,
                 "channels": config.channels, "resize": self.resize, "crop": self.crop, "class_map": config.class_map,
@@ -403,7 +385,7 @@ def pixel_index(model: Any, folder: str | Path, *, on_batch: Callable[[int], Non
         if options.get(name) is not None:
             raise UsageError(f"pixel_index returns the Result and writes nothing: save it with "
                              f"result.save(DIR) instead of passing {name}")
-    config = PixelIndexConfig(model=model, folder=folder, **options)
+    config = PixelIndexConfig.of(model=model, folder=folder, **options)
     return PixelIndexTask(config).run(None, Hooks(on_batch=on_batch, on_warning=on_warning))
 
 

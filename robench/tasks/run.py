@@ -25,9 +25,9 @@ def open_run_directory(task: Task, out: Path | None = None, resume: Path | None 
 
 
 def run_evaluation(config: EvalConfig, hooks: Hooks = Hooks()) -> tuple[Path, Result]:
-    """Evaluate into a run directory (``config.out``, ``config.resume`` or a new one); returns it and the result."""
+    """Evaluate into a run directory (``config.output``'s or a new one); returns it and the result."""
     task = eval_task(config)
-    directory = open_run_directory(task, config.out, config.resume)
+    directory = open_run_directory(task, config.output.out, config.output.resume)
     result = task.run(directory, hooks)
     directory.finish(result)
     return directory.path, result

@@ -46,14 +46,15 @@ class RunDirectory:
     def saver(self, warn: Callable[[str], None] | None = None) -> Callable[[dict], None] | None:
         """Snapshots to the progress file as the run goes; a full disk is a warning there, not the end of
         the run: the last good file stays (writes are atomic) and the results are still in memory."""
-        if self.key is None:
+        key = self.key
+        if key is None:
             return None
         warned = False
 
         def save(state: dict) -> None:
             nonlocal warned
             try:
-                save_progress(self.path, state, self.key)
+                save_progress(self.path, state, key)
             except RunError as exc:
                 if not warned and warn:
                     warn(str(exc))
