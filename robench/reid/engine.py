@@ -209,13 +209,7 @@ def run_reid(
     _check_suite(suite, surrogate)
     entries = build_entries(suite, target, options.seed, loss_for=entry_objective)
     fingerprint = _fingerprint(data)
-    done = _restore(resume_state, entries, fingerprint) if resume_state is not None else {}
-    earlier = float(resume_state.get("seconds", 0.0)) if resume_state is not None else 0.0
-    outcome = ReIDOutcome(resume_state["clean"] if resume_state else None,
-                          resume_state["clean_reranked"] if resume_state else None,
-                          nonfinite_features=resume_state["nonfinite_features"] if resume_state else 0,
-                          fingerprint=fingerprint, total=len(entries))
-    finished = dict(done)  # entry index -> row; a dict assignment is atomic under Ctrl-C
+    outcome, finished, earlier = _starting_point(resume_state, entries, fingerprint)
     models = [target] + ([surrogate.to(device)] if surrogate is not None else [])
     contexts = [evaluation_mode(m) for m in models]
     for ctx in contexts:
@@ -248,6 +242,19 @@ def run_reid(
             ctx.__exit__(None, None, None)
     _settle(outcome, finished, earlier + time.perf_counter() - started)
     return outcome
+
+
+def _starting_point(resume_state: dict[str, Any] | None, entries: list[Entry],
+                    fingerprint: str) -> tuple[ReIDOutcome, dict[int, dict[str, Any]], float]:
+    """A new run's empty outcome, or what an interrupted run finished: its outcome, its finished
+    settings (entry index -> row; a dict assignment is atomic under Ctrl-C) and its seconds."""
+    if resume_state is None:
+        return ReIDOutcome(None, None, fingerprint=fingerprint, total=len(entries)), {}, 0.0
+    done = _restore(resume_state, entries, fingerprint)
+    outcome = ReIDOutcome(resume_state["clean"], resume_state["clean_reranked"],
+                          nonfinite_features=resume_state["nonfinite_features"], fingerprint=fingerprint,
+                          total=len(entries))
+    return outcome, dict(done), float(resume_state.get("seconds", 0.0))
 
 
 class _Snapshots:

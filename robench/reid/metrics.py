@@ -158,6 +158,21 @@ def _checked_protocol(ap: str, denominator: str, ranks: Sequence[int], chunk: in
     return tuple(int(k) for k in ranks)
 
 
+def _checked_ids(dist: torch.Tensor, q_pids: torch.Tensor, g_pids: torch.Tensor, q_camids: torch.Tensor,
+                 g_camids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Identities and cameras on the distance matrix's device, one per query row and gallery column."""
+    device = dist.device
+    q_pids, g_pids = _as_ids(q_pids, "q_pids", device), _as_ids(g_pids, "g_pids", device)
+    q_cams, g_cams = _as_ids(q_camids, "q_camids", device), _as_ids(g_camids, "g_camids", device)
+    if len(q_pids) != len(q_cams) or len(g_pids) != len(g_cams):
+        raise UsageError(f"{len(q_pids)} query ids but {len(q_cams)} query cameras, or {len(g_pids)} gallery ids "
+                         f"but {len(g_cams)} gallery cameras")
+    if tuple(dist.shape) != (len(q_pids), len(g_pids)):
+        raise UsageError(f"distance matrix {tuple(dist.shape)} does not match {len(q_pids)} queries and "
+                         f"{len(g_pids)} gallery images")
+    return q_pids, g_pids, q_cams, g_cams
+
+
 def rank_metrics(
     dist: torch.Tensor,
     q_pids: torch.Tensor,
@@ -181,14 +196,7 @@ def rank_metrics(
     if dist.dim() != 2:
         raise UsageError(f"the distance matrix must be 2-D (queries x gallery), got shape {tuple(dist.shape)}")
     device = dist.device
-    q_pids, g_pids = _as_ids(q_pids, "q_pids", device), _as_ids(g_pids, "g_pids", device)
-    q_cams, g_cams = _as_ids(q_camids, "q_camids", device), _as_ids(g_camids, "g_camids", device)
-    if len(q_pids) != len(q_cams) or len(g_pids) != len(g_cams):
-        raise UsageError(f"{len(q_pids)} query ids but {len(q_cams)} query cameras, or {len(g_pids)} gallery ids "
-                         f"but {len(g_cams)} gallery cameras")
-    if tuple(dist.shape) != (len(q_pids), len(g_pids)):
-        raise UsageError(f"distance matrix {tuple(dist.shape)} does not match {len(q_pids)} queries and "
-                         f"{len(g_pids)} gallery images")
+    q_pids, g_pids, q_cams, g_cams = _checked_ids(dist, q_pids, g_pids, q_camids, g_camids)
     rank_t = torch.tensor(ranks, device=device)
     hits = torch.zeros(len(ranks), dtype=torch.float64, device=device)
     ap_total = torch.zeros((), dtype=torch.float64, device=device)
