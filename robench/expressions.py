@@ -10,17 +10,19 @@ from __future__ import annotations
 import ast
 import math
 import operator
+from collections.abc import Callable, Collection
 
 from robench.errors import UsageError
 
-_BINOPS = {
+# pow may give a complex number (e.g. (-8)**0.5): refused after the operation.
+_BINOPS: dict[type[ast.operator], Callable[[float, float], float | complex]] = {
     ast.Add: operator.add,
     ast.Sub: operator.sub,
     ast.Mult: operator.mul,
     ast.Div: operator.truediv,
     ast.Pow: operator.pow,
 }
-_UNARY = {ast.UAdd: operator.pos, ast.USub: operator.neg}
+_UNARY: dict[type[ast.unaryop], Callable[[float], float]] = {ast.UAdd: operator.pos, ast.USub: operator.neg}
 _MAX_LEN = 200
 
 
@@ -78,7 +80,7 @@ def _allowed(node: ast.AST, names: set[str] | frozenset[str]) -> bool:
     return isinstance(node, (ast.Expression, ast.Load, *_BINOPS, *_UNARY))
 
 
-def _not_arithmetic(text: str, names) -> str:
+def _not_arithmetic(text: str, names: Collection[str]) -> str:
     allowed = ", ".join(sorted(names)) if names else "none"
     return f"{text!r} is not plain arithmetic (numbers and + - * / ** only; names allowed: {allowed})"
 
@@ -89,7 +91,8 @@ def _eval_string(text: str, names: dict[str, float]) -> float:
     def walk(node: ast.AST) -> float:
         if isinstance(node, ast.Expression):
             return walk(node.body)
-        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        # int or float, not bool (a subclass of int): what _allowed lets through
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
             return float(node.value)
         if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
             left, right = walk(node.left), walk(node.right)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import re
 import subprocess
@@ -105,3 +106,33 @@ def without(value, keys):
     if isinstance(value, list):
         return [without(v, keys) for v in value]
     return value
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadmeBlock:
+    """A fenced block of README.md: its ``<!-- example: NAME -->`` marker (None without one), language, text."""
+
+    name: str | None
+    lang: str
+    text: str
+    line: int  # of the opening fence, 1-based
+
+
+def readme_blocks(text: str | None = None) -> list[ReadmeBlock]:
+    """Every fenced block of README.md (or ``text``), in order. A block's name is that of an
+    ``<!-- example: NAME ... -->`` marker on the line just above its opening fence."""
+    lines = (README.read_text() if text is None else text).splitlines()
+    blocks, i = [], 0
+    while i < len(lines):
+        opening = re.match(r"^(\s*)(`{3,}|~{3,})\s*([\w+-]*)", lines[i])
+        if not opening:
+            i += 1
+            continue
+        fence = opening.group(2)
+        end = next((j for j in range(i + 1, len(lines)) if lines[j].strip() == fence), None)
+        assert end is not None, f"README.md:{i + 1}: the fence {fence} is never closed"
+        marker = re.match(r"\s*<!-- example: (\S+)", lines[i - 1]) if i else None
+        body = "\n".join(lines[i + 1:end]) + "\n"
+        blocks.append(ReadmeBlock(marker.group(1) if marker else None, opening.group(3), body, i + 1))
+        i = end + 1
+    return blocks

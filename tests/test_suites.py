@@ -177,3 +177,14 @@ def test_wheel_carries_the_builtin_suites_and_example(tmp_path):
     assert "robench/examples/digits_cnn.safetensors" in names
     assert "robench/examples/digits_test.npz" in names
     assert "robench/data/imagenet_wnids.txt" in names
+
+
+def test_a_folder_named_like_a_builtin_suite_does_not_hide_it(tmp_path, monkeypatch):
+    from robench.suites.loader import find_suite
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "digits").mkdir()  # e.g. the bundled digits saved as images for robench pixel-index
+    assert find_suite("digits") == builtin_suites()["digits"]
+    (tmp_path / "mine").mkdir()  # any other folder is still taken as the path it names, and refused
+    with pytest.raises(UsageError, match="suite file mine is a directory"):
+        load_suite("mine")

@@ -52,7 +52,7 @@ Deviations from the reference, all deliberate:
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, cast
 
 import torch
 from pydantic import Field
@@ -121,6 +121,7 @@ def checkpoints(steps: int) -> list[int]:
 class APGD(GradientAttack):
     name: ClassVar[str] = "apgd"
     Params: ClassVar[type[AttackParams]] = APGDParams
+    params: APGDCommonParams  # APGDParams; the variants named after their loss take the common ones
     norms: ClassVar[tuple[str, ...]] = ("linf", "l2")
     default_step_size: ClassVar[str] = "2*eps"  # the initial step size; halved per sample by the schedule
     fixed_loss: ClassVar[str | None] = None  # the variants named after their loss have no loss parameter
@@ -140,7 +141,8 @@ class APGD(GradientAttack):
         self._schedules: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def loss_name(self) -> str:
-        return self.fixed_loss or self.params.loss
+        # Only the variants named after their loss drop the loss parameter (and set fixed_loss).
+        return self.fixed_loss or cast(APGDParams, self.params).loss
 
     def own_objective(self) -> Objective | None:
         """The objective the loss names; None keeps the run's (cross-entropy for classifiers)."""
@@ -148,7 +150,8 @@ class APGD(GradientAttack):
 
     @classmethod
     def cost(cls, params: AttackParams) -> Cost:
-        return Cost(gradient=params.eot * params.steps * params.restarts, forward=1)
+        p = cast(APGDCommonParams, params)  # cost is asked of the class's own Params
+        return Cost(gradient=p.eot * p.steps * p.restarts, forward=1)
 
     def gradient_passes(self) -> int:
         return self.params.eot
@@ -229,6 +232,7 @@ class APGD(GradientAttack):
         moved = x_adv - state["x_prev"]
         state["x_prev"] = x_adv
         eta = state.step_size * state["scale"].view(view)
+        assert state.clean is not None  # the loop sets the slots' clean inputs before every step
         z = self.project(x_adv + eta * sign_or_normalized(grad, state.norm), state.clean, state.radius)
         return x_adv + (z - x_adv) * a + moved * (1 - a)
 

@@ -26,7 +26,7 @@ for a deterministic model).
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from pydantic import Field
@@ -68,6 +68,7 @@ class APGDTargetedParams(APGDCommonParams):
 class APGDTargeted(APGD):
     name: ClassVar[str] = "apgd-t"
     Params: ClassVar[type[AttackParams]] = APGDTargetedParams
+    params: APGDTargetedParams
     fixed_loss: ClassVar[str | None] = "dlr-targeted"
 
     def __init__(self, params: AttackParams | dict[str, Any] | None = None, **kwargs: Any) -> None:
@@ -80,7 +81,8 @@ class APGDTargeted(APGD):
     @classmethod
     def cost(cls, params: AttackParams) -> Cost:
         # The clean pass that ranks the targets, and the base's scoring pass.
-        return Cost(gradient=params.eot * params.targets * params.steps * params.restarts, forward=2)
+        p = cast(APGDTargetedParams, params)  # cost is asked of the class's own Params
+        return Cost(gradient=p.eot * p.targets * p.steps * p.restarts, forward=2)
 
     def restarts(self) -> int:
         """The loop's restarts: ``restarts`` runs per target class."""
@@ -91,6 +93,7 @@ class APGDTargeted(APGD):
         return {**super().describe(eps), "restarts": self.params.restarts}
 
     def loss_labels(self, labels: torch.Tensor, rows: torch.Tensor, restart: torch.Tensor) -> torch.Tensor:
+        assert self._targets is not None  # run ranks them before the loop asks
         target = self._targets[rows, restart // self.params.restarts]
         return torch.stack([labels, target], dim=1)
 

@@ -25,14 +25,14 @@ position, so runs are batch-size invariant and resumable like every robench atta
 from __future__ import annotations
 
 import time
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, cast
 
 import torch
 from pydantic import Field, model_validator
 from torch import nn
 
 from robench.attacks import randomness
-from robench.attacks.base import (Attack, AttackInterrupted, AttackParams, AttackResult, Cost, Eps, PartialRun,
+from robench.attacks.base import (Attack, AttackInterrupted, AttackParams, AttackResult, Cost, Family, PartialRun,
                                   RunOutput, first_error)
 from robench.attacks.driver import RunContext
 from robench.attacks.objectives import CrossEntropy
@@ -69,12 +69,12 @@ class AutoAttackParams(AttackParams):
         return self
 
 
-def member_classes(params: AutoAttackParams) -> list[tuple[str, type, AttackParams]]:
+def member_classes(params: AutoAttackParams) -> list[tuple[str, type[Attack], AttackParams]]:
     """(name, class, validated parameters) of the members that run, in order."""
     from robench.attacks.registry import ATTACKS  # the registry lists this module: import it late
 
     chosen = set(params.attacks) if params.attacks is not None else None
-    members = []
+    members: list[tuple[str, type[Attack], AttackParams]] = []
     for name, settings in VERSIONS[params.version]:
         if chosen is not None and name not in chosen:
             continue
@@ -89,32 +89,38 @@ def member_classes(params: AutoAttackParams) -> list[tuple[str, type, AttackPara
 class AutoAttack(Attack):
     name: ClassVar[str] = "autoattack"
     Params: ClassVar[type[AttackParams]] = AutoAttackParams
+    params: AutoAttackParams
     # Its members are white-box gradient attacks first: it is judged as one (a black-box entry
     # beating it is a masking flag), and its own black-box member is checked from its log.
-    family: ClassVar[str] = "gradient"
+    family: ClassVar[Family] = "gradient"
     norms: ClassVar[tuple[str, ...]] = ("linf", "l2")
 
     @classmethod
     def family_label(cls) -> str:
-        families = dict.fromkeys(member.family for _, member, _ in member_classes(cls.Params()))
+        families = dict.fromkeys(member.family for _, member, _ in cls._members(cls.Params()))
         return "composite: " + " + ".join(families)
 
     def __init__(self, params: AttackParams | dict[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(params, **kwargs)
         if not isinstance(self.loss, CrossEntropy):
             raise UsageError("autoattack evaluates classifiers; this run gives its own objective")
-        common = dict(norm=self.norm, eps_scale=self.eps_scale, seed=self.seed)
-        self.members = [cls(settings, stream=randomness.stream_key(self.stream, k), **common)
+        self.members = [cls(settings, stream=randomness.stream_key(self.stream, k), norm=self.norm,
+                            eps_scale=self.eps_scale, seed=self.seed)
                         for k, (_, cls, settings) in enumerate(member_classes(self.params))]
 
     @classmethod
+    def _members(cls, params: AttackParams) -> list[tuple[str, type[Attack], AttackParams]]:
+        """``member_classes`` for parameters the traits are asked about: always the class's own Params."""
+        return member_classes(cast(AutoAttackParams, params))
+
+    @classmethod
     def cost(cls, params: AttackParams) -> Cost:
-        costs = [member.cost(settings) for _, member, settings in member_classes(params)]
+        costs = [member.cost(settings) for _, member, settings in cls._members(params)]
         return Cost(gradient=sum(c.gradient for c in costs), forward=sum(c.forward for c in costs))
 
     @classmethod
     def check_at(cls, params: AttackParams, eps: float) -> None:
-        for name, member, settings in member_classes(params):
+        for name, member, settings in cls._members(params):
             try:
                 member.check_at(settings, eps)
             except ValueError as exc:
@@ -131,7 +137,7 @@ class AutoAttack(Attack):
             members[member.name] = described
         return {"norm": self.norm, "version": self.params.version, "attacks": self.parts(), "members": members}
 
-    def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Eps | None,
+    def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | None,
             context: RunContext) -> RunOutput:
         x_adv = x.clone()
         found_by = torch.full((len(x),), -1, dtype=torch.long, device=x.device)

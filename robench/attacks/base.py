@@ -22,7 +22,7 @@ import inspect
 import warnings
 from dataclasses import dataclass
 from functools import cache
-from typing import Any, Callable, ClassVar, Literal, final
+from typing import Any, Callable, ClassVar, Literal, final, overload
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -180,7 +180,7 @@ class Attack:
         return cls.family == "gradient" and cls.cost(cls.Params()).gradient > 1
 
     # -- what a subclass writes ------------------------------------------------------------------------------
-    def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Eps | None,
+    def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | None,
             context: RunContext) -> RunOutput:
         """Adversarial examples for ``x`` (the base checks, projects and scores them).
 
@@ -203,6 +203,20 @@ class Attack:
         return eps
 
     # -- machinery -------------------------------------------------------------------------------------------
+    def required_eps(self, eps: float | None) -> float:
+        """``eps`` for a ``run`` that cannot go without one. The base passes ``run`` the effective eps, checked
+        against ``eps_budget``, so None reaches here only where a subclass lifted a "required" budget."""
+        if eps is None:
+            raise UsageError(f"{self.name} needs an eps")
+        return eps
+
+    @overload
+    def radius(self, eps: float, x: torch.Tensor) -> Eps: ...
+    @overload
+    def radius(self, eps: None, x: torch.Tensor) -> None: ...
+    @overload
+    def radius(self, eps: float | None, x: torch.Tensor) -> Eps | None: ...
+
     def radius(self, eps: float | None, x: torch.Tensor) -> Eps | None:
         """eps in pixel units, on ``x``'s device."""
         if eps is None:
@@ -251,11 +265,13 @@ class Attack:
         """``run``, called the old way where a plugin still writes ``run(..., sample_ids, batch_size, refill)``."""
         if not takes_legacy_arguments(type(self).run):
             return self.run(model, x, y, eps, context)
+        # A plugin's run of the old signature takes other arguments than the one declared here.
+        legacy_run: Callable[..., RunOutput] = self.run
         # stacklevel: past this method, __call__ and torch.no_grad's wrapper, to whoever called the attack.
         warnings.warn(f"{type(self).__name__}.run(model, x, y, eps, sample_ids, batch_size, refill) is deprecated: "
                       "write run(model, x, y, eps, context) and batch through the context (context.in_batches, "
                       "context.drive)", DeprecationWarning, stacklevel=4)
-        return self.run(model, x, y, eps, *context.legacy_arguments())
+        return legacy_run(model, x, y, eps, *context.legacy_arguments())
 
     def _checked(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | None, out: RunOutput,
                  context: RunContext) -> AttackResult:

@@ -13,6 +13,7 @@ from robench.attacks.gradient import GradientAttack, StepSizeParams, StepState
 class BIM(GradientAttack):
     name: ClassVar[str] = "bim"
     Params: ClassVar[type[AttackParams]] = StepSizeParams
+    params: StepSizeParams
     default_step_size: ClassVar[str] = "eps/steps"
 
     def step(self, x_adv: torch.Tensor, grad: torch.Tensor, loss: torch.Tensor, state: StepState,

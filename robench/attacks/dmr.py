@@ -13,7 +13,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from robench.attacks.base import Attack, AttackParams, Cost, RunOutput
+from robench.attacks.base import Attack, AttackParams, Cost, EpsBudget, Family, RunOutput
 from robench.attacks.driver import RunContext
 from robench.reid.generator import load_generator, perturb
 
@@ -25,9 +25,10 @@ class GeneratorParams(AttackParams):
 class GeneratorAttack(Attack):
     name: ClassVar[str] = "dmr"
     Params: ClassVar[type[AttackParams]] = GeneratorParams
-    family: ClassVar[str] = "transfer"
+    params: GeneratorParams
+    family: ClassVar[Family] = "transfer"
     norms: ClassVar[tuple[str, ...]] = ("linf",)
-    eps_budget: ClassVar[str] = "optional"
+    eps_budget: ClassVar[EpsBudget] = "optional"
 
     def __init__(self, params: Any = None, **kwargs: Any) -> None:
         super().__init__(params, **kwargs)
@@ -37,7 +38,7 @@ class GeneratorAttack(Attack):
     def cost(cls, params: AttackParams) -> Cost:
         return Cost(forward=1)
 
-    def effective_eps(self, eps: float | None) -> float | None:
+    def effective_eps(self, eps: float | None) -> float:
         return self.config.eps if eps is None else eps
 
     def describe(self, eps: float | None) -> dict[str, Any]:
@@ -46,5 +47,5 @@ class GeneratorAttack(Attack):
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | None,
             context: RunContext) -> RunOutput:
         self.generator.to(x.device)
-        radius = self.radius(eps, x)
+        radius = self.radius(self.required_eps(eps), x)  # never None: effective_eps fills it in
         return RunOutput(context.in_batches(lambda part: perturb(self.generator, part, radius).to(x.dtype), x))

@@ -42,14 +42,14 @@ What deviates, and why:
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from pydantic import Field
 from torch import nn
 
 from robench.attacks import randomness
-from robench.attacks.base import Attack, AttackParams, Cost, Eps, RunOutput
+from robench.attacks.base import Attack, AttackParams, Cost, Eps, EpsBudget, Family, RunOutput
 from robench.attacks.driver import PartialRun, RunContext, SlotSearch
 from robench.attacks.gradient import MAX_STEPS
 from robench.attacks.objectives import CrossEntropy
@@ -112,9 +112,10 @@ def norm_of(delta: torch.Tensor, norm: str) -> torch.Tensor:
 class FABTargeted(Attack):
     name: ClassVar[str] = "fab-t"
     Params: ClassVar[type[AttackParams]] = FABParams
-    family: ClassVar[str] = "gradient"
+    params: FABParams
+    family: ClassVar[Family] = "gradient"
     norms: ClassVar[tuple[str, ...]] = ("linf", "l2")
-    eps_budget: ClassVar[str] = "required"
+    eps_budget: ClassVar[EpsBudget] = "required"
 
     def __init__(self, params: AttackParams | dict[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(params, **kwargs)
@@ -126,14 +127,15 @@ class FABTargeted(Attack):
 
     @classmethod
     def cost(cls, params: AttackParams) -> Cost:
-        runs = params.targets * params.restarts * params.steps
+        p = cast(FABParams, params)  # cost is asked of the class's own Params
+        runs = p.targets * p.restarts * p.steps
         # A gradient of the logit gap per step, a forward pass to check the new iterate, one clean pass.
         return Cost(gradient=runs, forward=1 + runs)
 
     # -- the loop --------------------------------------------------------------------------------------------
-    def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: Eps | None,
+    def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | None,
             context: RunContext) -> RunOutput:
-        radius = self.radius(eps, x)
+        radius = self.radius(self.required_eps(eps), x)
         # Classes by decreasing clean logit; the top one says whether the model gets a sample right.
         logits = context.in_batches(lambda part: model(part).float(), x)
         ranking = torch.sort(logits, dim=1, descending=True, stable=True).indices

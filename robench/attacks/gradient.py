@@ -25,7 +25,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from robench.attacks import randomness
-from robench.attacks.base import Attack, AttackParams, Cost, Eps, RunOutput, sign_or_normalized
+from robench.attacks.base import Attack, AttackParams, Cost, Eps, Family, RunOutput, sign_or_normalized
 from robench.attacks.driver import RunContext, SlotSearch
 from robench.attacks.pool import Pool
 from robench.errors import UsageError
@@ -95,7 +95,7 @@ class StepState(dict):
 class GradientAttack(Attack):
     """Ascends ``loss`` by gradient steps from ``init``, projecting every iterate."""
 
-    family: ClassVar[str] = "gradient"
+    family: ClassVar[Family] = "gradient"
     default_step_size: ClassVar[str] = "eps/steps"
 
     # -- what a subclass writes ------------------------------------------------------------------------------
@@ -155,7 +155,8 @@ class GradientAttack(Attack):
     @classmethod
     def check_at(cls, params: AttackParams, eps: float) -> None:
         """A step size that is negative, or zero where eps is not, would hide the attack."""
-        if getattr(params, "step_size", None) is None:
+        text = getattr(params, "step_size", None)
+        if text is None:
             return  # the defaults are positive multiples of eps
         steps = getattr(params, "steps", 1)
         try:
@@ -164,7 +165,7 @@ class GradientAttack(Attack):
             raise ValueError(f"step_size: {exc} at eps {eps:g}, steps {steps}") from None
         # At eps 0 nothing may move, so a zero step is right there; anywhere else it hides the attack.
         if value < 0 or (value == 0 and eps > 0):
-            raise ValueError(f"step_size: {params.step_size!r} is {value:g} at eps {eps:g}, steps {steps}; "
+            raise ValueError(f"step_size: {text!r} is {value:g} at eps {eps:g}, steps {steps}; "
                              "it must be > 0")
 
     def start_radius(self, eps: float) -> float | bool | None:
@@ -176,10 +177,11 @@ class GradientAttack(Attack):
         return start
 
     def describe(self, eps: float | None) -> dict[str, Any]:
-        start = self.start_radius(eps)
+        at = self.required_eps(eps)
+        start = self.start_radius(at)
         # The parameters as resolved at this eps (a step size as a number, in pixels).
         return {**super().describe(eps), "steps": self.steps(), "restarts": self.restarts(),
-                "step_size": _recorded(self.radius(self.step_size_at(self.params, eps), _CPU)),
+                "step_size": _recorded(self.radius(self.step_size_at(self.params, at), _CPU)),
                 "random_start": False if start is None else
                 (True if start is True else _recorded(self.radius(start, _CPU)))}
 
@@ -196,7 +198,7 @@ class GradientAttack(Attack):
             context: RunContext) -> RunOutput:
         if self.loss.coupled:
             context = context.unsplit()  # the loss of each sample depends on its batch: never split it
-        return context.drive(GradientSearch(self, model, x, y, eps, context.sample_ids), x)
+        return context.drive(GradientSearch(self, model, x, y, self.required_eps(eps), context.sample_ids), x)
 
 
 class GradientSearch(SlotSearch):
@@ -207,7 +209,7 @@ class GradientSearch(SlotSearch):
     """
 
     def __init__(self, attack: GradientAttack, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                 eps: float | None, sample_ids: torch.Tensor) -> None:
+                 eps: float, sample_ids: torch.Tensor) -> None:
         self.attack, self.model, self.x, self.y, self.sample_ids = attack, model, x, y, sample_ids
         self.radius = attack.radius(eps, x)
         self.state = StepState(self.radius, attack.radius(attack.step_size_at(attack.params, eps), x), attack.norm)

@@ -18,6 +18,7 @@ class MIFGSMParams(StepSizeParams):
 class MIFGSM(GradientAttack):
     name: ClassVar[str] = "mifgsm"
     Params: ClassVar[type[AttackParams]] = MIFGSMParams
+    params: MIFGSMParams
     default_step_size: ClassVar[str] = "eps/steps"
 
     def init_state(self, x_adv: torch.Tensor, state: StepState) -> dict[str, torch.Tensor]:

@@ -18,5 +18,6 @@ class PGD(BIM):
 
     name: ClassVar[str] = "pgd"
     Params: ClassVar[type[AttackParams]] = PGDParams
+    params: PGDParams
     # Madry et al.: room to move across the ball from a random start.
     default_step_size: ClassVar[str] = "2.5*eps/steps"

@@ -12,14 +12,14 @@ index: a result does not depend on how the images were batched.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, cast
 
 import torch
 from pydantic import Field, field_validator
 from torch import nn
 
 from robench.attacks import randomness
-from robench.attacks.base import Attack, AttackParams, Cost, RunOutput
+from robench.attacks.base import Attack, AttackParams, Cost, EpsBudget, Family, RunOutput
 from robench.attacks.driver import RunContext
 from robench.pixels.perturb import MAX_TRIALS, change_pixels
 
@@ -58,14 +58,15 @@ class PixelParams(AttackParams):
 class PixelChange(Attack):
     name: ClassVar[str] = "pixels"
     Params: ClassVar[type[AttackParams]] = PixelParams
-    family: ClassVar[str] = "query"
+    params: PixelParams
+    family: ClassVar[Family] = "query"
     norms: ClassVar[tuple[str, ...]] = ("l0",)  # a count of changed pixels, not an L-p ball
-    eps_budget: ClassVar[str] = "none"
+    eps_budget: ClassVar[EpsBudget] = "none"
     sweep: ClassVar[str | None] = "pixels"  # one suite entry per pixel count
 
     @classmethod
     def cost(cls, params: AttackParams) -> Cost:
-        return Cost(forward=params.trials)
+        return Cost(forward=cast(PixelParams, params).trials)  # cost is asked of the class's own Params
 
     @classmethod
     def sweep_label(cls, value: Any) -> str:

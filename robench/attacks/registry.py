@@ -17,10 +17,13 @@ import importlib.metadata
 import inspect
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from robench.errors import UsageError
 from robench.registry import Registry
+
+if TYPE_CHECKING:
+    from robench.attacks.base import Attack
 
 BUILTIN_ATTACKS = {
     "fgsm": "robench.attacks.fgsm:FGSM",
@@ -41,13 +44,13 @@ ENTRY_POINT_GROUP = "robench.attacks"
 TA_PREFIX = "ta."
 
 
-class AttackRegistry(Registry[type]):
+class AttackRegistry(Registry["type[Attack]"]):
     def __init__(self, builtins: dict[str, str]) -> None:
         super().__init__("attack")
         self._builtins = dict(builtins)
         self._entry_points_loaded = False
 
-    def add(self, name: str, obj: type) -> None:
+    def add(self, name: str, obj: type[Attack]) -> None:
         check_attack_class(obj)
         key = name.lower()
         if key in self._builtins or key.startswith(TA_PREFIX):
@@ -57,7 +60,7 @@ class AttackRegistry(Registry[type]):
             raise UsageError(f"attack {name!r} is already registered ({existing.__module__}.{existing.__qualname__})")
         self._items[key] = obj
 
-    def get(self, name: str) -> type:
+    def get(self, name: str) -> type[Attack]:
         key = name.lower()
         if name.startswith(TA_PREFIX):
             from robench.attacks.torchattacks_adapter import torchattacks_attack
@@ -113,10 +116,10 @@ def check_attack_class(cls: Any) -> None:
 ATTACKS = AttackRegistry(BUILTIN_ATTACKS)
 
 
-def register_attack(cls: type | None = None, *, name: str | None = None) -> Any:
+def register_attack(cls: type[Attack] | None = None, *, name: str | None = None) -> Any:
     """Register an attack class under ``name`` (default: its ``name`` attribute); usable as a decorator."""
 
-    def add(attack: type) -> type:
+    def add(attack: type[Attack]) -> type[Attack]:
         ATTACKS.add(name or attack.name, attack)
         return attack
 

@@ -49,14 +49,14 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 from pydantic import Field
 from torch import nn
 
 from robench.attacks import randomness
-from robench.attacks.base import Attack, AttackParams, Cost, Eps, RunOutput
+from robench.attacks.base import Attack, AttackParams, Cost, Eps, EpsBudget, Family, RunOutput
 from robench.attacks.driver import RunContext, SlotSearch
 from robench.attacks.pool import Pool
 from robench.errors import UsageError
@@ -175,14 +175,16 @@ def signs(u: torch.Tensor) -> torch.Tensor:
 class Square(Attack):
     name: ClassVar[str] = "square"
     Params: ClassVar[type[AttackParams]] = SquareParams
-    family: ClassVar[str] = "query"
+    params: SquareParams
+    family: ClassVar[Family] = "query"
     norms: ClassVar[tuple[str, ...]] = ("linf", "l2")
-    eps_budget: ClassVar[str] = "required"
+    eps_budget: ClassVar[EpsBudget] = "required"
 
     @classmethod
     def cost(cls, params: AttackParams) -> Cost:
         # Every query of every restart, and the base's scoring of an L2 example projected for rounding.
-        return Cost(forward=params.queries * params.restarts + 1)
+        p = cast(SquareParams, params)  # cost is asked of the class's own Params
+        return Cost(forward=p.queries * p.restarts + 1)
 
     # -- randomness ------------------------------------------------------------------------------------------
     def draw(self, sample_ids: torch.Tensor, restart: torch.Tensor, t: torch.Tensor, count: int) -> torch.Tensor:
@@ -301,7 +303,8 @@ class Square(Attack):
             raise UsageError(f"square attacks images (N, C, H, W), got inputs of shape {tuple(x.shape)}")
         if not self.loss.scores:
             raise UsageError("square needs a classifier's logits and labels")
-        return context.drive(SquareSearch(self, model, x, y, self.radius(eps, x), context.sample_ids), x)
+        radius = self.radius(self.required_eps(eps), x)
+        return context.drive(SquareSearch(self, model, x, y, radius, context.sample_ids), x)
 
 
 class SquareSearch(SlotSearch):

@@ -18,7 +18,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from robench.attacks import randomness
-from robench.attacks.base import Attack, AttackParams, RunOutput
+from robench.attacks.base import Attack, AttackParams, EpsBudget, Family, RunOutput
 from robench.attacks.driver import RunContext
 from robench.errors import UsageError
 from robench.registry import did_you_mean
@@ -63,9 +63,11 @@ class TorchattacksParams(AttackParams):
 class TorchattacksAttack(Attack):
     """Runs ``torchattacks.<name>`` batch by batch; the base checks and scores its output."""
 
-    family: ClassVar[str] = "external"  # its internals are not robench's to describe
+    Params: ClassVar[type[TorchattacksParams]] = TorchattacksParams  # each bound class has its own subclass
+    params: TorchattacksParams
+    family: ClassVar[Family] = "external"  # its internals are not robench's to describe
     norms: ClassVar[tuple[str, ...]] = ("linf", "l2")
-    eps_budget: ClassVar[str] = "optional"  # e.g. ta.CW has no eps
+    eps_budget: ClassVar[EpsBudget] = "optional"  # e.g. ta.CW has no eps
     ta_class: ClassVar[Any] = None
 
     def __init__(self, params: Any = None, **kwargs: Any) -> None:

@@ -60,12 +60,15 @@ def train(
     from robench.tasks.dmr import DMRTrainConfig, train_dmr_generator
 
     config = DMRTrainConfig(
-        out=out, data=data, eps=eps, steps=steps, ids_per_batch=ids_per_batch, images_per_id=images_per_id,
+        out=out, data=data, steps=steps, ids_per_batch=ids_per_batch, images_per_id=images_per_id,
         val_every=val_every, lr=lr, margin=margin, ce_weight=ce_weight, msssim_weight=msssim_weight, width=width,
-        blocks=blocks, val_fraction=val_fraction, image_size=image_size, normalize=normalize, mean=mean, std=std,
+        blocks=blocks, val_fraction=val_fraction, normalize=normalize, mean=mean, std=std,
         surrogate=surrogate, arch=arch, num_classes=num_classes, trust_checkpoint=trust_checkpoint,
         feature_layer=feature_layer, classifier_layer=classifier_layer, dmr_compat=dmr_compat, seed=seed,
         device=device,
+        # The command line's text, parsed by the config's validators (which name the option if it is bad).
+        eps=eps,  # type: ignore[arg-type]  # an expression such as 16/255
+        image_size=image_size,  # type: ignore[arg-type]  # HxW
     )
     written = train_dmr_generator(config, log=lambda line: stderr.print(f"robench: {line}", highlight=False))
     stderr.print(f"generator written to {written}", highlight=False)

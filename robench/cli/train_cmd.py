@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from types import TracebackType
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from robench.cli.common import handle_errors, interrupt_on_sigterm, stderr
+
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
 
 # Training modules (torch) are imported on use: --help stays fast.
 
@@ -90,8 +94,8 @@ class _progress:
     """A bar per epoch on a terminal; otherwise only the per-epoch lines (CI logs)."""
 
     def __enter__(self) -> "_progress":
-        self._bar = None
-        self._task = None
+        self._bar: Progress | None = None
+        self._task: TaskID | None = None
         if stderr.is_terminal:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -113,6 +117,7 @@ class _progress:
     def log(self, message: str) -> None:
         (self._bar.console if self._bar is not None else stderr).print(message, highlight=False, markup=False)
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 traceback: TracebackType | None) -> None:
         if self._bar is not None:
-            self._bar.__exit__(*exc)
+            self._bar.__exit__(exc_type, exc, traceback)

@@ -261,12 +261,20 @@ class HierarchicalAlignment(nn.Module):
 
     @classmethod
     def for_model(
-        cls, model: nn.Module, layer_names: Sequence[str], example_input: torch.Tensor, **kwargs: object
+        cls,
+        model: nn.Module,
+        layer_names: Sequence[str],
+        example_input: torch.Tensor,
+        *,
+        lam: float = DEFAULT_LAMBDA,
+        eps: float = DEFAULT_EPS,
+        iters: int = DEFAULT_ITERS,
+        nodes: int | None = None,
     ) -> HierarchicalAlignment:
         """Heads sized from one eval-mode, no-grad forward of ``example_input`` through the named layers.
 
         The model's train/eval flags (every submodule's) are restored afterwards; the heads
-        are put on the example's device. ``kwargs`` go to the constructor.
+        are put on the example's device. ``lam``, ``eps``, ``iters`` and ``nodes`` go to the constructor.
         """
         modes = {module: module.training for module in model.modules()}
         model.eval()
@@ -277,7 +285,7 @@ class HierarchicalAlignment(nn.Module):
         finally:
             for module, training in modes.items():
                 module.training = training
-        return cls(shapes, **kwargs).to(example_input.device)
+        return cls(shapes, lam=lam, eps=eps, iters=iters, nodes=nodes).to(example_input.device)
 
     def layer_distances(
         self, clean_feats: Sequence[torch.Tensor], adv_feats: Sequence[torch.Tensor]

@@ -151,6 +151,10 @@ def _check_names(state: dict, metrics: dict) -> None:
 class Accuracy(Metric):
     """Fraction of True in boolean per-sample outcomes."""
 
+    # The states add_state declares (set as attributes by name).
+    correct: int
+    total: int
+
     def __init__(self) -> None:
         super().__init__()
         self.add_state("correct", 0, "sum")
@@ -166,6 +170,8 @@ class Accuracy(Metric):
 
 class Collected(Metric):
     """Concatenates per-sample tensors (kept on the CPU)."""
+
+    parts: list[torch.Tensor]  # the state add_state declares
 
     def __init__(self) -> None:
         super().__init__()
@@ -184,6 +190,8 @@ class Scalar(Metric):
     The two differ for wall time: a process adds up its own seconds, while
     processes that run side by side take as long as the slowest one.
     """
+
+    value: int | float | None  # the state add_state declares (None: nothing seen yet, for max/min)
 
     def __init__(self, accumulate: str = "sum", reduce: str | None = None, default: int | float | None = 0) -> None:
         super().__init__()

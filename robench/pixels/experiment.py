@@ -73,8 +73,8 @@ class PixelCounts:
         counts, adversarial_counts = dict(self.counts), dict(self.adversarial_counts)
         for key, trials in batch.counts.items():
             _add(counts, key, trials)
-        for key, trials in batch.adversarial_counts.items():
-            _add(adversarial_counts, key, trials)
+        for n, trials in batch.adversarial_counts.items():
+            _add(adversarial_counts, n, trials)
         return replace(self, evaluated=self.evaluated + batch.evaluated,
                        clean_total=self.clean_total + batch.clean_total,
                        clean_correct=self.clean_correct + batch.clean_correct, counts=counts,
@@ -116,6 +116,14 @@ class PixelExperimentsInterrupted(KeyboardInterrupt):
         self.counts = counts
 
 
+def _finished_before(seen: int, done: int, digest: "_DataDigest", resumed_digest: str | None) -> bool:
+    """Batch ``seen`` was finished before the interruption: only the digests need its images, and once
+    they cover every finished batch they must equal the interrupted run's."""
+    if seen == done and digest.data() != resumed_digest:
+        raise _images_changed(done)
+    return seen <= done
+
+
 def run_pixel_experiments(model: RobustModel, images: torch.Tensor, labels: torch.Tensor | None, *, pixels: list[int],
                           settings: list[PixelSetting], trials: int = 1, seed: int = 0, shared_positions: bool = False,
                           channels: str = "all", attack_eps: float | None = None, batch_size: int = 256,
@@ -138,6 +146,7 @@ def run_pixel_experiments(model: RobustModel, images: torch.Tensor, labels: torc
     batch = _BatchExperiments(model, pixels, settings, trials, seed, attack_eps, device,
                               {"shared_positions": shared_positions, "channels": channels})
     digest = _DataDigest()
+    resumed_digest = None if resume_state is None else resume_state["data_digest"]  # of the batches done
     seen, last_save = 0, time.perf_counter()  # seen: batches read, finished ones included
 
     def snapshot() -> dict[str, Any]:
@@ -151,9 +160,7 @@ def run_pixel_experiments(model: RobustModel, images: torch.Tensor, labels: torc
                 x, y = images[start:start + batch_size], None if labels is None else labels[start:start + batch_size]
                 digest.add(x, y)
                 seen += 1
-                if seen <= done:  # finished before the interruption: only the digests need its images
-                    if seen == done and digest.data() != resume_state["data_digest"]:
-                        raise _images_changed(done)
+                if _finished_before(seen, done, digest, resumed_digest):
                     continue
                 out = out.merged(batch.run(x, y, start), digest.data())
                 if on_batch:

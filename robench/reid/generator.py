@@ -62,7 +62,8 @@ class PerturbationGenerator(nn.Module):
         return torch.tanh(out[:, :, :h, :w])
 
 
-def perturb(generator: PerturbationGenerator, x: torch.Tensor, eps: float) -> torch.Tensor:
+def perturb(generator: PerturbationGenerator, x: torch.Tensor, eps: float | torch.Tensor) -> torch.Tensor:
+    """``eps`` is a radius, or a per-channel one shaped to broadcast over ``x`` (normalised inputs)."""
     return (x + eps * generator(x)).clamp(0.0, 1.0)
 
 

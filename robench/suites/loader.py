@@ -130,7 +130,9 @@ def find_yaml(name_or_path: str, known: dict[str, Path], what: str) -> Path:
     """A YAML file's path, or a built-in one's by name (with a did-you-mean when neither)."""
     path = Path(name_or_path)
     try:
-        if path.suffix in (".yaml", ".yml") or path.exists():
+        # A folder named like a built-in (the digits saved as images in digits/) does not hide it.
+        shadowed = name_or_path in known and path.is_dir()
+        if path.suffix in (".yaml", ".yml") or (path.exists() and not shadowed):
             if not path.exists():
                 raise UsageError(f"{what} file not found: {name_or_path}")
             return path  # a folder, pipe or device is refused, with what it is, when it is read

@@ -87,9 +87,9 @@ class ModelSpec(_Strict):
 
 class OptimizerSpec(_Strict):
     name: Literal["sgd", "adam", "adamw"] = "sgd"
-    lr: float = Field(0.01, gt=0, le=10)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0, le=1)
+    lr: float = Field(default=0.01, gt=0, le=10)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    weight_decay: float = Field(default=0.0, ge=0, le=1)
     nesterov: bool = False
 
 
@@ -98,7 +98,7 @@ class ScheduleSpec(_Strict):
 
     name: Literal["cosine", "step", "constant"] = "cosine"
     milestones: list[int] = Field(default_factory=list)
-    gamma: float = Field(0.1, gt=0, le=1)
+    gamma: float = Field(default=0.1, gt=0, le=1)
 
     @model_validator(mode="after")
     def _milestones_for_step(self) -> "ScheduleSpec":
@@ -119,8 +119,8 @@ class LFMSpec(_Strict):
 
     kind: Literal["lfm"]
     after: str | None = None  # torchvision ResNets: the stem (see robench.defenses.insertion)
-    p: float = Field(0.15, ge=0, le=1)
-    channels: int = Field(32, ge=1, le=65_536)
+    p: float = Field(default=0.15, ge=0, le=1)
+    channels: int = Field(default=32, ge=1, le=65_536)
     area: tuple[float, float] = (0.03, 0.4)
     aspect: tuple[float, float] = (0.3, 1 / 0.3)
 
@@ -146,7 +146,7 @@ class FDDSpec(_Strict):
     kind: Literal["fdd"]
     after: str | None = None
     dims: Literal[1, 2, 3] = 1
-    grids: int | None = Field(None, ge=1, le=1000)
+    grids: int | None = Field(default=None, ge=1, le=1000)
     kappa: float = -0.8
     alpha: float = 0.9
 
@@ -156,7 +156,7 @@ class DropoutSpec(_Strict):
 
     kind: Literal["dropout"]
     after: str
-    p: float = Field(0.5, ge=0, lt=1)
+    p: float = Field(default=0.5, ge=0, lt=1)
     spatial: bool = False
 
 
@@ -165,7 +165,7 @@ class CutoutSpec(_Strict):
 
     kind: Literal["cutout"]
     size: int = Field(ge=1, le=4096)  # also at most the images' side, checked against the data
-    p: float = Field(1.0, ge=0, le=1)
+    p: float = Field(default=1.0, ge=0, le=1)
 
 
 class FewPixelSpec(_Strict):
@@ -173,8 +173,8 @@ class FewPixelSpec(_Strict):
 
     kind: Literal["few-pixel"]
     pixels: int = Field(ge=1, le=1_000_000)  # also at most the images' pixels, checked against the data
-    p: float = Field(0.5, ge=0, le=1)  # the share of each batch replaced by its changed copy
-    delta: int | None = Field(None, ge=1, le=255)
+    p: float = Field(default=0.5, ge=0, le=1)  # the share of each batch replaced by its changed copy
+    delta: int | None = Field(default=None, ge=1, le=255)
     channels: Literal["all", "first"] = "all"
 
 
@@ -192,12 +192,12 @@ class AdversarialSpec(_Strict):
 
     attack: Literal["fgsm", "pgd"]
     eps: float
-    steps: int = Field(10, ge=1, le=1000)
+    steps: int = Field(default=10, ge=1, le=1000)
     step_size: float | None = None
     random_start: bool | float = True
-    clean_weight: float = Field(0.0, ge=0)
-    adversarial_weight: float = Field(1.0, ge=0)
-    start_epoch: int = Field(0, ge=0)
+    clean_weight: float = Field(default=0.0, ge=0)
+    adversarial_weight: float = Field(default=1.0, ge=0)
+    start_epoch: int = Field(default=0, ge=0)
 
     @field_validator("eps", "step_size", mode="before")
     @classmethod
@@ -230,16 +230,17 @@ class AlignmentSpec(_Strict):
     """Hierarchical feature alignment (feature-alignment paper, Eq. 8) on the named layers' outputs."""
 
     layers: list[str] = Field(min_length=1)
-    lam: float = Field(1.0, ge=0)
-    sinkhorn_eps: float = Field(0.1, gt=0)
-    sinkhorn_iters: int = Field(100, ge=1, le=10_000)
-    nodes: int | None = Field(None, ge=1, le=4096)  # points per cloud after reduction (L'); default min(H*W, 64)
+    lam: float = Field(default=1.0, ge=0)
+    sinkhorn_eps: float = Field(default=0.1, gt=0)
+    sinkhorn_iters: int = Field(default=100, ge=1, le=10_000)
+    # points per cloud after reduction (L'); default min(H*W, 64)
+    nodes: int | None = Field(default=None, ge=1, le=4096)
 
 
 class AugmentSpec(_Strict):
     """The usual small-image augmentation: a random crop after zero padding, a horizontal flip."""
 
-    crop_padding: int = Field(0, ge=0, le=64)
+    crop_padding: int = Field(default=0, ge=0, le=64)
     flip: bool = False
 
 
@@ -255,7 +256,7 @@ class Recipe(_Strict):
     batch_size: int = Field(ge=1, le=65_536)
     optimizer: OptimizerSpec = OptimizerSpec()
     schedule: ScheduleSpec = ScheduleSpec()
-    seed: int = Field(0, ge=0, le=2**31 - 1)
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
     precision: Literal["fp32", "bf16"] = "fp32"
     augment: AugmentSpec = AugmentSpec()
     defenses: list[Defence] = Field(default_factory=list)

@@ -27,7 +27,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -36,6 +36,11 @@ from torch import nn
 from robench.attacks.randomness import stream_key
 from robench.errors import RunError, UsageError
 from robench.training.recipe import AdversarialSpec, LoadedRecipe, Recipe
+
+if TYPE_CHECKING:
+    from robench.attacks.base import Attack
+    from robench.defenses.hfa import HierarchicalAlignment
+    from robench.models.wrapper import RobustModel
 
 STATE = "state.pt"
 STATE_FORMAT = "robench-train-state-2"
@@ -188,11 +193,11 @@ def _datasets(specs: tuple[str, str], options: TrainOptions):
     from robench.data.sources import DataOptions, load_data
 
     spec, test_spec = specs
-    common = dict(root=options.data_root, download=options.download)
-    train_set = load_data(spec, DataOptions(split="train", limit=options.limit, **common))
+    train_set = load_data(spec, DataOptions(split="train", limit=options.limit, root=options.data_root,
+                                            download=options.download))
     if test_spec == "none":
         return train_set, None
-    return train_set, load_data(test_spec, DataOptions(split="test", **common))
+    return train_set, load_data(test_spec, DataOptions(split="test", root=options.data_root, download=options.download))
 
 
 def _has_test_split(spec: str) -> bool:
@@ -214,7 +219,7 @@ def _settings(specs: tuple[str, str], options: TrainOptions, recipe: Recipe, tra
     return RunSettings(specs[0], specs[1], options.limit, recipe.epochs, fingerprint)
 
 
-def _build_model(loaded: LoadedRecipe, device: torch.device) -> tuple[nn.Module, nn.Module]:
+def _build_model(loaded: LoadedRecipe, device: torch.device) -> tuple[nn.Module, RobustModel]:
     """The bare network (what the checkpoint holds) and the model training sees: [0,1] pixels in."""
     from robench.models.architectures import build_arch
     from robench.models.preprocessing import Normalization
@@ -226,7 +231,8 @@ def _build_model(loaded: LoadedRecipe, device: torch.device) -> tuple[nn.Module,
         net = build_arch(recipe.model.arch, recipe.model.num_classes)
     _insert_defences(loaded, net)
     mean, std = recipe.model.normalization()
-    model = RobustModel(net, Normalization(mean, std) if mean is not None else None)
+    # normalization() gives both or neither.
+    model = RobustModel(net, Normalization(mean, std) if mean is not None and std is not None else None)
     return net, model.to(device)
 
 
@@ -243,6 +249,7 @@ def _insert_defence(spec, net: nn.Module) -> None:
     from robench.defenses.insertion import defence_site, insert_after
     from robench.defenses.lfm import LocalFeatureMasking
 
+    layer: nn.Module
     if spec.kind == "lfm":
         layer = LocalFeatureMasking(p=spec.p, channels=spec.channels, area=spec.area, aspect=spec.aspect)
         insert_after(net, spec.after or defence_site(net, "lfm"), layer)
@@ -316,7 +323,8 @@ def _check_image_shape(loaded: LoadedRecipe, model: nn.Module, image: torch.Tens
         raise UsageError(f"{loaded.where('model', field_name)}: {len(mean)} normalisation values for the "
                          f"{which} data's {_channels(channels)}; give one value or {channels}")
     # The first layer with in_channels (a convolution) says what the network takes.
-    takes = next((m.in_channels for m in model.modules() if isinstance(getattr(m, "in_channels", None), int)), None)
+    sizes = (getattr(m, "in_channels", None) for m in model.modules())
+    takes = next((size for size in sizes if isinstance(size, int)), None)
     if takes is not None and takes != channels:
         raise UsageError(f"{loaded.where('model', 'arch')}: the {which} data has {_channels(channels)}; the "
                          f"recipe's model takes {takes}; give data with {_channels(takes)} or another arch")
@@ -353,7 +361,8 @@ def _check_input_defences(loaded: LoadedRecipe, image: torch.Tensor) -> None:
             raise UsageError(f"{loaded.where('defenses', index, field_name)}: {exc}") from None
 
 
-def _alignment(loaded: LoadedRecipe, model: nn.Module, train_set, device: torch.device):
+def _alignment(loaded: LoadedRecipe, model: RobustModel, train_set,
+               device: torch.device) -> HierarchicalAlignment | None:
     """The feature-alignment heads, sized by one forward of a training image through the network."""
     recipe = loaded.recipe
     if recipe.alignment is None:
@@ -397,7 +406,8 @@ def _schedule(recipe: Recipe, optimizer: torch.optim.Optimizer):
 class _Step:
     """One optimisation step's loss for a batch: plain, adversarial, or with feature alignment."""
 
-    def __init__(self, recipe: Recipe, model: nn.Module, net: nn.Module, alignment, device: torch.device) -> None:
+    def __init__(self, recipe: Recipe, model: nn.Module, net: nn.Module, alignment: HierarchicalAlignment | None,
+                 device: torch.device) -> None:
         self.recipe, self.model, self.net, self.alignment, self.device = recipe, model, net, alignment, device
         self.transforms = _input_transforms(recipe)
         self.autocast = recipe.precision == "bf16"
@@ -412,13 +422,14 @@ class _Step:
         key = stream_key(self.recipe.seed, epoch, 3)
         for i, transform in enumerate(self.transforms):
             x = transform(x, ids, stream_key(key, i))
-        adv = self.recipe.adversarial
-        if adv is None or epoch < adv.start_epoch:
+        examples = self.adversarial  # None without the recipe's adversarial training
+        if examples is None or epoch < examples.spec.start_epoch:
             logits = self.forward(x)
             return nn.functional.cross_entropy(logits, y), logits, {}
-        x_adv = self.adversarial(x, y, ids, epoch)
-        if self.alignment is not None:
-            return self._aligned(x, x_adv, y)
+        adv = examples.spec
+        x_adv = examples(x, y, ids, epoch)
+        if self.alignment is not None and self.recipe.alignment is not None:  # both or neither
+            return self._aligned(x, x_adv, y, adv, self.alignment, self.recipe.alignment.layers)
         logits_adv = self.forward(x_adv)
         loss = adv.adversarial_weight * nn.functional.cross_entropy(logits_adv, y)
         logits = logits_adv
@@ -427,13 +438,13 @@ class _Step:
             loss = loss + adv.clean_weight * nn.functional.cross_entropy(logits, y)
         return loss, logits, {}
 
-    def _aligned(self, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor):
+    def _aligned(self, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor, adv: AdversarialSpec,
+                 alignment: HierarchicalAlignment, layers: list[str]):
         """Eq. 8: CE(clean) + CE(adversarial) + lambda * sum of the layers' Wasserstein distances
         (the recipe's weights scale the two cross-entropy terms: 1 and 1 in the paper)."""
         from robench.defenses.features import FeatureTap
 
-        adv = self.recipe.adversarial
-        with FeatureTap(self.net, self.recipe.alignment.layers) as tap:
+        with FeatureTap(self.net, layers) as tap:
             logits = self.forward(x)
             clean_feats = [f.float() for f in tap.features]
             tap.clear()
@@ -441,7 +452,7 @@ class _Step:
             adv_feats = [f.float() for f in tap.features]
         ce_clean = nn.functional.cross_entropy(logits, y)
         ce_adv = nn.functional.cross_entropy(logits_adv, y)
-        aligned = self.alignment(clean_feats, adv_feats)
+        aligned = alignment(clean_feats, adv_feats)
         loss = adv.clean_weight * ce_clean + adv.adversarial_weight * ce_adv + aligned
         parts = {name: float(value.detach()) for name, value in
                  (("ce_clean", ce_clean), ("ce_adv", ce_adv), ("alignment", aligned))}
@@ -465,12 +476,13 @@ class _AdversarialExamples:
             self.params = {"steps": spec.steps, "random_start": spec.random_start}
             if spec.step_size is not None:
                 self.params["step_size"] = repr(spec.step_size)
-        self._epoch, self._attack = -1, None
+        self._epoch = -1
+        self._attack: Attack | None = None
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, epoch: int) -> torch.Tensor:
         from robench.attacks.registry import ATTACKS
 
-        if epoch != self._epoch:
+        if self._attack is None or epoch != self._epoch:  # one per epoch (None: not made yet)
             self._epoch = epoch
             self._attack = ATTACKS.get(self.spec.attack)(self.params, final_iterate=True,
                                                          seed=stream_key(self.seed, epoch, 4))
@@ -493,7 +505,8 @@ def _run_epoch(step: _Step, recipe: Recipe, train_set, epoch: int, optimizer, op
     loader = DataLoader(train_set, batch_size=recipe.batch_size, sampler=order.tolist(),
                         num_workers=options.workers, pin_memory=step.device.type == "cuda")
     step.model.train()
-    total_loss, correct, seen, sums = 0.0, 0, 0, {}
+    total_loss, correct, seen = 0.0, 0, 0
+    sums: dict[str, float] = {}
     batches = math.ceil(len(train_set) / recipe.batch_size)
     for b, (x, y, ids) in enumerate(loader):
         x, y, ids = x.to(step.device, non_blocking=True), y.to(step.device), ids.to(step.device)
