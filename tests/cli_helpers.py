@@ -136,3 +136,24 @@ def readme_blocks(text: str | None = None) -> list[ReadmeBlock]:
         blocks.append(ReadmeBlock(marker.group(1) if marker else None, opening.group(3), body, i + 1))
         i = end + 1
     return blocks
+
+
+@contextlib.contextmanager
+def plugins_from(folder: Path, monkeypatch):
+    """``folder`` on ``sys.path`` while the block runs; afterwards the attack registry and
+    ``sys.modules`` are as before (the plugin modules imported from it are forgotten)."""
+    from robench.attacks import ATTACKS
+
+    items, loaded = dict(ATTACKS._items), ATTACKS._entry_points_loaded
+    monkeypatch.syspath_prepend(str(folder))
+    try:
+        yield folder
+    finally:
+        ATTACKS._items.clear()
+        ATTACKS._items.update(items)
+        ATTACKS._entry_points_loaded = loaded
+        for name, module in list(sys.modules.items()):
+            file = getattr(module, "__file__", None)
+            if file and Path(file).resolve().is_relative_to(folder.resolve()):
+                del sys.modules[name]
+

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import robench
-from cli_helpers import invoke, one_error_line, readme_block
+from cli_helpers import invoke, one_error_line, plugins_from, readme_block
 from robench.attacks import ATTACKS, PGD, Attack, GradientAttack, RunOutput, StepSizeParams, randomness
 from robench.errors import RunError, UsageError
 from robench.evaluation.sanity import attack_kind
@@ -87,20 +87,8 @@ def marker(directory: Path, module: str = "noise_attack") -> Path:
 
 @pytest.fixture
 def plugin_dir(tmp_path, monkeypatch):
-    """``tmp_path`` on ``sys.path``; afterwards the attack registry and ``sys.modules`` are as before."""
-    items = dict(ATTACKS._items)
-    entry_points_loaded = ATTACKS._entry_points_loaded
-    monkeypatch.syspath_prepend(str(tmp_path))
-    try:
-        yield tmp_path
-    finally:
-        ATTACKS._items.clear()
-        ATTACKS._items.update(items)
-        ATTACKS._entry_points_loaded = entry_points_loaded
-        for name, module in list(sys.modules.items()):
-            file = getattr(module, "__file__", None)
-            if file and Path(file).resolve().is_relative_to(tmp_path.resolve()):
-                del sys.modules[name]
+    with plugins_from(tmp_path, monkeypatch) as folder:
+        yield folder
 
 
 def eval_args(suite: Path, out: Path, *extra) -> list:

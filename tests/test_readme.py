@@ -42,7 +42,7 @@ import pytest
 import torch
 import yaml
 
-from cli_helpers import README, readme_blocks
+from cli_helpers import README, plugins_from, readme_blocks
 
 TESTS = Path(__file__).resolve().parent
 WORKERS = 2
@@ -587,22 +587,8 @@ def test_suite_pgd_linf_is_the_builtin_suite(tmp_path):
 
 @pytest.fixture
 def plugin_folder(tmp_path, monkeypatch):
-    """``tmp_path`` on ``sys.path``; afterwards the attack registry and ``sys.modules`` are as before."""
-    from robench.attacks import ATTACKS
-
-    with IN_PROCESS:  # no run in this process sees the registry while it changes
-        items, loaded = dict(ATTACKS._items), ATTACKS._entry_points_loaded
-        monkeypatch.syspath_prepend(str(tmp_path))
-        try:
-            yield tmp_path
-        finally:
-            ATTACKS._items.clear()
-            ATTACKS._items.update(items)
-            ATTACKS._entry_points_loaded = loaded
-            for name, module in list(sys.modules.items()):
-                file = getattr(module, "__file__", None)
-                if file and Path(file).resolve().is_relative_to(tmp_path.resolve()):
-                    del sys.modules[name]
+    with IN_PROCESS, plugins_from(tmp_path, monkeypatch) as folder:  # no run in this process sees the registry change
+        yield folder
 
 
 @block_test("suite-error", background=False)
