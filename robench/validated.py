@@ -8,9 +8,9 @@ from Python.
 from __future__ import annotations
 
 import math
-from typing import Any, TypeVar
+from typing import Any, Mapping, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 
 from robench.errors import UsageError
 from robench.registry import did_you_mean
@@ -49,6 +49,16 @@ def one_of(option: str, value: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise UsageError(f"{option} must be one of {', '.join(choices)}, got {value!r}")
     return value
+
+
+def choice_validator(table: Mapping[str, tuple[str, ...]]) -> Any:
+    """A field validator for every field ``table`` names: its value is one of the listed ones, and the
+    message names the command-line option (``--compile must be one of off, on, auto, got 'x'``)."""
+    def check(cls: type, value: str, info: ValidationInfo) -> str:
+        name = info.field_name or ""
+        return one_of(f"--{name}", value, table[name])
+
+    return field_validator(*table)(classmethod(check))
 
 
 def parse_count(value: Any, option: str = "--save-adversarial") -> int | None:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import ValidationInfo, field_validator
+from pydantic import field_validator
 
 from robench.errors import UsageError
 from robench.evaluation.precision import PRECISIONS
 from robench.evaluation.speed import COMPILE_MODES
-from robench.validated import Options, check_range, one_of, parse_count
+from robench.validated import Options, check_range, choice_validator, parse_count
 
 MAX_SAVE_EVERY = 7 * 24 * 3600.0  # seconds
 MAX_WORKERS = 256
@@ -62,11 +62,7 @@ class EngineConfig(Options):
         check_range("--workers", value, 0, MAX_WORKERS)
         return value
 
-    @field_validator(*CHOICES)
-    @classmethod
-    def _one_of(cls, value: str, info: ValidationInfo) -> str:
-        name = info.field_name or ""
-        return one_of(f"--{name}", value, CHOICES[name])
+    _one_of = choice_validator(CHOICES)
 
     @field_validator("save_adversarial", mode="before")
     @classmethod

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import ValidationInfo, field_validator
+from pydantic import field_validator
 
 from robench.errors import UsageError
-from robench.validated import Options, one_of
+from robench.validated import Options, choice_validator
 
 DISTANCES = ("euclidean", "cosine")
 AP_RULES = ("noninterp", "trapezoid")
@@ -35,11 +35,7 @@ class ReIDConfig(Options):
     surrogate_arch: str | None = None
     surrogate_num_classes: int | None = None
 
-    @field_validator(*CHOICES)
-    @classmethod
-    def _one_of(cls, value: str, info: ValidationInfo) -> str:
-        name = info.field_name or ""
-        return one_of(f"--{name}", value, CHOICES[name])
+    _one_of = choice_validator(CHOICES)
 
     @field_validator("ranks", mode="before")
     @classmethod

@@ -17,8 +17,6 @@ import numpy as np
 import torch
 from pydantic import ConfigDict, field_validator
 
-# robench.config first: it imports the attacks, which the pixel modules need loaded before them.
-import robench.config  # noqa: F401
 from robench.evaluation.config import MAX_SAVE_EVERY
 from robench.models.config import ModelConfig
 from robench.results.output import OutputConfig
