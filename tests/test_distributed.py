@@ -1,17 +1,34 @@
-"""torchrun with 2 CPU processes (gloo) gives exactly the single-process numbers."""
+"""torchrun (gloo, loopback) gives exactly the single-process numbers: any number of processes, two nodes,
+a worker killed and restarted, a whole job killed and resumed with another process count."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
+import numpy as np
+import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 from robench.evaluation.distributed import shard_bounds
+from robench.evaluation.work_queue import plan_units
+from robench.results.progress import PROGRESS_FILE
 
-SUITE = "name: dist\nattacks:\n  - attack: fgsm\n    eps: [0.05, 0.1]\n  - attack: pgd\n    eps: 0.1\n    steps: 5\n"
+FAST = "name: dist\nattacks:\n  - attack: fgsm\n    eps: [0.05, 0.1]\n  - attack: pgd\n    eps: 0.1\n    steps: 5\n"
+# Slow enough that a kill lands in the middle: the robust samples take every step.
+SLOW = "name: slow\nattacks:\n  - attack: pgd\n    eps: 0.03\n    steps: 60\n"
+EVAL = ["eval", "example:digits", "--batch-size", "16", "--quiet", "--json", "--save-every", "0"]
+SLOW_EVAL = [*EVAL, "--limit", "320"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+needs_proc = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds torchrun's workers in /proc")
 
 
 @given(n=st.integers(1, 10_000), size=st.integers(1, 16))
@@ -25,23 +42,209 @@ def test_shards_are_exact(n, size):
     assert max(sizes) - min(sizes) <= 1
 
 
-def test_two_gloo_processes_equal_one(tmp_path):
-    suite = tmp_path / "dist.yaml"
-    suite.write_text(SUITE)
-    args = ["-m", "robench", "eval", "example:digits", "--suite", str(suite), "--batch-size", "64", "--quiet",
-            "--json"]
-    multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                            *args, "--out", str(tmp_path / "multi")], capture_output=True, text=True, timeout=300)
-    assert multi.returncode == 0, multi.stderr
-    single = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "single")], capture_output=True,
-                            text=True, timeout=300)
-    assert single.returncode == 0, single.stderr
-    a, b = json.loads(multi.stdout), json.loads(single.stdout)
-    assert a["env"]["processes"] == 2 and b["env"]["processes"] == 1
-    assert a["clean"] == b["clean"] and a["robust_accuracy"] == b["robust_accuracy"]
-    for x, y in zip(a["attacks"], b["attacks"]):
+@given(samples=st.integers(1, 100_000), batch=st.integers(1, 512), longest=st.integers(1, 32),
+       processes=st.integers(1, 64))
+def test_units_cover_the_data_once_in_whole_batches(samples, batch, longest, processes):
+    plan = plan_units(samples, batch, longest, processes)
+    bounds = [plan.bounds(unit) for unit in range(plan.count)]
+    assert bounds[0][0] == 0 and bounds[-1][1] == samples
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+    assert all(start % batch == 0 and 0 < stop - start <= batch * longest for start, stop in bounds)
+    if -(-samples // batch) >= 16 * processes * longest:
+        assert plan.unit_batches == longest, "big data: units as long as a segment"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _robench(args, out: Path, cwd: Path, launcher=(), **kwargs):
+    cmd = [*launcher, *([] if launcher else [sys.executable]), "-m", "robench", *args, "--out", str(out)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=cwd, **kwargs)
+
+
+def _torchrun(processes: int, *extra: str) -> list[str]:
+    return [*TORCHRUN, "--standalone", "--nproc-per-node", str(processes), *extra]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Single-process runs of the fast and the slow suite: what every distributed run must equal."""
+    root = tmp_path_factory.mktemp("single")
+    (root / "fast.yaml").write_text(FAST)
+    (root / "slow.yaml").write_text(SLOW)
+    runs = {}
+    for name, args in (("fast", EVAL), ("slow", SLOW_EVAL)):
+        done = _robench([*args, "--suite", str(root / f"{name}.yaml")], root / name, root)
+        assert done.returncode == 0, done.stderr
+        runs[name] = (json.loads(done.stdout), (root / name / "samples.csv").read_text(), root / f"{name}.yaml")
+    return runs
+
+
+def _assert_same(doc: dict, samples: Path, expected) -> None:
+    want, want_samples, _ = expected
+    assert doc["complete"] is True
+    assert doc["clean"] == want["clean"] and doc["robust_accuracy"] == want["robust_accuracy"]
+    for x, y in zip(doc["attacks"], want["attacks"]):
         assert (x["accuracy"], x["success_rate"], x["n"], x["gradient_evals"]) == \
             (y["accuracy"], y["success_rate"], y["n"], y["gradient_evals"])
-    assert a["env"]["dataset_fingerprint"] == b["env"]["dataset_fingerprint"]
-    assert (tmp_path / "multi" / "samples.csv").read_text() == (tmp_path / "single" / "samples.csv").read_text()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["dist.yaml", "multi", "single"], "only rank 0 writes"
+    assert doc["env"]["dataset_fingerprint"] == want["env"]["dataset_fingerprint"]
+    assert doc["sanity"] == want["sanity"]
+    assert samples.read_text() == want_samples
+
+
+@pytest.mark.parametrize("processes", [2, 3])
+def test_the_work_queue_equals_one_process(reference, tmp_path, processes):
+    suite = reference["fast"][2]
+    run = _robench([*EVAL, "--suite", str(suite)], tmp_path / "run", tmp_path, _torchrun(processes))
+    assert run.returncode == 0, run.stderr
+    doc = json.loads(run.stdout)
+    assert doc["env"]["processes"] == processes
+    units = doc["env"]["speed"]["work_units"]
+    assert units["units"] == 34 and units["resumed"] == 0 and units["processes"] == processes  # 540 / 16
+    _assert_same(doc, tmp_path / "run" / "samples.csv", reference["fast"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"], "only rank 0 writes"
+    assert not (tmp_path / "run" / PROGRESS_FILE).exists(), "a finished job keeps no progress file"
+
+
+def test_two_nodes_of_two_processes_equal_one_process(reference, tmp_path):
+    """Two torchrun launchers on one machine, meeting through a c10d rendezvous on loopback."""
+    suite = reference["fast"][2]
+    launcher = [*TORCHRUN, "--nnodes", "2", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
+                "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "--rdzv-id", "robench-test"]
+    cmd = [*launcher, "-m", "robench", *EVAL, "--suite", str(suite), "--out", str(tmp_path / "run")]
+    nodes = [subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outputs = [node.communicate(timeout=600) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], [err for _, err in outputs]
+    docs = [json.loads(out) for out, _ in outputs if out.strip()]
+    assert len(docs) == 1, "one node holds rank 0, which alone prints and writes"
+    assert docs[0]["env"]["processes"] == 4
+    _assert_same(docs[0], tmp_path / "run" / "samples.csv", reference["fast"])
+
+
+def _saved_units(run: Path) -> int:
+    try:
+        return len(torch.load(run / PROGRESS_FILE, weights_only=True)["units"])
+    except (OSError, RuntimeError, EOFError, KeyError):
+        return 0  # not written yet
+
+
+def _wait_for_units(run: Path, job: subprocess.Popen, count: int) -> int:
+    deadline = time.monotonic() + 300
+    while (saved := _saved_units(run)) < count:
+        assert job.poll() is None, job.communicate()[1]
+        assert time.monotonic() < deadline, "no progress saved"
+        time.sleep(0.05)
+    return saved
+
+
+def _workers(parent: int) -> dict[int, int]:
+    """torchrun's worker processes: rank -> pid."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            if not entry.name.isdigit() or int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) != parent:
+                continue
+            env = dict(item.split("=", 1) for item in (entry / "environ").read_text().split("\0") if "=" in item)
+        except OSError:
+            continue  # gone meanwhile
+        if "RANK" in env:
+            found[int(env["RANK"])] = int(entry.name)
+    return found
+
+
+@needs_proc
+def test_a_killed_worker_is_restarted_and_the_job_resumes_its_saved_units(reference, tmp_path):
+    suite, run = reference["slow"][2], tmp_path / "run"
+    cmd = [*_torchrun(2, "--max-restarts", "1"), "-m", "robench", *SLOW_EVAL, "--suite", str(suite),
+           "--out", str(run)]
+    job = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = _wait_for_units(run, job, 3)
+    os.kill(_workers(job.pid)[1], signal.SIGKILL)
+    out, err = job.communicate(timeout=600)
+    assert job.returncode == 0, err
+    doc = json.loads(out)
+    units = doc["env"]["speed"]["work_units"]
+    # The restarted group attacked only the units not saved when the worker died.
+    assert units["units"] == 20 and seen <= units["resumed"] < units["units"], units
+    _assert_same(doc, run / "samples.csv", reference["slow"])
+
+
+@needs_proc
+def test_a_killed_job_resumes_with_another_number_of_processes(reference, tmp_path):
+    suite, run = reference["slow"][2], tmp_path / "run"
+    cmd = [*_torchrun(2), "-m", "robench", *SLOW_EVAL, "--suite", str(suite), "--out", str(run)]
+    job = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)
+    seen = _wait_for_units(run, job, 3)
+    os.killpg(job.pid, signal.SIGKILL)  # launcher and workers at once: nothing gets to save on the way out
+    job.communicate(timeout=60)
+    saved = _saved_units(run)
+    assert saved >= seen
+    again = _robench([*SLOW_EVAL, "--suite", str(suite)], run, tmp_path, _torchrun(3))
+    assert again.returncode == 0, again.stderr
+    doc = json.loads(again.stdout)
+    assert doc["env"]["speed"]["work_units"]["resumed"] == saved
+    _assert_same(doc, run / "samples.csv", reference["slow"])
+
+
+def test_one_process_resumes_a_queued_job(reference, tmp_path):
+    """A job stopped by SIGTERM under torchrun, finished by a plain single process (no torchrun)."""
+    suite, run = reference["slow"][2], tmp_path / "run"
+    cmd = [*_torchrun(2), "-m", "robench", *SLOW_EVAL, "--suite", str(suite), "--out", str(run)]
+    job = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_units(run, job, 2)
+    job.send_signal(signal.SIGTERM)  # torchrun passes it to its workers: rank 0 saves and writes partial results
+    job.communicate(timeout=120)
+    partial = json.loads((run / "results.json").read_text())
+    assert partial["complete"] is False and 0 < partial["progress"]["evaluated"] < 320
+    saved = _saved_units(run)
+    again = _robench([*SLOW_EVAL, "--suite", str(suite)], run, tmp_path)
+    assert again.returncode == 0, again.stderr
+    doc = json.loads(again.stdout)
+    assert doc["env"]["processes"] == 1 and doc["env"]["speed"]["work_units"]["resumed"] == saved
+    _assert_same(doc, run / "samples.csv", reference["slow"])
+
+
+def test_a_single_process_run_is_not_resumed_under_torchrun(reference, tmp_path):
+    suite, run = reference["slow"][2], tmp_path / "run"
+    cmd = [sys.executable, "-m", "robench", *SLOW_EVAL, "--suite", str(suite), "--out", str(run)]
+    job = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (run / PROGRESS_FILE).exists():
+        assert job.poll() is None and time.monotonic() < deadline, job.communicate()[1]
+        time.sleep(0.05)
+    job.send_signal(signal.SIGTERM)
+    job.communicate(timeout=120)
+    again = _robench([*SLOW_EVAL, "--suite", str(suite)], run, tmp_path, _torchrun(2))
+    assert again.returncode != 0  # torchrun's own code: a worker failed (each said why, with robench's code 2)
+    assert ("robench: error: cannot resume under torchrun: the run was started by a single process; resume it "
+            "with a single process") in again.stderr
+
+
+def test_a_node_that_read_other_data_stops_the_job(reference, tmp_path):
+    """Each node reads its own copy of the data; the second copy differs from sample 160 on (one bit a pixel),
+    where both nodes are attacking units (the slow suite: rank 0 cannot finish them all before the other starts)."""
+    from robench.examples import example_data_path
+
+    arrays = dict(np.load(example_data_path("digits")))
+    nodes = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        np.savez(tmp_path / name / "data.npz", **arrays)
+        arrays["x"] = arrays["x"].copy()
+        arrays["x"][160:] ^= 1
+    launcher = [*TORCHRUN, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+                "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "--rdzv-id", "robench-data"]
+    cmd = [*launcher, "-m", "robench", *SLOW_EVAL, "--data", "npz:data.npz", "--suite", str(reference["slow"][2]),
+           "--out", str(tmp_path / "run")]
+    for name in ("a", "b"):
+        nodes.append(subprocess.Popen(cmd, cwd=tmp_path / name, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    errors = "".join(node.communicate(timeout=300)[1] for node in nodes)
+    assert any(node.returncode != 0 for node in nodes)
+    assert "read other data than the first process for samples" in errors, errors
+    assert not (tmp_path / "run" / "results.json").exists(), "no result from mixed data"

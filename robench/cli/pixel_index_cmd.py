@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from robench.cli.common import handle_errors, interrupt_on_sigterm, stderr, stdout_console, warn
@@ -67,30 +68,40 @@ def pixel_index_command(
     config = PixelIndexConfig.of(**options)
     task = PixelIndexTask(config)
     directory = RunDirectory.open(task.resume_settings(), task.default_dir, out=config.output.out,
-                                  resume=config.output.resume)
+                                  resume=config.output.resume, queued=True)
     if directory.resume_state is not None:
-        stderr.print(f"robench: resuming {directory.path} after {directory.resume_state['clean_total']} finished "
-                     "image(s)", highlight=False)
+        stderr.print(f"robench: resuming {directory.path} after {_finished_text(directory.resume_state)}",
+                     highlight=False)
     # SIGTERM stops the run like Ctrl-C only while it computes: the last progress file is on disk
     # before the results are written, so a kill at any later moment still resumes to the end.
     with interrupt_on_sigterm():
-        result = task.run(directory, Hooks(on_warning=warn))
+        result = task.run(directory, Hooks(on_warning=warn if directory.main else None))
     directory.finish(result)
-    _print(result.doc, as_json)
-    if not quiet:
-        stderr.print(f"results written to {directory.path}", highlight=False)
+    if directory.main:  # under torchrun only rank 0 reports
+        _print(result.doc, as_json, None if quiet else directory.path)
 
 
-def _print(doc: dict[str, Any], as_json: bool) -> None:
+def _finished_text(state: dict[str, Any]) -> str:
+    from robench.evaluation.work_queue import Plan, is_queue_progress
+
+    if is_queue_progress(state):  # a torchrun job's: units of the plan, finished in any order
+        return f"{len(state['units'])} of {Plan(**state['plan']).count} finished work units"
+    return f"{state['clean_total']} finished image(s)"
+
+
+def _print(doc: dict[str, Any], as_json: bool, written: Path | None) -> None:
+    """The results (JSON or tables) on stdout, then where they were written (``written``) on stderr."""
     from robench.pixels.report import pixel_tables
 
     if as_json:
         sys.stdout.write(json.dumps(doc, indent=2) + "\n")
-        return
-    console = stdout_console()
-    images = doc["images"]
-    console.print(f"{images['evaluated']} of {images['read']} images evaluated: "
-                  f"{images['excluded_misclassified']} excluded (misclassified before any change), "
-                  f"{len(images['skipped'])} file(s) skipped", highlight=False)
-    for table in pixel_tables(doc):
-        console.print(table)
+    else:
+        console = stdout_console()
+        images = doc["images"]
+        console.print(f"{images['evaluated']} of {images['read']} images evaluated: "
+                      f"{images['excluded_misclassified']} excluded (misclassified before any change), "
+                      f"{len(images['skipped'])} file(s) skipped", highlight=False)
+        for table in pixel_tables(doc):
+            console.print(table)
+    if written is not None:
+        stderr.print(f"results written to {written}", highlight=False)

@@ -1,16 +1,17 @@
-"""Several processes, one evaluation: ``torchrun --nproc-per-node N -m robench eval ...``.
+"""Several processes, one evaluation: ``torchrun [--nnodes M] --nproc-per-node N -m robench eval ...``.
 
-Each process takes a contiguous shard of the dataset (exact: no padding, no
-duplicates), attacks it on its own device, and the per-sample outcomes are
-gathered so that every process holds the same merged result; only rank 0
-writes it. Per-sample randomness is keyed by the sample's index, so the
-numbers equal a single-process run's. Works with NCCL on GPUs and gloo on CPUs.
+Classification runs share a work queue through the group's store (``robench.evaluation.work_queue``);
+ReID feature extraction takes contiguous shards (exact: no padding, no duplicates) and gathers them.
+Per-sample randomness is keyed by the sample's index, so the numbers equal a single-process run's.
+Only rank 0 writes. Works with NCCL on GPUs and gloo on CPUs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
+from dataclasses import dataclass
 from typing import Iterator, TypeVar, cast
 
 import torch
@@ -39,20 +40,45 @@ def local_device(device: torch.device) -> torch.device:
     return device
 
 
+@dataclass
+class Group:
+    """This process's place in the group and the group's key-value store (its keys are this launch
+    attempt's: an elastic restart starts from clean keys; what a job keeps is on disk)."""
+
+    store: dist.Store
+    rank: int
+    size: int
+
+
 @contextlib.contextmanager
-def process_group(device: torch.device) -> Iterator[None]:
+def process_group(device: torch.device) -> Iterator[Group]:
     """Join the group torchrun set up (or reuse one the caller created)."""
     if dist.is_initialized():
-        yield
+        # A caller's own group: its default store is the one every member shares.
+        store = dist.distributed_c10d._get_default_store()
+        yield Group(_fresh_keys(store), dist.get_rank(), dist.get_world_size())
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend=backend)
+    # The rendezvous torchrun's environment describes, done here so that its store is ours to use too.
+    # torchrun's agent keeps one store across elastic restarts: the keys of a failed attempt (the group's
+    # addresses among them) would hang the next one, so each attempt works under a prefix of its own.
+    store, rank, size = next(dist.rendezvous("env://"))
+    attempt = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    dist.init_process_group(backend=backend, store=attempt, rank=rank, world_size=size)
     try:
-        yield
+        yield Group(_fresh_keys(attempt), rank, size)
     finally:
         dist.destroy_process_group()
+
+
+_joins = itertools.count()
+
+
+def _fresh_keys(store: dist.Store) -> dist.Store:
+    # Each join of the group gets keys of its own: every process joins in the same order, so they agree.
+    return dist.PrefixStore(f"robench/{next(_joins)}", store)
 
 
 def shard_bounds(n: int, rank: int, size: int) -> tuple[int, int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from dataclasses import dataclass
@@ -28,8 +29,8 @@ from robench.evaluation.state import RunInterrupted, RunOutcome, RunState
 from robench.suites import Suite
 from robench.suites.schema import REID_FIELDS
 
-__all__ = ["check_labels", "dataset_fingerprint", "dataset_labels", "iterate_batches", "run",
-           "segment_batches"]
+__all__ = ["PartRunner", "check_labels", "dataset_fingerprint", "dataset_labels", "iterate_batches",
+           "part_fingerprints", "run", "segment_batches"]
 
 
 def iterate_batches(dataset: ImageDataset, batch_size: int, workers: int, pin: bool) -> Iterator:
@@ -116,6 +117,77 @@ def run(
     return loop.finished_outcome(save_state)
 
 
+
+class PartRunner:
+    """The engine for a work queue: set up once, then parts of the data in any order, each attacked as one
+    segment into a ``RunState`` of its own; what a process claims from the queue (``robench.evaluation.queue``).
+
+    Results equal ``run``'s: randomness is keyed by sample index, so the parts' per-sample states,
+    merged in data order, are the whole run's. The first batch's checks run on the part that starts
+    the data; each process probes the model (the first call's time, the input gradient) on its first
+    part. Use it as a context manager: the model stays in eval mode, at the asked precision, inside.
+    """
+
+    def __init__(self, model: RobustModel, dataset: ImageDataset, suite: Suite, options: EngineConfig = EngineConfig(),
+                 *, device: torch.device, batch_size: int | None = None) -> None:
+        _check_inputs(dataset, suite, options)
+        model.to(device)
+        self.entries = build_entries(suite, model, options.seed)
+        self.was_training = any(m.training for m in model.model.modules())
+        self._loop = _Loop(model, dataset, suite, options, self.entries, self._fresh_state(), device,
+                           time.perf_counter())
+        self._batch_size = batch_size
+        self._stack = contextlib.ExitStack()
+        self._probed = False
+
+    def __enter__(self) -> "PartRunner":
+        self._stack.enter_context(evaluation_mode(self._loop.model))
+        self._stack.enter_context(matmul_precision(self._loop.options.precision))
+        try:
+            self._loop.prepare(None, None, self.was_training, self._batch_size)
+        except BaseException:
+            self._stack.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    @property
+    def batch_size(self) -> int:
+        return self._loop.batch_size
+
+    @property
+    def segment_batches(self) -> int:
+        return self._loop.per_segment
+
+    def part(self, start: int, stop: int) -> RunState:
+        """Samples ``start:stop`` of the data, every entry; the state's ``data_digest`` is the part's."""
+        loop = self._loop
+        state = loop.state = self._fresh_state()
+        piece = ImageDataset(loop.dataset.base, loop.dataset.name, loop.dataset.indices[start:stop])
+        digests = [hashlib.sha256() for _ in range(3)]
+        batches = []
+        for x, y, idx in iterate_batches(piece, loop.batch_size, loop.options.workers, loop.device.type == "cuda"):
+            parts = _batch_bytes(x, y, idx)
+            _hash_batch(digests, parts)
+            batches.append((x, y, idx, parts))
+        digest = _joined_digest(digests)
+        first = None
+        if start == 0 or not self._probed:
+            first = _FirstBatch(start == 0, None if self._probed else loop.speed)
+        self._probed = True
+        _run_segment(batches, loop.context, state, first, 0, digest)
+        state.data_digest = digest
+        return state
+
+    def speed_facts(self) -> dict[str, Any]:
+        return self._loop.speed_facts()
+
+    def _fresh_state(self) -> RunState:
+        return RunState.for_entries(len(self.entries), {"model_was_training": self.was_training})
+
+
 def _check_inputs(dataset: ImageDataset, suite: Suite, options: EngineConfig) -> None:
     if len(dataset) == 0:
         raise UsageError("the dataset is empty")
@@ -145,15 +217,20 @@ class _Loop:
         self.resume_state: dict | None = None
         self.save_state: Callable[[dict], None] | None = None
 
-    def prepare(self, progress: ProgressSink | None, resume_state: dict | None, was_training: bool) -> None:
-        """The forward pass (precision, compilation), the batch size, a resumed state, the attacks' hooks."""
+    def prepare(self, progress: ProgressSink | None, resume_state: dict | None, was_training: bool,
+                batch_size: int | None = None) -> None:
+        """The forward pass (precision, compilation), the batch size, a resumed state, the attacks' hooks.
+
+        ``batch_size`` overrides the options' (a work queue's processes share the one its plan fixed)."""
         options, device, dataset = self.options, self.device, self.dataset
         # eval() on the outer wrapper too: torchattacks restores the mode it finds.
         precise = PrecisionModel(self.model, options.precision, device).eval()
         compiled = should_compile(options.compile, device, estimated_work(len(dataset), self.suite))
         forward, self.speed = speed_up(precise, compile=compiled, backend=options.compile_backend,
                                        channels_last=options.channels_last)
-        if isinstance(options.batch_size, int):
+        if batch_size is not None:
+            self.batch_size = batch_size
+        elif isinstance(options.batch_size, int):
             self.batch_size = options.batch_size
         else:  # "auto" (_check_inputs allows no other text); a resumed run keeps the batches it was cut into
             self.batch_size = resume_state["batch_size"] if resume_state else _auto_batch_size(
@@ -236,13 +313,17 @@ class _Loop:
     def finished_outcome(self, save_state: Callable[[dict], None] | None) -> RunOutcome:
         if save_state:
             save_state(self.state.snapshot(self.finished, self.batch_size))
-        finish(self.speed)
         result = self.outcome(True, _joined_digest(self.digests))
-        options = self.options
-        result.speed = {**self.speed.as_dict(), "sweep_reuse": options.sweep_reuse,
-                        "batch_size_auto": options.batch_size == "auto", "refill": options.refill,
-                        "segment_batches": self.per_segment}
+        result.speed = self.speed_facts()
         return result
+
+    def speed_facts(self) -> dict[str, Any]:
+        """How the run went fast (results.json's ``speed``), once it is over."""
+        finish(self.speed)
+        options = self.options
+        return {**self.speed.as_dict(), "sweep_reuse": options.sweep_reuse,
+                "batch_size_auto": options.batch_size == "auto", "refill": options.refill,
+                "segment_batches": self.per_segment}
 
 
 class ProgressSink(Protocol):
@@ -258,10 +339,26 @@ class ProgressSink(Protocol):
 
 def dataset_fingerprint(dataset: ImageDataset, batch_size: int, workers: int = 0) -> str:
     """The same fingerprint ``run`` computes, without a model (distributed runs need the whole set's)."""
+    return part_fingerprints(dataset, batch_size, 0, workers)[0]
+
+
+def part_fingerprints(dataset: ImageDataset, batch_size: int, part_batches: int,
+                      workers: int = 0) -> tuple[str, list[str]]:
+    """In one read: the whole set's fingerprint and, with ``part_batches``, that of each run of so many
+    batches (a part's, as ``PartRunner.part`` computes it)."""
     digests = [hashlib.sha256() for _ in range(3)]
-    for x, y, idx in iterate_batches(dataset, batch_size, workers, False):
-        _hash_batch(digests, _batch_bytes(x, y, idx))
-    return _joined_digest(digests)
+    parts: list[str] = []
+    part: list = []
+    for b, (x, y, idx) in enumerate(iterate_batches(dataset, batch_size, workers, False)):
+        data = _batch_bytes(x, y, idx)
+        _hash_batch(digests, data)
+        if part_batches:
+            if b % part_batches == 0:
+                part = [hashlib.sha256() for _ in range(3)]
+            _hash_batch(part, data)
+            if (b + 1) % part_batches == 0 or (b + 1) * batch_size >= len(dataset):
+                parts.append(_joined_digest(part))
+    return _joined_digest(digests), parts
 
 
 def _batch_bytes(x, y, idx) -> tuple[bytes, bytes, bytes]:
@@ -352,7 +449,7 @@ class _FirstBatch:
     """What the first batch a process computes (also after a resume) does besides its results."""
 
     run_checks: bool  # False after a resume: the snapshot holds the real first batch's report
-    speed: SpeedReport  # receives the first forward call's time (compilation included)
+    speed: SpeedReport | None  # receives the first forward call's time (compilation included); None: not timed
 
 
 @dataclass

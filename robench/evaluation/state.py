@@ -205,13 +205,6 @@ class RunOutcome:
         return list(zip(self.entries, self.state.entries))
 
 
-def merge_shards(outcome: RunOutcome, gathered: list[dict[str, Any]], fingerprint: str, total: int) -> RunOutcome:
-    """Every process's ``{"state": ..., "seconds": ...}`` in rank order -> the whole run's outcome."""
-    return RunOutcome(RunState.merged([g["state"] for g in gathered]), outcome.entries, fingerprint,
-                      seconds=max(g["seconds"] for g in gathered), total=total, speed=outcome.speed,
-                      batch_size=outcome.batch_size)
-
-
 class RunInterrupted(Exception):
     """Ctrl-C or SIGTERM during a run: ``outcome`` holds the finished batches (complete=False)."""
 

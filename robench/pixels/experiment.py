@@ -70,17 +70,22 @@ class PixelCounts:
     def merged(self, batch: "PixelCounts", data_digest: str) -> "PixelCounts":
         """New counts: these and one more finished batch's. The run swaps them in with one assignment,
         so an interruption never leaves a batch half counted."""
+        return replace(self.plus(batch), batches=self.batches + 1, data_digest=data_digest)
+
+    def plus(self, other: "PixelCounts") -> "PixelCounts":
+        """New counts: these and those of other images (a work unit's, ``robench.pixels.queued``). The
+        totals add up; the time, the fingerprint and the digest are the caller's to set."""
         counts, adversarial_counts = dict(self.counts), dict(self.adversarial_counts)
-        for key, trials in batch.counts.items():
+        for key, trials in other.counts.items():
             _add(counts, key, trials)
-        for n, trials in batch.adversarial_counts.items():
+        for n, trials in other.adversarial_counts.items():
             _add(adversarial_counts, n, trials)
-        return replace(self, evaluated=self.evaluated + batch.evaluated,
-                       clean_total=self.clean_total + batch.clean_total,
-                       clean_correct=self.clean_correct + batch.clean_correct, counts=counts,
-                       adversarial=self.adversarial + batch.adversarial, adversarial_counts=adversarial_counts,
-                       forward_images=self.forward_images + batch.forward_images, batches=self.batches + 1,
-                       data_digest=data_digest)
+        return replace(self, evaluated=self.evaluated + other.evaluated,
+                       clean_total=self.clean_total + other.clean_total,
+                       clean_correct=self.clean_correct + other.clean_correct, counts=counts,
+                       adversarial=self.adversarial + other.adversarial, adversarial_counts=adversarial_counts,
+                       forward_images=self.forward_images + other.forward_images,
+                       batches=self.batches + other.batches)
 
     def snapshot(self, batch_size: int) -> dict[str, Any]:
         """The finished batches' counts as plain numbers, strings and tensors, which
@@ -130,8 +135,9 @@ def run_pixel_experiments(model: RobustModel, images: torch.Tensor, labels: torc
                           device: torch.device = torch.device("cpu"), on_batch: Callable[[int], None] | None = None,
                           resume_state: dict[str, Any] | None = None,
                           save_state: Callable[[dict[str, Any]], None] | None = None,
-                          save_every: float = 2.0) -> PixelCounts:
-    """``images``: uint8 NCHW at the model's input size; ``labels`` None means "the clean prediction".
+                          save_every: float = 2.0, first: int = 0) -> PixelCounts:
+    """``images``: uint8 NCHW at the model's input size; ``labels`` None means "the clean prediction";
+    ``first``: the folder position of ``images[0]`` (a work unit's start: the draws' key is the position).
 
     ``save_state`` receives a snapshot (``PixelCounts.snapshot``) after a batch at most every
     ``save_every`` seconds, after the last batch and when the run stops; ``resume_state`` (such
@@ -162,7 +168,7 @@ def run_pixel_experiments(model: RobustModel, images: torch.Tensor, labels: torc
                 seen += 1
                 if _finished_before(seen, done, digest, resumed_digest):
                     continue
-                out = out.merged(batch.run(x, y, start), digest.data())
+                out = out.merged(batch.run(x, y, first + start), digest.data())
                 if on_batch:
                     on_batch(len(x))
                 if save_state and time.perf_counter() - last_save >= save_every:
@@ -202,6 +208,16 @@ def _images_changed(done: int) -> UsageError:
                       "differ); start a new run with another --out")
 
 
+def data_digest(images: torch.Tensor, labels: torch.Tensor | None, batch_size: int) -> str:
+    """The ``data_digest`` that counts of these images (a run's, a work unit's) hold."""
+    return _DataDigest.of(images, labels, batch_size).data()
+
+
+def images_fingerprint(images: torch.Tensor, batch_size: int) -> str:
+    """The ``fingerprint`` of a whole run on these images."""
+    return _DataDigest.of(images, None, batch_size).images.hexdigest()
+
+
 class _DataDigest:
     """SHA-256 of the images (the folder's fingerprint) and of their labels, fed batch by batch."""
 
@@ -217,6 +233,14 @@ class _DataDigest:
     def data(self) -> str:
         """Both, for the batches added so far (``digest()`` leaves the streams open for more)."""
         return hashlib.sha256(self.images.digest() + self.labels.digest()).hexdigest()
+
+    @classmethod
+    def of(cls, images: torch.Tensor, labels: torch.Tensor | None, batch_size: int) -> "_DataDigest":
+        """Fed batch by batch, as a run feeds it: the same digest, never a copy of every image at once."""
+        digest = cls()
+        for start in range(0, len(images), batch_size):
+            digest.add(images[start:start + batch_size], None if labels is None else labels[start:start + batch_size])
+        return digest
 
 
 @dataclass

@@ -13,7 +13,7 @@ from robench.models.preprocessing import Normalization
 from robench.pixels.experiment import PixelCounts, PixelSetting
 from robench.pixels.index import pixel_index_terms
 from robench.pixels.perturb import value_range
-from robench.results.document import PIXEL_SCHEMA, data_block, env_block, header, model_block
+from robench.results.document import ABSENT, PIXEL_SCHEMA, data_block, env_block, header, model_block
 
 PIXEL_TERMS = ("w", "p", "r", "a", "pi")
 
@@ -33,11 +33,13 @@ class FolderImages:
 
 def pixel_index_document(counts: PixelCounts, loaded: LoadedModel, normalization: Normalization | None,
                          images: FolderImages, settings: list[PixelSetting], run_settings: dict[str, Any],
-                         device: torch.device, batch_size: int, *, complete: bool) -> dict[str, Any]:
+                         device: torch.device, batch_size: int, *, complete: bool,
+                         work_units: dict[str, Any] | None = None) -> dict[str, Any]:
     """The results document of a finished or an interrupted run (``progress``: images finished of those read).
 
     ``run_settings`` is the document's ``settings`` block: pixels, trials, seed, shared_positions,
-    channels and attack_eps.
+    channels and attack_eps. ``work_units``: a work-queue job's (``Queued.facts``), which ``env`` records
+    with its number of processes, as classification does; a single-process run's ``env`` has neither.
     """
     seed, attack_eps = run_settings["seed"], run_settings["attack_eps"]
     return {
@@ -60,7 +62,9 @@ def pixel_index_document(counts: PixelCounts, loaded: LoadedModel, normalization
         "experiments": experiments_document(counts, settings, run_settings["pixels"], images.input_size, attack_eps),
         "env": env_block(device, seed=seed, batch_size=batch_size, checkpoint_sha256=loaded.sha256,
                          dataset_fingerprint=counts.fingerprint, seconds=counts.seconds,
-                         forward_images=counts.forward_images),
+                         forward_images=counts.forward_images,
+                         processes=work_units["processes"] if work_units else ABSENT,
+                         speed={"work_units": work_units} if work_units else ABSENT),
     }
 
 

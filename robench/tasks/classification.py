@@ -11,10 +11,11 @@ from robench.config import EvalConfig, Resolved, data_options_for, resolve
 from robench.data.sources import DataOptions, ImageDataset, from_arrays, load_data
 from robench.errors import UsageError
 from robench.evaluation import distributed
-from robench.evaluation.config import EngineConfig
-from robench.evaluation.engine import dataset_fingerprint, run
+from robench.evaluation.engine import run
 from robench.evaluation.precision import resolve_device
-from robench.evaluation.state import RunInterrupted, RunOutcome, merge_shards
+from robench.evaluation.state import RunInterrupted, RunOutcome
+from robench.evaluation.queued import run_queued
+from robench.evaluation.work_queue import is_queue_progress
 from robench.models.loading import LoadedModel
 from robench.models.wrapper import RobustModel
 from robench.results.adversarial import examples_of_run
@@ -37,6 +38,7 @@ class EvaluationInterrupted(KeyboardInterrupt):
 
 class ClassificationTask:
     name = "classification"
+    queued = True  # under torchrun: a work queue that keeps a progress file (robench.evaluation.work_queue)
 
     def __init__(self, config: EvalConfig, resolved: Resolved | None = None) -> None:
         # Each process holds only its shard's examples; a single process keeps the first N of the whole set.
@@ -115,30 +117,17 @@ def evaluate_config(config: EvalConfig, resolved: Resolved | None = None, *, hoo
 
 def _run(model: RobustModel, dataset: ImageDataset, suite: LoadedSuite, device: torch.device, config: EvalConfig,
          hooks: Hooks, resume_state: dict | None, save_state: Any) -> tuple[RunOutcome, RunInterrupted | None]:
-    """The engine over the whole set (or this process's shard under torchrun); an interruption's outcome too."""
+    """The engine over the whole set, or the work queue (torchrun, or one process resuming a torchrun job);
+    an interruption's outcome too."""
     options = config.engine
     reporting = {"on_batch": hooks.on_batch, "progress": hooks.progress}
-    rank, size, _ = distributed.world()
+    queued = distributed.world()[1] > 1 or is_queue_progress(resume_state)
+    runner = run_queued if queued else run
     try:
-        if size > 1:
-            return _run_sharded(model, dataset, suite, device, rank, size, options, reporting), None
-        return run(model, dataset, suite.suite, options, device=device, resume_state=resume_state,
-                   save_state=save_state, **reporting), None
+        return runner(model, dataset, suite.suite, options, device=device, resume_state=resume_state,
+                      save_state=save_state, **reporting), None
     except RunInterrupted as exc:
         return exc.outcome, exc
-
-
-def _run_sharded(model: RobustModel, dataset: ImageDataset, suite: LoadedSuite, device: torch.device, rank: int,
-                 size: int, options: EngineConfig, reporting: dict[str, Any]) -> RunOutcome:
-    """This process's exact share of the data, then everyone's results merged in index order."""
-    start, stop = distributed.shard_bounds(len(dataset), rank, size)
-    shard = ImageDataset(dataset.base, dataset.name, dataset.indices[start:stop])
-    with distributed.process_group(device):
-        outcome = run(model, shard, suite.suite, options, device=device, **reporting)
-        gathered = distributed.gather({"state": outcome.state.state_dict(), "seconds": outcome.seconds})
-    # Only rank 0 writes results: only it reads the whole dataset again for the fingerprint.
-    fingerprint = dataset_fingerprint(dataset, outcome.batch_size) if rank == 0 else ""
-    return merge_shards(outcome, gathered, fingerprint, len(dataset))
 
 
 def _run_config(config: EvalConfig, resolved: Resolved, dataset: ImageDataset, options: DataOptions,

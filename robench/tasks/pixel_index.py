@@ -3,7 +3,9 @@
 
 Images are read in folder order and go through the experiments batch by batch; the run's
 progress file holds the counts of the finished batches, so an interrupted run continues
-where it stopped and ends with the numbers of an uninterrupted one.
+where it stopped and ends with the numbers of an uninterrupted one. Under torchrun the
+processes share the images through a work queue (``robench.pixels.queued``) and rank 0
+alone writes; the numbers are a single process's.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import numpy as np
 import torch
 from pydantic import ConfigDict, field_validator
 
+from robench.evaluation import distributed
 from robench.evaluation.config import MAX_SAVE_EVERY
+from robench.evaluation.work_queue import is_queue_progress
 from robench.models.config import ModelConfig
 from robench.results.output import OutputConfig
 from robench.data.images import ImageFolderScan, check_pixel_limit, class_indices, input_geometry, load_folder, \
@@ -30,6 +34,7 @@ from robench.models.wrapper import RobustModel, evaluation_mode
 from robench.pixels.examples import pixel_examples
 from robench.pixels.experiment import PixelCounts, PixelExperimentsInterrupted, build_settings, run_pixel_experiments
 from robench.pixels.perturb import CHANNEL_MODES, MAX_TRIALS
+from robench.pixels.queued import PixelWork
 from robench.results.adversarial import SavedExamples
 from robench.results.pixel_index import FolderImages, pixel_index_document
 from robench.results.result import Result
@@ -270,26 +275,35 @@ class PixelIndexTask:
 
     def run(self, directory: RunDirectory | None = None, hooks: Hooks = Hooks()) -> Result:
         """The experiments on every image of the folder; an interruption raises ``directory.stopped``'s
-        error (``PixelIndexInterrupted`` without a directory) after saving what finished."""
+        error (``PixelIndexInterrupted`` without a directory) after saving what finished. Under torchrun
+        the processes other than rank 0 return an empty result (``complete`` False): rank 0 holds the counts."""
         config = self.config
         folder = self._read_folder(hooks.on_warning)
-        device = resolve_device(config.device)
+        device = distributed.local_device(resolve_device(config.device))
         model = RobustModel(self.loaded.model, self.normalization).to(device)
         if folder.scan.class_structured:
             self._label(folder, model, device)
+        resume = directory.resume_state if directory else None
+        # torchrun, or one process resuming a torchrun job: the work queue.
+        queued = distributed.world()[1] > 1 or is_queue_progress(resume)
+        work = PixelWork(model, folder.images, folder.labels, self._options(device), hooks.on_batch) if queued \
+            else None
         try:
-            counts = self._experiments(model, folder, device, directory, hooks)
+            counts = self._experiments(model, folder, device, directory, hooks, work)
         except PixelExperimentsInterrupted as stopped:
-            partial = self._result(stopped.counts, folder, device, complete=False)
+            partial = self._result(stopped.counts, folder, device, complete=False, work=work)
             if directory is None:
                 raise PixelIndexInterrupted(partial) from None
             raise directory.stopped(partial, "images", "images") from None
+        if counts is None:  # another process of a torchrun job
+            return self._result(PixelCounts(), folder, device, complete=False)
         if counts.evaluated == 0:
             raise UsageError(f"no image of {folder.scan.root} is classified correctly by the model before the "
                              f"change ({counts.clean_total} read); check --class-map and the preprocessing options")
         count = config.save_adversarial
+        # Under torchrun rank 0 alone gets here: it computes the examples, from the whole folder.
         examples = self._examples(model, folder, device, count) if count is not None else []
-        return self._result(counts, folder, device, complete=True, examples=examples)
+        return self._result(counts, folder, device, complete=True, examples=examples, work=work)
 
     def _read_folder(self, warn: Callable[[str], None] | None) -> _FolderRead:
         config = self.config
@@ -313,15 +327,23 @@ class PixelIndexTask:
         folder.labels = torch.tensor(indices, dtype=torch.long)
         folder.class_names = _class_names(names, indices, num_classes)
 
-    def _experiments(self, model: RobustModel, folder: _FolderRead, device: torch.device,
-                     directory: RunDirectory | None, hooks: Hooks) -> PixelCounts:
+    def _options(self, device: torch.device) -> dict[str, Any]:
+        """What ``run_pixel_experiments`` computes and how, for one process or a work queue's units."""
         config = self.config
-        return run_pixel_experiments(
-            model, folder.images, folder.labels, pixels=list(config.pixels), settings=self.settings,
-            trials=config.trials, seed=config.seed, shared_positions=config.shared_positions,
-            channels=config.channels, attack_eps=config.eps, batch_size=config.batch_size, device=device,
-            on_batch=hooks.on_batch, resume_state=directory.resume_state if directory else None,
-            save_state=directory.saver(hooks.on_warning) if directory else None, save_every=config.save_every)
+        return {"pixels": list(config.pixels), "settings": self.settings, "trials": config.trials,
+                "seed": config.seed, "shared_positions": config.shared_positions, "channels": config.channels,
+                "attack_eps": config.eps, "batch_size": config.batch_size, "device": device}
+
+    def _experiments(self, model: RobustModel, folder: _FolderRead, device: torch.device,
+                     directory: RunDirectory | None, hooks: Hooks, work: PixelWork | None) -> PixelCounts | None:
+        """Every image's counts (None: a torchrun process other than rank 0)."""
+        resume = directory.resume_state if directory else None
+        save = directory.saver(hooks.on_warning) if directory else None
+        if work is not None:
+            return work.run(resume, save, self.config.save_every)
+        return run_pixel_experiments(model, folder.images, folder.labels, **self._options(device),
+                                     on_batch=hooks.on_batch, resume_state=resume, save_state=save,
+                                     save_every=self.config.save_every)
 
     def _examples(self, model: RobustModel, folder: _FolderRead, device: torch.device,
                   count: int) -> list[SavedExamples]:
@@ -338,7 +360,7 @@ class PixelIndexTask:
         return examples
 
     def _result(self, counts: PixelCounts, folder: _FolderRead, device: torch.device, *, complete: bool,
-                examples: list[SavedExamples] | None = None) -> Result:
+                examples: list[SavedExamples] | None = None, work: PixelWork | None = None) -> Result:
         config, scan = self.config, folder.scan
         h, w = folder.images.shape[2:]
         images = FolderImages(str(config.folder), len(scan.files), len(folder.kept), (int(h), int(w)),
@@ -347,7 +369,8 @@ class PixelIndexTask:
                         "shared_positions": config.shared_positions, "channels": config.channels,
                         "attack_eps": config.eps}
         doc = pixel_index_document(counts, self.loaded, self.normalization, images, self.settings, run_settings,
-                                   device, config.batch_size, complete=complete)
+                                   device, config.batch_size, complete=complete,
+                                   work_units=work.work_units if work else None)
         return Result(doc, self._run_config(), adversarial=examples or [], class_names=folder.class_names)
 
     def _run_config(self) -> dict[str, Any]:

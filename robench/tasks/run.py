@@ -21,7 +21,8 @@ def eval_task(config: EvalConfig, resolved: Resolved | None = None) -> Classific
 
 
 def open_run_directory(task: Task, out: Path | None = None, resume: Path | None = None) -> RunDirectory:
-    return RunDirectory.open(task.resume_settings(), task.default_dir, out=out, resume=resume)
+    return RunDirectory.open(task.resume_settings(), task.default_dir, out=out, resume=resume,
+                             queued=getattr(task, "queued", False))
 
 
 def run_evaluation(config: EvalConfig, hooks: Hooks = Hooks()) -> tuple[Path, Result]:

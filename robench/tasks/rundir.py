@@ -23,22 +23,24 @@ class RunDirectory:
 
     @classmethod
     def open(cls, settings: dict[str, Any], default: Callable[[], Path], *, out: Path | None = None,
-             resume: Path | None = None) -> "RunDirectory":
+             resume: Path | None = None, queued: bool = False) -> "RunDirectory":
         """Prepare (create, lock, refuse a finished run) and load the progress of an interrupted run.
 
-        ``settings`` are what a resumed run must share with it (``Task.resume_settings``).
+        ``settings`` are what a resumed run must share with it (``Task.resume_settings``). ``queued``:
+        the task keeps progress under torchrun too (its first process saves it, see
+        ``robench.evaluation.work_queue``), so an elastic restart or the same command resumes the job.
         """
         if resume is not None and out is not None and resume != out:
             raise UsageError("give either --resume DIR or --out DIR")
         if resume is not None and not has_progress(resume):
             raise UsageError(f"{resume} holds no interrupted run to resume")
         rank, processes, _ = distributed.world()
-        if processes > 1 and (resume is not None or (out is not None and has_progress(out))):
+        if processes > 1 and not queued and (resume is not None or (out is not None and has_progress(out))):
             raise UsageError("--resume is not available under torchrun; resume with a single process")
         if rank != 0:
             return cls(Path("."), main=False)  # under torchrun only the first process writes anything
         path = prepare_run_dir(resume or out or default())
-        if processes > 1:
+        if processes > 1 and not queued:
             return cls(path, main=True)
         key = run_key(settings)
         return cls(path, True, key, load_progress(path, key) if has_progress(path) else None)

@@ -1,0 +1,136 @@
+"""``robench pixel-index`` under torchrun (gloo, loopback): the work queue gives exactly a single process's
+results with any number of processes, and a job killed outright resumes from the units it saved."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from robench.results.progress import PROGRESS_FILE
+import test_pixel_resume as pixel_resume
+from cli_helpers import invoke, one_error_line, without
+from test_pixel_resume import VOLATILE, results, signal_after_batches
+
+folder = pixel_resume.folder  # the fixture: the bundled digits as PNG files in class folders
+
+# 200 images in batches of 8: 25 units of one batch for 2 or 3 processes. Enough trials that a job is still
+# computing when its first unit is saved (about a second of work for one process).
+SETTINGS = ["--pixels", "1,2,4", "--trials", "10", "--batch-size", "8", "--save-every", "0", "--quiet"]
+UNITS = 25
+# How the run went, not what it found.
+RUN_FACTS = VOLATILE | {"processes", "speed"}
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+# torchrun gives each worker one thread; so do the runs in this process (below), which are then the
+# same computation, and fast on a small machine.
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def command(images: Path, out: Path) -> list[str]:
+    return ["pixel-index", "example:digits", str(images), *SETTINGS, "--out", str(out)]
+
+
+def torchrun(processes: int, images: Path, out: Path) -> list[str]:
+    return [*TORCHRUN, "--nproc-per-node", str(processes), "-m", "robench", *command(images, out)]
+
+
+@contextlib.contextmanager
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def reference(folder, tmp_path_factory):
+    """One plain process (in this one): what every job must equal."""
+    out = tmp_path_factory.mktemp("pixel-single") / "run"
+    with one_thread():
+        done = invoke(*command(folder, out))
+    assert done.exit_code == 0, done.stderr
+    doc = results(out)
+    assert "processes" not in doc["env"] and "speed" not in doc["env"], "a single-process run's env is unchanged"
+    return without(doc, RUN_FACTS)
+
+
+@pytest.fixture(scope="module")
+def jobs(folder, tmp_path_factory):
+    """The 2- and 3-process jobs, started together: most of a small job's time is its processes starting
+    up, which side by side overlap (each job's own --standalone rendezvous is on a free port)."""
+    started = {}
+    for processes in (2, 3):
+        cwd = tmp_path_factory.mktemp(f"pixel-torchrun-{processes}")
+        started[processes] = cwd, subprocess.Popen(torchrun(processes, folder, cwd / "run"), cwd=cwd, text=True,
+                                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ONE_THREAD,
+                                                   start_new_session=True)
+    yield started
+    for _, job in started.values():
+        if job.poll() is None:  # a test that failed first: the launcher and its workers go
+            os.killpg(job.pid, signal.SIGKILL)
+            job.communicate()
+
+
+@pytest.mark.parametrize("processes", [2, 3])
+def test_the_work_queue_equals_one_process(jobs, reference, processes):
+    cwd, job = jobs[processes]
+    _, err = job.communicate(timeout=300)
+    assert job.returncode == 0, err
+    doc = results(cwd / "run")
+    assert without(doc, RUN_FACTS) == reference
+    assert doc["env"]["processes"] == processes
+    assert doc["env"]["speed"]["work_units"] == {"units": UNITS, "unit_batches": 1, "resumed": 0,
+                                                 "processes": processes}
+    assert sorted(p.name for p in cwd.iterdir()) == ["run"], "only rank 0 writes"
+    assert not (cwd / "run" / PROGRESS_FILE).exists(), "a finished job keeps no progress file"
+
+
+def _saved_units(run: Path) -> int:
+    try:
+        return len(torch.load(run / PROGRESS_FILE, weights_only=True)["units"])
+    except (OSError, RuntimeError, EOFError, KeyError):
+        return 0  # not written yet, or being replaced
+
+
+def test_a_killed_job_resumes_in_one_process(folder, reference, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    job = subprocess.Popen(torchrun(2, folder, run), cwd=tmp_path, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True, env=ONE_THREAD, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while _saved_units(run) < 1:
+        assert job.poll() is None, job.communicate()[1]
+        assert time.monotonic() < deadline, "no unit saved"
+        time.sleep(0.02)
+    os.killpg(job.pid, signal.SIGKILL)  # launcher and workers at once: nothing gets to save on the way out
+    job.communicate(timeout=60)
+    assert not (run / "results.json").exists(), "the job finished before it was killed"
+    saved = _saved_units(run)
+    assert 1 <= saved < UNITS
+    other_batches = invoke(*command(folder, run), "--batch-size", 16)
+    assert other_batches.exit_code == 2
+    assert "the run used --batch-size 8, not 16" in one_error_line(other_batches)
+    with one_thread():
+        # A plain process finishes the job on the work queue; stopped after two more units, it writes the
+        # partial results of every unit collected, resumed ones included.
+        signal_after_batches(monkeypatch, 2, signal.SIGTERM)
+        stopped = invoke(*command(folder, run))
+        assert stopped.exit_code == 130, stopped.stderr
+        assert f"resuming {run} after {saved} of {UNITS} finished work units" in stopped.stderr
+        assert f"interrupted after {(saved + 2) * 8} of 200 images" in one_error_line(stopped, "interrupted")
+        assert results(run)["complete"] is False
+        monkeypatch.undo()
+        done = invoke(*command(folder, run))
+    assert done.exit_code == 0, done.stderr
+    doc = results(run)
+    assert without(doc, RUN_FACTS) == reference
+    assert doc["env"]["processes"] == 1 and doc["env"]["speed"]["work_units"]["resumed"] == saved + 2
+    assert not (run / PROGRESS_FILE).exists()
