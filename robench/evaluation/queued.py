@@ -74,6 +74,7 @@ class _ClassificationWork:
         self.samples = len(dataset)
         self.batch_size = options.batch_size if isinstance(options.batch_size, int) else None
         self.runner: PartRunner | None = None
+        self.fingerprint = ""  # the whole set's, once ``verify`` has read it (rank 0)
 
     def longest(self, batch_size: int) -> int:
         # A unit is attacked as one engine segment; without refill nothing gains from longer ones.
@@ -102,9 +103,10 @@ class _ClassificationWork:
         if self.on_batch is not None:
             self.on_batch(samples)
 
-    def _checked_fingerprint(self, job: Queued) -> str:
+    def verify(self, job: Queued) -> None:
         """The whole set's fingerprint, read by rank 0, and every unit checked against it: a node that read
-        other data (another copy of the data set, another preprocessing) is an error, not a wrong number."""
+        other data (another copy of the data set, another preprocessing) stops the job instead of giving a
+        wrong number."""
         plan = job.plan
         whole, parts = part_fingerprints(self.dataset, plan.batch_size, plan.unit_batches)
         for unit, record in job.units.items():
@@ -113,7 +115,7 @@ class _ClassificationWork:
                 raise RunError(f"{record['worker']} read other data than the first process for samples {start} to "
                                f"{stop - 1} of {self.dataset.name}; every node needs the same data and options: "
                                "start again with another --out once they agree")
-        return whole
+        self.fingerprint = whole
 
     def outcome(self, job: Queued | None, started: float) -> RunOutcome:
         """Rank 0: the units merged in data order (the whole run once complete); other ranks: an empty outcome."""
@@ -126,7 +128,7 @@ class _ClassificationWork:
         state = RunState.merged([r["unit"]["state"] for r in records]) if records else \
             RunState.for_entries(len(entries))
         _wall_time_per_entry(state, job)
-        fingerprint = self._checked_fingerprint(job) if job.complete else ""
+        fingerprint = self.fingerprint if job.complete else ""
         outcome = RunOutcome(state, entries, fingerprint, seconds, complete=job.complete, total=self.samples,
                              batch_size=job.plan.batch_size)
         speed = self.runner.speed_facts() if self.runner else {}

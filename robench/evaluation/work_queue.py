@@ -104,6 +104,11 @@ class QueueWork(Protocol):
         """Rank 0: a unit arrived (from any process): report progress."""
         ...
 
+    def verify(self, job: "Queued") -> None:
+        """Rank 0, every unit in, before the others are let go: raise to stop every process (a unit computed
+        from other data than rank 0 reads, say)."""
+        ...
+
 
 @dataclass
 class Queued:
@@ -336,8 +341,9 @@ class _Lead:
                     raise QueueInterrupted(job) from exc
                 raise
             self._stop(collector)
+            job.complete = True
+            self.work.verify(job)
         self.queue.finish()
-        job.complete = True
         return job
 
     def _plan(self, batch_size: int, processes: int) -> Plan:

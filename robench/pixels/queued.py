@@ -85,6 +85,9 @@ class PixelWork:
             raise UsageError(f"cannot resume: the images changed since the interrupted run (images {start} to "
                              f"{stop - 1} differ); start a new run with another --out")
 
+    def verify(self, job: Queued) -> None:
+        """Nothing to check beyond the units' own digests (the resume check); the counts are added up by ``run``."""
+
     def finished(self, record: dict[str, Any]) -> None:
         if self.on_batch is not None:
             self.on_batch(int(record["clean_total"]))
