@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from robench.evaluation.work_queue import Plan, plan_units
+from robench.pixels.queued import LONGEST_UNIT
 from robench.results.progress import PROGRESS_FILE
 import test_pixel_resume as pixel_resume
 from cli_helpers import invoke, one_error_line, without
@@ -21,10 +23,14 @@ from test_pixel_resume import VOLATILE, results, signal_after_batches
 
 folder = pixel_resume.folder  # the fixture: the bundled digits as PNG files in class folders
 
-# 200 images in batches of 8: 25 units of one batch for 2 or 3 processes. Enough trials that a job is still
-# computing when its first unit is saved (about a second of work for one process).
+# 200 images in batches of 8, cut into a few units a process. Enough trials that a job is still computing
+# when its first unit is saved (about a second of work for one process).
 SETTINGS = ["--pixels", "1,2,4", "--trials", "10", "--batch-size", "8", "--save-every", "0", "--quiet"]
-UNITS = 25
+
+
+def plan(processes: int) -> Plan:
+    return plan_units(200, 8, LONGEST_UNIT, processes)
+
 # How the run went, not what it found.
 RUN_FACTS = VOLATILE | {"processes", "speed"}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
@@ -88,8 +94,9 @@ def test_the_work_queue_equals_one_process(jobs, reference, processes):
     doc = results(cwd / "run")
     assert without(doc, RUN_FACTS) == reference
     assert doc["env"]["processes"] == processes
-    assert doc["env"]["speed"]["work_units"] == {"units": UNITS, "unit_batches": 1, "resumed": 0,
-                                                 "processes": processes}
+    cut = plan(processes)
+    assert doc["env"]["speed"]["work_units"] == {"units": cut.count, "unit_batches": cut.unit_batches,
+                                                 "resumed": 0, "processes": processes}
     assert sorted(p.name for p in cwd.iterdir()) == ["run"], "only rank 0 writes"
     assert not (cwd / "run" / PROGRESS_FILE).exists(), "a finished job keeps no progress file"
 
@@ -114,18 +121,21 @@ def test_a_killed_job_resumes_in_one_process(folder, reference, tmp_path, monkey
     job.communicate(timeout=60)
     assert not (run / "results.json").exists(), "the job finished before it was killed"
     saved = _saved_units(run)
-    assert 1 <= saved < UNITS
+    assert 1 <= saved < plan(2).count
     other_batches = invoke(*command(folder, run), "--batch-size", 16)
     assert other_batches.exit_code == 2
     assert "the run used --batch-size 8, not 16" in one_error_line(other_batches)
     with one_thread():
         # A plain process finishes the job on the work queue; stopped after two more units, it writes the
         # partial results of every unit collected, resumed ones included.
-        signal_after_batches(monkeypatch, 2, signal.SIGTERM)
+        signal_after_batches(monkeypatch, 2 * plan(2).unit_batches, signal.SIGTERM)
         stopped = invoke(*command(folder, run))
         assert stopped.exit_code == 130, stopped.stderr
-        assert f"resuming {run} after {saved} of {UNITS} finished work units" in stopped.stderr
-        assert f"interrupted after {(saved + 2) * 8} of 200 images" in one_error_line(stopped, "interrupted")
+        assert f"resuming {run} after {saved} of {plan(2).count} finished work units" in stopped.stderr
+        units = [int(u) for u in torch.load(run / PROGRESS_FILE, weights_only=True)["units"]]
+        assert len(units) == saved + 2
+        images = sum(stop - start for start, stop in map(plan(2).bounds, units))
+        assert f"interrupted after {images} of 200 images" in one_error_line(stopped, "interrupted")
         assert results(run)["complete"] is False
         monkeypatch.undo()
         done = invoke(*command(folder, run))

@@ -329,31 +329,3 @@ def test_compare_reid_layout(reid_models, market, tmp_path):
     mixed = invoke("compare", tmp_path / "target", tmp_path / "t2", "--format", "markdown")
     assert "different AP conventions" in mixed.stderr
 
-
-def test_two_gloo_processes_equal_one(reid_models, market, tmp_path):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    suite = tmp_path / "d.yaml"
-    suite.write_text("name: d\ntask: reid\nattacks:\n  - attack: pgd\n    eps: 0.1\n    steps: 3\n    objective: away\n"
-                     "  - attack: pgd\n    eps: 0.1\n    steps: 3\n    objective: misrank\n    ids_per_batch: 3\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
-    args = ["-m", "robench", *[str(a) for a in eval_args(reid_models["target"], market, suite, tmp_path / "x")][:-4],
-            "--json", "--quiet", "--rerank", "--batch-size", "32"]
-    multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                            *args, "--out", str(tmp_path / "multi")], capture_output=True, text=True, env=env,
-                           timeout=300)
-    assert multi.returncode == 0, multi.stderr
-    single = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "single")], capture_output=True,
-                            text=True, env=env, timeout=300)
-    assert single.returncode == 0, single.stderr
-    a, b = json.loads(multi.stdout), json.loads(single.stdout)
-    assert a["env"]["processes"] == 2
-    for key in ("rank1", "rank5", "mAP", "mINP"):
-        assert a["clean"][key] == pytest.approx(b["clean"][key], abs=1e-9)
-        assert a["clean_reranked"][key] == pytest.approx(b["clean_reranked"][key], abs=1e-6)
-        for x, y in zip(a["attacks"], b["attacks"]):
-            assert x[key] == pytest.approx(y[key], abs=1e-9), (x["params"]["objective"], key)
-    assert not (tmp_path / "x").exists()

@@ -1,7 +1,6 @@
 """Several processes, one evaluation: ``torchrun [--nnodes M] --nproc-per-node N -m robench eval ...``.
 
-Classification runs share a work queue through the group's store (``robench.evaluation.work_queue``);
-ReID feature extraction takes contiguous shards (exact: no padding, no duplicates) and gathers them.
+Every task shares a work queue through the group's store (``robench.evaluation.work_queue``).
 Per-sample randomness is keyed by the sample's index, so the numbers equal a single-process run's.
 Only rank 0 writes. Works with NCCL on GPUs and gloo on CPUs.
 """
@@ -12,15 +11,10 @@ import contextlib
 import itertools
 import os
 from dataclasses import dataclass
-from typing import Iterator, TypeVar, cast
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
-
-from robench.errors import UsageError
-
-T = TypeVar("T")
-
 
 def world() -> tuple[int, int, int]:
     """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) otherwise."""
@@ -79,19 +73,3 @@ _joins = itertools.count()
 def _fresh_keys(store: dist.Store) -> dist.Store:
     # Each join of the group gets keys of its own: every process joins in the same order, so they agree.
     return dist.PrefixStore(f"robench/{next(_joins)}", store)
-
-
-def shard_bounds(n: int, rank: int, size: int) -> tuple[int, int]:
-    """Contiguous, exact split of n items: the first n % size shards get one more."""
-    if n < size:
-        raise UsageError(f"{n} samples cannot be split over {size} processes")
-    base, extra = divmod(n, size)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (1 if rank < extra else 0)
-
-
-def gather(obj: T) -> list[T]:
-    """Every process's object (each sends the same kind), in rank order, on every process."""
-    out: list[T | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return cast("list[T]", out)  # every slot now holds a process's object

@@ -12,10 +12,18 @@ result depends only on the seed, the entry's position in the suite and the
 sample indices (its random streams are keyed by them, see ``build_entries``),
 never on which settings ran before, so finished settings are kept from an
 interrupted run and the others computed as if it had not stopped.
+
+Under torchrun the clean features and each setting's groups are work units
+that the processes claim (``robench.reid.queued``); every process then holds
+the same features as a single process and computes the same metrics. Rank 0
+keeps the progress file: the finished settings and the saved units of the
+setting under way, so that the same command resumes with any number of
+processes, a single one included.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -29,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from robench.evaluation import distributed
 from robench.evaluation.entries import Entry, build_entries
+from robench.evaluation.work_queue import is_queue_progress
 from robench.errors import UsageError
 from robench.models.wrapper import evaluation_mode
 from robench.reid.datasets import ReIDData, ReIDImages, ReIDSplit
@@ -36,6 +45,7 @@ from robench.reid.features import ReIDFeatures, extract
 from robench.reid.metrics import distance_matrix, rank_metrics
 from robench.attacks.objectives import Objective, Unscored
 from robench.reid.objectives import objective
+from robench.reid.queued import UNFIT_PROGRESS, RowsWork, from_first
 from robench.suites import Suite
 
 DEFAULT_IDS_PER_BATCH = 8
@@ -76,6 +86,19 @@ class EntryProgress:
 
 
 @dataclass
+class UnitsProgress:
+    """The setting under way on the work queue (torchrun): the queue's snapshot of its saved units
+    (``run_queue``'s progress); a resume computes only the other units."""
+
+    index: int
+    label: str
+    job: dict[str, Any]
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"index": self.index, "label": self.label, "job": self.job}
+
+
+@dataclass
 class ReIDOutcome:
     """What a run measured; ``attacks`` holds the finished settings in suite order (all of them when
     ``complete``), ``total`` how many the suite has. ``clean`` is None only when a new run was
@@ -90,16 +113,25 @@ class ReIDOutcome:
     total: int = 0
     complete: bool = True
     indices: list[int] = field(default_factory=list)  # the entry index of each row of ``attacks``
-    partial: EntryProgress | None = None  # the setting under way, when some of its groups are done
+    partial: EntryProgress | UnitsProgress | None = None  # the setting under way, when some of it is done
+    work_units: dict[str, Any] | None = None  # torchrun: the work-queue jobs' units, all jobs added up
 
     def snapshot(self) -> dict[str, Any]:
         """The finished settings as plain values (torch.save-able with weights_only), for ``resume_state``."""
         plain = json.loads(json.dumps({"clean": self.clean, "clean_reranked": self.clean_reranked,
                                        "settings": [{"index": i, "row": row}
                                                     for i, row in zip(self.indices, self.attacks)]}))
+        # A single process's groups under "partial", a torchrun job's units under "queued".
+        under_way = {} if self.partial is None else \
+            {"partial" if isinstance(self.partial, EntryProgress) else "queued": self.partial.snapshot()}
         return {"format": REID_PROGRESS_FORMAT, "fingerprint": self.fingerprint, "total": self.total,
-                "nonfinite_features": self.nonfinite_features, "seconds": self.seconds, **plain,
-                **({"partial": self.partial.snapshot()} if self.partial is not None else {})}
+                "nonfinite_features": self.nonfinite_features, "seconds": self.seconds, **plain, **under_way}
+
+    def count_units(self, facts: dict[str, Any]) -> None:
+        """Add a work-queue job's units (``Queued.facts``) to ``work_units``."""
+        kept = self.work_units or {"units": 0, "resumed": 0}
+        self.work_units = {"units": kept["units"] + facts["units"], "resumed": kept["resumed"] + facts["resumed"],
+                           "processes": facts["processes"]}
 
 
 class ReIDRunInterrupted(Exception):
@@ -136,31 +168,23 @@ def identity_batches(pids: np.ndarray, ids_per_batch: int) -> list[list[int]]:
     return batches
 
 
-def _extract_all(features: ReIDFeatures, split: ReIDSplit, options: ReIDOptions, device: torch.device) -> torch.Tensor:
-    """Features of a whole split; under torchrun each process extracts an exact shard and all gather."""
-    rank, size, _ = distributed.world()
-    if size == 1:
+def _extract_all(features: ReIDFeatures, split: ReIDSplit, options: ReIDOptions, device: torch.device,
+                 outcome: ReIDOutcome) -> torch.Tensor:
+    """Features of a whole split; under torchrun its batches are work units, claimed by every process."""
+    if distributed.world()[1] == 1:
         return extract(features, _loader(split, options), device)
-    start, stop = distributed.shard_bounds(len(split), rank, size)
-    rows = list(range(start, stop))
-    mine = extract(features, _loader(split, options, rows), device)
-    return _gather_rows(rows, mine, len(split), device, compact=True)
 
+    def rows_of(start: int, stop: int) -> list[int]:
+        return list(range(start, stop))
 
-def _gather_rows(rows: list[int], values: torch.Tensor, total: int, device: torch.device,
-                 compact: bool = False) -> torch.Tensor:
-    """Every process's rows into one [total, D] tensor on every process.
+    def compute(start: int, stop: int) -> torch.Tensor:
+        # Units start on a batch boundary: the batches are the single-process loader's, and so are the features.
+        return extract(features, _loader(split, options, rows_of(start, stop)), device)
 
-    ``values`` holds this process's rows either compactly (``compact``: row i of
-    ``values`` is ``rows[i]``) or in place (``values[rows]``).
-    """
-    mine = values if compact else values[torch.tensor(rows, dtype=torch.long, device=values.device)]
-    parts = distributed.gather((rows, mine.cpu()))
-    out = torch.empty(total, values.shape[1], dtype=values.dtype)
-    for r, v in parts:
-        if r:
-            out[torch.tensor(r, dtype=torch.long)] = v
-    return out.to(device)
+    # Not saved: a resumed run extracts the clean features again, as a single process does.
+    job = RowsWork(len(split), options.batch_size, rows_of, compute, total=len(split)).run(device)
+    outcome.count_units(job.facts)
+    return job.features.to(device)
 
 
 def _metrics(qf, gf, q: ReIDSplit, g: ReIDSplit, options: ReIDOptions, rerank: bool) -> dict[str, Any]:
@@ -203,43 +227,40 @@ def run_reid(
     features are extracted again, as every attack needs them, and the clean metrics
     computed again from them; the snapshot's serve only a run stopped before that.
     Ctrl-C or SIGTERM raise ``ReIDRunInterrupted`` holding the finished settings.
+
+    Under torchrun every process calls it inside ``distributed.process_group``; only rank 0 passes
+    ``resume_state`` and ``save_state`` (it alone keeps the progress file).
     """
     started = time.perf_counter()
     target.to(device)
     _check_suite(suite, surrogate)
     entries = build_entries(suite, target, options.seed, loss_for=entry_objective)
-    fingerprint = _fingerprint(data)
-    outcome, finished, earlier = _starting_point(resume_state, entries, fingerprint)
-    models = [target] + ([surrogate.to(device)] if surrogate is not None else [])
-    contexts = [evaluation_mode(m) for m in models]
-    for ctx in contexts:
-        ctx.__enter__()
+    # Only rank 0 read the progress file; every process must skip the same settings (and refuse alike).
+    resume_state = from_first(resume_state)
+    outcome, finished, earlier = _starting_point(resume_state, entries, _fingerprint(data))
+    snapshots = _Snapshots(outcome, finished, save_state, options.save_every, earlier, started)
     try:
-        q, g = data.query, data.gallery
-        qf, gf = _clean_features(target, data, options, device, outcome, on_step)
-        split = q if options.perturb == "query" else g
-        kept = _restore_partial(resume_state, entries, finished, len(split), qf.shape[1]) if resume_state else None
-        # The attacked split is read from disk once, then shared by every entry (8-bit, as on disk).
-        images = _ImageCache(split, options.size)
-        snapshots = _Snapshots(outcome, finished, save_state, options.save_every, earlier, started)
-        for entry in entries:
-            if entry.index in finished:
-                continue
-            if on_step:
-                on_step(f"{entry.spec.display_name()} eps {entry.eps_text}")
-            carried = kept if kept is not None and kept.index == entry.index else None
-            finished[entry.index] = _run_entry(entry, target, surrogate, data, qf, gf, options, device, images,
-                                               kept=carried, on_group=snapshots.group_done)
-            snapshots.entry_done()
+        with contextlib.ExitStack() as modes:
+            for model in [target] + ([surrogate.to(device)] if surrogate is not None else []):
+                modes.enter_context(evaluation_mode(model))
+            qf, gf = _clean_features(target, data, options, device, outcome, on_step)
+            split = data.query if options.perturb == "query" else data.gallery
+            kept = _restore_partial(resume_state, entries, finished, len(split), qf.shape[1]) if resume_state else None
+            # The attacked split is read from disk once, then shared by every entry (8-bit, as on disk).
+            images = _ImageCache(split, options.size)
+            for entry in (e for e in entries if e.index not in finished):
+                if on_step:
+                    on_step(f"{entry.spec.display_name()} eps {entry.eps_text}")
+                carried = kept if kept is not None and kept.index == entry.index else None
+                finished[entry.index] = _run_entry(entry, target, surrogate, data, qf, gf, options, device, images,
+                                                   kept=carried, snapshots=snapshots)
+                snapshots.entry_done()
     except KeyboardInterrupt as exc:
         _settle(outcome, finished, earlier + time.perf_counter() - started)
         outcome.complete = False
-        if save_state and outcome.partial is not None:  # the groups of the setting under way
+        if save_state and outcome.partial is not None:  # what the setting under way has done
             save_state(outcome.snapshot())
         raise ReIDRunInterrupted(outcome) from exc
-    finally:
-        for ctx in reversed(contexts):
-            ctx.__exit__(None, None, None)
     _settle(outcome, finished, earlier + time.perf_counter() - started)
     return outcome
 
@@ -272,6 +293,12 @@ class _Snapshots:
         if self.save_state and time.perf_counter() - self.last >= self.save_every:
             self._save()
 
+    def units_saved(self, progress: UnitsProgress) -> None:
+        """The work queue's snapshot of the setting under way (it decides when, and calls only on rank 0)."""
+        self.outcome.partial = progress
+        if self.save_state:
+            self._save()
+
     def entry_done(self) -> None:
         self.outcome.partial = None
         if self.save_state:
@@ -300,10 +327,10 @@ def _clean_features(target: ReIDFeatures, data: ReIDData, options: ReIDOptions, 
     q, g = data.query, data.gallery
     if on_step:
         on_step("gallery features")
-    gf = _extract_all(target, g, options, device)
+    gf = _extract_all(target, g, options, device, outcome)
     if on_step:
         on_step("query features")
-    qf = _extract_all(target, q, options, device)
+    qf = _extract_all(target, q, options, device, outcome)
     outcome.nonfinite_features = int((~torch.isfinite(qf).all(dim=1)).sum() + (~torch.isfinite(gf).all(dim=1)).sum())
     outcome.clean = _metrics(qf, gf, q, g, options, False)
     outcome.clean_reranked = _metrics(qf, gf, q, g, options, True) if options.rerank else None
@@ -342,24 +369,59 @@ def _restore(state: dict[str, Any], entries: list[Entry], fingerprint: str) -> d
 
 
 def _restore_partial(state: dict[str, Any], entries: list[Entry], finished: dict[int, dict[str, Any]],
-                     rows: int, dim: int) -> EntryProgress | None:
-    """The setting a snapshot was in the middle of, checked against this run (a progress file is input)."""
-    saved = state.get("partial")
-    if saved is None:
-        return None
+                     rows: int, dim: int) -> EntryProgress | UnitsProgress | None:
+    """The setting a snapshot was in the middle of, checked against this run (a progress file is input):
+    under torchrun a job's saved units; in a single process its finished groups, or a torchrun job's units
+    as the groups they hold."""
+    if distributed.world()[1] > 1:
+        # A single process's finished groups are no units of a plan: that setting is attacked anew (same result).
+        return _restore_units(state, entries, finished)
     try:
+        saved = state["partial"] if "partial" in state else _units_as_groups(state.get("queued"))
+        if saved is None:
+            return None
         index, label, seconds = int(saved["index"]), str(saved["label"]), float(saved["seconds"])
         done, features = saved["rows"], saved["features"]
-        fits = (0 <= index < len(entries) and index not in finished and label == entries[index].spec.display_name()
+        fits = (_fits_entry(index, label, entries, finished)
                 and isinstance(done, torch.Tensor) and done.dtype == torch.int64 and done.dim() == 1
                 and isinstance(features, torch.Tensor) and features.dtype == torch.float32
                 and tuple(features.shape) == (len(done), dim) and seconds >= 0
                 and bool(((done >= 0) & (done < rows)).all()) and len(torch.unique(done)) == len(done))
+    except (KeyError, TypeError, ValueError, RuntimeError):  # RuntimeError: units that do not concatenate
+        fits = False
+    if not fits:
+        raise UsageError(UNFIT_PROGRESS)
+    return EntryProgress(index, label, done.tolist(), lambda: features, seconds)
+
+
+def _restore_units(state: dict[str, Any], entries: list[Entry],
+                   finished: dict[int, dict[str, Any]]) -> UnitsProgress | None:
+    """A torchrun job's setting under way; the queue checks each saved unit as it resumes it."""
+    saved = state.get("queued")
+    if saved is None:
+        return None
+    try:
+        index, label, job = int(saved["index"]), str(saved["label"]), saved["job"]
+        fits = _fits_entry(index, label, entries, finished) and is_queue_progress(job)
     except (KeyError, TypeError, ValueError):
         fits = False
     if not fits:
-        raise UsageError("cannot resume: the progress file's setting under way does not fit this run")
-    return EntryProgress(index, label, done.tolist(), lambda: features, seconds)
+        raise UsageError(UNFIT_PROGRESS)
+    return UnitsProgress(index, label, job)
+
+
+def _units_as_groups(saved: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A torchrun job's saved units as a single process's setting under way (``EntryProgress.snapshot``)."""
+    records = [] if saved is None else [record["unit"] for record in saved["job"]["units"].values()]
+    if saved is None or not records:
+        return None
+    return {"index": saved["index"], "label": saved["label"], "rows": torch.cat([r["rows"] for r in records]),
+            "features": torch.cat([r["features"] for r in records]),
+            "seconds": sum(float(r["seconds"]) for r in records)}
+
+
+def _fits_entry(index: int, label: str, entries: list[Entry], finished: dict[int, dict[str, Any]]) -> bool:
+    return 0 <= index < len(entries) and index not in finished and label == entries[index].spec.display_name()
 
 
 class _ImageCache:
@@ -394,64 +456,105 @@ def entry_objective(spec) -> Objective | None:
 
 def _run_entry(entry: Entry, target: ReIDFeatures, surrogate: ReIDFeatures | None, data: ReIDData,
                qf: torch.Tensor, gf: torch.Tensor, options: ReIDOptions, device: torch.device,
-               images: _ImageCache, *, kept: EntryProgress | None = None,
-               on_group: Callable[[EntryProgress], None] | None = None) -> dict[str, Any]:
-    """One setting: its groups attacked (those ``kept`` holds are taken as they are), then the metrics."""
+               images: _ImageCache, *, kept: EntryProgress | UnitsProgress | None,
+               snapshots: _Snapshots) -> dict[str, Any]:
+    """One setting: its groups attacked (what ``kept`` holds is taken as it is), then the metrics."""
     spec = entry.spec
     generated = entry.attack.family != "gradient"  # a trained generator: no objective, no gradients
     objective_name = None if generated else (spec.objective or "away")
-    margin, exclude_self = _margin(spec), _exclude_self(spec)
     source = target
     if spec.source == "surrogate":
         assert surrogate is not None  # _check_suite refuses a transfer entry without a surrogate
         source = surrogate
     split = data.query if options.perturb == "query" else data.gallery
-    t0 = time.perf_counter()
     if objective_name == "misrank":
         groups = identity_batches(split.pids, spec.ids_per_batch or DEFAULT_IDS_PER_BATCH)
     else:
-        size = options.batch_size
-        groups = [list(range(s, min(s + size, len(split)))) for s in range(0, len(split), size)]
-    adv_features = torch.empty(len(split), qf.shape[1], device=device)
-    rank, size, _ = distributed.world()
-    groups = groups[rank::size]  # under torchrun each process attacks its share of the groups
+        groups = [list(range(s, min(s + options.batch_size, len(split))))
+                  for s in range(0, len(split), options.batch_size)]
+    attack = functools.partial(_attacked_features, entry, target, source, images, split, objective_name, generated,
+                               device)
+    shape = (len(split), qf.shape[1])
+    if distributed.world()[1] > 1:
+        adv_features, seconds = _attack_queued(entry, groups, attack, shape, kept, snapshots, options, device)
+    else:
+        adv_features, seconds = _attack_in_order(entry, groups, attack, shape, kept, snapshots, device)
+    queries, gallery = (adv_features, gf) if options.perturb == "query" else (qf, adv_features)
+    metrics = _metrics(queries, gallery, data.query, data.gallery, options, False)
+    reranked = _metrics(queries, gallery, data.query, data.gallery, options, True) if options.rerank else None
+    return {"attack": entry.attack.name, "label": spec.display_name(), "norm": entry.attack.norm,
+            "eps": entry.attack.effective_eps(entry.eps), **metrics, "reranked": reranked,
+            "params": _setting_params(entry, objective_name, generated, options), "seconds": round(seconds, 4)}
+
+
+def _setting_params(entry: Entry, objective_name: str | None, generated: bool, options: ReIDOptions) -> dict[str, Any]:
+    spec = entry.spec
+    params = entry.params()
+    params.update({"objective": objective_name or "generator", "source": "surrogate" if generated else
+                   (spec.source or "target"), "perturb": options.perturb})
+    if objective_name == "misrank":
+        params.update({"margin": _margin(spec), "exclude_self": _exclude_self(spec),
+                       "dmr_compat": bool(spec.dmr_compat),
+                       "ids_per_batch": spec.ids_per_batch or DEFAULT_IDS_PER_BATCH})
+    return params
+
+
+def _attack_in_order(entry: Entry, groups: list[list[int]], attack: Callable[[list[int]], torch.Tensor],
+                     shape: tuple[int, int], kept: EntryProgress | UnitsProgress | None, snapshots: _Snapshots,
+                     device: torch.device) -> tuple[torch.Tensor, float]:
+    """One process: the groups in order, after those ``kept`` holds; a snapshot after each (when due).
+    The adversarial features of every row, and the seconds the setting took."""
+    t0 = time.perf_counter()
+    adv_features = torch.empty(*shape, device=device)
     done: list[int] = []
     earlier = 0.0
-    if kept is not None:  # the groups an interrupted run finished: their features as it computed them
+    if isinstance(kept, EntryProgress):  # the groups an interrupted run finished: their features as it computed them
         adv_features[torch.tensor(kept.rows, device=device)] = kept.features().to(device)
         done, earlier = list(kept.rows), kept.seconds
     finished_rows = set(done)
     for group in groups:
         if finished_rows.issuperset(group):
             continue
-        idx = torch.tensor(group, device=device)
-        x, y = _group_inputs(images, group, split, source, objective_name, generated, device)
-        x_adv = entry(source, x, y, idx, batch_size=len(group)).x_adv
-        with torch.no_grad():
-            adv_features[idx] = target(x_adv).float()
+        adv_features[torch.tensor(group, device=device)] = attack(group)
         done.extend(group)
-        if on_group:
-            rows = list(done)
-            on_group(EntryProgress(entry.index, spec.display_name(), rows,
-                                   functools.partial(_rows_of, adv_features, rows), earlier + time.perf_counter() - t0))
-    if size > 1:
-        adv_features = _gather_rows(done, adv_features, len(split), device)
-    seconds = earlier + time.perf_counter() - t0
-    if options.perturb == "query":
-        metrics = _metrics(adv_features, gf, data.query, data.gallery, options, False)
-        reranked = _metrics(adv_features, gf, data.query, data.gallery, options, True) if options.rerank else None
-    else:
-        metrics = _metrics(qf, adv_features, data.query, data.gallery, options, False)
-        reranked = _metrics(qf, adv_features, data.query, data.gallery, options, True) if options.rerank else None
-    params = entry.params()
-    params.update({"objective": objective_name or "generator", "source": "surrogate" if generated else
-                   (spec.source or "target"), "perturb": options.perturb})
-    if objective_name == "misrank":
-        params.update({"margin": margin, "exclude_self": exclude_self, "dmr_compat": bool(spec.dmr_compat),
-                       "ids_per_batch": spec.ids_per_batch or DEFAULT_IDS_PER_BATCH})
-    return {"attack": entry.attack.name, "label": spec.display_name(), "norm": entry.attack.norm,
-            "eps": entry.attack.effective_eps(entry.eps), **metrics, "reranked": reranked, "params": params,
-            "seconds": round(seconds, 4)}
+        rows = list(done)
+        snapshots.group_done(EntryProgress(entry.index, entry.spec.display_name(), rows,
+                                           functools.partial(_rows_of, adv_features, rows),
+                                           earlier + time.perf_counter() - t0))
+    return adv_features, earlier + time.perf_counter() - t0
+
+
+def _attack_queued(entry: Entry, groups: list[list[int]], attack: Callable[[list[int]], torch.Tensor],
+                   shape: tuple[int, int], kept: EntryProgress | UnitsProgress | None, snapshots: _Snapshots,
+                   options: ReIDOptions, device: torch.device) -> tuple[torch.Tensor, float]:
+    """torchrun: the groups as work units (a group is one "batch" of the plan), claimed by every process;
+    rank 0 saves the units as they come. Every process gets every row and the busiest process's seconds."""
+
+    def rows_of(start: int, stop: int) -> list[int]:
+        return [row for group in groups[start:stop] for row in group]
+
+    def compute(start: int, stop: int) -> torch.Tensor:
+        return torch.cat([attack(group) for group in groups[start:stop]])
+
+    def save(job: dict[str, Any]) -> None:
+        snapshots.units_saved(UnitsProgress(entry.index, entry.spec.display_name(), job))
+
+    resumed = kept.job if isinstance(kept, UnitsProgress) else None
+    work = RowsWork(len(groups), 1, rows_of, compute, total=shape[0], dim=shape[1])
+    job = work.run(device, resumed, save if snapshots.save_state else None, options.save_every)
+    snapshots.outcome.count_units(job.facts)
+    return job.features.to(device), job.seconds
+
+
+def _attacked_features(entry: Entry, target: ReIDFeatures, source: ReIDFeatures, images: _ImageCache,
+                       split: ReIDSplit, objective_name: str | None, generated: bool, device: torch.device,
+                       group: list[int]) -> torch.Tensor:
+    """A group attacked as one batch (on ``source``), and the target's features of the result."""
+    idx = torch.tensor(group, device=device)
+    x, y = _group_inputs(images, group, split, source, objective_name, generated, device)
+    x_adv = entry(source, x, y, idx, batch_size=len(group)).x_adv
+    with torch.no_grad():
+        return target(x_adv).float()
 
 
 def _group_inputs(images: _ImageCache, group: list[int], split: ReIDSplit, source: ReIDFeatures,

@@ -10,7 +10,7 @@ from robench.models.loading import LoadedModel
 from robench.models.preprocessing import Normalization
 from robench.reid.datasets import ReIDData
 from robench.reid.engine import ReIDOptions, ReIDOutcome
-from robench.results.document import SCHEMA, data_block, env_block, header, model_block, suite_block
+from robench.results.document import ABSENT, SCHEMA, data_block, env_block, header, model_block, suite_block
 from robench.suites import LoadedSuite
 
 
@@ -37,5 +37,6 @@ def reid_document(outcome: ReIDOutcome, loaded: LoadedModel, normalization: Norm
         "env": env_block(dev, precision="fp32", seed=options.seed, batch_size=options.batch_size,
                          checkpoint_sha256=loaded.sha256, processes=distributed.world()[1],
                          suite_sha256=suite.sha256, dataset_fingerprint=outcome.fingerprint,
-                         seconds=outcome.seconds),
+                         seconds=outcome.seconds,
+                         speed={"work_units": outcome.work_units} if outcome.work_units else ABSENT),
     }

@@ -42,6 +42,7 @@ def is_reid_config(config: EvalConfig, resolved: Resolved) -> bool:
 
 class ReIDTask:
     name = "reid"
+    queued = True  # under torchrun: work units, and rank 0 keeps a progress file (robench.reid.queued)
 
     def __init__(self, config: EvalConfig, resolved: Resolved | None = None) -> None:
         self.config, self.resolved = config, resolved or resolve(config)
