@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -69,28 +70,45 @@ def reference(folder, tmp_path_factory):
     return without(doc, RUN_FACTS)
 
 
+def two_nodes(images: Path, out: Path) -> list[str]:
+    """One of two torchrun launchers of 2 processes, meeting through a c10d rendezvous on loopback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2",
+            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "pixels", "-m", "robench",
+            *command(images, out)]
+
+
+JOBS = {"2": (2, 1), "3": (3, 1), "2 nodes x 2": (4, 2)}  # name: (processes, launchers)
+
+
 @pytest.fixture(scope="module")
 def jobs(folder, tmp_path_factory):
-    """The 2- and 3-process jobs, started together: most of a small job's time is its processes starting
-    up, which side by side overlap (each job's own --standalone rendezvous is on a free port)."""
+    """The jobs, started together: most of a small job's time is its processes starting up, which side by
+    side overlap (each job's own rendezvous is on a free port)."""
     started = {}
-    for processes in (2, 3):
-        cwd = tmp_path_factory.mktemp(f"pixel-torchrun-{processes}")
-        started[processes] = cwd, subprocess.Popen(torchrun(processes, folder, cwd / "run"), cwd=cwd, text=True,
-                                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ONE_THREAD,
-                                                   start_new_session=True)
+    for name, (processes, launchers) in JOBS.items():
+        cwd = tmp_path_factory.mktemp("pixel-torchrun")
+        cmd = two_nodes(folder, cwd / "run") if launchers == 2 else torchrun(processes, folder, cwd / "run")
+        started[name] = cwd, [subprocess.Popen(cmd, cwd=cwd, text=True, stdout=subprocess.DEVNULL,
+                                               stderr=subprocess.PIPE, env=ONE_THREAD, start_new_session=True)
+                              for _ in range(launchers)]
     yield started
-    for _, job in started.values():
-        if job.poll() is None:  # a test that failed first: the launcher and its workers go
-            os.killpg(job.pid, signal.SIGKILL)
-            job.communicate()
+    for _, launched in started.values():
+        for job in launched:
+            if job.poll() is None:  # a test that failed first: the launcher and its workers go
+                os.killpg(job.pid, signal.SIGKILL)
+                job.communicate()
 
 
-@pytest.mark.parametrize("processes", [2, 3])
-def test_the_work_queue_equals_one_process(jobs, reference, processes):
-    cwd, job = jobs[processes]
-    _, err = job.communicate(timeout=300)
-    assert job.returncode == 0, err
+@pytest.mark.parametrize("name", list(JOBS))
+def test_the_work_queue_equals_one_process(jobs, reference, name):
+    cwd, launched = jobs[name]
+    for job in launched:
+        _, err = job.communicate(timeout=300)
+        assert job.returncode == 0, err
+    processes = JOBS[name][0]
     doc = results(cwd / "run")
     assert without(doc, RUN_FACTS) == reference
     assert doc["env"]["processes"] == processes
