@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,19 +13,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 from robench.evaluation.work_queue import UNITS_PER_PROCESS, plan_units
 from robench.results.progress import PROGRESS_FILE
+from torchrun_helpers import nodes, saved_units, standalone
 
 FAST = "name: dist\nattacks:\n  - attack: fgsm\n    eps: [0.05, 0.1]\n  - attack: pgd\n    eps: 0.1\n    steps: 5\n"
 # Slow enough that a kill lands in the middle: the robust samples take every step.
 SLOW = "name: slow\nattacks:\n  - attack: pgd\n    eps: 0.03\n    steps: 60\n"
 EVAL = ["eval", "example:digits", "--batch-size", "16", "--quiet", "--json", "--save-every", "0"]
 SLOW_EVAL = [*EVAL, "--limit", "320"]
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 needs_proc = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds torchrun's workers in /proc")
 
 
@@ -42,19 +40,9 @@ def test_units_cover_the_data_once_in_whole_batches(samples, batch, longest, pro
         assert plan.unit_batches == longest, "big data: units as long as a segment"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _robench(args, out: Path, cwd: Path, launcher=(), **kwargs):
     cmd = [*launcher, *([] if launcher else [sys.executable]), "-m", "robench", *args, "--out", str(out)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=cwd, **kwargs)
-
-
-def _torchrun(processes: int, *extra: str) -> list[str]:
-    return [*TORCHRUN, "--standalone", "--nproc-per-node", str(processes), *extra]
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +74,7 @@ def _assert_same(doc: dict, samples: Path, expected) -> None:
 @pytest.mark.parametrize("processes", [2, 3])
 def test_the_work_queue_equals_one_process(reference, tmp_path, processes):
     suite = reference["fast"][2]
-    run = _robench([*EVAL, "--suite", str(suite)], tmp_path / "run", tmp_path, _torchrun(processes))
+    run = _robench([*EVAL, "--suite", str(suite)], tmp_path / "run", tmp_path, standalone(processes))
     assert run.returncode == 0, run.stderr
     doc = json.loads(run.stdout)
     assert doc["env"]["processes"] == processes
@@ -102,29 +90,21 @@ def test_the_work_queue_equals_one_process(reference, tmp_path, processes):
 def test_two_nodes_of_two_processes_equal_one_process(reference, tmp_path):
     """Two torchrun launchers on one machine, meeting through a c10d rendezvous on loopback."""
     suite = reference["fast"][2]
-    launcher = [*TORCHRUN, "--nnodes", "2", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
-                "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "--rdzv-id", "robench-test"]
+    launcher = nodes(2, 2, "robench-test")
     cmd = [*launcher, "-m", "robench", *EVAL, "--suite", str(suite), "--out", str(tmp_path / "run")]
-    nodes = [subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
-    outputs = [node.communicate(timeout=600) for node in nodes]
-    assert [node.returncode for node in nodes] == [0, 0], [err for _, err in outputs]
+    launched = [subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for _ in range(2)]
+    outputs = [node.communicate(timeout=600) for node in launched]
+    assert [node.returncode for node in launched] == [0, 0], [err for _, err in outputs]
     docs = [json.loads(out) for out, _ in outputs if out.strip()]
     assert len(docs) == 1, "one node holds rank 0, which alone prints and writes"
     assert docs[0]["env"]["processes"] == 4
     _assert_same(docs[0], tmp_path / "run" / "samples.csv", reference["fast"])
 
 
-def _saved_units(run: Path) -> int:
-    try:
-        return len(torch.load(run / PROGRESS_FILE, weights_only=True)["units"])
-    except (OSError, RuntimeError, EOFError, KeyError):
-        return 0  # not written yet
-
-
 def _wait_for_units(run: Path, job: subprocess.Popen, count: int) -> int:
     deadline = time.monotonic() + 300
-    while (saved := _saved_units(run)) < count:
+    while (saved := saved_units(run)) < count:
         assert job.poll() is None, job.communicate()[1]
         assert time.monotonic() < deadline, "no progress saved"
         time.sleep(0.05)
@@ -147,9 +127,9 @@ def _workers(parent: int) -> dict[int, int]:
 
 
 @needs_proc
-def test_a_killed_worker_is_restarted_and_the_job_resumes_its_saved_units(reference, tmp_path):
+def test_a_killed_worker_is_restarted_and_the_job_resumes_itssaved_units(reference, tmp_path):
     suite, run = reference["slow"][2], tmp_path / "run"
-    cmd = [*_torchrun(2, "--max-restarts", "1"), "-m", "robench", *SLOW_EVAL, "--suite", str(suite),
+    cmd = [*standalone(2, "--max-restarts", "1"), "-m", "robench", *SLOW_EVAL, "--suite", str(suite),
            "--out", str(run)]
     job = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen = _wait_for_units(run, job, 3)
@@ -166,15 +146,15 @@ def test_a_killed_worker_is_restarted_and_the_job_resumes_its_saved_units(refere
 @needs_proc
 def test_a_killed_job_resumes_with_another_number_of_processes(reference, tmp_path):
     suite, run = reference["slow"][2], tmp_path / "run"
-    cmd = [*_torchrun(2), "-m", "robench", *SLOW_EVAL, "--suite", str(suite), "--out", str(run)]
+    cmd = [*standalone(2), "-m", "robench", *SLOW_EVAL, "--suite", str(suite), "--out", str(run)]
     job = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            start_new_session=True)
     seen = _wait_for_units(run, job, 3)
     os.killpg(job.pid, signal.SIGKILL)  # launcher and workers at once: nothing gets to save on the way out
     job.communicate(timeout=60)
-    saved = _saved_units(run)
+    saved = saved_units(run)
     assert saved >= seen
-    again = _robench([*SLOW_EVAL, "--suite", str(suite)], run, tmp_path, _torchrun(3))
+    again = _robench([*SLOW_EVAL, "--suite", str(suite)], run, tmp_path, standalone(3))
     assert again.returncode == 0, again.stderr
     doc = json.loads(again.stdout)
     assert doc["env"]["speed"]["work_units"]["resumed"] == saved
@@ -184,14 +164,14 @@ def test_a_killed_job_resumes_with_another_number_of_processes(reference, tmp_pa
 def test_one_process_resumes_a_queued_job(reference, tmp_path):
     """A job stopped by SIGTERM under torchrun, finished by a plain single process (no torchrun)."""
     suite, run = reference["slow"][2], tmp_path / "run"
-    cmd = [*_torchrun(2), "-m", "robench", *SLOW_EVAL, "--suite", str(suite), "--out", str(run)]
+    cmd = [*standalone(2), "-m", "robench", *SLOW_EVAL, "--suite", str(suite), "--out", str(run)]
     job = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_units(run, job, 2)
     job.send_signal(signal.SIGTERM)  # torchrun passes it to its workers: rank 0 saves and writes partial results
     job.communicate(timeout=120)
     partial = json.loads((run / "results.json").read_text())
     assert partial["complete"] is False and 0 < partial["progress"]["evaluated"] < 320
-    saved = _saved_units(run)
+    saved = saved_units(run)
     again = _robench([*SLOW_EVAL, "--suite", str(suite)], run, tmp_path)
     assert again.returncode == 0, again.stderr
     doc = json.loads(again.stdout)
@@ -199,7 +179,7 @@ def test_one_process_resumes_a_queued_job(reference, tmp_path):
     _assert_same(doc, run / "samples.csv", reference["slow"])
 
 
-def test_a_single_process_run_is_not_resumed_under_torchrun(reference, tmp_path):
+def test_a_single_process_run_is_not_resumed_understandalone(reference, tmp_path):
     suite, run = reference["slow"][2], tmp_path / "run"
     cmd = [sys.executable, "-m", "robench", *SLOW_EVAL, "--suite", str(suite), "--out", str(run)]
     job = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -209,7 +189,7 @@ def test_a_single_process_run_is_not_resumed_under_torchrun(reference, tmp_path)
         time.sleep(0.05)
     job.send_signal(signal.SIGTERM)
     job.communicate(timeout=120)
-    again = _robench([*SLOW_EVAL, "--suite", str(suite)], run, tmp_path, _torchrun(2))
+    again = _robench([*SLOW_EVAL, "--suite", str(suite)], run, tmp_path, standalone(2))
     assert again.returncode != 0  # torchrun's own code: a worker failed (each said why, with robench's code 2)
     assert ("robench: error: cannot resume under torchrun: the run was started by a single process; resume it "
             "with a single process") in again.stderr
@@ -221,21 +201,20 @@ def test_a_node_that_read_other_data_stops_the_job(reference, tmp_path):
     from robench.examples import example_data_path
 
     arrays = dict(np.load(example_data_path("digits")))
-    nodes = []
+    launched = []
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
         np.savez(tmp_path / name / "data.npz", **arrays)
         arrays["x"] = arrays["x"].copy()
         arrays["x"][160:] ^= 1
-    launcher = [*TORCHRUN, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
-                "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "--rdzv-id", "robench-data"]
+    launcher = nodes(2, 1, "robench-data")
     cmd = [*launcher, "-m", "robench", *SLOW_EVAL, "--data", "npz:data.npz", "--suite", str(reference["slow"][2]),
            "--out", str(tmp_path / "run")]
     for name in ("a", "b"):
-        nodes.append(subprocess.Popen(cmd, cwd=tmp_path / name, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))
-    errors = "".join(node.communicate(timeout=300)[1] for node in nodes)
+        launched.append(subprocess.Popen(cmd, cwd=tmp_path / name, stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, text=True))
+    errors = "".join(node.communicate(timeout=300)[1] for node in launched)
     # Every process stops (rank 0 tells the others): no node is left waiting for the rest.
-    assert all(node.returncode != 0 for node in nodes)
+    assert all(node.returncode != 0 for node in launched)
     assert "read other data than the first process for samples" in errors, errors
     assert not (tmp_path / "run" / "results.json").exists(), "no result from mixed data"

@@ -6,9 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import torch
 from robench.evaluation.work_queue import Plan, plan_units
 from robench.pixels.queued import LONGEST_UNIT
 from robench.results.progress import PROGRESS_FILE
+from torchrun_helpers import nodes, saved_units, standalone
 import test_pixel_resume as pixel_resume
 from cli_helpers import invoke, one_error_line, without
 from test_pixel_resume import VOLATILE, results, signal_after_batches
@@ -34,7 +33,6 @@ def plan(processes: int) -> Plan:
 
 # How the run went, not what it found.
 RUN_FACTS = VOLATILE | {"processes", "speed"}
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 # torchrun gives each worker one thread; so do the runs in this process (below), which are then the
 # same computation, and fast on a small machine.
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -45,7 +43,7 @@ def command(images: Path, out: Path) -> list[str]:
 
 
 def torchrun(processes: int, images: Path, out: Path) -> list[str]:
-    return [*TORCHRUN, "--nproc-per-node", str(processes), "-m", "robench", *command(images, out)]
+    return [*standalone(processes), "-m", "robench", *command(images, out)]
 
 
 @contextlib.contextmanager
@@ -71,13 +69,8 @@ def reference(folder, tmp_path_factory):
 
 
 def two_nodes(images: Path, out: Path) -> list[str]:
-    """One of two torchrun launchers of 2 processes, meeting through a c10d rendezvous on loopback."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2",
-            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "pixels", "-m", "robench",
-            *command(images, out)]
+    """One of two torchrun launchers of 2 processes (run it twice)."""
+    return [*nodes(2, 2, "pixels"), "-m", "robench", *command(images, out)]
 
 
 JOBS = {"2": (2, 1), "3": (3, 1), "2 nodes x 2": (4, 2)}  # name: (processes, launchers)
@@ -119,26 +112,19 @@ def test_the_work_queue_equals_one_process(jobs, reference, name):
     assert not (cwd / "run" / PROGRESS_FILE).exists(), "a finished job keeps no progress file"
 
 
-def _saved_units(run: Path) -> int:
-    try:
-        return len(torch.load(run / PROGRESS_FILE, weights_only=True)["units"])
-    except (OSError, RuntimeError, EOFError, KeyError):
-        return 0  # not written yet, or being replaced
-
-
 def test_a_killed_job_resumes_in_one_process(folder, reference, tmp_path, monkeypatch):
     run = tmp_path / "run"
     job = subprocess.Popen(torchrun(2, folder, run), cwd=tmp_path, stdout=subprocess.DEVNULL,
                            stderr=subprocess.PIPE, text=True, env=ONE_THREAD, start_new_session=True)
     deadline = time.monotonic() + 120
-    while _saved_units(run) < 1:
+    while saved_units(run) < 1:
         assert job.poll() is None, job.communicate()[1]
         assert time.monotonic() < deadline, "no unit saved"
         time.sleep(0.02)
     os.killpg(job.pid, signal.SIGKILL)  # launcher and workers at once: nothing gets to save on the way out
     job.communicate(timeout=60)
     assert not (run / "results.json").exists(), "the job finished before it was killed"
-    saved = _saved_units(run)
+    saved = saved_units(run)
     assert 1 <= saved < plan(2).count
     other_batches = invoke(*command(folder, run), "--batch-size", 16)
     assert other_batches.exit_code == 2

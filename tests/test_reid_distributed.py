@@ -22,7 +22,7 @@ import torch
 
 from robench.results.progress import PROGRESS_FILE
 from cli_helpers import invoke
-from test_distributed import TORCHRUN, _free_port, _torchrun
+from torchrun_helpers import nodes, standalone
 from test_reid_interrupt import measured
 
 # An away entry and a mis-ranking one (groups of whole identities), a few PGD steps each: slow enough that
@@ -64,9 +64,8 @@ def _start(launcher: list[str], suite: Path, out: Path, **kwargs) -> subprocess.
 def jobs(suite, tmp_path_factory):
     """The independent torchrun jobs, started at once: 2 processes, 3 processes, two nodes of two; each
     job's run folder, alone in a folder of its own."""
-    nodes = [*TORCHRUN, "--nnodes", "2", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
-             "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "--rdzv-id", "robench-reid-test"]
-    launchers = {2: [_torchrun(2)], 3: [_torchrun(3)], "nodes": [nodes, nodes]}
+    two_nodes = nodes(2, 2, "robench-reid-test")
+    launchers = {2: [standalone(2)], 3: [standalone(3)], "nodes": [two_nodes, two_nodes]}
     started = {}
     for name, commands in launchers.items():
         out = tmp_path_factory.mktemp(f"torchrun-{name}") / "run"
@@ -129,7 +128,7 @@ def _saved_units(run: Path) -> int:
 
 def test_a_killed_job_resumes_with_another_number_of_processes_or_one(suite, reference, tmp_path):
     run = tmp_path / "run"
-    job = _start(_torchrun(2), suite, run, start_new_session=True)
+    job = _start(standalone(2), suite, run, start_new_session=True)
     deadline = time.monotonic() + 300
     while (saved := _saved_units(run)) == 0:
         assert job.poll() is None, "the job ended before it could be killed: " + job.communicate()[1]
@@ -142,7 +141,7 @@ def test_a_killed_job_resumes_with_another_number_of_processes_or_one(suite, ref
     shutil.copytree(run, alone)
 
     # Three processes resume the job's units; meanwhile a plain process resumes the copy here.
-    three = _start(_torchrun(3), suite, run)
+    three = _start(standalone(3), suite, run)
     single = invoke(*EVAL, "--suite", suite, "--out", alone)
     assert single.exit_code == 0, single.stderr
     _assert_same(json.loads(single.stdout), reference)

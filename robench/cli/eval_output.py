@@ -110,10 +110,10 @@ def print_result(task: ClassificationTask | ReIDTask, result: Result, as_json: b
 def _finished_text(task: ClassificationTask | ReIDTask, state: dict) -> str:
     if task.name == "reid":
         return f"{len(state.get('settings', ()))} finished setting(s)"
-    from robench.evaluation.work_queue import Plan, is_queue_progress
+    from robench.evaluation.work_queue import finished_units_text, is_queue_progress
 
     if is_queue_progress(state):
-        return f"{len(state['units'])} of {Plan(**state['plan']).count} finished work units"
+        return finished_units_text(state)
     text = f"{state['batches']} finished batch(es)"
     partial = state.get("partial")
     if partial:  # what the attacks finished of the segment under way

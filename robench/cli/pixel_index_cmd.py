@@ -82,10 +82,10 @@ def pixel_index_command(
 
 
 def _finished_text(state: dict[str, Any]) -> str:
-    from robench.evaluation.work_queue import Plan, is_queue_progress
+    from robench.evaluation.work_queue import finished_units_text, is_queue_progress
 
     if is_queue_progress(state):  # a torchrun job's: units of the plan, finished in any order
-        return f"{len(state['units'])} of {Plan(**state['plan']).count} finished work units"
+        return finished_units_text(state)
     return f"{state['clean_total']} finished image(s)"
 
 

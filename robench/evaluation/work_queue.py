@@ -34,7 +34,8 @@ import torch.distributed as dist
 from robench.errors import RunError, UsageError
 from robench.evaluation import distributed
 
-__all__ = ["Plan", "QueueInterrupted", "QueueWork", "Queued", "is_queue_progress", "plan_units", "run_queue"]
+__all__ = ["Plan", "QueueInterrupted", "QueueWork", "Queued", "finished_units_text", "is_queue_progress",
+           "plan_units", "run_queue"]
 
 QUEUE_FORMAT = "robench.units/1"
 # Units per process on average when a job starts: enough that the last unit to finish is a short tail,
@@ -53,13 +54,15 @@ class Plan:
     samples: int
 
     @property
+    def unit_samples(self) -> int:
+        return self.batch_size * self.unit_batches
+
+    @property
     def count(self) -> int:
-        size = self.batch_size * self.unit_batches
-        return -(-self.samples // size)
+        return -(-self.samples // self.unit_samples)
 
     def bounds(self, unit: int) -> tuple[int, int]:
-        size = self.batch_size * self.unit_batches
-        return unit * size, min(self.samples, (unit + 1) * size)
+        return unit * self.unit_samples, min(self.samples, (unit + 1) * self.unit_samples)
 
 
 def plan_units(samples: int, batch_size: int, longest: int, processes: int) -> Plan:
@@ -71,6 +74,11 @@ def plan_units(samples: int, batch_size: int, longest: int, processes: int) -> P
 def is_queue_progress(state: dict[str, Any] | None) -> bool:
     """A progress file written by a work-queue job (``run_queue``) rather than by a single process."""
     return isinstance(state, dict) and state.get("format") == QUEUE_FORMAT
+
+
+def finished_units_text(state: dict[str, Any]) -> str:
+    """What a queued job's progress file holds, as the "resuming ..." line says it."""
+    return f"{len(state['units'])} of {Plan(**state['plan']).count} finished work units"
 
 
 class QueueWorker(Protocol):
