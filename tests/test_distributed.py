@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from robench.evaluation.work_queue import UNITS_PER_PROCESS, plan_units
 from robench.results.progress import PROGRESS_FILE
+from cli_helpers import invoke
 from torchrun_helpers import nodes, saved_units, standalone
 
 FAST = "name: dist\nattacks:\n  - attack: fgsm\n    eps: [0.05, 0.1]\n  - attack: pgd\n    eps: 0.1\n    steps: 5\n"
@@ -71,9 +72,9 @@ def _assert_same(doc: dict, samples: Path, expected) -> None:
     assert samples.read_text() == want_samples
 
 
-@pytest.mark.parametrize("processes", [2, 3])
-def test_the_work_queue_equals_one_process(reference, tmp_path, processes):
-    suite = reference["fast"][2]
+def test_the_work_queue_equals_one_process(reference, tmp_path):
+    """Two processes here; three in the resumed job and four on two nodes below."""
+    processes, suite = 2, reference["fast"][2]
     run = _robench([*EVAL, "--suite", str(suite)], tmp_path / "run", tmp_path, standalone(processes))
     assert run.returncode == 0, run.stderr
     doc = json.loads(run.stdout)
@@ -127,7 +128,7 @@ def _workers(parent: int) -> dict[int, int]:
 
 
 @needs_proc
-def test_a_killed_worker_is_restarted_and_the_job_resumes_itssaved_units(reference, tmp_path):
+def test_a_killed_worker_is_restarted_and_the_job_resumes_its_saved_units(reference, tmp_path):
     suite, run = reference["slow"][2], tmp_path / "run"
     cmd = [*standalone(2, "--max-restarts", "1"), "-m", "robench", *SLOW_EVAL, "--suite", str(suite),
            "--out", str(run)]
@@ -179,16 +180,22 @@ def test_one_process_resumes_a_queued_job(reference, tmp_path):
     _assert_same(doc, run / "samples.csv", reference["slow"])
 
 
-def test_a_single_process_run_is_not_resumed_understandalone(reference, tmp_path):
+def test_a_single_process_run_is_not_resumed_under_torchrun(reference, tmp_path, monkeypatch):
+    import robench.evaluation.engine as engine
+
     suite, run = reference["slow"][2], tmp_path / "run"
-    cmd = [sys.executable, "-m", "robench", *SLOW_EVAL, "--suite", str(suite), "--out", str(run)]
-    job = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while not (run / PROGRESS_FILE).exists():
-        assert job.poll() is None and time.monotonic() < deadline, job.communicate()[1]
-        time.sleep(0.05)
-    job.send_signal(signal.SIGTERM)
-    job.communicate(timeout=120)
+    real_run_segment, calls = engine._run_segment, []
+
+    def interrupted_on_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # Ctrl-C in the second segment: the first is saved
+        return real_run_segment(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "SEGMENT_BATCHES", 4)  # 20 batches: five segments
+    monkeypatch.setattr(engine, "_run_segment", interrupted_on_second)
+    stopped = invoke(*SLOW_EVAL, "--suite", suite, "--out", run)
+    assert stopped.exit_code == 130 and (run / PROGRESS_FILE).exists(), stopped.stderr
     again = _robench([*SLOW_EVAL, "--suite", str(suite)], run, tmp_path, standalone(2))
     assert again.returncode != 0  # torchrun's own code: a worker failed (each said why, with robench's code 2)
     assert ("robench: error: cannot resume under torchrun: the run was started by a single process; resume it "
@@ -211,10 +218,15 @@ def test_a_node_that_read_other_data_stops_the_job(reference, tmp_path):
     cmd = [*launcher, "-m", "robench", *SLOW_EVAL, "--data", "npz:data.npz", "--suite", str(reference["slow"][2]),
            "--out", str(tmp_path / "run")]
     for name in ("a", "b"):
-        launched.append(subprocess.Popen(cmd, cwd=tmp_path / name, stdout=subprocess.PIPE,
-                                         stderr=subprocess.PIPE, text=True))
+        # One thread a process, as torchrun sets for several processes a node: two nodes share these cores.
+        launched.append(subprocess.Popen(cmd, cwd=tmp_path / name, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                         text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}))
     errors = "".join(node.communicate(timeout=300)[1] for node in launched)
     # Every process stops (rank 0 tells the others): no node is left waiting for the rest.
     assert all(node.returncode != 0 for node in launched)
     assert "read other data than the first process for samples" in errors, errors
-    assert not (tmp_path / "run" / "results.json").exists(), "no result from mixed data"
+    assert "the first process (rank 0) stopped" in errors, errors
+    run = tmp_path / "run"
+    assert not (run / "results.json").exists(), "no result from mixed data"
+    # The first unit of other data stopped the job: the units checked before it are kept for a rerun.
+    assert 0 < saved_units(run) < plan_units(320, 16, 32, 2).count

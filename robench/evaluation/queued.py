@@ -74,7 +74,7 @@ class _ClassificationWork:
         self.samples = len(dataset)
         self.batch_size = options.batch_size if isinstance(options.batch_size, int) else None
         self.runner: PartRunner | None = None
-        self.fingerprint = ""  # the whole set's, once ``verify`` has read it (rank 0)
+        self.fingerprints: tuple[str, list[str]] | None = None  # see ``_fingerprints``
 
     def longest(self, batch_size: int) -> int:
         # A unit is attacked as one engine segment; without refill nothing gains from longer ones.
@@ -103,19 +103,20 @@ class _ClassificationWork:
         if self.on_batch is not None:
             self.on_batch(samples)
 
-    def verify(self, job: Queued) -> None:
-        """The whole set's fingerprint, read by rank 0, and every unit checked against it: a node that read
-        other data (another copy of the data set, another preprocessing) stops the job instead of giving a
-        wrong number."""
-        plan = job.plan
-        whole, parts = part_fingerprints(self.dataset, plan.batch_size, plan.unit_batches)
-        for unit, record in job.units.items():
-            if record["unit"]["state"]["data_digest"] != parts[unit]:
-                start, stop = plan.bounds(unit)
-                raise RunError(f"{record['worker']} read other data than the first process for samples {start} to "
-                               f"{stop - 1} of {self.dataset.name}; every node needs the same data and options: "
-                               "start again with another --out once they agree")
-        self.fingerprint = whole
+    def check_collected(self, plan: Plan, unit: int, record: dict[str, Any]) -> None:
+        """Each unit against rank 0's own read of its samples: a node that read other data (another copy of
+        the data set, another preprocessing) stops the job instead of giving a wrong number."""
+        if record["unit"]["state"]["data_digest"] != self._fingerprints(plan)[1][unit]:
+            start, stop = plan.bounds(unit)
+            raise RunError(f"{record['worker']} read other data than the first process for samples {start} to "
+                           f"{stop - 1} of {self.dataset.name}; every node needs the same data and options: run "
+                           "the same command again once they agree (the units already checked are kept)")
+
+    def _fingerprints(self, plan: Plan) -> tuple[str, list[str]]:
+        """The whole set's fingerprint and each unit's, from one read of the data (rank 0, once)."""
+        if self.fingerprints is None:
+            self.fingerprints = part_fingerprints(self.dataset, plan.batch_size, plan.unit_batches)
+        return self.fingerprints
 
     def outcome(self, job: Queued | None, started: float) -> RunOutcome:
         """Rank 0: the units merged in data order (the whole run once complete); other ranks: an empty outcome."""
@@ -128,7 +129,7 @@ class _ClassificationWork:
         state = RunState.merged([r["unit"]["state"] for r in records]) if records else \
             RunState.for_entries(len(entries))
         _wall_time_per_entry(state, job)
-        fingerprint = self.fingerprint if job.complete else ""
+        fingerprint = self._fingerprints(job.plan)[0] if job.complete else ""
         outcome = RunOutcome(state, entries, fingerprint, seconds, complete=job.complete, total=self.samples,
                              batch_size=job.plan.batch_size)
         speed = self.runner.speed_facts() if self.runner else {}

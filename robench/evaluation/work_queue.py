@@ -113,9 +113,10 @@ class QueueWork(Protocol):
         """Rank 0: a unit arrived (from any process): report progress."""
         ...
 
-    def verify(self, job: "Queued") -> None:
-        """Rank 0, every unit in, before the others are let go: raise to stop every process (a unit computed
-        from other data than rank 0 reads, say)."""
+    def check_collected(self, plan: Plan, unit: int, record: dict[str, Any]) -> None:
+        """Rank 0, as each unit arrives (from any process): raise to stop every process (a unit computed
+        from other data than rank 0 reads, say). Checked on arrival rather than at the end, so a node with
+        the wrong data costs the job one unit rather than all of them."""
         ...
 
 
@@ -235,6 +236,7 @@ class _StoreQueue(_Queue):
 
     def claims(self, pending: list[int]) -> Iterator[int]:
         while (slot := self.store.add("claimed", 1) - 1) < len(pending):
+            _raise_if_aborted(self.store)
             yield pending[slot]
 
     def post(self, unit: int, record: dict[str, Any]) -> None:
@@ -269,16 +271,22 @@ def _wait_for(store: dist.Store, key: str) -> None:
     timeout. If rank 0 stops with an error, it says so here (torchrun stops the processes of its own node,
     not always those of the others)."""
     while not store.check([key]):
-        if store.check(["aborted"]):
-            raise RunError("the first process (rank 0) stopped; its output says why")
+        _raise_if_aborted(store)
         time.sleep(POLL_SECONDS)
+
+
+def _raise_if_aborted(store: dist.Store) -> None:
+    if store.check(["aborted"]):
+        raise RunError("the first process (rank 0) stopped; its output says why")
 
 
 # -- the processes -----------------------------------------------------------------------------------------------
 
-def _compute_claims(worker: QueueWorker, queue: _Queue, plan: Plan, pending: list[int]) -> None:
+def _compute_claims(worker: QueueWorker, queue: _Queue, plan: Plan, pending: list[int],
+                    before_each: Callable[[], None] = lambda: None) -> None:
     name = f"{socket.gethostname()}:{os.getpid()}"
     for unit in queue.claims(pending):
+        before_each()
         start = time.perf_counter()
         record = worker.unit(*plan.bounds(unit))
         queue.post(unit, {"unit": record, "seconds": time.perf_counter() - start, "worker": name})
@@ -293,6 +301,9 @@ def _follow(queue: _Queue, work: QueueWork) -> None:
         queue.wait_finished()
     except KeyboardInterrupt as exc:
         raise QueueInterrupted(None) from exc
+    except dist.DistNetworkError as exc:
+        # Rank 0's node hosts the store: once it has stopped, the connection breaks before "aborted" is read.
+        raise RunError(f"the first process (rank 0) stopped; its output says why ({type(exc).__name__})") from exc
 
 
 def _saved_units(resume_state: dict | None, work: QueueWork) -> Queued | None:
@@ -342,7 +353,7 @@ class _Lead:
             collector = threading.Thread(target=self._collect_until_stopped, name="robench-collector", daemon=True)
             collector.start()
             try:
-                _compute_claims(worker, self.queue, job.plan, pending)
+                _compute_claims(worker, self.queue, job.plan, pending, self._raise_failure)
                 self._wait_for_all()
             except BaseException as exc:
                 self._stop(collector)
@@ -351,7 +362,6 @@ class _Lead:
                 raise
             self._stop(collector)
             job.complete = True
-            self.work.verify(job)
         self.queue.finish()
         return job
 
@@ -376,16 +386,31 @@ class _Lead:
 
     def _collect(self, final: bool) -> None:
         assert self.job is not None
-        found = self.queue.collect()
+        found, refused = self._checked(self.queue.collect())
         with self.lock:
             for unit, record in found:
                 self.job.units[unit] = record
         for _, record in found:
             self.work.finished(record["unit"])
         due = time.perf_counter() - self.last_save >= self.save_every
-        if self.save_state is not None and (final or (found and due)):
-            self.save_state(self._snapshot())
+        if self.save_state is not None and (final or refused or (found and due)):
+            self.save_state(self._snapshot())  # the units that passed are kept for a rerun
             self.last_save = time.perf_counter()
+        if refused is not None:
+            raise refused
+
+    def _checked(self, found: list[tuple[int, dict[str, Any]]]) -> tuple[list, Exception | None]:
+        """The units that pass the task's check, and the first refusal."""
+        assert self.job is not None
+        passed, refused = [], None
+        for unit, record in found:
+            try:
+                self.work.check_collected(self.job.plan, unit, record)
+            except (RunError, UsageError) as exc:
+                refused = refused or exc
+                continue
+            passed.append((unit, record))
+        return passed, refused
 
     def _wait_for_all(self) -> None:
         assert self.job is not None
@@ -393,16 +418,19 @@ class _Lead:
             with self.lock:
                 if len(self.job.units) == self.job.plan.count:
                     return
-            if self.failure is not None:
-                raise self.failure
+            self._raise_failure()
             time.sleep(POLL_SECONDS)
+
+    def _raise_failure(self) -> None:
+        """What stopped the collector (a unit of other data, a failed save), raised in the main thread."""
+        if self.failure is not None:
+            raise self.failure
 
     def _stop(self, collector: threading.Thread) -> None:
         self.stop.set()
         collector.join()
         self._collect(final=True)  # what arrived since, and the last snapshot
-        if self.failure is not None:
-            raise self.failure
+        self._raise_failure()
 
     def _snapshot(self) -> dict[str, Any]:
         assert self.job is not None

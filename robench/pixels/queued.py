@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from robench.errors import UsageError
+from robench.errors import RunError, UsageError
 from robench.evaluation.work_queue import Plan, QueueInterrupted, Queued, run_queue
 from robench.models.wrapper import RobustModel
 from robench.pixels.experiment import PixelCounts, PixelExperimentsInterrupted, data_digest, images_fingerprint, \
@@ -79,14 +79,23 @@ class PixelWork:
 
     def check_saved(self, plan: Plan, unit: int, record: dict[str, Any]) -> None:
         start, stop = plan.bounds(unit)
-        labels = None if self.labels is None else self.labels[start:stop]
         saved = PixelCounts.restored(record, plan.batch_size)  # refuses what is not a unit's counts
-        if data_digest(self.images[start:stop], labels, plan.batch_size) != saved.data_digest:
+        if self._digest(plan, start, stop) != saved.data_digest:
             raise UsageError(f"cannot resume: the images changed since the interrupted run (images {start} to "
                              f"{stop - 1} differ); start a new run with another --out")
 
-    def verify(self, job: Queued) -> None:
-        """Nothing to check beyond the units' own digests (the resume check); the counts are added up by ``run``."""
+    def check_collected(self, plan: Plan, unit: int, record: dict[str, Any]) -> None:
+        """Each unit's digest against rank 0's own images: a node that read another folder (or read it
+        otherwise) stops the job instead of giving a wrong Pixel-index."""
+        start, stop = plan.bounds(unit)
+        if self._digest(plan, start, stop) != PixelCounts.restored(record["unit"], plan.batch_size).data_digest:
+            raise RunError(f"{record['worker']} read other images than the first process (images {start} to "
+                           f"{stop - 1}); every node needs the same folder and options: run the same command "
+                           "again once they agree (the units already checked are kept)")
+
+    def _digest(self, plan: Plan, start: int, stop: int) -> str:
+        labels = None if self.labels is None else self.labels[start:stop]
+        return data_digest(self.images[start:stop], labels, plan.batch_size)
 
     def finished(self, record: dict[str, Any]) -> None:
         if self.on_batch is not None:

@@ -106,9 +106,9 @@ class RowsWork:
     def finished(self, record: dict[str, Any]) -> None:
         """ReID reports progress by stage, not by unit."""
 
-    def verify(self, job: Queued) -> None:
-        """Nothing beyond ``check_saved``: units carry no digest of the images they read (every process
-        must read the same data, as the classification queue checks)."""
+    def check_collected(self, plan: Plan, unit: int, record: dict[str, Any]) -> None:
+        """Nothing to check: units carry no digest of the images they read (every process must read the
+        same data, as the classification queue checks)."""
 
     def _assembled(self, job: Queued) -> torch.Tensor:
         records = [record["unit"] for record in job.ordered()]
