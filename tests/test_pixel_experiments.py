@@ -94,3 +94,32 @@ def test_a_resumed_run_counts_what_an_uninterrupted_one_does(trained_model, digi
         run_pixel_experiments(model, changed, labels, **options, resume_state=snapshots[-1])
     with pytest.raises(UsageError, match="the images changed since the interrupted run"):
         run_pixel_experiments(model, images[:16], labels[:16], **options, resume_state=snapshots[-1])
+
+
+def test_a_unit_of_other_images_stops_a_queued_job_and_the_checked_units_are_kept(trained_model, digits_split,
+                                                                                   monkeypatch):
+    """The work queue in one process (as when it resumes a torchrun job), its worker reading other images
+    from the second unit on, as a node with another copy of the folder would: rank 0's check stops the job
+    at that unit, and the progress saved holds the units before it."""
+    from robench.errors import RunError
+    from robench.models.wrapper import RobustModel
+    from robench.pixels import queued
+
+    _, x_te, _, y_te = digits_split
+    images = torch.from_numpy(x_te[:48]).permute(0, 3, 1, 2).contiguous()
+    other = images ^ 1  # one bit of every pixel
+    options = {"pixels": [2], "settings": build_settings([30], []), "trials": 1, "seed": 1, "shared_positions": False,
+               "channels": "all", "attack_eps": None, "batch_size": 8, "device": torch.device("cpu")}
+    work = queued.PixelWork(RobustModel(trained_model), images, torch.from_numpy(y_te[:48]), options)
+    real_experiments = queued.run_pixel_experiments
+
+    def other_copy_after_the_first_unit(model, unit_images, labels, *, first, **kwargs):
+        if first > 0:  # what the worker reads; rank 0 checks against its own images
+            unit_images = other[first:first + len(unit_images)]
+        return real_experiments(model, unit_images, labels, first=first, **kwargs)
+
+    monkeypatch.setattr(queued, "run_pixel_experiments", other_copy_after_the_first_unit)
+    saved: list[dict] = []
+    with pytest.raises(RunError, match=r"read other images than the first process \(images 8 to 15\)"):
+        work.run(save_state=saved.append, save_every=0)
+    assert [int(unit) for unit in saved[-1]["units"]] == [0]

@@ -397,7 +397,8 @@ class _Lead:
             self.save_state(self._snapshot())  # the units that passed are kept for a rerun
             self.last_save = time.perf_counter()
         if refused is not None:
-            raise refused
+            self.failure = self.failure or refused  # the first refusal is the one reported
+            raise self.failure
 
     def _checked(self, found: list[tuple[int, dict[str, Any]]]) -> tuple[list, Exception | None]:
         """The units that pass the task's check, and the first refusal."""

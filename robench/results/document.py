@@ -21,8 +21,12 @@ Schema ``robench.results/1`` (documented in README, "Results"):
 
 from __future__ import annotations
 
+import importlib.metadata
 import platform
+import re
+import sys
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -70,10 +74,27 @@ def data_block(described: dict[str, Any], fingerprint: str, details: dict[str, A
 
 
 def software_versions() -> dict[str, str]:
-    import torchvision  # imported here: a heavy import that only documents need
-
-    return {"robench": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+    return {"robench": __version__, "torch": torch.__version__, "torchvision": torchvision_version(),
             "python": platform.python_version(), "numpy": np.__version__}
+
+
+def torchvision_version() -> str:
+    """torchvision's ``__version__``, local tag included (``0.29.1+cpu``: the package metadata drops it).
+    Read from its version.py rather than imported: importing torchvision loads torch._dynamo, about two
+    seconds of every run that needs nothing else from it."""
+    loaded = sys.modules.get("torchvision")
+    if loaded is not None:
+        return str(loaded.__version__)
+    try:
+        source = importlib.metadata.distribution("torchvision").locate_file("torchvision/version.py")
+        found = re.search(r"""^__version__ = ['"]([^'"]+)['"]""", Path(str(source)).read_text(), re.MULTILINE)
+    except (importlib.metadata.PackageNotFoundError, OSError):
+        found = None
+    if found is None:  # an unusual install: ask the package itself
+        import torchvision
+
+        return str(torchvision.__version__)
+    return found.group(1)
 
 
 def env_block(device: torch.device, *, seed: int, batch_size: int, checkpoint_sha256: str | None,
