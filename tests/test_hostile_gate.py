@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-import robench.evaluation.sanity
+import robench.evaluation.findings
 from robench.errors import UsageError
 from robench.results.reading import read_result
 from cli_helpers import invoke, one_error_line
@@ -307,7 +307,7 @@ def test_flag_names_of_older_documents_are_derived(runs, doc, tmp_path):
     fgsm.update(accuracy=robust / n, success_rate=(fgsm["attacked"] - robust) / fgsm["attacked"])
     doc.update(robust_accuracy=min(doc["robust_accuracy"], fgsm["accuracy"]),
                mean_attack_accuracy=(fgsm["accuracy"] + pgd["accuracy"]) / 2)
-    doc["sanity"]["flags"] = robench.evaluation.sanity.flags_from(doc["sanity"], doc["attacks"])
+    doc["sanity"]["flags"] = robench.evaluation.findings.flags_from(doc["sanity"], doc["attacks"])
     doc["sanity"].pop("flag_names", None)
     assert len(doc["sanity"]["flags"]) == 1
     current = write(tmp_path / "cur.json", doc)

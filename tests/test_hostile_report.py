@@ -28,7 +28,8 @@ from robench.api import EvaluationInterrupted
 from robench.config import EvalConfig
 from robench.errors import Interrupted, UsageError
 from robench.models import load_model
-from robench.results.adversarial import MAX_STEM_BYTES, file_stem, read_examples, unique_stems
+from robench.results.adversarial import read_examples
+from robench.results.file_names import MAX_STEM_BYTES, file_stem, unique_stems
 from robench.results.locking import release_run_dirs
 from robench.results.reading import read_result, validate_document
 from robench.tasks import Hooks

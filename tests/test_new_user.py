@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -118,6 +120,36 @@ def test_import_robench_and_help_do_not_load_torch():
                             "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0, r.output\n"
                             "r = CliRunner().invoke(app, ['eval', '--help']); assert r.exit_code == 0, r.output")
     assert not {"torch", "torchvision", "pandas", "matplotlib"} & loaded
+
+
+def test_the_commands_that_read_results_do_not_load_torch(tmp_path):
+    """gate, compare, plot and report read JSON: a CI step that gates a run pays no torch start-up (about
+    3 s on a CPU)."""
+    golden = Path(__file__).with_name("golden")
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(golden / "fgsm.json", run / "results.json")
+    commands = [["gate", run / "results.json", "--baseline", golden / "fgsm.json"],
+                ["compare", golden / "fgsm.json", golden / "pgd-linf.json"],
+                ["plot", golden / "pgd-linf.json", "--out", tmp_path / "curve.png"],
+                ["report", run, "--out", tmp_path / "report.html"]]
+    code = "from robench.cli import app\nfrom typer.testing import CliRunner\n" + "".join(
+        f"r = CliRunner().invoke(app, {list(map(str, args))!r}); assert r.exit_code == 0, r.output\n"
+        for args in commands)
+    assert not {"torch", "torchvision"} & _modules_after(code)
+    assert (tmp_path / "curve.png").stat().st_size and (tmp_path / "report.html").stat().st_size
+
+
+def test_a_run_does_not_load_torchvision(tmp_path):
+    """torchvision loads torch._dynamo (about 2 s): a run of a bundled model on bundled data needs none of it,
+    and results.json still names its version."""
+    code = ("from robench.cli import app\nfrom typer.testing import CliRunner\n"
+            f"r = CliRunner().invoke(app, ['eval', 'example:digits', '--suite', 'fgsm', '--limit', '8', '--quiet', "
+            f"'--out', {str(tmp_path / 'run')!r}]); assert r.exit_code == 0, r.output\n")
+    assert not {"torchvision", "torch._dynamo"} & _modules_after(code)
+    import torchvision
+
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["env"]["torchvision"] == torchvision.__version__
 
 
 def test_lazy_public_names_are_the_real_ones():

@@ -24,7 +24,7 @@ import robench
 from cli_helpers import invoke, one_error_line, plugins_from, readme_block
 from robench.attacks import ATTACKS, PGD, Attack, GradientAttack, RunOutput, StepSizeParams, randomness
 from robench.errors import RunError, UsageError
-from robench.evaluation.sanity import attack_kind
+from robench.evaluation.findings import attack_kind
 
 LIMIT = 60
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import robench
-from robench.evaluation.sanity import masking_flags
+from robench.evaluation.findings import masking_flags
 
 SUITE = {"name": "s", "attacks": [{"attack": "fgsm", "eps": 0.1},
                                   {"attack": "pgd", "eps": 0.1, "steps": 5}]}

@@ -33,7 +33,7 @@ from xml.sax.saxutils import escape, quoteattr
 
 import pandas as pd
 
-import robench.evaluation.sanity
+from robench.evaluation import findings
 from robench.errors import UsageError
 from robench.registry import did_you_mean
 from robench.reporting.comparability import run_differences
@@ -154,7 +154,7 @@ def standard_error(metric: str, value: float, n: Any) -> float | None:
 
 # Sanity flag names robench writes (``sanity.flag_names``), and "unnamed": what an older document's
 # flag gets when its name cannot be worked out.
-KNOWN_FLAGS = (*robench.evaluation.sanity.FLAG_NAMES, "unnamed")
+KNOWN_FLAGS = (*findings.FLAG_NAMES, "unnamed")
 ALLOW_ALL = "all"
 FAILING = ("regression", "missing")
 # A value that is null in one run and a number in the other: the runs do not measure the same thing.
@@ -242,7 +242,7 @@ def _derived_names(sanity: dict[str, Any], attacks: list[Any], messages: list[st
     if not messages:
         return []
     try:
-        pairs = robench.evaluation.sanity.named_flags(sanity, attacks)
+        pairs = findings.named_flags(sanity, attacks)
     # Naming is best effort: an older document may lack a field the current checks read.
     except Exception:  # noqa: BLE001
         return ["unnamed"] * len(messages)

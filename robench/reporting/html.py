@@ -24,7 +24,7 @@ from robench.errors import UsageError
 from robench.reporting.html_figures import curve_svg, png_data_uri
 from robench.reporting.html_style import STYLE
 from robench.reporting.html_tables import KIND_TABLES, build_view, metric_attributes, table_html
-from robench.results.adversarial import entry_label, unique_stems
+from robench.results.file_names import entry_label, unique_stems
 from robench.results.metric_table import metric_info
 from robench.results.reading import (KNOWN_SCHEMAS, ResultFile, comparability_problems, load_json,
                                      read_result, results_frame, validate_document)

@@ -51,7 +51,6 @@ have no float arrays.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import math
 from dataclasses import dataclass, field
@@ -64,15 +63,12 @@ import torch
 from robench.evaluation.kept_examples import quantize_adversarial, quantize_clean
 from robench.files import check_regular_file
 from robench.results.atomic import write_file_atomically
+from robench.results.file_names import entry_label, unique_stems
 
 if TYPE_CHECKING:
     from robench.evaluation.state import RunOutcome
 
 FOLDER = "adversarial"
-# File systems allow 255 bytes a name: a stem leaves room for -N, .npz or .png and the temporary
-# name an atomic write uses beside the file (a dot before, a dot and 8 characters after).
-MAX_STEM_BYTES = 100
-HASH_CHARS = 12
 CHUNK = 1024  # samples rounded at a time: the float64 intermediates of a whole large run would not fit
 
 
@@ -125,36 +121,6 @@ def nhwc(images: torch.Tensor) -> np.ndarray:
     return images.permute(0, 2, 3, 1).contiguous().numpy()
 
 
-def file_stem(entry: str) -> str:
-    """The entry's label made filesystem-safe (``pgd@8/255`` -> ``pgd_8_255``) and short enough for a file name.
-
-    A stem over ``MAX_STEM_BYTES`` keeps its readable start and ends in a hash of the whole label: distinct
-    labels keep distinct names, and a label always gets the same name (a resumed run writes the same files).
-    """
-    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in entry).strip(".") or "entry"
-    raw = stem.encode("utf-8")
-    if len(raw) <= MAX_STEM_BYTES:
-        return stem
-    digest = hashlib.sha256(entry.encode("utf-8", "surrogatepass")).hexdigest()[:HASH_CHARS]
-    # Cut on a byte boundary, dropping a character split in two.
-    prefix = raw[:MAX_STEM_BYTES - HASH_CHARS - 1].decode("utf-8", "ignore")
-    return f"{prefix}-{digest}"
-
-
-def unique_stems(entries: list[str]) -> list[str]:
-    """One file name per entry; labels that clean to the same name get -2, -3, ..."""
-    taken: set[str] = set()
-    stems = []
-    for entry in entries:
-        stem, n = file_stem(entry), 2
-        while stem in taken:
-            stem = f"{file_stem(entry)}-{n}"
-            n += 1
-        taken.add(stem)
-        stems.append(stem)
-    return stems
-
-
 def write_examples(run_dir: Path, examples: list[SavedExamples]) -> list[Path]:
     """``adversarial/<entry>.npz`` per entry (atomic writes); returns the paths, in entry order."""
     folder = Path(run_dir) / FOLDER
@@ -182,11 +148,6 @@ def read_examples(path: str | Path) -> SavedExamples:
         eps=float(arrays["eps"]), norm=str(arrays["norm"]), attacked=arrays["attacked"],
         run_fooled=arrays["run_fooled"], extra={k: v for k, v in arrays.items() if k not in known},
         clean_float=arrays.get("clean_float"), adversarial_float=arrays.get("adversarial_float"))
-
-
-def entry_label(display_name: str, eps_text: str) -> str:
-    """What an entry's file is named after: the suite label and its eps (or pixel count) as written."""
-    return f"{display_name}@{eps_text}" if eps_text else display_name
 
 
 def examples_of_run(outcome: "RunOutcome") -> list[SavedExamples]:

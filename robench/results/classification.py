@@ -11,13 +11,14 @@ import torch
 
 from robench.data.sources import ImageDataset
 from robench.evaluation import distributed
-from robench.evaluation.sanity import named_flags
+from robench.evaluation.findings import named_flags
 from robench.evaluation.state import RunOutcome, accuracy_of
 from robench.metrics import MetricCollection
 from robench.models.loading import LoadedModel
 from robench.models.preprocessing import Normalization
 from robench.results.adversarial import SavedExamples, saved_summaries
-from robench.results.document import SCHEMA, data_block, env_block, header, model_block, suite_block
+from robench.results.document import data_block, env_block, header, model_block, suite_block
+from robench.results.schema import SCHEMA
 from robench.suites import LoadedSuite
 
 

@@ -37,8 +37,6 @@ from robench.models.checkpoints import LoadedModel
 from robench.models.preprocessing import Normalization
 from robench.evaluation.precision import device_name
 
-SCHEMA = "robench.results/1"
-PIXEL_SCHEMA = "robench.pixel-index/1"
 
 # Marks an optional field the caller did not give; None is a real value (e.g. no normalisation).
 ABSENT: Any = object()

@@ -13,7 +13,8 @@ from robench.models.preprocessing import Normalization
 from robench.pixels.experiment import PixelCounts, PixelSetting
 from robench.pixels.index import pixel_index_terms
 from robench.pixels.perturb import value_range
-from robench.results.document import ABSENT, PIXEL_SCHEMA, data_block, env_block, header, model_block
+from robench.results.document import ABSENT, data_block, env_block, header, model_block
+from robench.results.schema import PIXEL_SCHEMA
 
 PIXEL_TERMS = ("w", "p", "r", "a", "pi")
 

@@ -19,7 +19,7 @@ import pandas as pd
 
 from robench.errors import UsageError
 from robench.files import read_bounded_text
-from robench.results.document import PIXEL_SCHEMA, SCHEMA
+from robench.results.schema import PIXEL_SCHEMA, SCHEMA
 from robench.results.metric_table import RANK_KEY
 from robench.results.tidy import TIDY_COLUMNS, document_kind, tidy_rows
 

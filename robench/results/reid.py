@@ -10,7 +10,8 @@ from robench.models.loading import LoadedModel
 from robench.models.preprocessing import Normalization
 from robench.reid.datasets import ReIDData
 from robench.reid.engine import ReIDOptions, ReIDOutcome
-from robench.results.document import ABSENT, SCHEMA, data_block, env_block, header, model_block, suite_block
+from robench.results.document import ABSENT, data_block, env_block, header, model_block, suite_block
+from robench.results.schema import SCHEMA
 from robench.suites import LoadedSuite
 
 

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import pandas as pd
 
-from robench.results.document import PIXEL_SCHEMA
+from robench.results.schema import PIXEL_SCHEMA
 from robench.results.metric_table import reid_metric_keys
 
 TIDY_COLUMNS = ["model", "kind", "suite", "entry", "attack", "norm", "settings", "eps", "eps_text", "pixels", "metric",
