@@ -48,14 +48,15 @@ def _robench(args, out: Path, cwd: Path, launcher=(), **kwargs):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """Single-process runs of the fast and the slow suite: what every distributed run must equal."""
+    """Single-process runs (in this process) of the fast and the slow suite: what every distributed run must
+    equal."""
     root = tmp_path_factory.mktemp("single")
     (root / "fast.yaml").write_text(FAST)
     (root / "slow.yaml").write_text(SLOW)
     runs = {}
     for name, args in (("fast", EVAL), ("slow", SLOW_EVAL)):
-        done = _robench([*args, "--suite", str(root / f"{name}.yaml")], root / name, root)
-        assert done.returncode == 0, done.stderr
+        done = invoke(*args, "--suite", root / f"{name}.yaml", "--out", root / name)
+        assert done.exit_code == 0, done.stderr
         runs[name] = (json.loads(done.stdout), (root / name / "samples.csv").read_text(), root / f"{name}.yaml")
     return runs
 
@@ -72,9 +73,9 @@ def _assert_same(doc: dict, samples: Path, expected) -> None:
     assert samples.read_text() == want_samples
 
 
-def test_the_work_queue_equals_one_process(reference, tmp_path):
-    """Two processes here; three in the resumed job and four on two nodes below."""
-    processes, suite = 2, reference["fast"][2]
+@pytest.mark.parametrize("processes", [2, 3])
+def test_the_work_queue_equals_one_process(reference, tmp_path, processes):
+    suite = reference["fast"][2]
     run = _robench([*EVAL, "--suite", str(suite)], tmp_path / "run", tmp_path, standalone(processes))
     assert run.returncode == 0, run.stderr
     doc = json.loads(run.stdout)
@@ -173,8 +174,8 @@ def test_one_process_resumes_a_queued_job(reference, tmp_path):
     partial = json.loads((run / "results.json").read_text())
     assert partial["complete"] is False and 0 < partial["progress"]["evaluated"] < 320
     saved = saved_units(run)
-    again = _robench([*SLOW_EVAL, "--suite", str(suite)], run, tmp_path)
-    assert again.returncode == 0, again.stderr
+    again = invoke(*SLOW_EVAL, "--suite", suite, "--out", run)
+    assert again.exit_code == 0, again.stderr
     doc = json.loads(again.stdout)
     assert doc["env"]["processes"] == 1 and doc["env"]["speed"]["work_units"]["resumed"] == saved
     _assert_same(doc, run / "samples.csv", reference["slow"])

@@ -73,7 +73,7 @@ def two_nodes(images: Path, out: Path) -> list[str]:
     return [*nodes(2, 2, "pixels"), "-m", "robench", *command(images, out)]
 
 
-JOBS = {"2": (2, 1), "2 nodes x 2": (4, 2)}  # name: (processes, launchers)
+JOBS = {"2": (2, 1), "3": (3, 1), "2 nodes x 2": (4, 2)}  # name: (processes, launchers)
 
 
 @pytest.fixture(scope="module")

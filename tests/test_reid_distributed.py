@@ -62,10 +62,10 @@ def _start(launcher: list[str], suite: Path, out: Path, **kwargs) -> subprocess.
 
 @pytest.fixture(scope="module")
 def jobs(suite, tmp_path_factory):
-    """The independent torchrun jobs, started at once: 2 processes and two nodes of two (three processes:
-    the resumed job below); each job's run folder, alone in a folder of its own."""
+    """The independent torchrun jobs, started at once: 2 processes, 3 processes, two nodes of two; each
+    job's run folder, alone in a folder of its own."""
     two_nodes = nodes(2, 2, "robench-reid-test")
-    launchers = {2: [standalone(2)], "nodes": [two_nodes, two_nodes]}
+    launchers = {2: [standalone(2)], 3: [standalone(3)], "nodes": [two_nodes, two_nodes]}
     started = {}
     for name, commands in launchers.items():
         out = tmp_path_factory.mktemp(f"torchrun-{name}") / "run"
@@ -104,7 +104,7 @@ def _assert_same(doc: dict, reference: dict) -> None:
     assert json.dumps(measured(doc)) == json.dumps(measured(reference))
 
 
-@pytest.mark.parametrize("name, processes", [(2, 2), ("nodes", 4)])
+@pytest.mark.parametrize("name, processes", [(2, 2), (3, 3), ("nodes", 4)])
 def test_torchrun_equals_one_process(jobs, reference, name, processes):
     launched, out = jobs[name]
     doc = _finished(launched)
