@@ -16,7 +16,7 @@ import robench
 from robench.api import EvaluationInterrupted
 from robench.attacks import PGD
 from robench.evaluation.engine import SEGMENT_BATCHES
-from cli_helpers import stop_after, evaluate_with_state
+from cli_helpers import evaluate_with_state, invoke, stop_after
 
 SUITE = {"name": "rel", "attacks": [{"attack": "pgd", "eps": [0.05, 0.1], "steps": 5},
                                     {"attack": "fgsm", "eps": 0.1}]}
@@ -80,10 +80,12 @@ def test_out_of_memory_for_a_single_image_is_a_clear_error(trained_model, test_t
 HEAVY = "name: heavy\nattacks:\n  - attack: pgd\n    eps: [0.05, 0.1]\n    steps: 20\n    final_iterate: true\n"
 
 
+# 40 batches of 4: five segments, so there is progress to interrupt and to resume
+EVAL = ["eval", "example:digits", "--batch-size", "4", "--limit", "160", "--save-every", "0", "--quiet"]
+
+
 def robench_cmd(*args):
-    # 40 batches of 4: five segments, so there is progress to interrupt and to resume
-    return [sys.executable, "-m", "robench", "eval", "example:digits", "--batch-size", "4", "--limit", "160",
-            "--save-every", "0", "--quiet", *args]
+    return [sys.executable, "-m", "robench", *EVAL, *args]
 
 
 def test_sigterm_leaves_a_partial_result_and_rerunning_continues(tmp_path):
@@ -110,23 +112,23 @@ def test_sigterm_leaves_a_partial_result_and_rerunning_continues(tmp_path):
     doc = json.loads(resumed.stdout)
     assert doc["complete"] is True and doc["progress"]["evaluated"] == 160
     assert not (out / "progress.pt").exists()
-    fresh = subprocess.run(robench_cmd("--suite", suite, "--out", tmp_path / "fresh", "--json"),
-                           capture_output=True, text=True, env=env)
+    # An uninterrupted run and the same command again, in this process.
+    fresh = invoke(*EVAL, "--suite", suite, "--out", tmp_path / "fresh", "--json")
     assert [a["accuracy"] for a in json.loads(fresh.stdout)["attacks"]] == [a["accuracy"] for a in doc["attacks"]]
     assert (out / "samples.csv").read_text() == (tmp_path / "fresh" / "samples.csv").read_text()
-    again = subprocess.run(robench_cmd("--suite", suite, "--out", out), capture_output=True, text=True, env=env)
-    assert again.returncode == 2 and "never overwritten" in again.stderr
+    again = invoke(*EVAL, "--suite", suite, "--out", out)
+    assert again.exit_code == 2 and "never overwritten" in again.stderr
 
 
 def test_resume_refuses_other_settings_and_empty_directories(tmp_path):
     suite = tmp_path / "heavy.yaml"
     suite.write_text(HEAVY)
-    nothing = subprocess.run(robench_cmd("--suite", suite, "--resume", tmp_path), capture_output=True, text=True)
-    assert nothing.returncode == 2 and "no interrupted run" in nothing.stderr
+    nothing = invoke(*EVAL, "--suite", suite, "--resume", tmp_path)
+    assert nothing.exit_code == 2 and "no interrupted run" in nothing.stderr
     out = tmp_path / "run"
     out.mkdir()
     from robench.results.progress import save_progress
 
     save_progress(out, {"format": "robench.progress/1", "batches": 1}, "some-other-settings")
-    other = subprocess.run(robench_cmd("--suite", suite, "--resume", out), capture_output=True, text=True)
-    assert other.returncode == 2 and "differ from the interrupted run" in other.stderr
+    other = invoke(*EVAL, "--suite", suite, "--resume", out)
+    assert other.exit_code == 2 and "differ from the interrupted run" in other.stderr
