@@ -155,7 +155,7 @@ def test_progress_hears_passes_within_an_entry(tmp_path):
 
 # -- a real SIGINT -----------------------------------------------------------------------------------------------
 
-SLOW_SQUARE = {**QUICK, "square": {"queries": 4000}}
+SLOW_SQUARE = {**QUICK, "square": {"queries": 1500}}
 
 
 def _batch_invariant() -> bool:
