@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,13 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 from robench.examples import digits_cnn, train_classifier
+
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # Test processes side by side share the cores: each takes its share of threads (and so do the commands
+    # it starts), or OpenMP's waiting threads take the cores from each other.
+    THREADS = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    torch.set_num_threads(THREADS)
+    os.environ["OMP_NUM_THREADS"] = str(THREADS)
 
 
 @pytest.fixture(scope="session")
