@@ -11,10 +11,13 @@ import contextlib
 import itertools
 import os
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
+
 
 def world() -> tuple[int, int, int]:
     """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) otherwise."""
@@ -73,3 +76,12 @@ _joins = itertools.count()
 def _fresh_keys(store: dist.Store) -> dist.Store:
     # Each join of the group gets keys of its own: every process joins in the same order, so they agree.
     return dist.PrefixStore(f"robench/{next(_joins)}", store)
+
+
+def from_first(value: T) -> T:
+    """Rank 0's ``value`` on every process of a torchrun job; a single process's as it is."""
+    if world()[1] == 1:
+        return value
+    box: list[Any] = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

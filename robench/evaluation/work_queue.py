@@ -138,11 +138,13 @@ class Queued:
         return {"units": self.plan.count, "unit_batches": self.plan.unit_batches, "resumed": self.resumed,
                 "processes": distributed.world()[1]}
 
-    def seconds_per_process(self, seconds_of: Callable[[dict[str, Any]], float]) -> float:
-        """The time of the slowest process: each adds up its own units (``seconds_of`` a unit's record)."""
+    def seconds_per_process(self, seconds_of: Callable[[dict[str, Any]], float] | None = None) -> float:
+        """The time of the slowest process: each adds up its own units (``seconds_of`` a part of a unit from
+        the task's record; by default the time the unit took)."""
         per_worker: dict[str, float] = {}
         for record in self.units.values():
-            per_worker[record["worker"]] = per_worker.get(record["worker"], 0.0) + seconds_of(record["unit"])
+            seconds = record["seconds"] if seconds_of is None else seconds_of(record["unit"])
+            per_worker[record["worker"]] = per_worker.get(record["worker"], 0.0) + seconds
         return max(per_worker.values(), default=0.0)
 
 
@@ -318,13 +320,20 @@ def _saved_units(resume_state: dict | None, work: QueueWork) -> Queued | None:
     except (KeyError, TypeError, ValueError):
         raise UsageError("cannot resume: the progress file's units are damaged; start a new run with another "
                          "--out") from None
-    if plan.samples != work.samples or any(not 0 <= k < plan.count for k in saved.units):
+    fitting = all(0 <= k < plan.count and _is_record(record) for k, record in saved.units.items())
+    if plan.samples != work.samples or not fitting:
         raise UsageError("cannot resume: the progress file does not match this run; start a new run with "
                          "another --out")
     for unit, record in saved.units.items():
         work.check_saved(plan, unit, record["unit"])
     saved.resumed = len(saved.units)
     return saved
+
+
+def _is_record(record: Any) -> bool:
+    """The queue's own fields of a saved unit (the task checks the rest)."""
+    return (isinstance(record, dict) and isinstance(record.get("unit"), dict) and isinstance(record.get("worker"), str)
+            and isinstance(record.get("seconds"), float) and record["seconds"] >= 0)
 
 
 class _Lead:

@@ -109,7 +109,7 @@ class PixelWork:
         for record in job.ordered():
             counts = counts.plus(PixelCounts.restored(record["unit"], job.plan.batch_size))
         # Processes run side by side: the job took as long as its busiest one.
-        counts.seconds = job.seconds_per_process(lambda unit: float(unit["seconds"]))
+        counts.seconds = job.seconds_per_process()
         counts.fingerprint = images_fingerprint(self.images, job.plan.batch_size) if job.complete else ""
         self.work_units = job.facts()
         return counts

@@ -45,7 +45,7 @@ from robench.reid.features import ReIDFeatures, extract
 from robench.reid.metrics import distance_matrix, rank_metrics
 from robench.attacks.objectives import Objective, Unscored
 from robench.reid.objectives import objective
-from robench.reid.queued import UNFIT_PROGRESS, RowsWork, from_first
+from robench.reid.queued import UNFIT_PROGRESS, RowsWork
 from robench.suites import Suite
 
 DEFAULT_IDS_PER_BATCH = 8
@@ -236,7 +236,7 @@ def run_reid(
     _check_suite(suite, surrogate)
     entries = build_entries(suite, target, options.seed, loss_for=entry_objective)
     # Only rank 0 read the progress file; every process must skip the same settings (and refuse alike).
-    resume_state = from_first(resume_state)
+    resume_state = distributed.from_first(resume_state)
     outcome, finished, earlier = _starting_point(resume_state, entries, _fingerprint(data))
     snapshots = _Snapshots(outcome, finished, save_state, options.save_every, earlier, started)
     try:
@@ -417,7 +417,7 @@ def _units_as_groups(saved: dict[str, Any] | None) -> dict[str, Any] | None:
         return None
     return {"index": saved["index"], "label": saved["label"], "rows": torch.cat([r["rows"] for r in records]),
             "features": torch.cat([r["features"] for r in records]),
-            "seconds": sum(float(r["seconds"]) for r in records)}
+            "seconds": sum(float(r["seconds"]) for r in saved["job"]["units"].values())}
 
 
 def _fits_entry(index: int, label: str, entries: list[Entry], finished: dict[int, dict[str, Any]]) -> bool:

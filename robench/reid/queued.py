@@ -11,34 +11,22 @@ keyed by sample index.
 from __future__ import annotations
 
 import contextlib
-import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator
 
 import torch
-import torch.distributed as dist
 
 from robench.errors import UsageError
 from robench.evaluation import distributed
 from robench.evaluation.work_queue import Plan, Queued, run_queue
 
-__all__ = ["UNFIT_PROGRESS", "RowsJob", "RowsWork", "from_first"]
+__all__ = ["UNFIT_PROGRESS", "RowsJob", "RowsWork"]
 
 UNFIT_PROGRESS = "cannot resume: the progress file's setting under way does not fit this run"
 
 # Items a unit may hold: each posts its features through the store, so units stay small; ReID sets have
 # few groups per setting, and plan_units makes units shorter still when there are few items per process.
 LONGEST_UNIT = 8
-T = TypeVar("T")
-
-
-def from_first(value: T) -> T:
-    """Rank 0's ``value`` on every process of a torchrun job; a single process's as it is."""
-    if distributed.world()[1] == 1:
-        return value
-    box: list[Any] = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 @dataclass
@@ -56,10 +44,8 @@ class _Worker:
         self.work, self.batch_size = work, batch_size
 
     def unit(self, start: int, stop: int) -> dict[str, Any]:
-        began = time.perf_counter()
         features = self.work.compute(start, stop).detach().float().cpu()
-        rows = torch.tensor(self.work.rows_of(start, stop), dtype=torch.int64)
-        return {"rows": rows, "features": features, "seconds": time.perf_counter() - began}
+        return {"rows": torch.tensor(self.work.rows_of(start, stop), dtype=torch.int64), "features": features}
 
 
 class RowsWork:
@@ -77,8 +63,9 @@ class RowsWork:
         """Every process computes the units it claims; all get the whole job (a collective: every process
         calls it). Ctrl-C or SIGTERM raise ``QueueInterrupted`` (rank 0 saved the units it had first)."""
         job = run_queue(self, device=device, resume_state=resume_state, save_state=save_state, save_every=save_every)
-        mine = None if job is None else RowsJob(self._assembled(job), self._seconds(job), job.facts())
-        whole = from_first(mine)
+        # Processes run side by side: the job took as long as its busiest one.
+        mine = None if job is None else RowsJob(self._assembled(job), job.seconds_per_process(), job.facts())
+        whole = distributed.from_first(mine)
         assert whole is not None  # rank 0 always has the job
         return whole
 
@@ -93,13 +80,12 @@ class RowsWork:
 
     def check_saved(self, plan: Plan, unit: int, record: dict[str, Any]) -> None:
         """A progress file is input: a saved unit must hold exactly the rows its items give."""
-        rows, features, seconds = record.get("rows"), record.get("features"), record.get("seconds")
+        rows, features = record.get("rows"), record.get("features")
         want = torch.tensor(self.rows_of(*plan.bounds(unit)), dtype=torch.int64)
         fits = (isinstance(rows, torch.Tensor) and rows.dtype == torch.int64 and torch.equal(rows, want)
                 and isinstance(features, torch.Tensor) and features.dtype == torch.float32
                 and features.dim() == 2 and features.shape[0] == len(want)
-                and (self.dim is None or features.shape[1] == self.dim)
-                and isinstance(seconds, float) and seconds >= 0)
+                and (self.dim is None or features.shape[1] == self.dim))
         if not fits:
             raise UsageError(UNFIT_PROGRESS)
 
@@ -116,8 +102,3 @@ class RowsWork:
         out = torch.empty(self.total, features.shape[1], dtype=features.dtype)
         out[torch.cat([record["rows"] for record in records])] = features
         return out
-
-    @staticmethod
-    def _seconds(job: Queued) -> float:
-        # Processes run side by side: the job took as long as its busiest one.
-        return job.seconds_per_process(lambda unit: float(unit["seconds"]))
