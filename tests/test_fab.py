@@ -95,6 +95,7 @@ def test_robust_accuracy_matches_torchattacks(trained_model, test_tensors):
     ours = FABTargeted(steps=STEPS)(trained_model, x, y, EPS)
     adv = torchattacks.FAB(trained_model, norm="Linf", eps=EPS, steps=STEPS, n_restarts=1, alpha_max=0.1, eta=1.05,
                            beta=0.9, multi_targeted=True, n_classes=10, seed=0)(x, y)
+    trained_model.zero_grad(set_to_none=True)  # torchattacks' FAB leaves them; the model is the session's
     with torch.no_grad():
         theirs = trained_model(adv).argmax(dim=1) == y
     ours_robust = ~ours.success
