@@ -92,3 +92,31 @@ def test_auto_batch_size_in_a_run(trained_model, test_tensors, plain):
     assert auto.samples.equals(plain.samples)
     with pytest.raises(UsageError, match="positive integer or auto"):
         robench.evaluate(trained_model, test_tensors, SUITE, device="cpu", batch_size="big")
+
+
+def test_on_a_cpu_only_passes_without_an_input_gradient_are_compiled(trained_model):
+    """Inductor's CPU backward of a small CNN is slower than eager: gradient passes stay eager there."""
+    from robench.evaluation.speed import CompiledQueries, speed_up
+
+    forward, report = speed_up(trained_model, compile=True, backend="eager")
+    assert isinstance(forward, CompiledQueries) and report.compile
+    routed = []
+
+    class Recorded(torch.nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+        def forward(self, x):
+            routed.append(self.name)
+            return trained_model(x)
+
+    forward = CompiledQueries(Recorded("eager"), Recorded("compiled"))
+    x = torch.rand(4, 1, 8, 8)
+    assert not forward(x).requires_grad
+    x.requires_grad_(True)
+    (grad,) = torch.autograd.grad(forward(x).sum(), x)
+    assert grad.abs().sum() > 0
+    with torch.no_grad():
+        forward(x)
+    assert routed == ["compiled", "eager", "compiled"]

@@ -6,7 +6,9 @@ the run's estimated work pays for the compilation (about 20 s for a ResNet-50):
 at least ``AUTO_COMPILE_MIN_WORK`` image forward+backward passes. The model is
 compiled with dynamic shapes, so the shrinking batches of early stopping do not
 trigger a compilation per size; the number of graphs compiled during the run
-is recorded in the results (1 means nothing was recompiled).
+is recorded in the results (1 means nothing was recompiled). On a model held on
+the CPU only the passes without an input gradient (queries, scoring) run
+compiled (:class:`CompiledQueries`).
 """
 
 from __future__ import annotations
@@ -75,6 +77,26 @@ def _graph_count() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+class CompiledQueries(nn.Module):
+    """The compiled forward for passes that need no input gradient (queries, scoring); the eager one otherwise.
+
+    On a CPU inductor's forward and input gradient of the bundled digits CNN at batch 150 (one thread) take
+    13.4 ms against eager's 7.6 ms, while its forward alone takes 2.1 ms against 4.4 ms: gradient passes stay
+    eager there. Queries run without autograd's bookkeeping (the parameters' gradients are never wanted).
+    """
+
+    def __init__(self, model: nn.Module, compiled: Forward) -> None:
+        super().__init__()
+        self.model = model
+        self.compiled = compiled
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return self.model(x)
+        with torch.no_grad():
+            return self.compiled(x)
+
+
 def speed_up(forward: nn.Module, *, compile: bool, backend: str = "inductor",
              channels_last: bool = False) -> tuple[Forward, SpeedReport]:
     report = SpeedReport(compile=compile, backend=backend if compile else None, channels_last=channels_last)
@@ -83,7 +105,12 @@ def speed_up(forward: nn.Module, *, compile: bool, backend: str = "inductor",
     if not compile:
         return forward, report
     report._graphs_before = _graph_count()
-    return torch.compile(forward, dynamic=True, backend=backend), report
+    compiled = torch.compile(forward, dynamic=True, backend=backend)
+    return (CompiledQueries(forward, compiled) if _cpu_only(forward) else compiled), report
+
+
+def _cpu_only(model: nn.Module) -> bool:
+    return all(p.device.type == "cpu" for p in model.parameters())
 
 
 def timed_first_call(forward: Forward, x: torch.Tensor, report: SpeedReport) -> torch.Tensor:
