@@ -83,12 +83,12 @@ def bundled_digits():
 
 
 def pgd_trained_digits(args):
-    """The digits-pgd-at recipe trained here; the test digits of ``digits``."""
+    """The digits-pgd-at recipe trained here (on example:digits' train split); the bundled test digits."""
     from robench.models.loading import load_model
     from robench.training.recipe import builtin_recipes, load_recipe
     from robench.training.trainer import train
 
-    _, _, x, y = digits_split()
+    _, x, y, _ = bundled_digits()
     out = Path(tempfile.mkdtemp(prefix="bench-aa-")) / "digits-pgd-at"
     train(load_recipe(str(builtin_recipes()["digits-pgd-at"])), out)
     return load_model(str(out / "model.safetensors")).model, x, y, 0.1
