@@ -120,3 +120,20 @@ def test_on_a_cpu_only_passes_without_an_input_gradient_are_compiled(trained_mod
     with torch.no_grad():
         forward(x)
     assert routed == ["compiled", "eager", "compiled"]
+
+
+def test_an_inductor_compiled_run_gives_the_same_robust_accuracy(trained_model, test_tensors, tmp_path,
+                                                                   monkeypatch):
+    """Inductor itself (C++ kernels on a CPU): its queries and scoring passes round differently in the last bits,
+    which never moves a verdict on these points."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # compiled here, not read from a cache
+    data = (test_tensors[0][:120], test_tensors[1][:120])
+    suite = {"name": "digits-compiled", "attacks": [
+        {"attack": "fgsm", "eps": [0.05, 0.1]}, {"attack": "pgd", "eps": 0.1, "steps": 10},
+        {"attack": "square", "eps": 0.1, "queries": 200}]}
+    plain = robench.evaluate(trained_model, data, suite, device="cpu", compile="off")
+    compiled = robench.evaluate(trained_model, data, suite, device="cpu", compile="on")
+    assert compiled.doc["env"]["speed"]["compile_backend"] == "inductor"
+    assert compiled.doc["env"]["speed"]["compiled_graphs"] >= 1
+    assert [a["accuracy"] for a in compiled.doc["attacks"]] == [a["accuracy"] for a in plain.doc["attacks"]]
+    assert compiled.doc["clean"] == plain.doc["clean"]
