@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 import robench
-from bench_end_to_end import cifar, timed
+from bench_end_to_end import cifar, digits_split, timed
 from robench.attacks.autoattack import AutoAttack
 
 
@@ -92,19 +92,6 @@ def pgd_trained_digits(args):
     out = Path(tempfile.mkdtemp(prefix="bench-aa-")) / "digits-pgd-at"
     train(load_recipe(str(builtin_recipes()["digits-pgd-at"])), out)
     return load_model(str(out / "model.safetensors")).model, x, y, 0.1
-
-
-def digits_split():
-    """scikit-learn's digits as ``bench_end_to_end.digits`` splits them: (x_train, y_train, x_test, y_test)."""
-    import numpy as np
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    bunch = load_digits()
-    x = torch.from_numpy(np.round(bunch.images * 255 / 16).astype(np.float32) / 255)[:, None]
-    y = torch.from_numpy(bunch.target.astype(np.int64))
-    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.3, random_state=1, stratify=y)
-    return x_tr, y_tr, x_te, y_te
 
 
 def resnet20_digits(args):

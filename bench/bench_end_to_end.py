@@ -31,7 +31,8 @@ import robench
 from robench.examples import digits_cnn, train_classifier
 
 
-def digits(args):
+def digits_split():
+    """scikit-learn's digits, 70/30 stratified: (x_train, y_train, x_test, y_test), float images in [0, 1]."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -39,6 +40,11 @@ def digits(args):
     x = torch.from_numpy(np.round(bunch.images * 255 / 16).astype(np.float32) / 255)[:, None]
     y = torch.from_numpy(bunch.target.astype(np.int64))
     x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.3, random_state=1, stratify=y)
+    return x_tr, y_tr, x_te, y_te
+
+
+def digits(args):
+    x_tr, y_tr, x_te, y_te = digits_split()
     with torch.random.fork_rng():
         torch.manual_seed(1)
         model = digits_cnn()

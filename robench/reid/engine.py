@@ -412,12 +412,13 @@ def _restore_units(state: dict[str, Any], entries: list[Entry],
 
 def _units_as_groups(saved: dict[str, Any] | None) -> dict[str, Any] | None:
     """A torchrun job's saved units as a single process's setting under way (``EntryProgress.snapshot``)."""
-    records = [] if saved is None else [record["unit"] for record in saved["job"]["units"].values()]
-    if saved is None or not records:
+    units = [] if saved is None else list(saved["job"]["units"].values())
+    if saved is None or not units:
         return None
+    records = [unit["unit"] for unit in units]
     return {"index": saved["index"], "label": saved["label"], "rows": torch.cat([r["rows"] for r in records]),
             "features": torch.cat([r["features"] for r in records]),
-            "seconds": sum(float(r["seconds"]) for r in saved["job"]["units"].values())}
+            "seconds": sum(float(unit["seconds"]) for unit in units)}
 
 
 def _fits_entry(index: int, label: str, entries: list[Entry], finished: dict[int, dict[str, Any]]) -> bool:
