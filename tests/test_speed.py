@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import robench
 from robench.errors import UsageError
-from robench.evaluation.speed import AUTO_COMPILE_MIN_WORK, estimated_work, should_compile
+from robench.evaluation.speed import (AUTO_COMPILE_CPU_QUERY_SECONDS, AUTO_COMPILE_MIN_WORK, cpu_auto_decision,
+                                     estimated_work, should_compile)
 from robench.suites.loader import parse_suite
 
 SUITE = {"name": "sp", "attacks": [{"attack": "fgsm", "eps": 0.1}, {"attack": "pgd", "eps": [0.05, 0.1], "steps": 5}]}
@@ -44,6 +46,31 @@ def test_auto_compiles_only_big_gpu_runs():
     assert should_compile("on", torch.device("cpu"), 0) and not should_compile("off", torch.device("cuda"), 10**9)
     with pytest.raises(UsageError):
         should_compile("sometimes", torch.device("cpu"), 0)
+
+
+def test_auto_on_a_cpu_prices_the_queries_at_a_measured_forward(trained_model, test_tensors):
+    """On a CPU, auto compiles when the queries' estimated eager time (their count times the forward's
+    measured time per image) reaches the threshold; the decision is recorded in words."""
+    calls = []
+
+    def per_image(seconds):
+        return lambda: calls.append(seconds) or seconds
+
+    assert cpu_auto_decision(0, per_image(1.0)) == (False, "auto: eager (no query passes to compile)")
+    assert calls == []  # nothing to compile: nothing measured
+    over = AUTO_COMPILE_CPU_QUERY_SECONDS / 1e-3
+    assert cpu_auto_decision(int(over), per_image(1e-3))[0]
+    assert not cpu_auto_decision(int(over) - 1, per_image(1e-3))[0]
+    suite = {"name": "q", "attacks": [{"attack": "square", "eps": 0.1, "queries": 20}, {"attack": "fgsm", "eps": 0.1}]}
+    x, y = test_tensors[0][:40], test_tensors[1][:40]
+    speed = robench.evaluate(trained_model, (x, y), suite, device="cpu", compile="auto").doc["env"]["speed"]
+    # 40 images x (square: 20 queries and the scoring pass; fgsm: the scoring pass): far below the threshold.
+    assert speed["compile"] is False
+    assert speed["compile_decision"].startswith("auto: eager (880 query passes x ")
+    per_image_ms = float(speed["compile_decision"].split(" x ")[1].split(" ms")[0])
+    assert 0 < per_image_ms < 10
+    off = robench.evaluate(trained_model, (x, y), suite, device="cpu", compile="off").doc["env"]["speed"]
+    assert off["compile_decision"] is None
 
 
 def test_sweep_reuse_is_the_monotone_closure_of_the_plain_path(trained_model, test_tensors):
@@ -137,3 +164,55 @@ def test_an_inductor_compiled_run_gives_the_same_robust_accuracy(trained_model, 
     assert compiled.doc["env"]["speed"]["compiled_graphs"] >= 1
     assert [a["accuracy"] for a in compiled.doc["attacks"]] == [a["accuracy"] for a in plain.doc["attacks"]]
     assert compiled.doc["clean"] == plain.doc["clean"]
+
+
+class FunctionalPooling(torch.nn.Module):
+    """A ResNet stem's pooling (3x3, stride 2, padding 1), called functionally, with ceil_mode, and a call
+    that asks for indices (left to PyTorch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 8, 3, padding=1)
+        self.head = torch.nn.Linear(8 * 4 * 4 + 8 * 4 * 4, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        a = F.max_pool2d(h, 3, stride=2, padding=1)
+        b, _ = F.max_pool2d(h, kernel_size=2, return_indices=True)
+        c = F.max_pool2d(h, (3, 3), (2, 2), 0, 1, True)[..., :4, :4]
+        return self.head(torch.cat([a.flatten(1) + c.flatten(1), b.flatten(1)], 1))
+
+
+def test_cpu_max_pooling_is_bit_identical(trained_model, test_tensors, monkeypatch):
+    """Max-pooling through the NHWC kernel: the same logits and input gradients, bit for bit, on digits
+    moved to random corners of an eps-ball (ReLU zeros tie inside the windows), and the route is taken."""
+    from robench.evaluation import pooling
+
+    routed = []
+    original = pooling.nhwc_max_pool
+    monkeypatch.setattr(pooling, "nhwc_max_pool", lambda *a: routed.append(1) or original(*a))
+    x, y = test_tensors
+    x = (x[:200] + torch.where(torch.rand_like(x[:200]) < 0.5, -0.1, 0.1)).clamp(0, 1)
+    torch.manual_seed(0)
+    assert pooling.has_max_pooling(trained_model) and not pooling.has_max_pooling(FunctionalPooling())
+    for model in (trained_model, FunctionalPooling().eval()):
+        routed.clear()
+        fast = pooling.CpuMaxPooling(model)
+        with torch.no_grad():
+            assert torch.equal(fast(x), model(x))
+        grads = []
+        for forward in (model, fast):
+            xg = x.clone().requires_grad_(True)
+            grads.append(torch.autograd.grad(F.cross_entropy(forward(xg), y[:200]), xg)[0])
+        assert torch.equal(grads[0], grads[1]) and grads[0].abs().sum() > 0
+        assert len(routed) == (2 if model is trained_model else 4)  # the call with indices is not routed
+
+
+def test_speed_switches_leave_the_callers_model_as_it_was(trained_model, test_tensors):
+    """The API never changes its arguments: --channels-last used to convert the model's weights in place."""
+    before = {name: (p.stride(), p.clone()) for name, p in trained_model.state_dict().items()}
+    robench.evaluate(trained_model, (test_tensors[0][:16], test_tensors[1][:16]), SUITE, device="cpu",
+                     compile="off", channels_last=True)
+    after = trained_model.state_dict()
+    assert all(after[name].stride() == stride and torch.equal(after[name], value)
+               for name, (stride, value) in before.items())

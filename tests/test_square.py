@@ -121,6 +121,7 @@ def test_replays_torchattacks_exactly(trained_model, test_tensors, norm, eps):
         ref_adv = reference(x, y)
         attack = Square(queries=queries, norm=norm)
         attack.draw = replayed_draws(norm, x.shape[1], x.shape[2])
+        attack.draw_block = 1  # one query's numbers per call, in torchattacks' order
         torch.manual_seed(0)
         ours = attack(trained_model, x, y, eps)
     with torch.no_grad():
@@ -183,6 +184,12 @@ def test_identical_for_any_batch_size_and_refill(trained_model, test_tensors, no
     few = slice(20, 28)
     single = attack(model, x[few], y[few], eps, torch.arange(20, 28), batch_size=1)
     assert torch.equal(single.x_adv, base.x_adv[few]) and torch.equal(single.success, base.success[few])
+    # Random numbers drawn query by query, or a few queries ahead (blocks ending mid-restart, slots admitted
+    # mid-block): the same numbers, so the same examples.
+    for block, batch_size in [(1, 5), (4, 5), (7, len(x))]:
+        attack.draw_block = block
+        other = attack(model, x, y, eps, batch_size=batch_size)
+        assert torch.equal(other.x_adv, base.x_adv) and torch.equal(other.success, base.success)
 
 
 def test_packings_agree_on_the_batched_model(trained_model, test_tensors):

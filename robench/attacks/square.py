@@ -140,12 +140,19 @@ def margin(outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return true - others
 
 
+@lru_cache(maxsize=16)
+def bands(size: int, device: str = "cpu") -> torch.Tensor:
+    """``bands[s, o]`` marks the ``s`` positions from ``o`` on, of ``size`` (bool, (size + 1, size, size))."""
+    side = torch.arange(size + 1).view(-1, 1, 1)
+    start = torch.arange(size).view(1, -1, 1)
+    at = torch.arange(size).view(1, 1, -1)
+    return ((at >= start) & (at < start + side)).to(device)
+
+
 def windows(top: torch.Tensor, left: torch.Tensor, side: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """Per sample, the ``side x side`` window at (top, left) as a (n, 1, h, w) mask."""
-    r = torch.arange(h, device=top.device).view(1, -1)
-    c = torch.arange(w, device=top.device).view(1, -1)
-    rows = (r >= top.view(-1, 1)) & (r < (top + side).view(-1, 1))
-    cols = (c >= left.view(-1, 1)) & (c < (left + side).view(-1, 1))
+    device = str(top.device)
+    rows, cols = bands(h, device)[side, top], bands(w, device)[side, left]
     return (rows.unsqueeze(2) & cols.unsqueeze(1)).unsqueeze(1)
 
 
@@ -179,6 +186,8 @@ class Square(Attack):
     family: ClassVar[Family] = "query"
     norms: ClassVar[tuple[str, ...]] = ("linf", "l2")
     eps_budget: ClassVar[EpsBudget] = "required"
+    # Queries whose random numbers a slot draws at once (SquareSearch._draws); 1 draws query by query.
+    draw_block: int = 32
 
     @classmethod
     def cost(cls, params: AttackParams) -> Cost:
@@ -258,14 +267,21 @@ class Square(Attack):
         return delta / (norms + 1e-12) * radius
 
     # -- proposals -------------------------------------------------------------------------------------------
-    def propose(self, xa: torch.Tensor, x: torch.Tensor, radius: Eps, sample_ids: torch.Tensor,
-                restart: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Query ``t`` >= 1 of each slot: its current iterate ``xa`` changed in random windows."""
+    def propose(self, xa: torch.Tensor, x: torch.Tensor, radius: Eps, t: torch.Tensor,
+                u: torch.Tensor) -> torch.Tensor:
+        """Query ``t`` >= 1 of each slot: its current iterate ``xa`` changed in random windows.
+
+        ``u`` holds each slot's ``draw_count`` numbers of query ``t`` (:meth:`draw`)."""
         _, c, h, w = x.shape
         side = square_sides(self.norm, self.params.queries, self.params.p_init, c, h, w, str(x.device))[t - 1]
         if self.norm == "linf":
-            return self._square(xa, x, radius, side, self.draw(sample_ids, restart, t, 2 + c))
-        return self._two_windows(xa, x, radius, side, self.draw(sample_ids, restart, t, 5 + c))
+            return self._square(xa, x, radius, side, u)
+        return self._two_windows(xa, x, radius, side, u)
+
+    def draw_count(self, channels: int) -> int:
+        """Uniform numbers a proposal takes: window offsets (one window in L-inf, two in L2), a bump's
+        orientation (L2), one sign per channel."""
+        return 2 + channels if self.norm == "linf" else 5 + channels
 
     def _square(self, xa, x, radius, side, u) -> torch.Tensor:
         n, c, h, w = x.shape
@@ -323,23 +339,43 @@ class SquareSearch(SlotSearch):
         self.scored = torch.zeros(len(x), dtype=torch.bool, device=x.device)
         self.fooled = torch.zeros_like(self.scored)
         self.forwards = 0
+        self.block = attack.draw_block
         # Every sample's first start at once: one draw instead of one per admission.
         self.firsts = attack.start(x, radius, sample_ids, torch.zeros_like(sample_ids))
+        # Every sample's first block of random numbers at once too (see _draws).
+        self.first_draws = self._first_block(sample_ids, torch.zeros_like(sample_ids))
 
     def _unscored_margins(self, count: int) -> dict[str, torch.Tensor]:
         return {"margin": torch.full((count,), float("inf"), device=self.x.device)}
 
     def fresh(self, rows: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return self.firsts[rows], self._unscored_margins(len(rows))
+        # A slot keeps its sample's clean input, label, index and random numbers: gathered once, not per query.
+        state = self._unscored_margins(len(rows)) | {"x": self.x[rows], "y": self.y[rows],
+                                                      "ids": self.sample_ids[rows]}
+        u, drawn_from = self.first_draws
+        return self.firsts[rows], state | {"u": u[rows], "drawn_from": drawn_from[rows]}
 
     def restart(self, slots: Pool, which: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        rows = slots.rows[which]
-        xa = self.attack.start(self.x[rows], self.radius, self.sample_ids[rows], slots.restart[which])
-        return xa, self._unscored_margins(len(rows))
+        state = slots.state
+        ids, restart = state["ids"][which], slots.restart[which]
+        xa = self.attack.start(state["x"][which], self.radius, ids, restart)
+        u, drawn_from = self._first_block(ids, restart)
+        return xa, self._unscored_margins(len(ids)) | {"u": u, "drawn_from": drawn_from}
+
+    def _first_block(self, ids: torch.Tensor, restart: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A restart's first block (its proposals start at query 1; query 0 is the start) and where it begins.
+
+        Query by query (a block of 1) nothing is drawn ahead: the numbers are drawn when the query is
+        made, for the slots then in the pool, as a replay of another implementation's numbers needs."""
+        first = torch.ones_like(ids)
+        if self.block == 1:
+            empty = torch.empty(len(ids), 1, self.attack.draw_count(self.x.shape[1]), device=ids.device)
+            return empty, first - 2  # stale: drawn at query 1
+        return self._block(ids, restart, first), first
 
     def step(self, slots: Pool) -> torch.Tensor:
         """Query every slot's candidate; per slot, whether it fooled the model."""
-        labels = self.y[slots.rows]
+        labels = slots.state["y"]
         candidate = self._candidates(slots)
         outputs = self.model(candidate)
         self.forwards += slots.size()
@@ -351,18 +387,40 @@ class SquareSearch(SlotSearch):
         slots.state["margin"] = torch.where(better, margins, slots.state["margin"])
         return hit
 
+    def _block(self, ids: torch.Tensor, restart: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        """The numbers of queries ``start`` .. ``start + draw_block - 1`` of each sample: (n, block, count)."""
+        block, count = self.block, self.attack.draw_count(self.x.shape[1])
+        t = (start.view(-1, 1) + torch.arange(block, device=start.device)).flatten()
+        u = self.attack.draw(ids.repeat_interleave(block), restart.repeat_interleave(block), t, count)
+        return u.view(len(ids), block, count)
+
+    def _draws(self, slots: Pool) -> torch.Tensor:
+        """Each slot's numbers for its query ``t``, from blocks of ``draw_block`` queries drawn ahead.
+
+        A block holds exactly the numbers :meth:`Square.draw` gives query by query (the same streams);
+        drawing them together spares the counter-based generator's few dozen small operations per query.
+        When one slot's block runs out every slot draws its next, so the slots refill their blocks
+        together, once in ``draw_block`` queries, however they were admitted.
+        """
+        state = slots.state
+        offset = slots.t - state["drawn_from"]
+        if bool((offset >= self.block).any()):
+            start = slots.t.clamp_min(1)
+            state["u"] = self._block(state["ids"], slots.restart, start)
+            state["drawn_from"] = start
+            offset = slots.t - start
+        return state["u"][torch.arange(slots.size(), device=offset.device), offset]
+
     def _candidates(self, slots: Pool) -> torch.Tensor:
         """The slots' next queries: a start where t is 0 (already in ``slots.xa``), a proposal elsewhere."""
         moving = slots.t > 0
         if not bool(moving.any()):
             return slots.xa
+        u, x = self._draws(slots), slots.state["x"]
         if bool(moving.all()):  # the usual case: no slot is at its start
-            return self.attack.propose(slots.xa, self.x[slots.rows], self.radius, self.sample_ids[slots.rows],
-                                       slots.restart, slots.t)
+            return self.attack.propose(slots.xa, x, self.radius, slots.t, u)
         candidate = slots.xa.clone()
-        rows = slots.rows[moving]
-        candidate[moving] = self.attack.propose(slots.xa[moving], self.x[rows], self.radius, self.sample_ids[rows],
-                                                slots.restart[moving], slots.t[moving])
+        candidate[moving] = self.attack.propose(slots.xa[moving], x[moving], self.radius, slots.t[moving], u[moving])
         return candidate
 
     def keep_fooled(self, slots: Pool, fooled: torch.Tensor) -> None:

@@ -19,8 +19,9 @@ from robench.models.wrapper import RobustModel, evaluation_mode
 from robench.evaluation.config import EngineConfig
 from robench.evaluation.precision import PrecisionModel, matmul_precision
 from robench.evaluation.sanity import check_output_shape, explain_failure, first_batch_checks
-from robench.evaluation.speed import (SpeedReport, auto_batch_size, estimated_work, finish, should_compile, speed_up,
-                           timed_first_call)
+from robench.evaluation.speed import (AUTO_COMPILE_MIN_WORK, CPU_PROBE_IMAGES, SpeedReport, auto_batch_size,
+                                     cpu_auto_decision, estimated_queries, estimated_work, finish,
+                                     measured_seconds_per_image, should_compile, speed_up, timed_first_call)
 from robench.evaluation.entries import Entry, build_entries
 from robench.evaluation.kept_examples import (as_float as from_8bit, quantize_adversarial, quantize_clean,
                                               samples_to_keep)
@@ -225,9 +226,10 @@ class _Loop:
         options, device, dataset = self.options, self.device, self.dataset
         # eval() on the outer wrapper too: torchattacks restores the mode it finds.
         precise = PrecisionModel(self.model, options.precision, device).eval()
-        compiled = should_compile(options.compile, device, estimated_work(len(dataset), self.suite))
+        compiled, decision = self._compile_choice(precise)
         forward, self.speed = speed_up(precise, compile=compiled, backend=options.compile_backend,
                                        channels_last=options.channels_last)
+        self.speed.decision = decision
         if batch_size is not None:
             self.batch_size = batch_size
         elif isinstance(options.batch_size, int):
@@ -251,6 +253,25 @@ class _Loop:
             entry.attack.meter = _attack_meter(entry, self.context)
         # Without refill nothing gains from longer queues: a batch at a time, committed as it finishes.
         self.per_segment = segment_batches(self.batch_size, dataset) if options.refill else 1
+
+    def _compile_choice(self, precise: torch.nn.Module) -> tuple[bool, str | None]:
+        """Whether to compile, and for ``--compile auto`` why (on a CPU from a measured eager forward)."""
+        options, device, dataset = self.options, self.device, self.dataset
+        work = estimated_work(len(dataset), self.suite)
+        compiled = should_compile(options.compile, device, work)
+        if options.compile != "auto":
+            return compiled, None
+        if device.type == "cuda":
+            relation = ">=" if compiled else "<"
+            return compiled, (f"auto: {'compiled' if compiled else 'eager'} ({work} gradient passes "
+                              f"{relation} {AUTO_COMPILE_MIN_WORK})")
+        eager, _ = speed_up(precise, compile=False, channels_last=options.channels_last)
+
+        def seconds_per_image() -> float:
+            probe = torch.stack([dataset[i][0] for i in range(min(len(dataset), CPU_PROBE_IMAGES))]).to(device)
+            return measured_seconds_per_image(eager, probe.float())
+
+        return cpu_auto_decision(estimated_queries(len(dataset), self.suite), seconds_per_image)
 
     def checkpoint(self) -> None:
         """A snapshot when one is due: the committed batches and the segment under way."""

@@ -1,14 +1,18 @@
 """Switchable speed-ups of the forward pass: torch.compile and channels_last.
 
 Each is off unless asked for (``--compile on``, ``--channels-last``) except
-``--compile auto`` (the default), which compiles only on a GPU and only when
-the run's estimated work pays for the compilation (about 20 s for a ResNet-50):
-at least ``AUTO_COMPILE_MIN_WORK`` image forward+backward passes. The model is
+``--compile auto`` (the default), which compiles when the run's estimated work
+pays for the compilation (about 20 s for a ResNet-50): on a GPU at least
+``AUTO_COMPILE_MIN_WORK`` image forward+backward passes, on a CPU queries whose
+eager time, at a measured forward, reaches ``AUTO_COMPILE_CPU_QUERY_SECONDS``;
+``env.speed.compile_decision`` says what auto decided and why. The model is
 compiled with dynamic shapes, so the shrinking batches of early stopping do not
 trigger a compilation per size; the number of graphs compiled during the run
 is recorded in the results (1 means nothing was recompiled). On a model held on
 the CPU only the passes without an input gradient (queries, scoring) run
-compiled (:class:`CompiledQueries`).
+compiled (:class:`CompiledQueries`), and the eager passes of a model with
+max-pooling layers pool through PyTorch's channels-last kernel, which gives the
+same numbers faster (:mod:`robench.evaluation.pooling`); that one is always on.
 """
 
 from __future__ import annotations
@@ -21,24 +25,42 @@ import torch
 from torch import nn
 
 from robench.errors import RunError, UsageError
+from robench.evaluation.pooling import CpuMaxPooling, has_max_pooling
 from robench.suites import Suite
 
 Forward = Callable[[torch.Tensor], torch.Tensor]  # a model's forward pass, possibly compiled
 COMPILE_MODES = ("off", "on", "auto")
 AUTO_COMPILE_MIN_WORK = 200_000
+# On a CPU, inductor's dynamic-shape forward of the digits CNN compiled (cold cache) in 14 s and ran a
+# batch of 150 perturbed digits in 1.81 ms against the eager 2.38 ms (max-pooling routed, see pooling.py),
+# a batch of 40 in the same time: compiling saves at most about a quarter of the queries' time, so the
+# queries must take several times the compilation before it pays.
+AUTO_COMPILE_CPU_QUERY_SECONDS = 120.0
+CPU_PROBE_IMAGES = 64  # images the CPU's auto decision times the eager forward on
 
 
 def estimated_work(n_samples: int, suite: Suite) -> int:
     """Forward+backward image passes the suite needs at most (no early stopping), from the attacks' costs."""
-    work = 0
+    return sum(max(1, cost.gradient) * cells * n_samples for cost, cells in _costs(suite))
+
+
+def estimated_queries(n_samples: int, suite: Suite) -> int:
+    """Forward-only image passes (queries; no input gradient) the suite needs at most."""
+    return sum(cost.forward * cells * n_samples for cost, cells in _costs(suite))
+
+
+def _costs(suite: Suite) -> list[tuple[Any, int]]:
+    """Each entry's cost per sample and eps, and its eps cells."""
+    costs = []
     for spec in suite.attacks:
         cls = spec.attack_class
         cells = len(getattr(spec.settings, cls.sweep)) if cls.sweep else max(1, len(spec.eps))
-        work += max(1, cls.cost(spec.settings).gradient) * cells * n_samples
-    return work
+        costs.append((cls.cost(spec.settings), cells))
+    return costs
 
 
 def should_compile(mode: str, device: torch.device, work: int) -> bool:
+    """``on``/``off``, or ``auto`` on a GPU; a CPU's ``auto`` is :func:`cpu_auto_decision`'s."""
     if mode not in COMPILE_MODES:
         raise UsageError(f"--compile must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
     if mode == "auto":
@@ -46,12 +68,44 @@ def should_compile(mode: str, device: torch.device, work: int) -> bool:
     return mode == "on"
 
 
+def cpu_auto_decision(queries: int, seconds_per_image: Callable[[], float]) -> tuple[bool, str]:
+    """Whether ``--compile auto`` compiles on a CPU, and why, in words the results keep.
+
+    On a CPU only the query passes run compiled (:class:`CompiledQueries`), so what compiling can save is
+    a share of the queries' time: the queries are priced at the eager forward's measured time per image
+    (``seconds_per_image`` is called only when there are queries) and compiled when that estimate
+    reaches ``AUTO_COMPILE_CPU_QUERY_SECONDS``."""
+    if queries == 0:
+        return False, "auto: eager (no query passes to compile)"
+    estimate = queries * seconds_per_image()
+    verdict = "compiled" if estimate >= AUTO_COMPILE_CPU_QUERY_SECONDS else "eager"
+    relation = ">=" if verdict == "compiled" else "<"
+    return verdict == "compiled", (f"auto: {verdict} ({queries} query passes x {1e3 * estimate / queries:.3f} ms "
+                                   f"measured = {estimate:.0f} s {relation} {AUTO_COMPILE_CPU_QUERY_SECONDS:.0f} s)")
+
+
+def measured_seconds_per_image(forward: Forward, x: torch.Tensor, repeats: int = 3) -> float:
+    """The eager forward's fastest time per image on the batch ``x`` (gradients off)."""
+    best = float("inf")
+    with torch.no_grad():
+        forward(x)  # warm-up: lazy initialisation, allocator
+        for _ in range(repeats):
+            start = time.perf_counter()
+            forward(x)
+            best = min(best, time.perf_counter() - start)
+    return best / len(x)
+
+
 class ChannelsLast(nn.Module):
-    """Feeds the model NHWC-strided tensors (faster convolutions on tensor cores); values unchanged."""
+    """Feeds the model NHWC-strided tensors (faster convolutions on tensor cores); values unchanged.
+
+    Only the input is converted: a convolution runs NHWC when its input is, and converting the weights
+    in place (``model.to(memory_format=...)``) would change the caller's model for every later use.
+    """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.model = model.to(memory_format=torch.channels_last)
+        self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x)
@@ -64,11 +118,13 @@ class SpeedReport:
     channels_last: bool = False
     first_call_seconds: float | None = None  # includes the compilation when compiled
     compiled_graphs: int | None = None
+    decision: str | None = None  # how --compile auto decided, in words
     _graphs_before: int = field(default=0, repr=False)
 
     def as_dict(self) -> dict[str, Any]:
         return {"compile": self.compile, "compile_backend": self.backend, "channels_last": self.channels_last,
-                "first_call_seconds": self.first_call_seconds, "compiled_graphs": self.compiled_graphs}
+                "first_call_seconds": self.first_call_seconds, "compiled_graphs": self.compiled_graphs,
+                "compile_decision": self.decision}
 
 
 def _graph_count() -> int:
@@ -102,11 +158,12 @@ def speed_up(forward: nn.Module, *, compile: bool, backend: str = "inductor",
     report = SpeedReport(compile=compile, backend=backend if compile else None, channels_last=channels_last)
     if channels_last:
         forward = ChannelsLast(forward)
+    eager = CpuMaxPooling(forward) if _cpu_only(forward) and has_max_pooling(forward) else forward
     if not compile:
-        return forward, report
+        return eager, report
     report._graphs_before = _graph_count()
     compiled = torch.compile(forward, dynamic=True, backend=backend)
-    return (CompiledQueries(forward, compiled) if _cpu_only(forward) else compiled), report
+    return (CompiledQueries(eager, compiled) if _cpu_only(forward) else compiled), report
 
 
 def _cpu_only(model: nn.Module) -> bool:
