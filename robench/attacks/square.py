@@ -272,23 +272,27 @@ class Square(Attack):
         """Query ``t`` >= 1 of each slot: its current iterate ``xa`` changed in random windows.
 
         ``u`` holds each slot's ``draw_count`` numbers of query ``t`` (:meth:`draw`)."""
-        _, c, h, w = x.shape
-        side = square_sides(self.norm, self.params.queries, self.params.p_init, c, h, w, str(x.device))[t - 1]
         if self.norm == "linf":
-            return self._square(xa, x, radius, side, u)
-        return self._two_windows(xa, x, radius, side, u)
+            return self.project(xa + self.square_steps(x.shape, x.dtype, radius, t, u), x, radius)
+        _, c, h, w = x.shape
+        return self._two_windows(xa, x, radius, self._sides(c, h, w, x.device)[t - 1], u)
 
     def draw_count(self, channels: int) -> int:
         """Uniform numbers a proposal takes: window offsets (one window in L-inf, two in L2), a bump's
         orientation (L2), one sign per channel."""
         return 2 + channels if self.norm == "linf" else 5 + channels
 
-    def _square(self, xa, x, radius, side, u) -> torch.Tensor:
-        n, c, h, w = x.shape
+    def _sides(self, c: int, h: int, w: int, device: torch.device) -> torch.Tensor:
+        return square_sides(self.norm, self.params.queries, self.params.p_init, c, h, w, str(device))
+
+    def square_steps(self, shape: torch.Size, dtype: torch.dtype, radius: Eps, t: torch.Tensor,
+                     u: torch.Tensor) -> torch.Tensor:
+        """L-inf: what query ``t`` adds to the iterate before projection, +-2 eps on one random square
+        (one sign per channel) and 0 elsewhere: projected, the square lands on x +- eps whatever it held."""
+        n, c, h, w = shape
+        side = self._sides(c, h, w, u.device)[t - 1]
         inside = windows(offsets(u[:, 0], h - side), offsets(u[:, 1], w - side), side, h, w)
-        # +-2 eps from the current iterate, projected: the square lands on x +- eps whatever it held.
-        step = 2 * radius * signs(u[:, 2:]).view(n, c, 1, 1).to(x.dtype) * inside
-        return self.project(xa + step, x, radius)
+        return 2 * radius * signs(u[:, 2:]).view(n, c, 1, 1).to(dtype) * inside
 
     def _two_windows(self, xa, x, radius, side, u) -> torch.Tensor:
         n, c, h, w = x.shape
@@ -323,6 +327,11 @@ class Square(Attack):
         return context.drive(SquareSearch(self, model, x, y, radius, context.sample_ids), x)
 
 
+# What an L-inf slot draws ahead: up to ``draw_block`` queries, each an image's worth of floats, in this
+# many bytes: 32 queries of a 32x32 RGB image, 8 of a 64x64 one, one at a time from about 181x181 RGB up.
+AHEAD_BYTES_PER_SLOT = 32 * 3 * 32 * 32 * 4
+
+
 class SquareSearch(SlotSearch):
     """Square's per-slot logic: each step queries every slot's next candidate (its start, then proposals).
 
@@ -339,28 +348,37 @@ class SquareSearch(SlotSearch):
         self.scored = torch.zeros(len(x), dtype=torch.bool, device=x.device)
         self.fooled = torch.zeros_like(self.scored)
         self.forwards = 0
-        self.block = attack.draw_block
+        # L-inf proposals are drawn ahead whole (what each query adds); an image's worth per query and slot.
+        self.linf = attack.norm == "linf"
+        per_query = x[0].numel() * x.element_size() if self.linf else 1
+        self.block = max(1, min(attack.draw_block, AHEAD_BYTES_PER_SLOT // per_query))
+        self.starting = True  # some slot is at its start (query 0): set on admission and restart
         # Every sample's first start at once: one draw instead of one per admission.
         self.firsts = attack.start(x, radius, sample_ids, torch.zeros_like(sample_ids))
-        # Every sample's first block of random numbers at once too (see _draws).
-        self.first_draws = self._first_block(sample_ids, torch.zeros_like(sample_ids))
+        # Every sample's first block at once too (see _ahead).
+        self.first_block = self._first_block(sample_ids, torch.zeros_like(sample_ids))
 
     def _unscored_margins(self, count: int) -> dict[str, torch.Tensor]:
         return {"margin": torch.full((count,), float("inf"), device=self.x.device)}
 
     def fresh(self, rows: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        # A slot keeps its sample's clean input, label, index and random numbers: gathered once, not per query.
-        state = self._unscored_margins(len(rows)) | {"x": self.x[rows], "y": self.y[rows],
-                                                      "ids": self.sample_ids[rows]}
-        u, drawn_from = self.first_draws
-        return self.firsts[rows], state | {"u": u[rows], "drawn_from": drawn_from[rows]}
+        # A slot keeps its sample's clean input, label, index and what it drew ahead: gathered once, not per query.
+        x = self.x[rows]
+        state = self._unscored_margins(len(rows)) | {"x": x, "y": self.y[rows], "ids": self.sample_ids[rows]}
+        if self.linf:
+            # Base.project's bounds, [x - eps, x + eps] within [0, 1], taken once (min and max are exact).
+            state |= {"low": (x - self.radius).clamp_min(0.0), "high": (x + self.radius).clamp_max(1.0)}
+        ahead, drawn_from = self.first_block
+        self.starting = True
+        return self.firsts[rows], state | {"ahead": ahead[rows], "drawn_from": drawn_from[rows]}
 
     def restart(self, slots: Pool, which: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         state = slots.state
         ids, restart = state["ids"][which], slots.restart[which]
         xa = self.attack.start(state["x"][which], self.radius, ids, restart)
-        u, drawn_from = self._first_block(ids, restart)
-        return xa, self._unscored_margins(len(ids)) | {"u": u, "drawn_from": drawn_from}
+        ahead, drawn_from = self._first_block(ids, restart)
+        self.starting = True
+        return xa, self._unscored_margins(len(ids)) | {"ahead": ahead, "drawn_from": drawn_from}
 
     def _first_block(self, ids: torch.Tensor, restart: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A restart's first block (its proposals start at query 1; query 0 is the start) and where it begins.
@@ -368,9 +386,8 @@ class SquareSearch(SlotSearch):
         Query by query (a block of 1) nothing is drawn ahead: the numbers are drawn when the query is
         made, for the slots then in the pool, as a replay of another implementation's numbers needs."""
         first = torch.ones_like(ids)
-        if self.block == 1:
-            empty = torch.empty(len(ids), 1, self.attack.draw_count(self.x.shape[1]), device=ids.device)
-            return empty, first - 2  # stale: drawn at query 1
+        if self.block == 1 or self.steps == 1:
+            return self._block(ids, restart, first, draw=False), first - 2  # stale: drawn at query 1
         return self._block(ids, restart, first), first
 
     def step(self, slots: Pool) -> torch.Tensor:
@@ -382,46 +399,66 @@ class SquareSearch(SlotSearch):
         self.attack.count_passes(0, slots.size())
         margins, hit = margin(outputs, labels), self.attack.loss.fooled(outputs, labels)
         # The start is always taken; later, a lower margin or a fooling proposal replaces the iterate.
-        better = (slots.t == 0) | hit | (margins < slots.state["margin"])
+        better = hit | (margins < slots.state["margin"])
+        if self.starting:
+            better = better | (slots.t == 0)
+            self.starting = False
         slots.xa = torch.where(better.view(-1, 1, 1, 1), candidate, slots.xa)
         slots.state["margin"] = torch.where(better, margins, slots.state["margin"])
         return hit
 
-    def _block(self, ids: torch.Tensor, restart: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
-        """The numbers of queries ``start`` .. ``start + draw_block - 1`` of each sample: (n, block, count)."""
-        block, count = self.block, self.attack.draw_count(self.x.shape[1])
+    def _block(self, ids: torch.Tensor, restart: torch.Tensor, start: torch.Tensor, draw: bool = True) -> torch.Tensor:
+        """What queries ``start`` .. ``start + block - 1`` of each sample take: (n, block, ...), their random
+        numbers, or in L-inf what they add to the iterate (``draw=False``: room for it, left empty)."""
+        n, block, (_, c, h, w) = len(ids), self.block, self.x.shape
+        if not draw:
+            shape = (c, h, w) if self.linf else (self.attack.draw_count(c),)
+            return torch.empty(n, block, *shape, dtype=self.x.dtype if self.linf else torch.float32,
+                               device=ids.device)
         t = (start.view(-1, 1) + torch.arange(block, device=start.device)).flatten()
+        count = self.attack.draw_count(c)
         u = self.attack.draw(ids.repeat_interleave(block), restart.repeat_interleave(block), t, count)
-        return u.view(len(ids), block, count)
+        if not self.linf:
+            return u.view(n, block, -1)
+        # Queries past the budget are drawn but never made: any valid square size will do for them.
+        made = t.clamp(max=self.steps - 1)
+        steps = self.attack.square_steps(torch.Size((n * block, c, h, w)), self.x.dtype, self.radius, made, u)
+        return steps.view(n, block, c, h, w)
 
-    def _draws(self, slots: Pool) -> torch.Tensor:
-        """Each slot's numbers for its query ``t``, from blocks of ``draw_block`` queries drawn ahead.
+    def _ahead(self, slots: Pool) -> torch.Tensor:
+        """Each slot's share of its query ``t``, from blocks of ``block`` queries drawn ahead.
 
-        A block holds exactly the numbers :meth:`Square.draw` gives query by query (the same streams);
-        drawing them together spares the counter-based generator's few dozen small operations per query.
-        When one slot's block runs out every slot draws its next, so the slots refill their blocks
-        together, once in ``draw_block`` queries, however they were admitted.
+        A block holds exactly what :meth:`Square.draw` and the proposal give query by query (the same
+        streams, the same arithmetic); drawing them together spares the counter-based generator's and
+        the square's few dozen small operations per query. When one slot's block runs out every slot
+        draws its next, so the slots refill their blocks together, once in ``block`` queries, however
+        they were admitted.
         """
         state = slots.state
         offset = slots.t - state["drawn_from"]
         if bool((offset >= self.block).any()):
             start = slots.t.clamp_min(1)
-            state["u"] = self._block(state["ids"], slots.restart, start)
+            state["ahead"] = self._block(state["ids"], slots.restart, start)
             state["drawn_from"] = start
             offset = slots.t - start
-        return state["u"][torch.arange(slots.size(), device=offset.device), offset]
+        return state["ahead"][torch.arange(slots.size(), device=offset.device), offset]
 
     def _candidates(self, slots: Pool) -> torch.Tensor:
         """The slots' next queries: a start where t is 0 (already in ``slots.xa``), a proposal elsewhere."""
+        if not self.starting:  # the usual case: no slot is at its start
+            return self._proposals(slots, slots.xa, slice(None))
         moving = slots.t > 0
         if not bool(moving.any()):
             return slots.xa
-        u, x = self._draws(slots), slots.state["x"]
-        if bool(moving.all()):  # the usual case: no slot is at its start
-            return self.attack.propose(slots.xa, x, self.radius, slots.t, u)
         candidate = slots.xa.clone()
-        candidate[moving] = self.attack.propose(slots.xa[moving], x[moving], self.radius, slots.t[moving], u[moving])
+        candidate[moving] = self._proposals(slots, slots.xa[moving], moving)
         return candidate
+
+    def _proposals(self, slots: Pool, xa: torch.Tensor, which: torch.Tensor | slice) -> torch.Tensor:
+        ahead, state = self._ahead(slots)[which], slots.state
+        if self.linf:
+            return torch.minimum(torch.maximum(xa + ahead, state["low"][which]), state["high"][which])
+        return self.attack.propose(xa, state["x"][which], self.radius, slots.t[which], ahead)
 
     def keep_fooled(self, slots: Pool, fooled: torch.Tensor) -> None:
         # A fooling query was taken as the iterate: it is the answer.
