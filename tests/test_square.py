@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from robench.attacks import ATTACKS
+from robench.attacks import square as square_module
 from robench.attacks.square import Square, bump, margin, square_sides
 from robench.errors import UsageError
 
@@ -170,7 +171,7 @@ def test_robust_accuracy_matches_torchattacks(trained_model, test_tensors, norm,
 
 
 @pytest.mark.parametrize("norm,eps", [("linf", LINF_EPS), ("l2", L2_EPS)])
-def test_identical_for_any_batch_size_and_refill(trained_model, test_tensors, norm, eps):
+def test_identical_for_any_batch_size_and_refill(trained_model, test_tensors, norm, eps, monkeypatch):
     """Per-sample streams and counters: exact for every packing where the model's floats are (row by row),
     restarts included. 25 queries keep samples in the pool at different query numbers without a long run."""
     x, y = test_tensors[0][:32], test_tensors[1][:32]
@@ -185,7 +186,8 @@ def test_identical_for_any_batch_size_and_refill(trained_model, test_tensors, no
     single = attack(model, x[few], y[few], eps, torch.arange(20, 28), batch_size=1)
     assert torch.equal(single.x_adv, base.x_adv[few]) and torch.equal(single.success, base.success[few])
     # Random numbers drawn query by query, or a few queries ahead (blocks ending mid-restart, slots admitted
-    # mid-block): the same numbers, so the same examples.
+    # mid-block, first blocks drawn for 3 queue positions at a time): the same numbers, so the same examples.
+    monkeypatch.setattr(square_module, "FIRST_BLOCK_ROWS", 3)
     for block, batch_size in [(1, 5), (4, 5), (7, len(x))]:
         attack.draw_block = block
         other = attack(model, x, y, eps, batch_size=batch_size)

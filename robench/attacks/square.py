@@ -330,6 +330,7 @@ class Square(Attack):
 # What an L-inf slot draws ahead: up to ``draw_block`` queries, each an image's worth of floats, in this
 # many bytes: 32 queries of a 32x32 RGB image, 8 of a 64x64 one, one at a time from about 181x181 RGB up.
 AHEAD_BYTES_PER_SLOT = 32 * 3 * 32 * 32 * 4
+FIRST_BLOCK_ROWS = 128  # queue positions whose first blocks are drawn together (at most 48 MB at that size)
 
 
 class SquareSearch(SlotSearch):
@@ -355,8 +356,8 @@ class SquareSearch(SlotSearch):
         self.starting = True  # some slot is at its start (query 0): set on admission and restart
         # Every sample's first start at once: one draw instead of one per admission.
         self.firsts = attack.start(x, radius, sample_ids, torch.zeros_like(sample_ids))
-        # Every sample's first block at once too (see _ahead).
-        self.first_block = self._first_block(sample_ids, torch.zeros_like(sample_ids))
+        # First blocks are drawn for the queue's next samples together, not at every admission (see _ahead).
+        self.first_blocks: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (first row, blocks, drawn_from)
 
     def _unscored_margins(self, count: int) -> dict[str, torch.Tensor]:
         return {"margin": torch.full((count,), float("inf"), device=self.x.device)}
@@ -368,9 +369,25 @@ class SquareSearch(SlotSearch):
         if self.linf:
             # Base.project's bounds, [x - eps, x + eps] within [0, 1], taken once (min and max are exact).
             state |= {"low": (x - self.radius).clamp_min(0.0), "high": (x + self.radius).clamp_max(1.0)}
-        ahead, drawn_from = self.first_block
+        ahead, drawn_from = self._admitted_blocks(rows)
         self.starting = True
-        return self.firsts[rows], state | {"ahead": ahead[rows], "drawn_from": drawn_from[rows]}
+        return self.firsts[rows], state | {"ahead": ahead, "drawn_from": drawn_from}
+
+    def _admitted_blocks(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """First blocks of the queue positions ``rows`` (consecutive, as the pool admits them), drawn for
+        ``FIRST_BLOCK_ROWS`` positions at a time: one draw serves many admissions, in bounded memory."""
+        if len(rows) == 0:
+            return self._block(rows, rows, rows, draw=False), rows.clone()
+        first, last = int(rows[0]), int(rows[-1]) + 1
+        if last - first != len(rows):  # not consecutive: drawn for these alone
+            ids = self.sample_ids[rows]
+            return self._first_block(ids, torch.zeros_like(ids))
+        cached = self.first_blocks
+        if cached is None or first < cached[0] or last > cached[0] + len(cached[1]):
+            ids = self.sample_ids[first:max(last, min(first + FIRST_BLOCK_ROWS, len(self.x)))]
+            cached = self.first_blocks = (first, *self._first_block(ids, torch.zeros_like(ids)))
+        start, ahead, drawn_from = cached
+        return ahead[first - start:last - start], drawn_from[first - start:last - start]
 
     def restart(self, slots: Pool, which: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         state = slots.state

@@ -265,13 +265,18 @@ class _Loop:
             relation = ">=" if compiled else "<"
             return compiled, (f"auto: {'compiled' if compiled else 'eager'} ({work} gradient passes "
                               f"{relation} {AUTO_COMPILE_MIN_WORK})")
+        if device.type != "cpu":
+            return compiled, None
         eager, _ = speed_up(precise, compile=False, channels_last=options.channels_last)
 
         def seconds_per_image() -> float:
             probe = torch.stack([dataset[i][0] for i in range(min(len(dataset), CPU_PROBE_IMAGES))]).to(device)
             return measured_seconds_per_image(eager, probe.float())
 
-        return cpu_auto_decision(estimated_queries(len(dataset), self.suite), seconds_per_image)
+        try:
+            return cpu_auto_decision(estimated_queries(len(dataset), self.suite), seconds_per_image)
+        except Exception:  # noqa: BLE001 - the run's first batch reads and runs them again, and explains a failure
+            return False, "auto: eager (the forward could not be timed)"
 
     def checkpoint(self) -> None:
         """A snapshot when one is due: the committed batches and the segment under way."""
