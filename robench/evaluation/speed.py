@@ -34,7 +34,7 @@ AUTO_COMPILE_MIN_WORK = 200_000
 # On a CPU, inductor's dynamic-shape forward of the digits CNN compiled (cold cache) in 14 s and ran a
 # batch of 150 perturbed digits in 1.81 ms against the eager 2.38 ms (max-pooling routed, see pooling.py),
 # a batch of 40 in the same time; a ResNet-20's compiled in 21 s and ran 2.7x faster at batch 40, yet the
-# whole AutoAttack run on it took 141 s compiled against 89 s eager (bench/bench_autoattack.py). With
+# whole AutoAttack run on it took 87 s compiled against 59 s eager (bench/bench_autoattack.py). With
 # savings that uncertain, auto compiles on a CPU only for runs whose queries would take half an hour.
 AUTO_COMPILE_CPU_QUERY_SECONDS = 1800.0
 CPU_PROBE_IMAGES = 16  # images the CPU's auto decision times the eager forward on
