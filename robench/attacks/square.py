@@ -186,7 +186,7 @@ class Square(Attack):
     family: ClassVar[Family] = "query"
     norms: ClassVar[tuple[str, ...]] = ("linf", "l2")
     eps_budget: ClassVar[EpsBudget] = "required"
-    # Queries whose random numbers a slot draws at once (SquareSearch._draws); 1 draws query by query.
+    # Queries a slot draws ahead at once (SquareSearch._ahead); 1 draws query by query.
     draw_block: int = 32
 
     @classmethod
@@ -374,14 +374,10 @@ class SquareSearch(SlotSearch):
         return self.firsts[rows], state | {"ahead": ahead, "drawn_from": drawn_from}
 
     def _admitted_blocks(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """First blocks of the queue positions ``rows`` (consecutive, as the pool admits them), drawn for
-        ``FIRST_BLOCK_ROWS`` positions at a time: one draw serves many admissions, in bounded memory."""
-        if len(rows) == 0:
-            return self._block(rows, rows, rows, draw=False), rows.clone()
+        """First blocks of the queue positions ``rows`` (at least one, consecutive: the pool admits the queue's
+        next samples), drawn for ``FIRST_BLOCK_ROWS`` positions at a time: one draw serves many admissions,
+        in bounded memory."""
         first, last = int(rows[0]), int(rows[-1]) + 1
-        if last - first != len(rows):  # not consecutive: drawn for these alone
-            ids = self.sample_ids[rows]
-            return self._first_block(ids, torch.zeros_like(ids))
         cached = self.first_blocks
         if cached is None or first < cached[0] or last > cached[0] + len(cached[1]):
             ids = self.sample_ids[first:max(last, min(first + FIRST_BLOCK_ROWS, len(self.x)))]
