@@ -54,15 +54,22 @@ class RowByRow(nn.Module):
         return torch.cat([self.model(x[i:i + 1]) for i in range(len(x))])
 
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+DOCS = ROOT / "docs"
+
+
+def documentation_files() -> list[Path]:
+    """README.md and every page of the docs site: the files whose fenced blocks the tests run."""
+    return [README, *sorted(DOCS.rglob("*.md"))]
 
 
 def readme_block(marker_text: str) -> str:
-    """The fenced block that follows ``<!-- example: MARKER`` in README.md."""
-    match = re.search(rf"<!-- example: {re.escape(marker_text)}\b[^\n]*-->\n```\w+\n(.*?)```", README.read_text(),
-                      re.DOTALL)
-    assert match, f"README.md has no example block {marker_text!r}"
-    return match.group(1)
+    """The text of the block named ``marker_text`` (``<!-- example: NAME``) in README.md or a docs page."""
+    found = {b.text for b in readme_blocks() if b.name == marker_text}
+    assert found, f"no README.md or docs block is named {marker_text!r}"
+    assert len(found) == 1, f"the blocks named {marker_text!r} differ between pages"
+    return found.pop()
 
 
 @contextlib.contextmanager
@@ -110,18 +117,28 @@ def without(value, keys):
 
 @dataclasses.dataclass(frozen=True)
 class ReadmeBlock:
-    """A fenced block of README.md: its ``<!-- example: NAME -->`` marker (None without one), language, text."""
+    """A fenced block of README.md or a docs page: its ``<!-- example: NAME -->`` marker (None without one),
+    language, text, and where it is."""
 
     name: str | None
     lang: str
     text: str
     line: int  # of the opening fence, 1-based
+    file: str = "README.md"  # relative to the repository
+
+    @property
+    def where(self) -> str:
+        return f"{self.file}:{self.line}"
 
 
-def readme_blocks(text: str | None = None) -> list[ReadmeBlock]:
-    """Every fenced block of README.md (or ``text``), in order. A block's name is that of an
-    ``<!-- example: NAME ... -->`` marker on the line just above its opening fence."""
-    lines = (README.read_text() if text is None else text).splitlines()
+def readme_blocks(text: str | None = None, file: str = "README.md") -> list[ReadmeBlock]:
+    """Every fenced block of README.md and the docs pages (or of ``text``), in order. A block's name is that
+    of an ``<!-- example: NAME ... -->`` marker on the line just above its opening fence. A block may appear
+    on several pages under one name only with the same text (it is run once)."""
+    if text is None:
+        return [block for path in documentation_files()
+                for block in readme_blocks(path.read_text(), path.relative_to(ROOT).as_posix())]
+    lines = text.splitlines()
     blocks, i = [], 0
     while i < len(lines):
         opening = re.match(r"^(\s*)(`{3,}|~{3,})\s*([\w+-]*)", lines[i])
@@ -130,10 +147,11 @@ def readme_blocks(text: str | None = None) -> list[ReadmeBlock]:
             continue
         fence = opening.group(2)
         end = next((j for j in range(i + 1, len(lines)) if lines[j].strip() == fence), None)
-        assert end is not None, f"README.md:{i + 1}: the fence {fence} is never closed"
+        assert end is not None, f"{file}:{i + 1}: the fence {fence} is never closed"
         marker = re.match(r"\s*<!-- example: (\S+)", lines[i - 1]) if i else None
-        body = "\n".join(lines[i + 1:end]) + "\n"
-        blocks.append(ReadmeBlock(marker.group(1) if marker else None, opening.group(3), body, i + 1))
+        indent = len(opening.group(1))
+        body = "\n".join(line[indent:] if line[:indent].isspace() else line for line in lines[i + 1:end]) + "\n"
+        blocks.append(ReadmeBlock(marker.group(1) if marker else None, opening.group(3), body, i + 1, file))
         i = end + 1
     return blocks
 

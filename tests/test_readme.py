@@ -1,4 +1,5 @@
-"""Every fenced block of README.md, run as a user runs it, or checked where it is not something to run.
+"""Every fenced block of README.md and of the docs pages (docs/), run as a user runs it, or checked where it is
+not something to run.
 
 The blocks are found by ``readme_blocks`` (tests/cli_helpers.py) and named by the
 ``<!-- example: NAME -->`` marker above each. ``test_every_readme_block_is_run_or_checked`` fails
@@ -42,7 +43,7 @@ import pytest
 import torch
 import yaml
 
-from cli_helpers import README, plugins_from, readme_blocks
+from cli_helpers import documentation_files, plugins_from, readme_blocks
 
 TESTS = Path(__file__).resolve().parent
 WORKERS = 2
@@ -85,6 +86,15 @@ CHECKED_DIFFERENTLY = {
     "github-actions": "a workflow: parsed; its `run:` steps run in order in a folder holding what the repository "
                       "would (PLANS), `pip install robench` skipped (robench is installed)",
     "suite-ta-square": "a suite entry: wrapped in a suite and run on 10 bundled digits with robench.evaluate",
+    "coming-from-torchattacks": "run by tests/test_docs.py (test_coming_from_torchattacks_runs_as_written): a "
+                                "fresh python in a fresh folder; both printed accuracies equal",
+    "torchrun-one-machine": "run by tests/test_docs.py (test_one_machine_torchrun_command_parses): parsed by "
+                            "torchrun's and robench's own parsers (it needs 4 GPUs; tests/test_distributed.py runs "
+                            "torchrun here)",
+    "torchrun-nodes": "run by tests/test_docs.py (test_several_nodes_torchrun_command_parses): parsed as "
+                      "torchrun-one-machine (it needs two nodes)",
+    "torchrun-slurm": "run by tests/test_docs.py (test_slurm_script_is_bash_and_its_torchrun_command_parses): "
+                      "`bash -n`, and its torchrun line parsed as torchrun-one-machine (it needs a Slurm cluster)",
 }
 
 # Lines of bash blocks that are not run (a line joined with && is split there first).
@@ -1026,11 +1036,15 @@ TESTED_HERE = {fn.readme_block for fn in list(globals().values()) if callable(fn
 
 def test_every_readme_block_is_run_or_checked():
     blocks = readme_blocks()
-    unnamed = [b.line for b in blocks if b.name is None]
-    assert not unnamed, (f"README.md blocks at lines {unnamed} have no <!-- example: NAME --> marker: add one, and a "
-                         "test here that runs the block (or an entry in CHECKED_DIFFERENTLY)")
-    names = [b.name for b in blocks]
-    assert len(set(names)) == len(names), "two README blocks share a name"
+    unnamed = [b.where for b in blocks if b.name is None]
+    assert not unnamed, (f"blocks without an <!-- example: NAME --> marker: {unnamed}: add one, and a test here "
+                         "that runs the block (or an entry in CHECKED_DIFFERENTLY)")
+    texts: dict[str, set[str]] = {}
+    for block in blocks:
+        texts.setdefault(block.name, set()).add(block.text)
+    assert all(len(t) == 1 for t in texts.values()), \
+        f"blocks that share a name but not their text: {sorted(n for n, t in texts.items() if len(t) > 1)}"
+    names = list(texts)
     elsewhere = {name: re.match(r"run by (tests/\S+\.py) \((\w+)\)", why) for name, why in CHECKED_DIFFERENTLY.items()}
     covered = TESTED_HERE | {name for name, match in elsewhere.items() if match}
     assert set(names) <= covered, f"README blocks nothing runs or checks: {sorted(set(names) - covered)}"
@@ -1051,4 +1065,5 @@ def test_plans_still_apply_to_their_blocks():
     for name in PLANS:
         block_text(name)
     assert bash_commands(BLOCKS["train-loop"].text)[0].startswith("for r in")
-    assert README.read_text().count("<!-- example:") == len([b for b in readme_blocks() if b.name])
+    markers = sum(path.read_text().count("<!-- example:") for path in documentation_files())
+    assert markers == len([b for b in readme_blocks() if b.name])
