@@ -11,6 +11,12 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 from robench.examples import digits_cnn, train_classifier
+from robench.results.schema import CHECK_VARIABLE
+
+# Every document the tests make robench write (results.json, training.json) is validated against its JSON
+# Schema before it is written, in this process, in pytest's workers and in every command the tests start:
+# a writer that drifts from the published schema fails the test that made it write.
+os.environ[CHECK_VARIABLE] = "1"
 
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     # Test processes side by side share the cores: each takes its share of threads (and so do the commands

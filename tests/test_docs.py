@@ -12,6 +12,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import yaml
+
 from cli_helpers import DOCS, README, ROOT, readme_block
 
 README_MAX_LINES = 200
@@ -105,3 +108,57 @@ def test_slurm_script_is_bash_and_its_torchrun_command_parses():
     block = readme_block("torchrun-slurm")
     assert subprocess.run(["bash", "-n"], input=block, text=True).returncode == 0
     check_torchrun_block(block)
+
+
+def test_schema_example_runs_as_written(tmp_path):
+    """A run through the installed script, then its document checked from a fresh python: valid as written,
+    refused with the field's path once an accuracy is made negative."""
+    robench = Path(sys.executable).parent / "robench"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "ROBENCH_DEBUG")}
+    run = subprocess.run(shlex.split(readme_block("schema-run").replace("robench ", f"{robench} ", 1)), cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    checked = fresh_python(readme_block("schema-validate.py"), tmp_path)
+    assert checked.returncode == 0, checked.stderr[-3000:]
+    assert checked.stdout.splitlines() == [
+        "valid: robench.results/1", "refused: attacks[0].accuracy: -0.1 is less than the minimum of 0"]
+
+
+# -- MLflow (docs/ci/mlflow.md) ----------------------------------------------------------------------------------
+
+def user_shell(command: str, folder: Path, **extra: str) -> subprocess.CompletedProcess:
+    """``command`` in bash from ``folder``, with this environment's scripts first on PATH and no PYTHONPATH."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "ROBENCH_DEBUG", "MLFLOW_TRACKING_URI")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(extra)
+    return subprocess.run(["bash", "-e", "-c", command], cwd=folder, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_mlflow_tracking_runs_as_written(tmp_path):
+    """Two runs logged to a SQLite store, the second gated against the first in the same step, then against
+    the best run with `robench gate`: all three pass (the same model and data), and the store holds both."""
+    pytest.importorskip("mlflow")
+    for command in re.sub(r"\\\n\s*", " ", readme_block("mlflow-tracking")).strip().splitlines():
+        run = user_shell(command, tmp_path)
+        assert run.returncode == 0, (command, run.stderr[-3000:])
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("digits").experiment_id])
+    assert len(runs) == 2 and {r.data.tags["robench.gate"] for r in runs if "robench.gate" in r.data.tags} == {"passed"}
+    assert all(0 <= r.data.metrics["robust_accuracy"] <= r.data.metrics["clean_accuracy"] for r in runs)
+
+
+def test_mlflow_workflow_steps_run_as_written(tmp_path):
+    """The workflow's `run:` steps in order against a local SQLite store (the secret's stand-in), once as on
+    main (the step that logs) and once as on a pull request (the step that gates against @best)."""
+    pytest.importorskip("mlflow")
+    workflow = yaml.safe_load(readme_block("mlflow-github-actions"))
+    steps = workflow["jobs"]["robench"]["steps"]
+    runs = {step.get("if", ""): step["run"] for step in steps if "run" in step and "pip install" not in step["run"]}
+    store = {"MLFLOW_TRACKING_URI": "sqlite:///mlruns.db"}
+    for condition in ("github.ref == 'refs/heads/main'", "github.event_name == 'pull_request'"):
+        run = user_shell(runs[condition], tmp_path, **store)
+        assert run.returncode == 0, (condition, run.stderr[-3000:])
+    assert "gate" in run.stderr.lower() or "baseline" in run.stderr.lower()

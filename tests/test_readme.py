@@ -23,6 +23,7 @@ test here runs; each test waits for its own block. Blocks that take more than ~1
 from __future__ import annotations
 
 import ast
+import importlib.metadata
 import contextlib
 import json
 import os
@@ -57,8 +58,9 @@ slow = pytest.mark.slow  # registered in pyproject.toml
 # Blocks that are not run as written here, and how each is checked instead. A reason that starts with
 # "run by tests/FILE.py" names the file whose test runs the block (it must read it with ``readme_block``).
 CHECKED_DIFFERENTLY = {
-    "setup-dev": "installs the dev extras and runs the whole test suite, this file included: CI runs exactly "
-                 "that; the test checks that the `dev` extra exists and brings pytest",
+    "setup-dev": "installs the dev extras and torchattacks, and runs the whole test suite, this file included: CI "
+                 "runs exactly that; the test checks that the `dev` extra exists and brings pytest and what "
+                 "torchattacks imports",
     "suite-pgd-linf": "a suite file: loaded with robench's suite loader; its name and entries are those of the "
                       "built-in pgd-linf suite it shows",
     "suite-error": "an error message: the README's my-suite.yaml (without its file-name comment line) with the pgd "
@@ -93,6 +95,14 @@ CHECKED_DIFFERENTLY = {
                             "torchrun here)",
     "torchrun-nodes": "run by tests/test_docs.py (test_several_nodes_torchrun_command_parses): parsed as "
                       "torchrun-one-machine (it needs two nodes)",
+    "schema-run": "run by tests/test_docs.py (test_schema_example_runs_as_written): the installed script in a fresh "
+                  "folder",
+    "schema-validate.py": "run by tests/test_docs.py (test_schema_example_runs_as_written): a fresh python in the "
+                          "folder schema-run wrote to; both lines it prints compared",
+    "mlflow-tracking": "run by tests/test_docs.py (test_mlflow_tracking_runs_as_written): each command through the "
+                       "installed script from a fresh folder; the store read back",
+    "mlflow-github-actions": "run by tests/test_docs.py (test_mlflow_workflow_steps_run_as_written): parsed; its "
+                             "`run:` steps run with a local SQLite store as the secret, `pip install` skipped",
     "torchrun-slurm": "run by tests/test_docs.py (test_slurm_script_is_bash_and_its_torchrun_command_parses): "
                       "`bash -n`, and its torchrun line parsed as torchrun-one-machine (it needs a Slurm cluster)",
 }
@@ -557,10 +567,17 @@ def test_setup_runs_the_bundled_example(background):
 def test_setup_dev_installs_the_extra_the_tests_need():
     tomllib = pytest.importorskip("tomllib")
     commands = BLOCKS["setup-dev"].text.strip().split(" && ")
-    assert commands == ['python3 -m pip install -e ".[dev]"', "python3 -m pytest"]
+    assert commands == ['python3 -m pip install -e ".[dev]"', 'python3 -m pip install --no-deps "torchattacks>=3.5.1"',
+                        "python3 -m pytest"]
     project = tomllib.loads((TESTS.parent / "pyproject.toml").read_text())
     dev = project["project"]["optional-dependencies"]["dev"]
     assert any(req.startswith("pytest") for req in dev)
+    # What torchattacks imports, since the command installs it without its dependencies.
+    assert {"tqdm", "scipy"} <= {re.split(r"[<>=\[ ]", req)[0] for req in dev}
+    from packaging.version import Version
+
+    # The command's second step: the reference the tests compare with.
+    assert Version(importlib.metadata.version("torchattacks")) >= Version("3.5.1")
     assert project["tool"]["pytest"]["ini_options"]["testpaths"] == ["tests"]
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import typer
+
 from robench.cli.common import handle_errors, stderr, warn
 from robench.cli.eval_output import Gate, print_result, run_with_progress
 from robench.cli.options import config_options
@@ -17,13 +19,15 @@ from robench.cli.options.output import Json, Out, Quiet, Resume, SaveAdversarial
 from robench.cli.options.reid import Ap, Denominator, Distance, FeatureLayer, Flip, ImageSize, L2, Perturb, Ranks, \
     ReidPattern, Rerank, Surrogate, SurrogateArch, SurrogateNumClasses
 from robench.cli.options.suite import Eps, Norm, Plugin, Seed, Suite, SweepReuse, TrustSuite
+from robench.cli.options.tracking import Track, TrackExperiment
+from robench.cli.track import Tracking
 
 # The modules that need torch are imported when the command runs, not when the command line
 # is built: `robench --help` and `robench eval --help` start in a fraction of a second.
 
-# What only the command line reads: printing, and the gate (which reads the finished run).
+# What only the command line reads: printing, the gate and the tracking (which read the finished run).
 _CLI_ONLY = ("as_json", "quiet", "baseline", "max_drop", "rule", "require_significant", "junit", "metric",
-             "allow_flag")
+             "allow_flag", "track", "track_experiment")
 
 
 @handle_errors
@@ -89,14 +93,16 @@ def eval_command(
     junit: Junit = None,
     metric: Metric = None,
     allow_flag: AllowFlag = None,
+    track: Track = None,
+    track_experiment: TrackExperiment = None,
 ) -> None:
     """Evaluate MODEL under every attack of a suite: clean and robust accuracy."""
     options = _config_options(locals())  # first: before the body binds any other name
     from robench.config import EvalConfig, unnormalised_weights_note
     from robench.tasks.run import eval_task, open_run_directory
 
-    gate = Gate(baseline, max_drop, rule, require_significant, junit, allow_flag, metric)
-    gate.check()  # a bad baseline or rule fails now, not after the run
+    tracking = Tracking.of(track, track_experiment)  # a bad --track, or MLflow missing, fails now
+    gate = Gate(baseline, max_drop, rule, require_significant, junit, allow_flag, metric).checked(tracking.uri)
     config = EvalConfig.of(**options)
     task = eval_task(config)
     directory = open_run_directory(task, config.output.out, config.output.resume)
@@ -109,7 +115,11 @@ def eval_command(
         return  # under torchrun only rank 0 reports
     print_result(task, result, as_json, forced_channels=gray is not None)
     stderr.print(f"results written to {directory.path}", highlight=False)
-    gate.apply(directory.path)
+    code = gate.verdict(directory.path)
+    # A regressed run is logged too: the history shows when robustness dropped.
+    tracking.log(directory.path, gate_code=code, baseline=baseline)
+    if code:
+        raise typer.Exit(code)
 
 
 def _config_options(values: dict[str, Any]) -> dict[str, Any]:

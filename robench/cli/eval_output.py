@@ -4,13 +4,12 @@ CI gate (checked before the run, applied after it)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, List, Optional
-
-import typer
 
 from robench.cli.common import interrupt_on_sigterm, stderr, stdout_console, warn
 from robench.errors import UsageError
@@ -29,7 +28,7 @@ if TYPE_CHECKING:
 class Gate:
     """--baseline and its options: the run's results against a baseline run's, in the same step."""
 
-    baseline: Optional[Path]
+    baseline: Optional[str]
     max_drop: float
     rules: Optional[List[str]]
     require_significant: bool
@@ -37,9 +36,12 @@ class Gate:
     allow_flags: Optional[List[str]]
     metrics: Optional[List[str]]
 
-    def check(self) -> None:
+    def checked(self, tracking_uri: Optional[str] = None) -> Gate:
         """Fail before the run, not after it: a gate option without --baseline, or a baseline, metric, rule or
-        flag that cannot be used."""
+        flag that cannot be used. Returns the gate with its baseline as a local file: an ``mlflow:`` baseline
+        is fetched now (from ``tracking_uri``, --track's store), so that ``@latest`` means the latest run
+        before this one, even when this one is logged to the same experiment."""
+        from robench.cli.track import local_baseline
         from robench.reporting.gate import check_allowed_flags, check_metrics, parse_metrics, parse_rule, \
             reported_metrics
         from robench.results.reading import read_result
@@ -49,23 +51,24 @@ class Gate:
                     or self.metrics:
                 raise UsageError("--max-drop, --rule, --metric, --require-significant, --junit and --allow-flag "
                                  "need --baseline")
-            return
-        base = read_result(self.baseline)
+            return self
+        local = local_baseline(self.baseline, tracking_uri)
+        base = read_result(local)
         check_metrics(parse_metrics(self.metrics), reported_metrics(base))
         for text in self.rules or []:
             parse_rule(text)
         check_allowed_flags(self.allow_flags or [])
+        return dataclasses.replace(self, baseline=local)
 
-    def apply(self, run_dir: Path) -> None:
-        """The results are written first: a failing gate never loses the run."""
+    def verdict(self, run_dir: Path) -> Optional[int]:
+        """The gate's exit code (None without --baseline). The results are written first: a failing gate never
+        loses the run."""
         from robench.cli.gate_cmd import run_gate
 
         if self.baseline is None:
-            return
-        code = run_gate(run_dir, self.baseline, self.max_drop, self.rules or [], self.require_significant,
+            return None
+        return run_gate(run_dir, self.baseline, self.max_drop, self.rules or [], self.require_significant,
                         self.junit, as_json=False, quiet=True, allow_flags=self.allow_flags, metrics=self.metrics)
-        if code:
-            raise typer.Exit(code)
 
 
 def run_with_progress(task: ClassificationTask | ReIDTask, directory: RunDirectory, quiet: bool) -> Result:

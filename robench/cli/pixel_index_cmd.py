@@ -18,6 +18,8 @@ from robench.cli.options.output import PixelJson, PixelOut, PixelQuiet, PixelRes
     PixelSaveEvery
 from robench.cli.options.pixels import Area, Channels, Delta, OnAttack, PixelEps, PixelSeed, Pixels, \
     SharedPositions, Trials
+from robench.cli.options.tracking import PixelTrack, PixelTrackExperiment
+from robench.cli.track import Tracking
 
 
 @handle_errors
@@ -57,9 +59,13 @@ def pixel_index_command(
     save_adversarial: PixelSaveAdversarial = None,
     as_json: PixelJson = False,
     quiet: PixelQuiet = False,
+    track: PixelTrack = None,
+    track_experiment: PixelTrackExperiment = None,
 ) -> None:
     """Misclassification under random few-pixel changes, and the Pixel-index Pi = w / (p r a)."""
-    options = config_options(locals(), ("as_json", "quiet"))  # first: before the body binds any other name
+    # First: before the body binds any other name. Printing and tracking are the command line's own.
+    options = config_options(locals(), ("as_json", "quiet", "track", "track_experiment"))
+    tracking = Tracking.of(track, track_experiment)  # a bad --track, or MLflow missing, fails before the run
     # Imported here, not at the top: building the command line (--help) must not load torch.
     from robench.tasks import Hooks
     from robench.tasks.pixel_index import PixelIndexConfig, PixelIndexTask
@@ -79,6 +85,7 @@ def pixel_index_command(
     directory.finish(result)
     if directory.main:  # under torchrun only rank 0 reports
         _print(result.doc, as_json, None if quiet else directory.path)
+        tracking.log(directory.path, announce=not quiet)
 
 
 def _finished_text(state: dict[str, Any]) -> str:

@@ -19,6 +19,9 @@ _EXPORTS = {
     "default_run_dir": "robench.results.writers",
     "prepare_run_dir": "robench.results.writers",
     "write_run": "robench.results.writers",
+    "InvalidDocument": "robench.results.schema",
+    "schema_for": "robench.results.schema",
+    "validate_document": "robench.results.schema",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -14,6 +14,7 @@ import pandas as pd
 from robench.errors import UsageError
 from robench.results.atomic import atomic_write
 from robench.results.locking import lock_run_dir
+from robench.results.schema import check_before_writing
 from robench.results.tidy import tidy_frame
 
 
@@ -98,7 +99,9 @@ def write_results(path: Path, doc: dict[str, Any], tidy: pd.DataFrame, config: d
 
     config.json also records the command line (``robench report`` shows it); results.json does not,
     so that the document depends only on what was evaluated, not on how the process was started.
+    With ``ROBENCH_CHECK_SCHEMA=1`` the document is validated against its JSON Schema first.
     """
+    check_before_writing(doc)
     config = {**config, "command": config.get("command") or command_line()}
     atomic_write(path / "config.json", json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
     atomic_write(path / "results.csv", tidy.to_csv(index=False))

@@ -820,6 +820,8 @@ def _log_header(loaded: LoadedRecipe, settings: RunSettings, options: TrainOptio
 
 def _write_log(out: Path, header: dict[str, Any], history: list[EpochRecord], done: bool) -> None:
     from robench.results.atomic import atomic_write
+    from robench.results.schema import TRAINING_FORMAT, check_before_writing
 
-    doc = {"format": "robench-training-1", "complete": done, **header, "epochs": [asdict(h) for h in history]}
+    doc = {"format": TRAINING_FORMAT, "complete": done, **header, "epochs": [asdict(h) for h in history]}
+    check_before_writing(doc)
     atomic_write(out / LOG, json.dumps(doc, indent=2) + "\n")

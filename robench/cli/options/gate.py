@@ -10,8 +10,10 @@ import typer
 
 PANEL = "CI gate (with --baseline)"
 
-Baseline = Annotated[Optional[Path], typer.Option(
-    "--baseline", help="Gate the results against this run (exit 1 on a regression).", rich_help_panel=PANEL)]
+Baseline = Annotated[Optional[str], typer.Option(
+    "--baseline", help="Gate the results against this run (exit 1 on a regression): a run directory, its "
+    "results.json, or a run logged to MLflow: mlflow:EXPERIMENT, mlflow:EXPERIMENT@RUN_ID or @best (read from "
+    "--track's store, else MLFLOW_TRACKING_URI's).", rich_help_panel=PANEL)]
 MaxDrop = Annotated[float, typer.Option("--max-drop", help="With --baseline: allowed drop (0.01 = 1 point).",
                                         rich_help_panel=PANEL)]
 Rule = Annotated[Optional[List[str]], typer.Option("--rule", help="With --baseline: METRIC@ENTRY:THRESHOLD.",
