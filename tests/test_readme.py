@@ -105,6 +105,22 @@ CHECKED_DIFFERENTLY = {
                              "`run:` steps run with a local SQLite store as the secret, `pip install` skipped",
     "torchrun-slurm": "run by tests/test_docs.py (test_slurm_script_is_bash_and_its_torchrun_command_parses): "
                       "`bash -n`, and its torchrun line parsed as torchrun-one-machine (it needs a Slurm cluster)",
+    "defended.py": "run by tests/test_bpda.py (test_recipe_runs_as_written): saved in a fresh folder and run there "
+                   "with a fresh python, as the `bpda-recipe` block's first line",
+    "pgd-bpda.yaml": "run by tests/test_bpda.py (test_recipe_runs_as_written), with the `bpda-recipe` block",
+    "soft_quantize.py": "run by tests/test_bpda.py (test_recipe_runs_as_written): saved in the folder and imported "
+                        "by the `bpda-recipe` block's --plugin",
+    "bpda-recipe": "run by tests/test_bpda.py (test_recipe_runs_as_written): each line through the installed script "
+                   "from the folder holding the three files; the JPEG run with --limit 200 (the digits suite on "
+                   "540 JPEG-compressed images costs ~10 s); the accuracies the page quotes compared",
+    "bpda-error": "run by tests/test_bpda.py (test_unknown_module_is_one_line_naming_the_entry): an error message: "
+                  "pgd-bpda.yaml with the typo, run with the recipe's command; stderr compared line for line",
+    "bpda-api": "run by tests/test_bpda.py (test_api_block_runs_as_written): executed in this process from a fresh "
+                "folder; what it prints checked",
+    "check-attack-command": "run by tests/test_attack_check.py (test_docs_examples_run_as_written): the installed "
+                            "script in a fresh folder; the table, the exit code and the run folder checked",
+    "check-attack-api": "run by tests/test_attack_check.py (test_docs_examples_run_as_written): a fresh python in "
+                        "a fresh folder; what it prints checked against the command's results",
 }
 
 # Lines of bash blocks that are not run (a line joined with && is split there first).

@@ -18,7 +18,7 @@ from robench.cli.options.model import Arch, Dataset, Mean, Model, ModelDir, Norm
 from robench.cli.options.output import Json, Out, Quiet, Resume, SaveAdversarial, SaveEvery
 from robench.cli.options.reid import Ap, Denominator, Distance, FeatureLayer, Flip, ImageSize, L2, Perturb, Ranks, \
     ReidPattern, Rerank, Surrogate, SurrogateArch, SurrogateNumClasses
-from robench.cli.options.suite import Eps, Norm, Plugin, Seed, Suite, SweepReuse, TrustSuite
+from robench.cli.options.suite import Bpda, Eps, Norm, Plugin, Seed, Suite, SweepReuse, TrustSuite
 from robench.cli.options.tracking import Track, TrackExperiment
 from robench.cli.track import Tracking
 
@@ -36,6 +36,7 @@ def eval_command(
     suite: Suite = "pgd-linf",
     eps: Eps = None,
     norm: Norm = None,
+    bpda: Bpda = None,
     data: Data = None,
     arch: Arch = None,
     num_classes: NumClasses = None,

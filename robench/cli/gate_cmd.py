@@ -71,7 +71,7 @@ def gate_command(
                                                "baseline: the MLflow tracking store (default: "
                                                "MLFLOW_TRACKING_URI, else MLflow's default)."),
 ) -> None:
-    """CI gate against a baseline run: exit 1 when robustness dropped.
+    """CI gate against a baseline: exit 1 when robustness dropped.
 
     Exit 0: every gated value within its allowed change, no sanity flag (or only allowed ones).
     Exit 1: a regression or a flag. Exit 3: the runs are not comparable."""

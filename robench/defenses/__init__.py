@@ -1,4 +1,5 @@
-"""Defences from the papers robench mirrors: drop-in modules, transforms and losses for training.
+"""Defences from the papers robench mirrors: drop-in modules, transforms and losses for training; and
+input-transform defences without useful gradients (quantisation, JPEG), the cases BPDA is for.
 
 Each lives in its own module and is documented with its paper's defaults and equations;
 the names below are importable from here (loaded on first use).
@@ -21,6 +22,9 @@ _WHERE = {
     "AlignmentHead": "hfa",
     "hierarchical_alignment_loss": "hfa",
     "sinkhorn_distance": "hfa",
+    "Quantize": "input_transforms",
+    "JPEG": "input_transforms",
+    "InputDefended": "input_transforms",
 }
 __all__ = sorted(_WHERE)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol, cast
 
 import numpy as np
@@ -16,9 +16,12 @@ from robench.attacks.base import AttackInterrupted
 from robench.data.sources import ImageDataset, TensorImages, as_float
 from robench.errors import RobenchError, RunError, UsageError
 from robench.models.wrapper import RobustModel, evaluation_mode
+from robench.evaluation.bpda import (BpdaHooks, distinct_settings, entry_hooks, every_gradient_entry_uses_bpda,
+                                     hooks_during)
 from robench.evaluation.config import EngineConfig
 from robench.evaluation.precision import PrecisionModel, matmul_precision
-from robench.evaluation.sanity import check_output_shape, explain_failure, first_batch_checks
+from robench.evaluation.sanity import (bpda_checks, check_output_shape, explain_failure, first_batch_checks,
+                                      worst_gradient_checks)
 from robench.evaluation.speed import (AUTO_COMPILE_MIN_WORK, CPU_PROBE_IMAGES, SpeedReport, auto_batch_size,
                                      cpu_auto_decision, estimated_queries, estimated_work, finish,
                                      measured_seconds_per_image, should_compile, speed_up, timed_first_call)
@@ -224,6 +227,8 @@ class _Loop:
 
         ``batch_size`` overrides the options' (a work queue's processes share the one its plan fixed)."""
         options, device, dataset = self.options, self.device, self.dataset
+        # Names are resolved first: a typo in a bpda list stops the run before any model pass.
+        self.bpda = entry_hooks(self.suite, self.entries, self.model.model)
         # eval() on the outer wrapper too: torchattacks restores the mode it finds.
         precise = PrecisionModel(self.model, options.precision, device).eval()
         compiled, decision = self._compile_choice(precise)
@@ -247,7 +252,8 @@ class _Loop:
             progress.start(len(dataset), min(len(dataset), self.done * self.batch_size))
         self.context = _RunContext(forward, self.model, self.entries, device, dataset, dataset_labels(dataset),
                                    options.sweep_reuse, self.batch_size, options.refill, progress,
-                                   options.save_adversarial, self.checkpoint)
+                                   options.save_adversarial, self.checkpoint, self.bpda,
+                                   every_gradient_entry_uses_bpda(self.entries, self.bpda))
         for entry in self.entries:
             entry.attack.log = _attack_logger(entry, self.context)
             entry.attack.meter = _attack_meter(entry, self.context)
@@ -257,6 +263,8 @@ class _Loop:
     def _compile_choice(self, precise: torch.nn.Module) -> tuple[bool, str | None]:
         """Whether to compile, and for ``--compile auto`` why (on a CPU from a measured eager forward)."""
         options, device, dataset = self.options, self.device, self.dataset
+        if self.bpda:
+            return _eager_for_bpda(options.compile)
         work = estimated_work(len(dataset), self.suite)
         compiled = should_compile(options.compile, device, work)
         if options.compile != "auto":
@@ -350,6 +358,14 @@ class _Loop:
         return {**self.speed.as_dict(), "sweep_reuse": options.sweep_reuse,
                 "batch_size_auto": options.batch_size == "auto", "refill": options.refill,
                 "segment_batches": self.per_segment}
+
+
+def _eager_for_bpda(mode: str) -> tuple[bool, str | None]:
+    """BPDA works through forward hooks, which a compiled model does not call: such runs stay eager."""
+    if mode == "on":
+        raise UsageError("--compile on: a compiled model does not run the hooks BPDA adds to its modules; use "
+                         "--compile auto or off with bpda")
+    return False, "auto: eager (BPDA's hooks do not run in a compiled model)" if mode == "auto" else None
 
 
 class ProgressSink(Protocol):
@@ -468,6 +484,8 @@ class _RunContext:
     progress: ProgressSink | None = None
     save_adversarial: int | None = None  # keep the first N samples' examples (0: all; None: none)
     checkpoint: Callable[[], None] | None = None  # saves a snapshot when one is due
+    bpda: dict[int, BpdaHooks] = field(default_factory=dict)  # by entry index: the entries that use BPDA
+    bpda_everywhere: bool = False  # every gradient entry uses BPDA: the sanity gradient checks run under it too
 
 
 @dataclass
@@ -598,11 +616,29 @@ def _clean_logits(x, y, idx, context: _RunContext, state: RunState, first: _Firs
     elif first is not None:  # labels known up front: check them all once, on the first batch
         check_labels(context.labels_known, state.num_classes, context.dataset.indices)
     if first is not None:
-        # Two images suffice: the answer is about the model's graph, not the data.
-        state.sanity["input_gradient"] = context.model.has_input_gradient(x[:2])
-        if first.run_checks:
-            state.sanity.update(first_batch_checks(context.forward, x, y, logits))
+        _first_batch_sanity(x, y, logits, context, state, first.run_checks)
     return logits
+
+
+def _first_batch_sanity(x, y, logits, context: _RunContext, state: RunState, run_checks: bool) -> None:
+    """The input-gradient probe and, unless a resume keeps the real first batch's, the sanity checks.
+
+    With BPDA the gradient checks also run under each BPDA setting (``sanity.bpda``): before any
+    attack, so a setting that cannot work fails now. When every gradient entry uses BPDA the run's
+    own gradient findings are those its attacks see, the worst of the settings'.
+    """
+    # Two images suffice: the answer is about the model's graph, not the data.
+    state.sanity["input_gradient"] = context.model.has_input_gradient(x[:2])
+    if run_checks:
+        state.sanity.update(first_batch_checks(context.forward, x, y, logits))
+    if not context.bpda:
+        return
+    probes = bpda_checks(context.model, context.forward, x, y, logits, distinct_settings(context.bpda),
+                         zero_fraction=run_checks)
+    if run_checks:
+        state.sanity["bpda"] = probes
+    if context.bpda_everywhere:
+        state.sanity.update(worst_gradient_checks(probes))
 
 
 def _commit(state: RunState, segment: _Segment, outcomes: list[_EntryOutcome], context: _RunContext,
@@ -812,8 +848,9 @@ def _attack_segment(entry: Entry, chunk: Scalar, context: _RunContext, segment: 
     finished: torch.Tensor | None
     interruption: KeyboardInterrupt
     try:
-        attack = _attack_with_backoff(entry, chunk, context, segment.x[targets], segment.y[targets],
-                                      segment.idx[targets])
+        with hooks_during(context.bpda, entry):
+            attack = _attack_with_backoff(entry, chunk, context, segment.x[targets], segment.y[targets],
+                                          segment.idx[targets])
         finished = None
     except AttackInterrupted as stop:
         attack, finished, interruption = stop.result, stop.done, stop

@@ -24,8 +24,10 @@ class Entry:
     attack: Attack
 
     def params(self) -> dict[str, Any]:
+        # bpda only where the entry has it: the parameters of other entries stay as they always were.
+        bpda = {"bpda": [spec.model_dump(mode="json") for spec in self.spec.bpda]} if self.spec.bpda else {}
         return {"eps_expr": self.eps_text if self.eps is not None else None,
-                "final_iterate": self.attack.final_iterate, **self.attack.describe(self.eps)}
+                "final_iterate": self.attack.final_iterate, **self.attack.describe(self.eps), **bpda}
 
     def __call__(self, model, x, y, sample_ids, *, batch_size: int, refill: bool = True):
         return self.attack(model, x, y, self.eps, sample_ids, batch_size=batch_size, refill=refill)

@@ -29,16 +29,20 @@ def named_flags(report: dict[str, Any], attacks: list[dict[str, Any]]) -> list[t
     if report.get("probability_outputs"):
         flags.append(("probability_outputs", "the outputs look like probabilities (softmax applied): "
                       "cross-entropy on them saturates and gradient attacks weaken; return logits"))
+    # Both gradient flags end with the way forward when a non-differentiable part causes them.
+    bpda_hint = ("; if a non-differentiable part (JPEG, quantisation) causes it, differentiate through it with "
+                 "`bpda: [module name]` in the suite entry or `--bpda NAME`")
     no_gradient = report.get("input_gradient") is False
     zero = report.get("zero_gradient_fraction")
     # Without any input gradient every entry is zero: the more specific flag below says why.
     if zero is not None and zero > ZERO_GRADIENT_WARN and not no_gradient:
         flags.append(("zero_gradients", f"{100 * zero:.0f}% of input-gradient entries are exactly zero: a sign "
-                      "of gradient masking or obfuscation; add a black-box attack (e.g. ta.Square) to the suite"))
+                      "of gradient masking or obfuscation; add a black-box attack (e.g. ta.Square) to the suite"
+                      + bpda_hint))
     if no_gradient:
         flags.append(("no_input_gradient", "the model's output does not depend on its input through autograd "
                       "(argmax, .detach() or torch.no_grad() in forward): gradient attacks see zero gradients, "
-                      "so their accuracies are upper bounds; black-box attacks still run"))
+                      "so their accuracies are upper bounds; black-box attacks still run" + bpda_hint))
     if report.get("nonfinite_logits"):
         flags.append(("nonfinite_logits", f"{report['nonfinite_logits']} sample(s) gave NaN or infinite logits "
                       "(counted as errors)"))

@@ -7,13 +7,17 @@ a warning on stderr and a line under the table.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from robench.errors import RobenchError, RunError, UsageError, describe
+
+if TYPE_CHECKING:
+    from robench.evaluation.bpda import BpdaHooks
+    from robench.models.wrapper import RobustModel
 
 BATCH_TOLERANCE = 1e-2  # relative to the logit scale: absorbs float noise and bf16 autocast
 SMALL_BATCH = 8  # second, small probe batch: cross-sample effects shrink as batches grow
@@ -36,6 +40,34 @@ def first_batch_checks(forward, x: torch.Tensor, y: torch.Tensor, logits: torch.
                                              and torch.allclose(sums, torch.ones_like(sums), atol=1e-3))
     report["zero_gradient_fraction"] = _zero_gradient_fraction(forward, x[finite], y[finite])
     return report
+
+
+def bpda_checks(model: RobustModel, forward, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor,
+                settings: Sequence[BpdaHooks], *, zero_fraction: bool) -> list[dict[str, Any]]:
+    """The gradient checks under each BPDA setting's hooks: what the attacks that use it will see.
+
+    Per setting: its modules as written, whether the output has an input gradient (two images; this
+    also runs the setting's shape checks before any attack) and, with ``zero_fraction``, the share
+    of exactly-zero input-gradient entries on the batch.
+    """
+    finite = torch.isfinite(logits).all(dim=1)
+    probes = []
+    for setting in settings:
+        with setting.installed():
+            probe: dict[str, Any] = {"modules": setting.written, "input_gradient": model.has_input_gradient(x[:2])}
+            if zero_fraction:
+                probe["zero_gradient_fraction"] = _zero_gradient_fraction(forward, x[finite], y[finite])
+        probes.append(probe)
+    return probes
+
+
+def worst_gradient_checks(probes: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run's gradient findings when every gradient attack runs under BPDA: the worst of its settings'."""
+    found: dict[str, Any] = {"input_gradient": all(p["input_gradient"] for p in probes)}
+    fractions = [p["zero_gradient_fraction"] for p in probes if p.get("zero_gradient_fraction") is not None]
+    if any("zero_gradient_fraction" in p for p in probes):
+        found["zero_gradient_fraction"] = max(fractions) if fractions else None
+    return found
 
 
 def batch_dependent(forward, x: torch.Tensor, logits: torch.Tensor) -> bool:

@@ -316,6 +316,9 @@ def _check_suite(suite: Suite, surrogate: ReIDFeatures | None) -> None:
         if spec.source == "surrogate" and surrogate is None:
             raise UsageError(f"{spec.display_name()} is a transfer attack: the suite or --surrogate must name "
                              "a surrogate model")
+        if spec.bpda:
+            raise UsageError(f"{spec.display_name()}: bpda applies to classification runs; re-identification "
+                             "attacks differentiate through the model as it is")
         if spec.attack_class.family not in ("gradient", "generator", "transfer"):
             raise UsageError(f"{spec.attack} does not apply to re-identification models; use dmr, or a gradient "
                              "attack (fgsm, bim, pgd, mifgsm) with an objective (away, odfa, misrank)")

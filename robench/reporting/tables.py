@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import JustifyMethod
+from rich.markup import escape
 from rich.table import Table
 
 from robench.results.metric_table import metric_info
@@ -47,5 +48,6 @@ def results_table(doc: dict[str, Any]) -> Table:
     table.caption = (f"{env['device_name']} · {env['precision']} · seed {env['seed']} · "
                      f"batch {env['batch_size']} · {env['seconds']:.1f}s · robench {env['robench']}")
     for flag in doc.get("sanity", {}).get("flags", []):
-        table.caption += f"\n[yellow]warning: {flag}[/yellow]"
+        # Flags quote suite syntax (`bpda: [module name]`) and user labels: text, never markup.
+        table.caption += f"\n[yellow]warning: {escape(flag)}[/yellow]"
     return table

@@ -53,7 +53,7 @@ def classification_document(outcome: RunOutcome, loaded: LoadedModel, norm: Norm
 
 
 def _attack_entry(e: Any, counts: MetricCollection, suite: LoadedSuite, outcome: RunOutcome) -> dict[str, Any]:
-    has_gradient = outcome.state.sanity.get("input_gradient", True) is not False
+    has_gradient = _entry_has_gradient(e, outcome.state.sanity)
     accuracy, fooled = accuracy_of(counts, "accuracy"), accuracy_of(counts, "fooled")
     return {
         "attack": e.attack.name,
@@ -74,6 +74,16 @@ def _attack_entry(e: Any, counts: MetricCollection, suite: LoadedSuite, outcome:
         "input_gradient": has_gradient if e.attack.family == "gradient" else None,
         **({"parts": _parts_log(e.attack.parts(), counts)} if e.attack.parts() else {}),
     }
+
+
+def _entry_has_gradient(e: Any, sanity: dict[str, Any]) -> bool:
+    """Whether the entry's attacks saw an input gradient: the model's, or under BPDA its setting's probe."""
+    if e.spec.bpda:
+        written = [spec.model_dump(mode="json") for spec in e.spec.bpda]
+        probe = next((p for p in sanity.get("bpda") or [] if p["modules"] == written), None)
+        if probe is not None:
+            return bool(probe["input_gradient"])
+    return sanity.get("input_gradient", True) is not False
 
 
 def _parts_log(parts: list[str], counts: MetricCollection) -> list[dict[str, Any]]:

@@ -45,6 +45,7 @@ _TABLE = {info.name: info for info in (
     MetricInfo("recognition_rate", True, PROPORTION, True, 2),
     MetricInfo("misclassified", False, COUNT, False, 1),
     MetricInfo("pi", False, SCORE, False, 2),
+    MetricInfo("pass_rate", True, PROPORTION, True, 1),  # the attack check's: problems solved / built
 )}
 
 

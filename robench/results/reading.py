@@ -19,7 +19,7 @@ import pandas as pd
 
 from robench.errors import UsageError
 from robench.files import read_bounded_text
-from robench.results.schema import PIXEL_SCHEMA, SCHEMA
+from robench.results.schema import CHECK_SCHEMA, PIXEL_SCHEMA, SCHEMA
 from robench.results.metric_table import RANK_KEY
 from robench.results.tidy import TIDY_COLUMNS, document_kind, tidy_rows
 
@@ -62,6 +62,9 @@ def read_result(path: str | Path, label: str | None = None) -> ResultFile:
     if not p.exists():
         raise UsageError(f"result file not found: {path}")
     doc = load_json(p)
+    if isinstance(doc, dict) and doc.get("schema") == CHECK_SCHEMA:
+        raise UsageError(f"{p} holds an attack check ({CHECK_SCHEMA}); compare, plot, gate and report read the "
+                         "results of robench eval and robench pixel-index")
     if not isinstance(doc, dict) or doc.get("schema") not in KNOWN_SCHEMAS:
         schema = _show(doc.get("schema")) if isinstance(doc, dict) else "?"
         raise UsageError(f"{p} is not a robench result (schema {schema}; expected one of {', '.join(KNOWN_SCHEMAS)})")

@@ -27,9 +27,11 @@ Add = Callable[..., None]
 
 
 def document_kind(doc: dict[str, Any]) -> str:
-    """``classification``, ``reid`` or ``pixel``."""
+    """``classification``, ``reid``, ``pixel`` or ``attack-check``."""
     if doc.get("schema") == PIXEL_SCHEMA:
         return "pixel"
+    if doc.get("task") == "attack-check":
+        return "attack-check"
     return "reid" if doc.get("task") == "reid" else "classification"
 
 
@@ -57,7 +59,8 @@ def tidy_rows(doc: dict[str, Any], model: str | None = None, keep_null: bool = F
                      "settings": settings, "eps": eps, "eps_text": eps_text, "pixels": pixels, "metric": metric,
                      "value": None if value is None else float(value), "n": n, "ap_convention": ap})
 
-    {"classification": _classification_rows, "reid": _reid_rows, "pixel": _pixel_rows}[kind](doc, add)
+    {"classification": _classification_rows, "reid": _reid_rows, "pixel": _pixel_rows,
+     "attack-check": _check_rows}[kind](doc, add)
     return rows
 
 
@@ -116,3 +119,11 @@ def _pixel_rows(doc: dict[str, Any], add: Add) -> None:
         for r in exp["results"]:
             for metric in PIXEL_METRICS:
                 add(entry, exp["experiment"], s, metric, r.get(metric), r["total"], pixels=r["pixels"])
+
+
+def _check_rows(doc: dict[str, Any], add: Add) -> None:
+    """The pass rate of each checked entry (skipped ones have none)."""
+    for c in doc["checks"]:
+        s = settings_key(c.get("params"))
+        add(c["label"], c["attack"], s, "pass_rate", c["pass_rate"], c["problems"], eps=c["eps"],
+            eps_text=c["eps_text"], norm=c["norm"])

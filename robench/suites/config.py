@@ -10,7 +10,7 @@ from robench.attacks.registry import load_plugins
 from robench.errors import UsageError
 from robench.expressions import eval_expr
 from robench.suites.loader import LoadedSuite, load_suite, parse_suite, with_overrides
-from robench.suites.schema import Suite
+from robench.suites.schema import MAX_BPDA_MODULES, Suite
 from robench.validated import Options
 
 MAX_EPS_VALUES = 64
@@ -21,12 +21,14 @@ class SuiteConfig(Options):
     """``source`` is a suite name or YAML path, a ``Suite``, a ``LoadedSuite`` or a dict in the YAML layout.
 
     ``eps`` replaces the eps of every entry that has one (expressions, as written), ``norm`` those
-    entries' norm; ``plugins`` are modules that register attacks, imported before the suite is read.
+    entries' norm; ``bpda`` names the modules every gradient entry differentiates through (BPDA with
+    the identity); ``plugins`` are modules that register attacks, imported before the suite is read.
     """
 
     source: Any = "pgd-linf"
     eps: tuple[str, ...] | None = None
     norm: str | None = None
+    bpda: tuple[str, ...] | None = None
     trust_code: bool = False
     plugins: tuple[str, ...] = ()
 
@@ -42,11 +44,29 @@ class SuiteConfig(Options):
             raise UsageError(f"--norm must be one of {', '.join(OVERRIDE_NORMS)}, got {value!r}")
         return value
 
+    @field_validator("bpda", mode="before")
+    @classmethod
+    def _bpda(cls, value: Any) -> tuple[str, ...] | None:
+        return None if value is None else parse_bpda_override(value)
+
     def load(self) -> LoadedSuite:
         """The suite with the overrides applied; the plugins are imported first."""
         load_plugins(self.plugins)
         suite = as_suite(self.source, trust_code=self.trust_code, plugins=self.plugins)
-        return with_overrides(suite, eps=self.eps, norm=self.norm)
+        return with_overrides(suite, eps=self.eps, norm=self.norm, bpda=self.bpda)
+
+
+def parse_bpda_override(value: Any) -> tuple[str, ...]:
+    """``--bpda``: module names (as ``model.named_modules()`` gives them), a list or comma-separated."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(item, str) for item in items):
+        raise UsageError(f"--bpda takes module names, a list or comma-separated (transform,model.0), got {value!r}")
+    names = tuple(item.strip() for item in items)
+    if not names or not all(names):
+        raise UsageError(f"--bpda needs module names, comma-separated without empty ones, got {value!r}")
+    if len(names) > MAX_BPDA_MODULES:
+        raise UsageError(f"--bpda takes at most {MAX_BPDA_MODULES} module names, got {len(names)}")
+    return names
 
 
 def parse_eps_override(value: Any) -> tuple[str, ...]:

@@ -16,7 +16,7 @@ from robench.attacks.registry import load_plugins
 from robench.errors import UsageError
 from robench.files import read_bounded_text
 from robench.registry import did_you_mean
-from robench.suites.schema import TRUST_CODE, AttackSpec, Suite
+from robench.suites.schema import TRUST_CODE, AttackSpec, Suite, approx_target
 
 # Suites are a few dozen lines. These bounds are checked on the YAML event stream, before
 # anything is composed: a 1 KB file of nested aliases ("billion laughs") otherwise expands
@@ -59,51 +59,73 @@ def _hash_form(suite: Suite) -> dict[str, Any]:
 
 
 def with_overrides(loaded: LoadedSuite, *, eps: Sequence[str] | None = None,
-                   norm: str | None = None) -> LoadedSuite:
-    """A new suite whose entries with an eps budget run at ``eps`` (expressions) and under ``norm``.
+                   norm: str | None = None, bpda: Sequence[str] | None = None) -> LoadedSuite:
+    """A new suite whose entries with an eps budget run at ``eps`` (expressions) and under ``norm``, and
+    whose gradient entries differentiate through the modules ``bpda`` names (identity approximations).
 
     Entries that name no eps (an attack without a budget, such as ``pixels``, or one that
-    runs at its own, such as ``dmr`` without ``eps:``) are kept as they are; the record in
-    ``overrides`` lists the entries that were changed. The changed entries are validated
+    runs at its own, such as ``dmr`` without ``eps:``) keep their eps and norm; ``bpda`` replaces
+    a gradient entry's own list. The record in ``overrides`` lists the entries that were changed
+    (and the ``bpda`` names, when given). The changed entries are validated
     again, so every check that depends on eps or the norm (the radius, the step size at
     each eps, the norms the attack supports) runs on the values that will be used.
     ``loaded`` is not changed, and its hash stays that of the file's suite.
     """
-    if eps is None and norm is None:
+    if eps is None and norm is None and bpda is None:
         return loaded
     suite, changed, attacks = loaded.suite, [], []
+    flags = _flags(eps, norm, bpda)
     for index, spec in enumerate(suite.attacks):
-        if not spec.eps:
+        fields = _changed_fields(spec, eps, norm, bpda)
+        if not fields:
             attacks.append(spec.model_copy(deep=True))
             continue
-        attacks.append(_overridden_entry(suite.name, index, spec, eps, norm))
+        attacks.append(_overridden_entry(suite.name, index, spec, fields, flags))
         changed.append({"index": index, "label": spec.display_name()})
+    if bpda is not None and not any(spec.attack_class.family == "gradient" for spec in suite.attacks):
+        raise UsageError(f"--bpda: suite {suite.name} has no gradient attack for it to apply to")
     fields = {name: getattr(suite, name) for name in Suite.model_fields}
     try:
         # The entries are validated instances (kept as they are): only the suite-wide checks run here.
         overridden = Suite.model_validate({**fields, "attacks": attacks})
     except ValidationError as exc:
-        raise UsageError(f"{_flags(eps, norm)}: suite {suite.name}: {_message(exc)}") from None
-    record = {"eps": list(eps) if eps is not None else None, "norm": norm, "entries": changed}
+        raise UsageError(f"{flags}: suite {suite.name}: {_message(exc)}") from None
+    record: dict[str, Any] = {"eps": list(eps) if eps is not None else None, "norm": norm, "entries": changed}
+    if bpda is not None:  # only when given: the records of --eps/--norm runs stay as they were
+        record["bpda"] = list(bpda)
     return LoadedSuite(overridden, loaded.path, loaded.text, record)
 
 
-def _overridden_entry(suite_name: str, index: int, spec: AttackSpec, eps: Sequence[str] | None,
-                      norm: str | None) -> AttackSpec:
-    fields = spec.model_dump(mode="json", exclude_none=True)
-    # The written text of each eps travels with it, so tables show "4/255" rather than its decimals.
-    fields["eps"] = list(eps) if eps is not None else list(spec.eps_text or spec.eps)
-    if norm is not None:
+def _changed_fields(spec: AttackSpec, eps: Sequence[str] | None, norm: str | None,
+                    bpda: Sequence[str] | None) -> dict[str, Any]:
+    """The fields the overrides give one entry (none: the entry is kept as it is)."""
+    fields: dict[str, Any] = {}
+    if spec.eps and eps is not None:
+        fields["eps"] = list(eps)
+    if spec.eps and norm is not None:
         fields["norm"] = norm
+    if bpda is not None and spec.attack_class.family == "gradient":
+        fields["bpda"] = list(bpda)
+    return fields
+
+
+def _overridden_entry(suite_name: str, index: int, spec: AttackSpec, changes: dict[str, Any],
+                      flags: str) -> AttackSpec:
+    fields = spec.model_dump(mode="json", exclude_none=True)
+    if spec.eps:
+        # The written text of each eps travels with it, so tables show "4/255" rather than its decimals.
+        fields["eps"] = list(spec.eps_text or spec.eps)
+    fields.update(changes)
     try:
         return AttackSpec.model_validate(fields)
     except ValidationError as exc:
-        raise UsageError(f"{_flags(eps, norm)}: suite {suite_name} attacks[{index}] ({spec.display_name()}): "
+        raise UsageError(f"{flags}: suite {suite_name} attacks[{index}] ({spec.display_name()}): "
                          f"{_message(exc)}") from None
 
 
-def _flags(eps: Sequence[str] | None, norm: str | None) -> str:
+def _flags(eps: Sequence[str] | None, norm: str | None, bpda: Sequence[str] | None = None) -> str:
     given = ([f"--eps {','.join(eps)}"] if eps is not None else []) + ([f"--norm {norm}"] if norm else [])
+    given += [f"--bpda {','.join(bpda)}"] if bpda is not None else []
     return " ".join(given)
 
 
@@ -199,6 +221,7 @@ def parse_suite(text: str, source: str = "<suite>", *, trust_code: bool = False,
     if not isinstance(data, dict):
         raise UsageError(f"{source}:1: a suite is a mapping with name: and attacks:")
     _import_plugins(data.get("plugins"), lines, source, trust_code, plugins)
+    _import_approximations(data.get("attacks"), lines, source, trust_code, plugins)
     try:
         suite = Suite.model_validate(data, context={TRUST_CODE: trust_code})
     except ValidationError as exc:
@@ -215,10 +238,34 @@ def _import_plugins(modules: Any, lines: dict[tuple, int], source: str, trust_co
     if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
         raise UsageError(f"{where}: a list of module names")
     for module in modules:
-        if not (trust_code or module in named or module in sys.modules):
-            raise UsageError(f"{where}: importing {module} runs its code; pass --plugin {module} (or "
-                             "--trust-suite) to allow it")
+        _check_import_allowed(module, where, trust_code, named)
     load_plugins(modules, where)
+
+
+def _check_import_allowed(module: str, where: str, trust_code: bool, named: tuple[str, ...]) -> None:
+    if not (trust_code or module in named or module in sys.modules):
+        raise UsageError(f"{where}: importing {module} runs its code; pass --plugin {module} (or "
+                         "--trust-suite) to allow it")
+
+
+def _import_approximations(entries: Any, lines: dict[tuple, int], source: str, trust_code: bool,
+                           named: tuple[str, ...]) -> None:
+    """The modules of the entries' BPDA approximations (``approx: file.py:function``) are plugins too:
+    imported before validation, under the same rule as ``plugins:``. Malformed entries are left to it."""
+    for i, entry in enumerate(entries if isinstance(entries, list) else []):
+        specs = entry.get("bpda") if isinstance(entry, dict) else None
+        for j, spec in enumerate(specs if isinstance(specs, list) else []):
+            text = spec.get("approx") if isinstance(spec, dict) else None
+            if not isinstance(text, str):
+                continue
+            loc = ("attacks", i, "bpda", j, "approx")
+            try:
+                module, _ = approx_target(text)
+            except ValueError:
+                continue  # validation names the field and the problem
+            where = field_location(source, loc, lines)
+            _check_import_allowed(module, where, trust_code, named)
+            load_plugins([module], where)
 
 
 def _check_yaml_bounds(text: str, source: str) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal, cast
+import sys
+from typing import TYPE_CHECKING, Any, Callable, Literal, cast
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, SerializerFunctionWrapHandler, ValidationError,
+                      field_validator, model_serializer, model_validator)
 
 from robench.expressions import eval_expr
 from robench.errors import UsageError
@@ -24,6 +26,73 @@ def _to_number(value: Any, names: dict[str, float] | None = None) -> float:
         return eval_expr(value, names)
     except UsageError as exc:
         raise ValueError(str(exc)) from None
+
+
+# Families whose attacks take the model's input gradient, the only thing BPDA changes.
+BPDA_FAMILIES = ("gradient", "external")
+MAX_BPDA_MODULES = 64
+
+
+def approx_target(text: str) -> tuple[str, str]:
+    """(module, function) of a BPDA approximation written ``file.py:function`` (a file in the working
+    folder, imported as a plugin is) or ``package.module:function``."""
+    source, _, name = text.partition(":")
+    module = source.removesuffix(".py")
+    if not name.isidentifier() or not all(part.isidentifier() for part in module.split(".")):
+        raise ValueError(f"{text!r} is not file.py:function (a file in the working folder) or "
+                         "package.module:function")
+    return module, name
+
+
+def approx_function(text: str) -> Callable[..., Any]:
+    """The approximation ``text`` names, from its module (imported, with the user's leave, by the suite
+    loader or ``--plugin`` before the suite is validated)."""
+    module, name = approx_target(text)
+    if module not in sys.modules:
+        raise ValueError(f"importing {module} runs its code; pass --plugin {module} (or --trust-suite) "
+                         "to allow it")
+    function = getattr(sys.modules[module], name, None)
+    if not callable(function):
+        raise ValueError(f"{module} has no function {name!r}")
+    return function
+
+
+class BpdaSpec(BaseModel):
+    """One module of an entry's ``bpda:`` list: its name in the model (as ``named_modules()`` gives it) and
+    the function whose gradient stands in for its own (``None``: the identity, the gradient passed through).
+
+    Written as a plain name for the identity, or ``{module: NAME, approx: "file.py:function"}``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    module: str = Field(min_length=1)
+    approx: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, data: Any) -> Any:
+        return {"module": data} if isinstance(data, str) else data
+
+    @field_validator("approx")
+    @classmethod
+    def _approx_loaded(cls, text: str | None) -> str | None:
+        if text is not None:
+            approx_function(text)
+        return text
+
+    @model_serializer
+    def _as_written(self) -> str | dict[str, str]:
+        return self.module if self.approx is None else {"module": self.module, "approx": self.approx}
+
+    def function(self) -> Callable[..., Any] | None:
+        """The approximation; ``None`` for the identity."""
+        if self.approx is None:
+            return None
+        try:
+            return approx_function(self.approx)
+        except ValueError as exc:  # its module was dropped since the suite was validated
+            raise UsageError(f"bpda: {self.module}: approx: {exc}") from None
 
 
 class AttackSpec(BaseModel):
@@ -49,6 +118,8 @@ class AttackSpec(BaseModel):
     dmr_compat: bool | None = None
     ids_per_batch: int | None = Field(default=None, ge=2, le=10_000)
     source: Literal["target", "surrogate"] | None = None
+    # BPDA: modules whose gradient is replaced by an approximation's during this entry's attacks
+    bpda: list[BpdaSpec] | None = None
     _settings: AttackParams | None = PrivateAttr(default=None)  # set by _fields_fit_attack
 
     @model_validator(mode="before")
@@ -81,6 +152,27 @@ class AttackSpec(BaseModel):
                 raise ValueError(f"must be >= 0, got {v:g}")
         return values
 
+    @field_validator("bpda")
+    @classmethod
+    def _bpda_modules(cls, specs: list[BpdaSpec] | None) -> list[BpdaSpec] | None:
+        if specs is None:
+            return None
+        names = [spec.module for spec in specs]
+        if not 1 <= len(names) <= MAX_BPDA_MODULES:
+            raise ValueError(f"name 1 to {MAX_BPDA_MODULES} modules, got {len(names)}")
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ValueError(f"module {twice[0]!r} is named twice")
+        return specs
+
+    @model_serializer(mode="wrap")
+    def _without_unset_bpda(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Suites without BPDA dump (and hash) as they did before the field existed.
+        data = handler(self)
+        if self.bpda is None:
+            data.pop("bpda", None)
+        return data
+
     @model_validator(mode="after")
     def _fields_fit_attack(self) -> "AttackSpec":
         attack = self.attack_class
@@ -93,6 +185,9 @@ class AttackSpec(BaseModel):
             for name in REID_FIELDS:
                 if getattr(self, name) is not None:
                     raise ValueError(f"{name}: {self.attack} does not take this field")
+        if self.bpda is not None and attack.family not in BPDA_FAMILIES:
+            raise ValueError(f"bpda: {self.attack} takes no gradients ({attack.family} attack); BPDA applies to "
+                             "gradient attacks")
         self._check_budget(attack)
         return self
 

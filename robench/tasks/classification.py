@@ -98,7 +98,7 @@ def evaluate_config(config: EvalConfig, resolved: Resolved | None = None, *, hoo
     # Before anything touches the mode: the loaders call .eval() and record what they found.
     was_training = handed_over_in_train_mode(loaded)
     options = data_options_for(config, resolved)
-    dataset = _as_dataset(resolved.data, options)
+    dataset = as_dataset(resolved.data, options)
     device = distributed.local_device(resolve_device(config.engine.device))
     outcome, interrupted = _run(RobustModel(loaded.model, norm), dataset, suite, device, config, hooks,
                                 resume_state, save_state)
@@ -144,7 +144,7 @@ def _run_config(config: EvalConfig, resolved: Resolved, dataset: ImageDataset, o
     }
 
 
-def _as_dataset(data: Any, options: DataOptions) -> ImageDataset:
+def as_dataset(data: Any, options: DataOptions) -> ImageDataset:
     if isinstance(data, ImageDataset):
         return data.subset(options.limit)
     if isinstance(data, str):

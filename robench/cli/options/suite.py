@@ -15,6 +15,11 @@ Eps = Annotated[Optional[str], typer.Option(
 Norm = Annotated[Optional[str], typer.Option(
     "--norm", help="Run those entries under this norm instead: linf or l2. Recorded in the results.",
     rich_help_panel=PANEL)]
+Bpda = Annotated[Optional[str], typer.Option(
+    "--bpda", metavar="NAME[,NAME...]", help="BPDA: every gradient attack differentiates through these modules of "
+    "the model (names as model.named_modules() gives them, e.g. transform) as if they were the identity, while "
+    "forward values stay exact. For non-differentiable defences (JPEG, quantisation). Recorded in the results.",
+    rich_help_panel=PANEL)]
 TrustSuite = Annotated[bool, typer.Option(
     "--trust-suite", help="Allow a suite to import Python code (module:factory architectures, plugins:).",
     rich_help_panel=PANEL)]
