@@ -12,6 +12,7 @@ from torch import nn
 
 import robench
 from robench.errors import UsageError
+from robench.defenses.input_transforms import Detach, InputDefended
 from robench.evaluation.binarization import Construction, binarized, build_problems, readout_layer
 from robench.examples import example_data_path
 from robench.models.config import ModelConfig
@@ -30,17 +31,6 @@ def bundled_cnn() -> nn.Module:
 def digits() -> tuple[torch.Tensor, torch.Tensor]:
     arrays = np.load(example_data_path("digits"))
     return torch.from_numpy(arrays["x"]).permute(0, 3, 1, 2).float() / 255, torch.from_numpy(arrays["y"]).long()
-
-
-class Detached(nn.Module):
-    """Gradient masking at its plainest: the model never sees its input through autograd."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x.detach())
 
 
 def suite(*entries: dict) -> dict:
@@ -102,7 +92,7 @@ def test_strong_attacks_pass_on_the_bundled_model() -> None:
 
 
 def test_pgd_fails_where_gradients_are_masked_and_square_does_not() -> None:
-    result = robench.evaluate(Detached(bundled_cnn()), "example:digits", suite(
+    result = robench.evaluate(InputDefended(Detach(), bundled_cnn()), "example:digits", suite(
         {"attack": "pgd", "steps": 20}, {"attack": "square", "queries": 1000}), task="attack-check", **FAST)
     checks = checks_by_label(result)
     assert checks["pgd"]["verdict"] == "failed" and checks["pgd"]["pass_rate"] < 0.5
@@ -113,7 +103,7 @@ def test_pgd_fails_where_gradients_are_masked_and_square_does_not() -> None:
 
 @pytest.mark.parametrize("transform", ["quantize", "jpeg"])
 def test_pgd_fails_on_input_transform_defences_until_bpda(transform: str) -> None:
-    from robench.defenses.input_transforms import JPEG, InputDefended, Quantize
+    from robench.defenses.input_transforms import JPEG, Quantize
 
     defence = Quantize(4) if transform == "quantize" else JPEG(75)
     model = InputDefended(defence, bundled_cnn())

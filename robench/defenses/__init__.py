@@ -24,6 +24,7 @@ _WHERE = {
     "sinkhorn_distance": "hfa",
     "Quantize": "input_transforms",
     "JPEG": "input_transforms",
+    "Detach": "input_transforms",
     "InputDefended": "input_transforms",
 }
 __all__ = sorted(_WHERE)

@@ -40,6 +40,18 @@ class Quantize(nn.Module):
         return f"bits={self.bits}"
 
 
+class Detach(nn.Module):
+    """Gradient masking at its plainest: the input, cut from autograd (``x.detach()``).
+
+    Not a defence: the model behind it is exactly as robust as without it, yet gradient attacks see
+    no input gradient and report an accuracy close to the clean one. What the sanity report's
+    ``no_input_gradient`` flag and ``robench check-attack`` are there to catch.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.detach()
+
+
 class JPEG(nn.Module):
     """JPEG compression of each image of an NCHW batch in [0, 1] (1 or 3 channels), at ``quality``.
 
