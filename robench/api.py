@@ -20,7 +20,7 @@ from robench.tasks.run import eval_task
 
 __all__ = ["EvaluationInterrupted", "ReIDEvaluationInterrupted", "Result", "config_for", "evaluate"]
 
-TASKS = ("classification", "reid", "pixel-index", "attack-check")
+TASKS = ("classification", "reid", "pixel-index", "attack-check", "certify")
 
 
 def evaluate(model: nn.Module | LoadedModel | str, data: Any = None,
@@ -29,7 +29,9 @@ def evaluate(model: nn.Module | LoadedModel | str, data: Any = None,
     """Evaluate ``model`` on ``data``: a suite's attacks (classification or re-identification), or the
     Pixel-index of a folder of images (``task="pixel-index"``), or the attack check of a suite
     (``task="attack-check"``: whether each attack solves test problems built to have a solution; its
-    own options are ``samples``, ``inner_points``, ``readout`` and ``pass_threshold``).
+    own options are ``samples``, ``inner_points``, ``readout`` and ``pass_threshold``), or the certified
+    accuracy of the model smoothed with Gaussian noise (``task="certify"``: ``sigma`` required, ``n0``, ``n``,
+    ``alpha``, ``radii``; no suite).
 
     ``data`` is a spec (``npz:file.npz``, ``cifar10``, ``example:digits``, ``market1501:ROOT``), an
     ``(x, y)`` pair (uint8 NHWC or float NCHW in [0,1]) or an ``ImageDataset``; for the Pixel-index, a
@@ -55,6 +57,12 @@ def evaluate(model: nn.Module | LoadedModel | str, data: Any = None,
         check = AttackCheckConfig.of(evaluation=config_for(model, data, suite, **_without_check_fields(options)),
                                      **_check_fields(options))
         return AttackCheckTask(check).run(None, Hooks())
+    if task == "certify":
+        from robench.tasks.certify import certify
+
+        if suite is not None:
+            raise UsageError("certification takes no suite: pass sigma=... and the other options")
+        return certify(model, data, **options)
     chosen = eval_task(config_for(model, data, suite, **options))
     if task is not None and chosen.name != task:
         raise UsageError(f"this data and suite make a {chosen.name} run, not {task}")

@@ -37,7 +37,7 @@ SLOW_FILES = {
     "test_interrupt_mid_attack": 24, "test_reid_example": 24, "test_hostile_train": 23, "test_hostile_cli": 19,
     "test_apgd_targeted": 17, "test_new_user": 14, "test_hostile_report": 14, "test_cli": 13,
     "test_docs": 35, "test_tracking": 20, "test_model_sources": 11, "test_reid": 9, "test_plugins": 8, "test_apgd": 8,
-    "test_report_html": 7, "test_attack_check": 30, "test_bpda": 22,
+    "test_report_html": 7, "test_attack_check": 30, "test_bpda": 22, "test_min_norm": 24, "test_certify": 30,
 }
 
 

@@ -256,10 +256,10 @@ def test_attack_registry_is_complete_without_the_package_init():
         "print(','.join(f'{n}={ATTACKS.get(n).__name__}' for n in ATTACKS.names()))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    assert out[0] == "apgd,apgd-ce,apgd-dlr,apgd-t,autoattack,bim,dmr,fab-t,fgsm,mifgsm,pgd,pixels,square"
+    assert out[0] == "apgd,apgd-ce,apgd-dlr,apgd-t,autoattack,bim,dmr,fab,fab-t,fgsm,fmn,mifgsm,pgd,pixels,square"
     assert out[1] == ("apgd=APGD,apgd-ce=APGDCE,apgd-dlr=APGDDLR,apgd-t=APGDTargeted,autoattack=AutoAttack,bim=BIM,"
-                      "dmr=GeneratorAttack,fab-t=FABTargeted,fgsm=FGSM,mifgsm=MIFGSM,pgd=PGD,pixels=PixelChange,"
-                      "square=Square")
+                      "dmr=GeneratorAttack,fab=FAB,fab-t=FABTargeted,fgsm=FGSM,fmn=FMN,mifgsm=MIFGSM,pgd=PGD,"
+                      "pixels=PixelChange,square=Square")
 
 
 def test_registry_refuses_a_second_class_under_a_built_in_name():

@@ -121,6 +121,18 @@ CHECKED_DIFFERENTLY = {
                             "script in a fresh folder; the table, the exit code and the run folder checked",
     "check-attack-api": "run by tests/test_attack_check.py (test_docs_examples_run_as_written): a fresh python in "
                         "a fresh folder; what it prints checked against the command's results",
+    "certify-command": "run by tests/test_certify.py (test_docs_examples_run_as_written): the installed script in a "
+                       "fresh folder; the table and the run folder checked",
+    "certify-api": "run by tests/test_certify.py (test_docs_examples_run_as_written): a fresh python in a fresh "
+                   "folder; what it prints checked against the command's results",
+    "certify-train": "run by tests/test_certify.py (test_training_block_runs): each line through the installed "
+                     "script in a fresh folder, with --epochs 2 and --n 200 --limit 40 (the page's numbers are from "
+                     "the block as written: two minutes)",
+    "min-norm-suite.yaml": "run by tests/test_min_norm.py (test_docs_example_runs_and_gates): saved as "
+                           "min-norm.yaml for the `min-norm-commands` block",
+    "min-norm-commands": "run by tests/test_min_norm.py (test_docs_example_runs_and_gates): each line through "
+                         "the in-process command line in a fresh folder; then the gate against a baseline with a "
+                         "larger median exits 1",
 }
 
 # Lines of bash blocks that are not run (a line joined with && is split there first).

@@ -27,7 +27,9 @@ _ON_FIRST_USE = {
     "APGDDLR": "robench.attacks.apgd",
     "APGDTargeted": "robench.attacks.apgd_targeted",
     "AutoAttack": "robench.attacks.autoattack",
+    "FAB": "robench.attacks.fab_untargeted",
     "FABTargeted": "robench.attacks.fab",
+    "FMN": "robench.attacks.fmn",
     "GeneratorAttack": "robench.attacks.dmr",
     "PixelChange": "robench.attacks.pixels",
     "Square": "robench.attacks.square",
@@ -45,7 +47,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = ["APGD", "APGDCE", "APGDDLR", "APGDTargeted", "ATTACKS", "Attack", "AttackParams", "AttackResult",
-           "AutoAttack", "BIM", "Cost", "CrossEntropy", "FABTargeted", "FGSM", "GeneratorAttack",
+           "AutoAttack", "BIM", "Cost", "CrossEntropy", "FAB", "FABTargeted", "FGSM", "FMN", "GeneratorAttack",
            "GradientAttack", "MIFGSM", "Objective", "PGD", "PartialRun", "PixelChange", "RunContext",
            "RunOutput", "SlotSearch", "Square", "StepSizeParams", "StepState", "randomness",
            "register_attack"]

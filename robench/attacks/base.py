@@ -7,7 +7,10 @@ An attack is one class in one file. It declares
 * its traits: ``family`` (gradient, query, transfer, generator, or external for
   wrapped third-party code), the threat models it supports (``norms``), whether it
   takes an eps (``eps_budget``) and its ``cost`` per sample (gradient and forward
-  passes as a function of its parameters).
+  passes as a function of its parameters);
+* whether it is a minimum-norm attack (``minimum_norm``): called without an eps, it returns
+  per sample the smallest adversarial example it found (the clean input where it found none),
+  and the base measures each returned example (``AttackResult.norms``).
 
 eps is an argument of each call, not of the attack: one attack object serves a
 whole eps sweep. Whatever ``run`` returns, ``__call__`` checks that it lies in the
@@ -61,6 +64,9 @@ class AttackResult:
     gradient_evals: int = 0  # forward+backward passes, counted per sample
     forward_evals: int = 0  # forward-only passes, counted per sample (the base's scoring pass included)
     found_by: torch.Tensor | None = None  # composite attacks: per sample, the index of the part that fooled it, or -1
+    # Minimum-norm attacks: per sample, the size of the returned perturbation in the attack's norm (float64,
+    # pixel units) where it fools the model, inf where it does not; 0 for an input misclassified already.
+    norms: torch.Tensor | None = None
 
 
 @dataclass
@@ -98,6 +104,9 @@ class Attack:
     norms: ClassVar[tuple[str, ...]] = ("linf", "l2")
     eps_budget: ClassVar[EpsBudget] = "required"
     sweep: ClassVar[str | None] = None  # without an eps: the list parameter whose values give one result each
+    # Called without an eps, returns each sample's smallest adversarial example found: one run gives the
+    # robust accuracy at every eps (the engine reads a suite entry's eps from the measured norms).
+    minimum_norm: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -253,7 +262,8 @@ class Attack:
         context = RunContext(ids, batch_size=batch_size or len(x), refill=refill, seed=self.seed,
                              stream=self.stream)
         if len(x) == 0:
-            return AttackResult(x.clone(), torch.zeros(0, dtype=torch.bool, device=x.device))
+            empty = torch.zeros(0, dtype=torch.float64, device=x.device) if self.minimum_norm else None
+            return AttackResult(x.clone(), torch.zeros(0, dtype=torch.bool, device=x.device), norms=empty)
         try:
             out = self._run(model, x, y, eps, context)
         except PartialRun as partial:
@@ -286,7 +296,18 @@ class Attack:
         if out.found_by is not None:  # a part counts only where the returned example fools the model
             found = out.found_by.to(x.device)
             found_by = torch.where(success, found, torch.full_like(found, -1))
-        return AttackResult(x_adv, success, out.gradient_evals, out.forward_evals + scored, found_by)
+        norms = self.perturbation_norms(x_adv, x, success) if self.minimum_norm else None
+        return AttackResult(x_adv, success, out.gradient_evals, out.forward_evals + scored, found_by, norms)
+
+    def perturbation_norms(self, x_adv: torch.Tensor, x: torch.Tensor, success: torch.Tensor) -> torch.Tensor:
+        """Per sample, the returned perturbation's size in the attack's norm where it fools the model, else inf.
+
+        In float64 from the exact difference of the two images: a suite's eps is compared with these
+        numbers as they are written to results.json, so a reader recomputing a curve gets the same counts.
+        """
+        delta = (x_adv.double() - x.double()).flatten(1)
+        size = delta.abs().amax(dim=1) if self.norm == "linf" else delta.norm(dim=1)
+        return torch.where(success, size, torch.full_like(size, float("inf")))
 
     def _interrupted(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | None,
                      partial: PartialRun, context: RunContext) -> AttackInterrupted:
@@ -302,12 +323,15 @@ class Attack:
             part(out.found_by)), context)
         x_adv, success = x.clone(), torch.zeros(len(x), dtype=torch.bool, device=x.device)
         x_adv[rows], success[rows] = finished.x_adv, finished.success
-        found_by = None
+        found_by = norms = None
         if finished.found_by is not None:
             found_by = torch.full((len(x),), -1, dtype=torch.long, device=x.device)
             found_by[rows] = finished.found_by
+        if finished.norms is not None:
+            norms = torch.full((len(x),), float("inf"), dtype=torch.float64, device=x.device)
+            norms[rows] = finished.norms
         return AttackInterrupted(done, AttackResult(x_adv, success, finished.gradient_evals, finished.forward_evals,
-                                                    found_by))
+                                                    found_by, norms))
 
     def _check_eps(self, eps: float | None) -> float | None:
         if isinstance(eps, torch.Tensor):
@@ -369,6 +393,18 @@ class Attack:
         if len(rows):
             success[rows] = context.in_batches(lambda part: self.loss.fooled(model(x_adv[part]), y[part]), rows)
         return len(rows)
+
+
+def check_minimum_norm_options(attack: Attack) -> None:
+    """What a minimum-norm attack cannot honour: another objective, last-iterate semantics, per-channel eps."""
+    if not isinstance(attack.loss, CrossEntropy):
+        raise UsageError(f"{attack.name} attacks classifiers; this run gives its own objective")
+    if attack.final_iterate:
+        raise UsageError(f"{attack.name} keeps the smallest adversarial iterate it finds; final_iterate does not "
+                         "apply")
+    if attack.eps_scale is not None:
+        raise UsageError(f"{attack.name} measures perturbations in pixel units; give the suite's eps in pixel "
+                         "units (eps_space: pixel)")
 
 
 @cache

@@ -42,7 +42,7 @@ What deviates, and why:
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, cast
+from typing import Annotated, Any, ClassVar, cast
 
 import torch
 from pydantic import Field
@@ -63,13 +63,21 @@ L2_FLAT = 1e-8
 MIN_STEP = 1e-8
 
 
+# The parameters every FAB variant shares (this one and the untargeted ``fab``), with their bounds.
+Steps = Annotated[int, Field(ge=1, le=MAX_STEPS)]
+Restarts = Annotated[int, Field(ge=1, le=1000)]  # all but the first start at random
+AlphaMax = Annotated[float, Field(ge=0, le=1)]  # largest weight of the clean input's projection
+Eta = Annotated[float, Field(ge=1, le=10)]  # overshoot past the linearised boundary
+Beta = Annotated[float, Field(gt=0, le=1)]  # pull-back towards the clean input after a success
+
+
 class FABParams(AttackParams):
-    steps: int = Field(default=100, ge=1, le=MAX_STEPS)  # per target and restart
+    steps: Steps = 100  # per target and restart
     targets: int = Field(default=9, ge=1, le=1000)  # runner-up first; capped at the classes - 1
-    restarts: int = Field(default=1, ge=1, le=1000)  # per target; all but the first start at random
-    alpha_max: float = Field(default=0.1, ge=0, le=1)  # largest weight of the clean input's projection
-    eta: float = Field(default=1.05, ge=1, le=10)  # overshoot past the linearised boundary
-    beta: float = Field(default=0.9, gt=0, le=1)  # pull-back towards the clean input after a success
+    restarts: Restarts = 1  # per target
+    alpha_max: AlphaMax = 0.1
+    eta: Eta = 1.05
+    beta: Beta = 0.9
 
 
 def boundary_step(points: torch.Tensor, w: torch.Tensor, b: torch.Tensor, norm: str) -> torch.Tensor:
@@ -109,13 +117,13 @@ def norm_of(delta: torch.Tensor, norm: str) -> torch.Tensor:
     return delta.abs().amax(dim=1) if norm == "linf" else delta.norm(dim=1)
 
 
-class FABTargeted(Attack):
-    name: ClassVar[str] = "fab-t"
-    Params: ClassVar[type[AttackParams]] = FABParams
-    params: FABParams
+class FABSteps(Attack):
+    """What the FAB variants share: the threat models, the step onto the linearised boundary, the random
+    starts of restarts and the in-budget test. A variant says which boundary each step aims at."""
+
     family: ClassVar[Family] = "gradient"
     norms: ClassVar[tuple[str, ...]] = ("linf", "l2")
-    eps_budget: ClassVar[EpsBudget] = "required"
+    params: Any  # a variant's Params, holding alpha_max and eta
 
     def __init__(self, params: AttackParams | dict[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(params, **kwargs)
@@ -124,6 +132,51 @@ class FABTargeted(Attack):
         if self.final_iterate:
             raise UsageError(f"{self.name} counts any adversarial iterate within eps, as AutoAttack does; "
                              "final_iterate does not apply")
+
+    def _random_start(self, x0: torch.Tensor, ids: torch.Tensor, phase: int, radius: Eps) -> torch.Tensor:
+        """A point at distance eps/2 from the clean input in a random direction, clipped to the box.
+
+        ``radius`` is a number, per-channel radii or one radius per sample (shape (n, 1, ...))."""
+        key = randomness.stream_key(self.seed, self.stream, phase)
+        shape = tuple(x0.shape[1:])
+        view = (-1, *[1] * len(shape))
+        if self.norm == "linf":
+            direction = 2.0 * randomness.uniform(ids, shape, key, x0.device) - 1.0
+        else:
+            direction = randomness.normal(ids, shape, key, x0.device)
+        length = norm_of(direction.flatten(1), self.norm).view(view)
+        half = radius * 0.5 if not isinstance(radius, torch.Tensor) else radius.float() * 0.5
+        return (x0 + half * direction / length).clamp(0.0, 1.0)
+
+    def _within(self, delta: torch.Tensor, radius: Eps) -> torch.Tensor:
+        """Per sample: the perturbation lies in the eps-ball (per-channel radii in L-inf)."""
+        if self.norm == "linf":
+            return (delta.abs() <= radius).flatten(1).all(dim=1)
+        return delta.flatten(1).norm(dim=1) <= radius
+
+    def _step(self, xa: torch.Tensor, x0: torch.Tensor, gap: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """One FAB step: project the iterate and the clean input onto the linearised boundary, mix, overshoot.
+
+        ``gap`` is the logit difference the boundary zeroes (per sample) and ``grad`` its gradient at ``xa``."""
+        n, shape = len(xa), xa.shape
+        w = grad.flatten(1)
+        b = (w * xa.flatten(1)).sum(1) - gap  # <w, z> = b where the linearised gap is zero
+        d = boundary_step(torch.cat([xa.flatten(1), x0.flatten(1)]), torch.cat([w, w]), torch.cat([b, b]),
+                          self.norm)
+        d_iter, d_clean = d[:n], d[n:]
+        size = norm_of(d, self.norm).clamp_min(MIN_STEP)
+        a_iter, a_clean = size[:n], size[n:]
+        alpha = (a_iter / (a_iter + a_clean)).clamp(0.0, self.params.alpha_max).unsqueeze(1)
+        eta = self.params.eta
+        mixed = (xa.flatten(1) + eta * d_iter) * (1 - alpha) + (x0.flatten(1) + eta * d_clean) * alpha
+        return mixed.clamp(0.0, 1.0).view(shape)
+
+
+class FABTargeted(FABSteps):
+    name: ClassVar[str] = "fab-t"
+    Params: ClassVar[type[AttackParams]] = FABParams
+    params: FABParams
+    eps_budget: ClassVar[EpsBudget] = "required"
 
     @classmethod
     def cost(cls, params: AttackParams) -> Cost:
@@ -152,25 +205,6 @@ class FABTargeted(Attack):
             raise PartialRun(done, partial.output) from partial.__cause__
         return search.output()
 
-    def _random_start(self, x0: torch.Tensor, ids: torch.Tensor, phase: int, radius: Eps) -> torch.Tensor:
-        """A point at distance eps/2 from the clean input in a random direction, clipped to the box."""
-        key = randomness.stream_key(self.seed, self.stream, phase)
-        shape = tuple(x0.shape[1:])
-        view = (-1, *[1] * len(shape))
-        if self.norm == "linf":
-            direction = 2.0 * randomness.uniform(ids, shape, key, x0.device) - 1.0
-        else:
-            direction = randomness.normal(ids, shape, key, x0.device)
-        length = norm_of(direction.flatten(1), self.norm).view(view)
-        half = radius * 0.5 if not isinstance(radius, torch.Tensor) else radius.float() * 0.5
-        return (x0 + half * direction / length).clamp(0.0, 1.0)
-
-    def _within(self, delta: torch.Tensor, radius: Eps) -> torch.Tensor:
-        """Per sample: the perturbation lies in the eps-ball (per-channel radii in L-inf)."""
-        if self.norm == "linf":
-            return (delta.abs() <= radius).flatten(1).all(dim=1)
-        return delta.flatten(1).norm(dim=1) <= radius
-
     def _logit_gap_and_grad(self, model, xa, y, target, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """``z_target - z_y`` per sample, in fp32, and its gradient at ``xa``."""
         xa = xa.detach().requires_grad_(True)
@@ -180,21 +214,6 @@ class FABTargeted(Attack):
             gap = logits[rows, target] - logits[rows, y]
             (grad,) = torch.autograd.grad(gap.sum(), xa)
         return gap.detach(), grad.detach()
-
-    def _step(self, xa: torch.Tensor, x0: torch.Tensor, gap: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        """One FAB step: project the iterate and the clean input onto the linearised boundary, mix, overshoot."""
-        n, shape = len(xa), xa.shape
-        w = grad.flatten(1)
-        b = (w * xa.flatten(1)).sum(1) - gap  # <w, z> = b where the linearised gap is zero
-        d = boundary_step(torch.cat([xa.flatten(1), x0.flatten(1)]), torch.cat([w, w]), torch.cat([b, b]),
-                          self.norm)
-        d_iter, d_clean = d[:n], d[n:]
-        size = norm_of(d, self.norm).clamp_min(MIN_STEP)
-        a_iter, a_clean = size[:n], size[n:]
-        alpha = (a_iter / (a_iter + a_clean)).clamp(0.0, self.params.alpha_max).unsqueeze(1)
-        eta = self.params.eta
-        mixed = (xa.flatten(1) + eta * d_iter) * (1 - alpha) + (x0.flatten(1) + eta * d_clean) * alpha
-        return mixed.clamp(0.0, 1.0).view(shape)
 
 
 class FABSearch(SlotSearch):

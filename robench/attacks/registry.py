@@ -35,6 +35,8 @@ BUILTIN_ATTACKS = {
     "apgd-dlr": "robench.attacks.apgd:APGDDLR",
     "apgd-t": "robench.attacks.apgd_targeted:APGDTargeted",
     "fab-t": "robench.attacks.fab:FABTargeted",
+    "fab": "robench.attacks.fab_untargeted:FAB",
+    "fmn": "robench.attacks.fmn:FMN",
     "square": "robench.attacks.square:Square",
     "autoattack": "robench.attacks.autoattack:AutoAttack",
     "pixels": "robench.attacks.pixels:PixelChange",

@@ -7,6 +7,7 @@ import typer
 from robench import __version__
 from robench.cli import dmr_cmd, suites_cmd
 from robench.cli.attacks_cmd import attacks_command
+from robench.cli.certify_cmd import certify_command
 from robench.cli.check_cmd import check_command
 from robench.cli.compare_cmd import compare_command, plot_command
 from robench.cli.eval_cmd import eval_command
@@ -27,6 +28,7 @@ app = typer.Typer(
 app.command("eval")(eval_command)
 app.command("pixel-index")(pixel_index_command)
 app.command("check-attack")(check_command)
+app.command("certify")(certify_command)
 app.command("compare")(compare_command)
 app.command("plot")(plot_command)
 app.command("report")(report_command)

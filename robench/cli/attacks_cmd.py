@@ -21,7 +21,8 @@ def attack_rows() -> list[dict]:
         if params.get("step_size", "") is None:  # gradient attacks: the default is an expression of theirs
             params["step_size"] = getattr(cls, "default_step_size", None)
         rows.append({"name": name, "family": cls.family_label(), "norms": list(cls.norms),
-                     "eps": cls.eps_budget, "params": params, "module": f"{cls.__module__}.{cls.__qualname__}"})
+                     "eps": cls.eps_budget, "minimum_norm": cls.minimum_norm, "params": params,
+                     "module": f"{cls.__module__}.{cls.__qualname__}"})
     return rows
 
 
@@ -49,5 +50,7 @@ def attacks_command(
         table.add_column(col)
     for row in rows:
         params = ", ".join(f"{k}={v}" for k, v in row["params"].items()) or "-"
-        table.add_row(row["name"], row["family"], ", ".join(row["norms"]), row["eps"], params)
+        # A minimum-norm attack's eps are where its one run's curve is read, not budgets it is run at.
+        eps = f"{row['eps']}, min-norm" if row["minimum_norm"] else row["eps"]
+        table.add_row(row["name"], row["family"], ", ".join(row["norms"]), eps, params)
     stdout_console().print(table)

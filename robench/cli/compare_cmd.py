@@ -33,8 +33,8 @@ def _read_all(results: list[str], labels: list[str] | None):
 @handle_errors
 def compare_command(
     results: Optional[List[str]] = typer.Argument(None, help="results.json files or run directories."),
-    metric: Optional[str] = typer.Option(None, help="accuracy, success_rate, robust_accuracy, rank1, mAP, pi, "
-                                         "misclassified, recognition_rate (default: the layout's)."),
+    metric: Optional[str] = typer.Option(None, help="accuracy, success_rate, robust_accuracy, median_norm, rank1, mAP, "
+                                         "pi, misclassified, recognition_rate (default: the layout's)."),
     layout: Optional[str] = typer.Option(None, help="fdd, alignment, reid, reid-rows or pixel (default: by result "
                                          "kind; ReID: reid-rows in the terminal, reid in files)."),
     rows: Optional[str] = typer.Option(None, help="Free pivot: comma-separated columns for rows (e.g. entry,eps)."),

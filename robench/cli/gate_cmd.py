@@ -15,7 +15,8 @@ from robench.cli.common import handle_errors, stderr, stdout_console
 
 METRIC_HELP = ("Metrics to gate, repeatable or comma-separated, globs allowed (e.g. "
                "accuracy,robust_accuracy,success_rate or 'rank*,mAP'). Default: the accuracy metrics: accuracy "
-               "and robust_accuracy; ReID CMC ranks (rank1, rank5, ...) and mAP; Pixel-index recognition_rate.")
+               "and robust_accuracy; ReID CMC ranks (rank1, rank5, ...) and mAP; Pixel-index recognition_rate. "
+               "median_norm gates minimum-norm entries (fmn, fab) on their median minimal perturbation.")
 
 
 def run_gate(current: Path | str, baseline: Path | str, max_drop: float, rules: list[str],

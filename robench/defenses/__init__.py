@@ -17,6 +17,7 @@ _WHERE = {
     "defence_site": "insertion",
     "FewPixelAugment": "few_pixel",
     "Cutout": "few_pixel",
+    "GaussianNoiseAugment": "noise",
     "FeatureTap": "features",
     "HierarchicalAlignment": "hfa",
     "AlignmentHead": "hfa",

@@ -109,7 +109,8 @@ def run(
     entries = build_entries(suite, model, options.seed)
     was_training = any(m.training for m in model.model.modules())
     state = RunState.for_entries(len(entries), {"model_was_training": was_training},
-                                 keep_examples=options.save_adversarial is not None)
+                                 keep_examples=options.save_adversarial is not None,
+                                 minimum_norm=_minimum_norm_entries(entries))
     with evaluation_mode(model), matmul_precision(options.precision):
         loop = _Loop(model, dataset, suite, options, entries, state, device, started)
         loop.prepare(progress, resume_state, was_training)
@@ -189,7 +190,13 @@ class PartRunner:
         return self._loop.speed_facts()
 
     def _fresh_state(self) -> RunState:
-        return RunState.for_entries(len(self.entries), {"model_was_training": self.was_training})
+        return RunState.for_entries(len(self.entries), {"model_was_training": self.was_training},
+                                    minimum_norm=_minimum_norm_entries(self.entries))
+
+
+def _minimum_norm_entries(entries: list[Entry]) -> list[int]:
+    """The entries whose attacks measure each sample's minimal perturbation (their states keep the norms)."""
+    return [entry.index for entry in entries if entry.attack.minimum_norm]
 
 
 def _check_inputs(dataset: ImageDataset, suite: Suite, options: EngineConfig) -> None:
@@ -505,15 +512,18 @@ class _EntryOutcome:
     found_by: torch.Tensor | None = None  # composite attacks: per sample of the segment, the part or -1
     examples: torch.Tensor | None = None  # --save-adversarial: the kept rows' examples (the clean image if unattacked)
     done: torch.Tensor | None = None  # an interrupted entry: the rows it finished (None: every row)
+    norms: torch.Tensor | None = None  # minimum-norm entries: per sample, the smallest adversarial perturbation
 
     def record(self) -> dict[str, Any]:
         """As the progress file keeps it (plain CPU tensors and numbers)."""
         rows = len(self.robust)
         done = torch.ones(rows, dtype=torch.bool) if self.done is None else self.done.cpu()
+        # norms only where there are some: the records of other entries are as they always were.
+        norms = {} if self.norms is None else {"norms": self.norms.cpu()}
         return {"done": done, "robust": self.robust.cpu(), "seconds": self.seconds,
                 "gradient_evals": self.gradient_evals, "peak_memory": self.peak_memory,
                 "found_by": None if self.found_by is None else self.found_by.cpu(),
-                "examples": None if self.examples is None else self.examples.cpu()}
+                "examples": None if self.examples is None else self.examples.cpu(), **norms}
 
     @classmethod
     def restored(cls, record: dict[str, Any], device: torch.device) -> "_EntryOutcome":
@@ -522,7 +532,8 @@ class _EntryOutcome:
 
         done = record["done"].to(device)
         return cls(moved(record["robust"]), record["seconds"], record["gradient_evals"], record["peak_memory"],
-                   moved(record["found_by"]), moved(record["examples"]), None if bool(done.all()) else done)
+                   moved(record["found_by"]), moved(record["examples"]), None if bool(done.all()) else done,
+                   moved(record.get("norms")))
 
 
 @dataclass
@@ -667,6 +678,8 @@ def _commit(state: RunState, segment: _Segment, outcomes: list[_EntryOutcome], c
             counts.peak_memory.update(result.peak_memory)
         if result.found_by is not None:
             counts.found_by.update(result.found_by[pick])
+        if result.norms is not None:
+            counts.norms.update(result.norms[pick])
         worst &= robust
     totals.robust_all.update(worst)
     if kept is not None:
@@ -701,6 +714,7 @@ def _attack_entries(segment: _Segment, context: _RunContext, state: RunState, sa
     """
     outcomes: list[_EntryOutcome] = []
     reuse = _SweepReuse(context.sweep_reuse)
+    minimal = _MinimalPerturbations()
     for entry, counts in zip(context.entries, state.entries):
         before = saved[entry.index] if entry.index < len(saved) else None
         if before is not None and bool(before["done"].all()):
@@ -708,7 +722,10 @@ def _attack_entries(segment: _Segment, context: _RunContext, state: RunState, sa
         else:
             try:
                 # entry_metrics makes ``chunk`` a Scalar.
-                result = _attack_entry(entry, cast(Scalar, counts.chunk), context, segment, reuse, before)
+                if entry.attack.minimum_norm:
+                    result = minimal.read(entry, cast(Scalar, counts.chunk), context, segment)
+                else:
+                    result = _attack_entry(entry, cast(Scalar, counts.chunk), context, segment, reuse, before)
             except _EntryInterrupted as stop:
                 outcomes.append(stop.outcome)
                 state.partial = _segment_record(start, segment, outcomes)
@@ -762,6 +779,50 @@ class _SweepReuse:
             self.examples[id(entry.spec)] = result.examples
 
 
+class _MinimalPerturbations:
+    """Minimum-norm suite entries: in each segment, one search without an eps finds every sample's smallest
+    adversarial perturbation, and each eps of the suite entry reads it (robust at eps iff that is larger)."""
+
+    def __init__(self) -> None:
+        self.searches: dict[int, _EntryOutcome] = {}  # by suite entry (its spec): the search's outcome
+
+    def read(self, entry: Entry, chunk: Scalar, context: _RunContext, segment: _Segment) -> _EntryOutcome:
+        """The entry's outcome at its eps; the first of its suite entry's eps runs the search.
+
+        A run resumed inside a segment searches it again rather than keep an interrupted search's rows: the
+        search is deterministic (its randomness is keyed by the sample), so the norms come out the same.
+        """
+        search = self.searches.get(id(entry.spec))
+        if search is not None:
+            return _read_at(search, entry.eps, segment, spent=False)
+        targets = torch.nonzero(segment.correct).squeeze(1)
+        try:
+            search = _attack_segment(entry, chunk, context, segment, targets, None, unbounded=True)
+        except _EntryInterrupted as stop:
+            partial = _read_at(stop.outcome, entry.eps, segment, spent=True)
+            partial.done = stop.outcome.done
+            raise _EntryInterrupted(partial) from stop.__cause__
+        self.searches[id(entry.spec)] = search
+        return _read_at(search, entry.eps, segment, spent=True)
+
+
+def _read_at(search: _EntryOutcome, eps: float | None, segment: _Segment, spent: bool) -> _EntryOutcome:
+    """A search's outcome at ``eps``: robust where the smallest perturbation found is larger (misclassified
+    samples have norm 0), and the kept examples where it lies within eps (the clean image elsewhere).
+    ``spent``: the search's time and passes count for this entry (the first of its suite entry)."""
+    assert search.norms is not None  # an unbounded search measures every row
+    within = search.norms <= (float("inf") if eps is None else eps)
+    examples = None
+    if search.examples is not None:  # rows are kept (keep > 0)
+        keep = len(search.examples)
+        mask = within[:keep].view(-1, *[1] * (search.examples.dim() - 1))
+        examples = torch.where(mask, search.examples, segment.x[:keep].to(search.examples.dtype))
+    if not spent:
+        return _EntryOutcome(~within, examples=examples, norms=search.norms)
+    return _EntryOutcome(~within, search.seconds, search.gradient_evals, search.peak_memory, examples=examples,
+                         norms=search.norms)
+
+
 def _attack_entry(entry: Entry, chunk: Scalar, context: _RunContext, segment: _Segment, reuse: _SweepReuse,
                   before: dict | None) -> _EntryOutcome:
     """One entry on the segment: the clean-correct samples, less those sweep reuse already settles."""
@@ -800,11 +861,13 @@ def _reuse_eps(entry: Entry) -> float | None:
     eps-ball), any-iterate semantics (a fooled example stays valid) and eps in pixel units (per-channel
     radii are kept out, as before)."""
     attack = entry.attack
-    reusable = attack.eps_budget != "none" and not attack.final_iterate and attack.eps_scale is None
+    reusable = (attack.eps_budget != "none" and not attack.final_iterate and attack.eps_scale is None
+                and not attack.minimum_norm)  # those read every eps from one search
     return entry.eps if reusable else None
 
 
-def _attack_with_backoff(entry: Entry, chunk: Scalar, context: _RunContext, x, y, idx) -> AttackResult:
+def _attack_with_backoff(entry: Entry, chunk: Scalar, context: _RunContext, x, y, idx,
+                         unbounded: bool = False) -> AttackResult:
     """Attack with a pool of ``batch_size`` slots, halving it on out-of-memory and starting again.
 
     Results do not change: every sample's randomness is keyed by its index, not by the
@@ -814,7 +877,7 @@ def _attack_with_backoff(entry: Entry, chunk: Scalar, context: _RunContext, x, y
     size = int(chunk.compute() or context.batch_size)  # the chunk holds the int sizes it was given
     while True:
         try:
-            return entry(context.forward, x, y, idx, batch_size=size, refill=context.refill)
+            return entry(context.forward, x, y, idx, batch_size=size, refill=context.refill, unbounded=unbounded)
         except torch.cuda.OutOfMemoryError as exc:
             if context.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -825,16 +888,20 @@ def _attack_with_backoff(entry: Entry, chunk: Scalar, context: _RunContext, x, y
 
 
 def _attack_segment(entry: Entry, chunk: Scalar, context: _RunContext, segment: _Segment, targets: torch.Tensor,
-                    before: dict | None) -> _EntryOutcome:
+                    before: dict | None, unbounded: bool = False) -> _EntryOutcome:
     """Attack the rows ``targets`` of the segment (misclassified ones are already not robust).
 
     ``before`` (an interrupted run's outcome of this entry) settles the rows it finished. The
     examples of the segment's first ``keep`` rows are returned too (clean where not attacked).
-    Ctrl-C raises ``_EntryInterrupted`` with the rows the attack had finished.
+    Ctrl-C raises ``_EntryInterrupted`` with the rows the attack had finished. ``unbounded``: a
+    minimum-norm attack's search without an eps (robust then means that no adversarial example was
+    found at all); the outcome holds the norms.
     """
     keep = segment.keep
     result = _EntryOutcome(segment.correct.clone(), found_by=torch.full_like(segment.idx, -1)
                            if entry.attack.parts() else None, examples=segment.x[:keep].clone() if keep else None)
+    if unbounded:  # misclassified clean: norm 0; the attacked rows are measured
+        result.norms = torch.where(segment.correct, float("inf"), 0.0).double()
     if before is not None:
         targets = _take_finished(result, before, targets, keep)
     if not targets.numel():
@@ -850,7 +917,7 @@ def _attack_segment(entry: Entry, chunk: Scalar, context: _RunContext, segment: 
     try:
         with hooks_during(context.bpda, entry):
             attack = _attack_with_backoff(entry, chunk, context, segment.x[targets], segment.y[targets],
-                                          segment.idx[targets])
+                                          segment.idx[targets], unbounded)
         finished = None
     except AttackInterrupted as stop:
         attack, finished, interruption = stop.result, stop.done, stop
@@ -886,12 +953,15 @@ def _take_finished(result: _EntryOutcome, before: dict, targets: torch.Tensor, k
 def _take_attack(result: _EntryOutcome, attack: AttackResult, targets: torch.Tensor, finished: torch.Tensor | None,
                  keep: int) -> None:
     """The attack's verdicts (and examples, found_by) on ``targets``, or on the ``finished`` ones of them."""
-    rows, success, found_by, x_adv = targets, attack.success, attack.found_by, attack.x_adv
+    rows, success, found_by, x_adv, norms = targets, attack.success, attack.found_by, attack.x_adv, attack.norms
     if finished is not None:
         finished = finished.to(targets.device)
         rows, success, x_adv = targets[finished], success[finished], x_adv[finished]
         found_by = None if found_by is None else found_by[finished]
+        norms = None if norms is None else norms[finished]
     result.robust[rows] = ~success
+    if result.norms is not None and norms is not None:
+        result.norms[rows] = norms.to(result.norms.device)
     result.gradient_evals += attack.gradient_evals
     if result.found_by is not None and found_by is not None:
         result.found_by[rows] = found_by

@@ -29,8 +29,10 @@ class Entry:
         return {"eps_expr": self.eps_text if self.eps is not None else None,
                 "final_iterate": self.attack.final_iterate, **self.attack.describe(self.eps), **bpda}
 
-    def __call__(self, model, x, y, sample_ids, *, batch_size: int, refill: bool = True):
-        return self.attack(model, x, y, self.eps, sample_ids, batch_size=batch_size, refill=refill)
+    def __call__(self, model, x, y, sample_ids, *, batch_size: int, refill: bool = True, unbounded: bool = False):
+        """The attack at the entry's eps; ``unbounded``: without one (a minimum-norm attack's smallest examples)."""
+        eps = None if unbounded else self.eps
+        return self.attack(model, x, y, eps, sample_ids, batch_size=batch_size, refill=refill)
 
 
 def build_entries(suite: Suite, model, seed: int,
@@ -73,5 +75,9 @@ def entry_weights(suite: Suite) -> list[float]:
     weights = []
     for spec in suite.attacks:
         cost = spec.attack_class.cost(spec.settings)
-        weights += [float(max(1, 3 * cost.gradient + cost.forward))] * len(_cells(spec, spec.attack_class))
+        weight, cells = float(max(1, 3 * cost.gradient + cost.forward)), len(_cells(spec, spec.attack_class))
+        if spec.attack_class.minimum_norm:  # one search serves every eps: the others only read its norms
+            weights += [weight] + [1.0] * (cells - 1)
+        else:
+            weights += [weight] * cells
     return weights

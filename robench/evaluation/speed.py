@@ -57,6 +57,7 @@ def _costs(suite: Suite) -> list[tuple[Any, int]]:
     for spec in suite.attacks:
         cls = spec.attack_class
         cells = len(getattr(spec.settings, cls.sweep)) if cls.sweep else max(1, len(spec.eps))
+        cells = 1 if cls.minimum_norm else cells  # one search, read at every eps
         costs.append((cls.cost(spec.settings), cells))
     return costs
 

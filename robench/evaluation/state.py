@@ -7,6 +7,7 @@ processes all go through the metrics' ``state_dict``/``load_state_dict``/
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -20,8 +21,10 @@ from robench.metrics import Accuracy, Collected, MetricCollection, Scalar
 PROGRESS_FORMAT = "robench.progress/3"
 
 
-def entry_metrics() -> MetricCollection:
-    """What a run counts for one suite entry (its configuration is the ``Entry``)."""
+def entry_metrics(minimum_norm: bool = False) -> MetricCollection:
+    """What a run counts for one suite entry (its configuration is the ``Entry``); a minimum-norm attack's
+    entry also keeps each sample's smallest adversarial perturbation (``norms``)."""
+    norms = {"norms": Collected()} if minimum_norm else {}  # other entries' states are as they always were
     return MetricCollection(
         accuracy=Accuracy(),  # robust among all samples
         fooled=Accuracy(),  # success among the attacked (clean-correct) samples
@@ -31,6 +34,7 @@ def entry_metrics() -> MetricCollection:
         peak_memory=Scalar("max", default=None),  # bytes, GPU only
         chunk=Scalar("min", default=None),  # set when out-of-memory forced smaller attack chunks
         found_by=Collected(),  # composite attacks: per sample, the part that fooled it (-1: none)
+        **norms,  # float64 per sample: 0 misclassified clean, inf where none was found
     )
 
 
@@ -74,8 +78,10 @@ class RunState:
     partial: dict[str, Any] | None = None
 
     @classmethod
-    def for_entries(cls, count: int, sanity: dict | None = None, keep_examples: bool = False) -> "RunState":
-        return cls(entries=[entry_metrics() for _ in range(count)], sanity=dict(sanity or {}),
+    def for_entries(cls, count: int, sanity: dict | None = None, keep_examples: bool = False,
+                    minimum_norm: Collection[int] = ()) -> "RunState":
+        """``minimum_norm``: the indices of the entries whose attacks measure minimal perturbations."""
+        return cls(entries=[entry_metrics(j in minimum_norm) for j in range(count)], sanity=dict(sanity or {}),
                    examples=example_metrics(count) if keep_examples else None)
 
     # -- reading ---------------------------------------------------------------------------------------------
@@ -140,7 +146,9 @@ class RunState:
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> "RunState":
-        run = cls.for_entries(len(state["entries"]), state["sanity"], keep_examples="examples" in state)
+        measured = [j for j, saved in enumerate(state["entries"]) if "norms" in saved]
+        run = cls.for_entries(len(state["entries"]), state["sanity"], keep_examples="examples" in state,
+                              minimum_norm=measured)
         if run.examples is not None:
             run.examples.load_state_dict(state["examples"])
         run.totals.load_state_dict(state["totals"])
@@ -228,6 +236,7 @@ def _partial_record(partial: dict[str, Any]) -> dict[str, Any]:
 
 
 PARTIAL_RECORD = {"done", "robust", "seconds", "gradient_evals", "peak_memory", "found_by", "examples"}
+OPTIONAL_RECORD = {"norms"}  # minimum-norm entries only: the records of other entries are as they always were
 
 
 def _checked_partial(partial: Any, batches: int) -> dict[str, Any] | None:
@@ -236,7 +245,7 @@ def _checked_partial(partial: Any, batches: int) -> dict[str, Any] | None:
         return None
     try:
         ok = (partial["start"] == batches and isinstance(partial["digest"], str)
-              and all(set(e) == PARTIAL_RECORD and e["done"].dtype == torch.bool
+              and all(set(e) - OPTIONAL_RECORD == PARTIAL_RECORD and e["done"].dtype == torch.bool
                       and e["robust"].shape == e["done"].shape for e in partial["entries"]))
     except (KeyError, TypeError, AttributeError):
         ok = False

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from robench.results.reading import ResultFile
+from robench.results.reading import CERTIFY_SETTINGS, ResultFile
 from robench.results.tidy import SETTINGS_EXCLUDED
 
 # Settings a pixel run must share with its baseline (the same keys ResultFile.settings_hash reads).
@@ -76,6 +76,10 @@ def _settings_differences(baseline: ResultFile, current: ResultFile) -> list[str
         base, cur = baseline.doc.get("settings", {}), current.doc.get("settings", {})
         return [f"{key} differs ({_short(base.get(key))} vs {_short(cur.get(key))})"
                 for key in PIXEL_SETTINGS if base.get(key) != cur.get(key)]
+    if baseline.kind == "certify":
+        base, cur = baseline.doc.get("settings", {}), current.doc.get("settings", {})
+        return [f"{key} differs ({_short(base.get(key))} vs {_short(cur.get(key))})"
+                for key in CERTIFY_SETTINGS if base.get(key) != cur.get(key)]
     base, cur = baseline.doc.get("suite", {}), current.doc.get("suite", {})
     if base.get("name") != cur.get("name"):
         head = f"suite differs ({base.get('name')} vs {cur.get('name')})"

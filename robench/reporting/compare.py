@@ -5,8 +5,9 @@ column per model), ``alignment`` (feature-alignment Tables 2-5: a row per
 model, Clean, each attack x eps, Mean), ``reid`` (LFM Table III: Original and
 Attacked Rank-1/5/10/mAP per model; ``reid-rows`` holds the same values with
 the metrics as columns and a row per setting and model, to fit a terminal)
-and ``pixel`` (pixel paper Tables 5-8: Pi or misclassification per model,
-setting and pixel count). Accuracy-like
+``pixel`` (pixel paper Tables 5-8: Pi or misclassification per model,
+setting and pixel count) and ``certify`` (randomized smoothing: clean and certified accuracy per
+radius, a column per model). Accuracy-like
 values are percentages, rounded as each paper prints them; the best model
 for each setting is marked in the human formats.
 """
@@ -114,7 +115,11 @@ def fdd_layout(rows: pd.DataFrame, metric: str = "accuracy") -> ComparisonTable:
     if metric == "accuracy" and len(order) > 2 and worst.notna().any():
         # eval's table ends with it: the number a robustness claim quotes (a single attack is its own worst)
         table.loc["worst case"] = worst.reindex(table.columns)
-    return _metric_table(table, metric, "columns")
+    result = _metric_table(table, metric, "columns")
+    if metric != "median_norm" and (rows.metric == "median_norm").any():  # a distance, not a percentage
+        result.notes.append("minimum-norm entries: their median minimal perturbation is shown by "
+                            "--metric median_norm")
+    return result
 
 
 @LAYOUTS.register("alignment")
@@ -203,6 +208,20 @@ def pixel_layout(rows: pd.DataFrame, metric: str = "pi") -> ComparisonTable:
     return _metric_table(table, metric, "rows", title, row_groups=groups)
 
 
+@LAYOUTS.register("certify")
+def certify_layout(rows: pd.DataFrame, metric: str = "certified_accuracy") -> ComparisonTable:
+    """Randomized smoothing (Cohen et al., Table 1's layout turned on its side): the base model's and the
+    smoothed classifier's clean accuracy, then the certified accuracy per L2 radius; a column per model."""
+    _only(rows, metric)  # none there: an error naming the metrics present
+    data = rows[rows.metric.isin(["accuracy", metric])].copy()
+    names = {"clean": "base model, clean", "smoothed": "smoothed, clean"}
+    data["setting"] = [names[e] if e in names else f"certified r = {x:g}" for e, x in zip(data.entry, data.eps)]
+    order = list(dict.fromkeys(data.setting))
+    table = data.pivot_table(index="setting", columns="model", values="value", aggfunc="first", sort=False)
+    table = table.reindex(order)[list(dict.fromkeys(data.model))]
+    return _metric_table(table, metric, "columns", title="certified accuracy (%), L2 radius in pixel units")
+
+
 def pivot_table(rows: pd.DataFrame, index: list[str], columns: list[str], metric: str) -> ComparisonTable:
     """A free pivot: ``--rows`` and ``--cols`` name columns of the long table."""
     for name in index + columns:
@@ -221,7 +240,7 @@ def default_layout(kind: str, fmt: str = "table") -> str:
     ``reid`` in files."""
     if kind == "reid" and fmt == "table":
         return "reid-rows"
-    return {"classification": "fdd", "reid": "reid", "pixel": "pixel"}[kind]
+    return {"classification": "fdd", "reid": "reid", "pixel": "pixel", "certify": "certify"}[kind]
 
 
 # ------------------------------------------------------------------ rendering

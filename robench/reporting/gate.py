@@ -46,8 +46,9 @@ Z_95 = 1.96
 _RULE = re.compile(r"^\s*(?P<metric>[^@\s]+)@(?P<entry>[^:]+):\s*(?P<value>[0-9.]+)\s*(?P<unit>pt|%)?\s*$")
 # What the gate checks unless told otherwise: the accuracy of each kind of run. Classification: clean and
 # per-entry accuracy, robust_accuracy (the worst case); ReID: rank1 and mAP (plain and re-ranked);
-# Pixel-index: recognition_rate. Success rate, the mean, Pi and misclassification restate these changes.
-DEFAULT_METRICS = ("accuracy", "robust_accuracy", "rank*", "mAP", "recognition_rate")
+# Pixel-index: recognition_rate; certification: the clean accuracies and certified_accuracy at each radius.
+# Success rate, the mean, Pi and misclassification restate these changes.
+DEFAULT_METRICS = ("accuracy", "robust_accuracy", "rank*", "mAP", "recognition_rate", "certified_accuracy")
 _GLOB = re.compile(r"[*?\[]")
 
 
@@ -341,7 +342,7 @@ def _verdict(drop: Fraction, threshold: Fraction, stderr: float | None, require_
 
 
 def _attack_entries(result: ResultFile) -> int:
-    return len(result.doc["experiments"] if result.kind == "pixel" else result.doc["attacks"])
+    return len(result.doc["experiments"] if result.kind == "pixel" else result.doc.get("attacks", []))
 
 
 def _describe(row: dict[str, Any]) -> str:

@@ -31,8 +31,9 @@ from robench.results.reading import (KNOWN_SCHEMAS, ResultFile, comparability_pr
 from robench.results.atomic import write_file_atomically
 
 SUFFIXES = (".html", ".htm")
-KIND_ORDER = ("classification", "reid", "pixel")
-KIND_TITLES = {"classification": "Classification", "reid": "Re-identification", "pixel": "Pixel-index"}
+KIND_ORDER = ("classification", "reid", "pixel", "certify")
+KIND_TITLES = {"classification": "Classification", "reid": "Re-identification", "pixel": "Pixel-index",
+               "certify": "Certification"}
 CURVES = {"classification": ("eps", "Accuracy vs eps, per model and attack (eps 0: clean accuracy)"),
           "pixel": ("pixels", "Misclassified images vs changed pixels, per model and setting")}
 # Nothing outside the page may load: no network, no file, no script.

@@ -28,6 +28,7 @@ KIND_TABLES = {
     # The narrow layout first (readable at any width), then the paper's wide one.
     "reid": [("reid-rows", "rank1"), ("reid", "rank1")],
     "pixel": [("pixel", "pi"), ("pixel", "misclassified"), ("pixel", "recognition_rate")],
+    "certify": [("certify", "certified_accuracy")],
 }
 LAYOUT_NOTES = {
     "fdd": "attack × eps, a column per model (Feature-Density Dropout, Table 3)",
@@ -36,6 +37,7 @@ LAYOUT_NOTES = {
     "reid": "a row per model: Original and each attack's CMC and mAP (LFM, Table III)",
     "reid-rows": "the values of the LFM Table III layout with a row per setting and model",
     "pixel": "setting × model, a column per pixel count (pixel-change paper, Tables 5-8)",
+    "certify": "clean accuracy, then certified accuracy per L2 radius, a column per model (randomized smoothing)",
 }
 # Layouts with a column per setting and metric (dozens of columns): shown folded, after the narrow one.
 FOLDED_LAYOUTS = {"reid"}

@@ -1,5 +1,8 @@
 """Curves from result files: accuracy vs eps (FDD Fig. 7) and misclassification vs pixel count (pixel paper Fig. 8).
 
+A minimum-norm attack's entry (``fmn``, ``fab``) is drawn as its full step curve, read from the
+per-sample minimal perturbations the document keeps, with markers at the suite's eps.
+
 Pixel-index counts are drawn as percentages of each setting's own number of images (the
 attack experiment changes only the adversarial images, the others every image), with error
 bars of one standard deviation over the trials the document saved.
@@ -14,6 +17,7 @@ from typing import Any
 import pandas as pd
 
 from robench.errors import UsageError
+from robench.results import minimum_norm
 from robench.results.metric_table import metric_info
 from robench.results.reading import ResultFile, results_frame
 
@@ -54,7 +58,8 @@ def plot_results(results: list[ResultFile], x: str, metric: str | None, out: Pat
     left_out = [r for r in results if r.label not in plotted]
     data = _shown(data, metric, _trial_spread(results))
     clean = _shown(rows[(rows.metric == metric) & (rows.entry == "clean")], metric, {})
-    _draw(data, clean, x, metric, out)
+    steps = _step_curves(results, float(data[x].max())) if (x, metric) == ("eps", "accuracy") else {}
+    _draw(data, clean, x, metric, out, steps)
     return Plot(out, metric, left_out, data[["model", "entry", x, "y", "err"]].reset_index(drop=True))
 
 
@@ -78,6 +83,21 @@ def _shown(data: pd.DataFrame, metric: str, spread: dict[tuple, float]) -> pd.Da
     return data
 
 
+# A step curve reaches past the suite's largest eps to show where the last samples break, up to this factor.
+STEP_REACH = 2.0
+
+
+def _step_curves(results: list[ResultFile], largest_eps: float) -> dict[tuple[str, str], tuple[list, list]]:
+    """(run label, entry label) -> the step curve (eps, accuracy in %) of each minimum-norm entry."""
+    curves = {}
+    for r in results:
+        for block in minimum_norm.blocks(r.doc) if r.kind == "classification" else []:
+            reach = max([v for v in block["norms"] if v <= STEP_REACH * largest_eps] or [0.0])
+            xs, ys = minimum_norm.step_curve(block, max(largest_eps, reach))
+            curves[(r.label, block["label"])] = (xs, [100 * y for y in ys])
+    return curves
+
+
 def _trial_spread(results: list[ResultFile]) -> dict[tuple, float]:
     """(run label, ``EXPERIMENT:SETTING``, pixels) -> the standard deviation of misclassified over trials."""
     spread = {}
@@ -98,7 +118,8 @@ def _y_label(metric: str, data: pd.DataFrame) -> str:
     return f"{metric} (%)" if metric_info(metric).percent else metric
 
 
-def _draw(data: pd.DataFrame, clean: pd.DataFrame, x: str, metric: str, out: Path) -> None:
+def _draw(data: pd.DataFrame, clean: pd.DataFrame, x: str, metric: str, out: Path,
+          steps: dict[tuple[str, str], tuple[list, list]]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed
@@ -119,7 +140,12 @@ def _draw(data: pd.DataFrame, clean: pd.DataFrame, x: str, metric: str, out: Pat
                 xs, ys, errs = [0.0] + xs, [float(start.y.iloc[0])] + ys, [float("nan")] + errs
         style: dict[str, Any] = {"color": colours[model], "linestyle": styles[entry], "marker": markers[entry],
                                  "label": _literal(f"{model} · {entry}")}
-        if any(e == e for e in errs):  # error bars where the run saved a spread over trials
+        if (model, entry) in steps:  # the whole curve, with the suite's eps marked on it
+            step_x, step_y = steps[(model, entry)]
+            ax.step(step_x, step_y, where="post", color=colours[model], linestyle=styles[entry],
+                    label=style["label"])
+            ax.plot(xs[1:], ys[1:], color=colours[model], marker=markers[entry], linestyle="none")
+        elif any(e == e for e in errs):  # error bars where the run saved a spread over trials
             ax.errorbar(xs, ys, yerr=[0.0 if e != e else e for e in errs], capsize=3, **style)
         else:
             ax.plot(xs, ys, **style)

@@ -40,6 +40,10 @@ def results_table(doc: dict[str, Any]) -> Table:
         for part in a.get("parts") or []:  # a composite's log: robust accuracy after each of its attacks
             table.add_row(f"  after {part['attack']}", "", "", _show("accuracy", part["accuracy_after"]),
                           f"{part['broken']} broken", "")
+    for block in doc.get("min_norm") or []:  # the median is a norm: it goes in the eps column
+        median = block["median_norm"]
+        table.add_row(f"{block['label']} median min. norm", block["norm"], "unbounded" if median is None else
+                      f"{median:.4g}", "", f"{block['found']}/{block['attacked']} found", "")
     if doc["robust_accuracy"] is not None:
         worst = _show("robust_accuracy", doc["robust_accuracy"])
         table.add_row("[bold]worst case[/bold]", "", "", f"[bold]{worst}[/bold]", "", "")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,7 @@ from robench.models.loading import LoadedModel
 from robench.models.preprocessing import Normalization
 from robench.results.adversarial import SavedExamples, saved_summaries
 from robench.results.document import data_block, env_block, header, model_block, suite_block
+from robench.results.minimum_norm import median_of
 from robench.results.schema import SCHEMA
 from robench.suites import LoadedSuite
 
@@ -28,6 +30,7 @@ def classification_document(outcome: RunOutcome, loaded: LoadedModel, norm: Norm
     """The results document of a finished or an interrupted classification run."""
     state = outcome.state
     attacks = [_attack_entry(e, counts, suite, outcome) for e, counts in outcome.with_entries()]
+    minimal = _minimum_norm_blocks(outcome, attacks)
     accs = [a["accuracy"] for a in attacks if a["accuracy"] is not None]
     robust_all = state.robust_all()
     # No sample finished yet (interrupted during the first segment): no accuracy, not NaN.
@@ -44,6 +47,7 @@ def classification_document(outcome: RunOutcome, loaded: LoadedModel, norm: Norm
         "attacks": attacks,
         "robust_accuracy": robust,
         "mean_attack_accuracy": sum(accs) / len(accs) if accs else None,
+        **({"min_norm": minimal} if minimal else {}),  # documents of other suites are as they always were
         "sanity": _sanity(outcome, attacks),
         "env": env_block(device, precision=precision, seed=seed, batch_size=batch_size,
                          checkpoint_sha256=loaded.sha256, processes=distributed.world()[1], speed=outcome.speed,
@@ -74,6 +78,42 @@ def _attack_entry(e: Any, counts: MetricCollection, suite: LoadedSuite, outcome:
         "input_gradient": has_gradient if e.attack.family == "gradient" else None,
         **({"parts": _parts_log(e.attack.parts(), counts)} if e.attack.parts() else {}),
     }
+
+
+def _minimum_norm_blocks(outcome: RunOutcome, attacks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per suite entry of a minimum-norm attack: its minimal perturbations and the curve read from them.
+
+    ``norms`` are the attacked (clean-correct) samples' smallest adversarial perturbations that were found,
+    sorted: with ``attacked`` and ``n`` they give the robust accuracy at any eps, (attacked - found + the
+    norms larger than eps) / n. ``median_norm`` is over the attacked samples, a sample without an
+    adversarial example counting as larger than any; null when that median is unbounded or none was attacked.
+    """
+    state = outcome.state
+    correct = state.per_sample("pred") == state.per_sample("labels")
+    blocks: dict[int, dict[str, Any]] = {}
+    for (e, counts), row in zip(outcome.with_entries(), attacks):
+        if not e.attack.minimum_norm:
+            continue
+        point = {"eps": e.eps, "accuracy": row["accuracy"]}
+        if id(e.spec) in blocks:
+            blocks[id(e.spec)]["curve"].append(point)
+            continue
+        norms = _entry_norms(counts)[correct] if len(correct) else np.zeros(0)
+        found = [float(v) for v in np.sort(norms[np.isfinite(norms)])]
+        median = median_of(found, len(norms))
+        params = {k: v for k, v in row["params"].items() if k != "eps_expr"}
+        blocks[id(e.spec)] = {"attack": row["attack"], "label": row["label"], "norm": row["norm"],
+                              "eps_space": row["eps_space"], "params": params, "n": row["n"],
+                              "attacked": len(norms), "found": len(found),
+                              "median_norm": median if median is not None and math.isfinite(median) else None,
+                              "norms": found, "curve": [point]}
+    return list(blocks.values())
+
+
+def _entry_norms(counts: MetricCollection) -> np.ndarray:
+    """A minimum-norm entry's per-sample norms (float64; empty for a state that holds no samples)."""
+    norms = counts.metrics.get("norms")
+    return norms.compute().numpy().astype(np.float64) if norms is not None else np.zeros(0)
 
 
 def _entry_has_gradient(e: Any, sanity: dict[str, Any]) -> bool:
@@ -132,9 +172,14 @@ def samples_frame(outcome: RunOutcome) -> pd.DataFrame:
     state = outcome.state
     labels, pred = state.per_sample("labels"), state.per_sample("pred")
     frame = {"index": state.per_sample("index"), "label": labels, "clean_pred": pred, "clean_correct": pred == labels}
+    measured: set[int] = set()
     for e, counts in outcome.with_entries():
         column = f"[{e.index}]:{e.spec.display_name()}@{e.eps_text}"
         frame[f"robust{column}"] = counts.robust.compute().numpy().astype(bool)
+        if e.attack.minimum_norm and id(e.spec) not in measured:  # once per suite entry: every eps reads it
+            measured.add(id(e.spec))
+            # 0: misclassified clean; inf: no adversarial example found
+            frame[f"min_norm[{e.index}]:{e.spec.display_name()}"] = _entry_norms(counts)
         parts = e.attack.parts()
         if parts:  # the part that broke each sample ("" where none did)
             names = np.array(["", *parts], dtype=object)

@@ -16,6 +16,8 @@ PROPORTION = "proportion"
 SCORE = "score"
 # A number of images (a mean over trials, so not always whole).
 COUNT = "count"
+# A perturbation size in the threat model's norm, in eps units (a minimum-norm attack's median).
+DISTANCE = "distance"
 
 RANK_KEY = re.compile(r"^rank([0-9]+)$")
 
@@ -46,6 +48,8 @@ _TABLE = {info.name: info for info in (
     MetricInfo("misclassified", False, COUNT, False, 1),
     MetricInfo("pi", False, SCORE, False, 2),
     MetricInfo("pass_rate", True, PROPORTION, True, 1),  # the attack check's: problems solved / built
+    MetricInfo("median_norm", True, DISTANCE, False, 4),  # the median minimal perturbation: larger is more robust
+    MetricInfo("certified_accuracy", True, PROPORTION, True, 1),  # certify's: correct at a radius >= r
 )}
 
 

@@ -1,8 +1,8 @@
 """Read result documents of every kind back into one long table.
 
 Classification (``robench.results/1``, task classification), re-identification
-(same schema, task reid) and Pixel-index (``robench.pixel-index/1``) documents
-become rows keyed by (model, attack entry, its settings, eps or pixel count,
+(same schema, task reid), Pixel-index (``robench.pixel-index/1``) and certification
+(``robench.certify/1``) documents become rows keyed by (model, attack entry, its settings, eps or pixel count,
 metric), which ``compare`` pivots and ``gate`` matches run against run.
 """
 
@@ -19,11 +19,14 @@ import pandas as pd
 
 from robench.errors import UsageError
 from robench.files import read_bounded_text
-from robench.results.schema import CHECK_SCHEMA, PIXEL_SCHEMA, SCHEMA
+from robench.results.schema import CERTIFY_SCHEMA, CHECK_SCHEMA, PIXEL_SCHEMA, SCHEMA
+from robench.results import minimum_norm
 from robench.results.metric_table import RANK_KEY
 from robench.results.tidy import TIDY_COLUMNS, document_kind, tidy_rows
 
-KNOWN_SCHEMAS = (SCHEMA, PIXEL_SCHEMA)
+KNOWN_SCHEMAS = (SCHEMA, PIXEL_SCHEMA, CERTIFY_SCHEMA)
+# Settings two certifications must share to be compared: the smoothing (the radii only choose what is reported).
+CERTIFY_SETTINGS = ("sigma", "n0", "n", "alpha")
 # The tidy rows of results.csv, plus the file each row was read from.
 ROW_COLUMNS = [*TIDY_COLUMNS, "source"]
 # Far above any real document (the largest are ReID runs listing skipped files), far below what hurts.
@@ -51,6 +54,9 @@ class ResultFile:
             s = self.doc.get("settings", {})
             return json.dumps({k: s.get(k) for k in ("pixels", "trials", "seed", "shared_positions", "channels")},
                               sort_keys=True)
+        if self.kind == "certify":
+            s = self.doc.get("settings", {})
+            return json.dumps({k: s.get(k) for k in CERTIFY_SETTINGS}, sort_keys=True)
         return self.doc.get("suite", {}).get("sha256")
 
 
@@ -247,6 +253,10 @@ def validate_document(doc: dict[str, Any], source: str) -> None:
         if task is not _MISSING and task != "pixel-index":
             check.fail("task", f"must be \"pixel-index\" in a robench.pixel-index/1 document, got {_show(task)}")
         _check_pixel(check, doc)
+    elif doc["schema"] == CERTIFY_SCHEMA:
+        if check.get(doc, "task", "") != "certify":
+            check.fail("task", f"must be \"certify\" in a robench.certify/1 document, got {_show(doc['task'])}")
+        _check_certify(check, doc)
     else:
         task = check.get(doc, "task", "")
         if task not in ("classification", "reid"):
@@ -321,6 +331,7 @@ def _check_classification(check: _Checker, doc: dict[str, Any]) -> None:
     for key in ("robust_accuracy", "mean_attack_accuracy"):
         check.fraction(check.get(doc, key, "", required=False), key, nullable=True)
     _check_classification_counts(check, doc)
+    minimum_norm.check_blocks(check, doc)
 
 
 def _check_reid_metrics(check: _Checker, metrics: Any, path: str) -> None:
@@ -373,6 +384,49 @@ def _check_pixel(check: _Checker, doc: dict[str, Any]) -> None:
         check.text(check.get(exp, "setting", path), _join(path, "setting"))
         for j, row in enumerate(check.array(check.get(exp, "results", path), _join(path, "results"))):
             _check_pixel_row(check, row, _join(_join(path, "results"), j))
+
+
+def _check_certify(check: _Checker, doc: dict[str, Any]) -> None:
+    """The accuracies the readers use, each correct / n over the same samples; the certified accuracy
+    never rises with the radius (a radius of at least r is one of at least any smaller r)."""
+    n = _check_answers(check, doc, "clean", None)
+    if n == 0:
+        check.fail("clean.n", "is 0: a finished certification has samples")
+    _check_answers(check, doc, "smoothed", n)
+    last: tuple[float, int] | None = None
+    for i, row in enumerate(check.array(check.get(doc, "certified_accuracy", ""), "certified_accuracy")):
+        path = _join("certified_accuracy", i)
+        check.object(row, path)
+        radius, correct = check.get(row, "radius", path), check.get(row, "correct", path)
+        check.number(radius, _join(path, "radius"))
+        check.count(correct, _join(path, "correct"), at_most=("clean.n", n))
+        _check_share(check, row, path, correct, n)
+        if last is not None and radius >= last[0] and correct > last[1]:
+            check.fail(_join(path, "correct"), f"must be at most {last[1]} (the count at radius {last[0]:g}): "
+                       f"certified accuracy never rises with the radius, got {correct}")
+        last = (radius, correct)
+
+
+def _check_answers(check: _Checker, doc: dict[str, Any], block: str, n: int | None) -> int:
+    """A block of counts over the samples (``clean``, ``smoothed``): its n (equal to ``n`` when given), its
+    correct count and its accuracy, correct / n."""
+    answers = check.object(check.get(doc, block, ""), block)
+    count = check.get(answers, "n", block)
+    check.count(count, _join(block, "n"))
+    if n is not None and count != n:
+        check.fail(_join(block, "n"), f"must equal clean.n ({n}): both count the same samples, got {count}")
+    correct = check.get(answers, "correct", block)
+    check.count(correct, _join(block, "correct"), at_most=("n", count))
+    _check_share(check, answers, block, correct, count)
+    return count
+
+
+def _check_share(check: _Checker, obj: dict, path: str, correct: int, n: int) -> None:
+    accuracy = check.get(obj, "accuracy", path)
+    check.fraction(accuracy, _join(path, "accuracy"), nullable=n == 0)
+    if n and not _close(accuracy, correct / n):
+        check.fail(_join(path, "accuracy"), f"must be correct / n = {correct}/{n} = {correct / n:.6g}, "
+                   f"got {_show(accuracy)}")
 
 
 def _check_pixel_row(check: _Checker, row: Any, path: str) -> None:

@@ -97,6 +97,11 @@ class Result:
             return (f"Result(task='reid', model={name!r}, suite={doc['suite'].get('name')!r}, "
                     f"queries={doc['data'].get('queries')}, rank1={100 * clean['rank1']:.1f}%, "
                     f"mAP={100 * clean['mAP']:.1f}%, settings={len(doc['attacks'])}{partial})")
+        if self.task == "certify":  # certified accuracy per radius
+            certified = ", ".join(f"{r['radius']:g}: {_percent(r['accuracy'])}%" for r in doc["certified_accuracy"])
+            return (f"Result(task='certify', model={name!r}, sigma={doc['settings']['sigma']:g}, "
+                    f"n={doc['clean']['n']}, smoothed={_percent(doc['smoothed']['accuracy'])}%, "
+                    f"certified={{{certified}}}{partial})")
         images = doc.get("images", {})
         return (f"Result(task={self.task!r}, model={name!r}, read={images.get('read')}, "
                 f"evaluated={images.get('evaluated')}{partial})")

@@ -8,6 +8,7 @@ The schema files (draft 2020-12) live beside this module in ``schemas/`` and shi
 * ``common-1.schema.json``: the blocks those two share (model, suite, env, ...), referenced by them;
 * ``training-1.schema.json``: ``robench train``'s ``training.json`` (``"format": "robench-training-1"``);
 * ``attack-check-1.schema.json``: ``robench.attack-check/1``, what ``robench check-attack`` writes;
+* ``certify-1.schema.json``: ``robench.certify/1``, what ``robench certify`` writes;
 * ``gate-1.schema.json``: what ``robench gate --json`` prints (``robench.reporting.gate/1``).
 
 Versioning: the number in a document's name (the 1 of ``robench.results/1`` and ``results-1.schema.json``)
@@ -32,6 +33,7 @@ PIXEL_SCHEMA = "robench.pixel-index/1"
 TRAINING_FORMAT = "robench-training-1"
 GATE_SCHEMA = "robench.reporting.gate/1"
 CHECK_SCHEMA = "robench.attack-check/1"
+CERTIFY_SCHEMA = "robench.certify/1"
 
 SCHEMA_DIR = Path(__file__).with_name("schemas")
 SCHEMA_FILES = {
@@ -40,6 +42,7 @@ SCHEMA_FILES = {
     TRAINING_FORMAT: "training-1.schema.json",
     GATE_SCHEMA: "gate-1.schema.json",
     CHECK_SCHEMA: "attack-check-1.schema.json",
+    CERTIFY_SCHEMA: "certify-1.schema.json",
 }
 SHARED_FILES = ("common-1.schema.json",)  # referenced by the document schemas, never chosen on its own
 # Set to 1 (the test suite does), every document robench writes is validated first: a writer that drifts

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import pandas as pd
 
 from robench.results.schema import PIXEL_SCHEMA
+from robench.results import minimum_norm
 from robench.results.metric_table import reid_metric_keys
 
 TIDY_COLUMNS = ["model", "kind", "suite", "entry", "attack", "norm", "settings", "eps", "eps_text", "pixels", "metric",
@@ -27,11 +28,11 @@ Add = Callable[..., None]
 
 
 def document_kind(doc: dict[str, Any]) -> str:
-    """``classification``, ``reid``, ``pixel`` or ``attack-check``."""
+    """``classification``, ``reid``, ``pixel``, ``attack-check`` or ``certify``."""
     if doc.get("schema") == PIXEL_SCHEMA:
         return "pixel"
-    if doc.get("task") == "attack-check":
-        return "attack-check"
+    if doc.get("task") in ("attack-check", "certify"):
+        return doc["task"]
     return "reid" if doc.get("task") == "reid" else "classification"
 
 
@@ -60,7 +61,7 @@ def tidy_rows(doc: dict[str, Any], model: str | None = None, keep_null: bool = F
                      "value": None if value is None else float(value), "n": n, "ap_convention": ap})
 
     {"classification": _classification_rows, "reid": _reid_rows, "pixel": _pixel_rows,
-     "attack-check": _check_rows}[kind](doc, add)
+     "attack-check": _check_rows, "certify": _certify_rows}[kind](doc, add)
     return rows
 
 
@@ -90,6 +91,7 @@ def _classification_rows(doc: dict[str, Any], add: Add) -> None:
         add(a["label"], a["attack"], s, "accuracy", a["accuracy"], a["n"], pixels=pixels, **_entry_identity(a))
         add(a["label"], a["attack"], s, "success_rate", a["success_rate"], a.get("attacked"), pixels=pixels,
             **_entry_identity(a))
+    minimum_norm.tidy_rows(doc, add, settings_key)
     add("worst-case", "worst-case", "", "robust_accuracy", doc.get("robust_accuracy"), n)
     add("mean", "mean", "", "mean_attack_accuracy", doc.get("mean_attack_accuracy"), None)
 
@@ -127,3 +129,16 @@ def _check_rows(doc: dict[str, Any], add: Add) -> None:
         s = settings_key(c.get("params"))
         add(c["label"], c["attack"], s, "pass_rate", c["pass_rate"], c["problems"], eps=c["eps"],
             eps_text=c["eps_text"], norm=c["norm"])
+
+
+def _certify_rows(doc: dict[str, Any], add: Add) -> None:
+    """The base model's clean accuracy, the smoothed classifier's (PREDICT), and the certified accuracy at
+    each radius (held in the eps column: an L2 radius in pixel units)."""
+    # The smoothing (sigma, n0, n, alpha) is the document's settings block: runs that differ in it are not
+    # comparable (robench.results.reading), so the rows need no settings key of their own.
+    n = doc["clean"]["n"]
+    add("clean", "clean", "", "accuracy", doc["clean"]["accuracy"], n, eps=0.0)
+    add("smoothed", "smoothed", "", "accuracy", doc["smoothed"]["accuracy"], n, norm="l2")
+    for row in doc["certified_accuracy"]:
+        add("certified", "certify", "", "certified_accuracy", row["accuracy"], n, eps=row["radius"],
+            eps_text=f"{row['radius']:g}", norm="l2")

@@ -221,6 +221,9 @@ class AttackSpec(BaseModel):
             return
         if attack.eps_budget == "required" and not self.eps:
             raise ValueError("eps: at least one value is needed")
+        if attack.minimum_norm and not self.eps:
+            raise ValueError(f"eps: {self.attack} finds minimal perturbations; list the eps at which to read the "
+                             "robust accuracy from them (at least one)")
         if self.norm not in attack.norms:
             raise ValueError(f"norm: {self.attack} supports {' or '.join(attack.norms)}, not {self.norm!r}")
         if self.norm == "linf":

@@ -178,7 +178,17 @@ class FewPixelSpec(_Strict):
     channels: Literal["all", "first"] = "all"
 
 
-Defence = Annotated[Union[LFMSpec, FDDSpec, DropoutSpec, CutoutSpec, FewPixelSpec], Field(discriminator="kind")]
+class GaussianNoiseSpec(_Strict):
+    """Gaussian noise augmentation (randomized smoothing, Cohen et al. 2019): N(0, sigma^2) on every pixel of a
+    share ``p`` of each batch, in [0, 1] pixel units, not clamped; train at the sigma you certify at."""
+
+    kind: Literal["gaussian-noise"]
+    sigma: float = Field(default=0.25, gt=0, le=10)
+    p: float = Field(default=1.0, ge=0, le=1)
+
+
+Defence = Annotated[Union[LFMSpec, FDDSpec, DropoutSpec, CutoutSpec, FewPixelSpec, GaussianNoiseSpec],
+                    Field(discriminator="kind")]
 
 
 class AdversarialSpec(_Strict):

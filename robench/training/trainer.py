@@ -261,7 +261,8 @@ def _insert_defence(spec, net: nn.Module) -> None:
 
 
 def _input_transforms(recipe: Recipe) -> list:
-    """Augmentation first, then the input-level defences (Cutout, few-pixel changes), in recipe order."""
+    """Augmentation first, then the input-level defences (Cutout, few-pixel changes, Gaussian noise), in recipe
+    order."""
     from robench.training.augment import CropFlip
 
     transforms: list = []
@@ -273,11 +274,14 @@ def _input_transforms(recipe: Recipe) -> list:
 def _input_defence(spec):
     """The transform of an input-level defence; None for those inside the network."""
     from robench.defenses.few_pixel import Cutout, FewPixelAugment
+    from robench.defenses.noise import GaussianNoiseAugment
 
     if spec.kind == "cutout":
         return Cutout(spec.size, spec.p)
     if spec.kind == "few-pixel":
         return FewPixelAugment(spec.pixels, spec.p, spec.delta, spec.channels)
+    if spec.kind == "gaussian-noise":
+        return GaussianNoiseAugment(spec.sigma, spec.p)
     return None
 
 
