@@ -60,8 +60,8 @@ def certify_command(
 ) -> None:
     """Certified accuracy of MODEL smoothed with Gaussian noise (Cohen, Rosenfeld & Kolter, 2019).
 
-    Per sample: the class the smoothed classifier returns and an L2 radius within which it provably
-    returns it (with probability at least 1 - alpha over the noise), or an abstention.
+    Per sample: the smoothed classifier's class and a certified L2 radius
+    (holding with probability at least 1 - alpha), or an abstention.
     """
     options = config_options(locals(), ("as_json", "quiet"))  # first: before the body binds any other name
     # Imported here, not at the top: building the command line (--help) must not load torch.

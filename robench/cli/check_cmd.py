@@ -53,9 +53,9 @@ def check_command(
 ) -> None:
     """Check that each attack of a suite is strong enough for MODEL: the binarization test.
 
-    Per test point, a two-class problem on the model's own features that has an adversarial example
-    within eps; an attack that solves too few of them is too weak for this model. Exit code 1 when an
-    attack fails.
+    Per point: a two-class problem on the model's features, solvable within eps.
+    An attack solving fewer than --pass-threshold of them is too weak here.
+    Exit 0: every checked attack passed. Exit 1: an attack failed.
     """
     options = config_options(locals(), ("as_json", "quiet"))  # first: before the body binds any other name
     options["plugins"] = tuple(options.pop("plugin") or ())
