@@ -206,3 +206,13 @@ def test_docs_examples_run_as_written(tmp_path) -> None:
     printed = run_python_block("check-attack-api", tmp_path / "api").ok().stdout.splitlines()
     assert printed[-1] == doc["verdict"]
     assert printed[:-1] == [f"{c['label']} {c['eps_text']} {c['pass_rate']} {c['verdict']}" for c in doc["checks"]]
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("--samples", "0", "--samples must be between 1 and 100000, got 0"),
+    ("--inner-points", "-1", "--inner-points must be between 1 and 1e+06, got -1"),
+    ("--pass-threshold", "nan", "--pass-threshold must be between 0 and 1, got nan"),
+])
+def test_bad_options_are_one_line_naming_the_option(option: str, value: str, message: str) -> None:
+    run = invoke("check-attack", "example:digits", "--suite", "digits", option, value)
+    assert run.exit_code == 2 and one_error_line(run) == f"robench: error: {message}"

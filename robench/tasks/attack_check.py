@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import pandas as pd
 import torch
-from pydantic import Field
+from pydantic import field_validator
 
 from robench.config import EvalConfig, Resolved, data_options_for, resolve
 from robench.errors import UsageError
@@ -40,22 +40,42 @@ from robench.suites import AttackSpec
 from robench.tasks import Hooks
 from robench.tasks.classification import ClassificationTask, EvaluationInterrupted, as_dataset, evaluate_config
 from robench.tasks.rundir import RunDirectory
-from robench.validated import Options
+from robench.validated import Options, check_range
 
 CHECKED_FAMILIES = ("gradient", "query", "external")
 # AutoAttack's members that need more than two classes (DLR losses): the test problems have two.
 MANY_CLASS_MEMBERS = ("apgd-t", "apgd-dlr")
 CHECK_FIELDS = ("samples", "inner_points", "readout", "pass_threshold")
+MAX_SAMPLES = 100_000
+MAX_INNER_POINTS = 1_000_000  # a million forward passes per problem: beyond any sensible check
 
 
 class AttackCheckConfig(Options):
     """One attack check: an evaluation's options (model, data, suite, engine) and how problems are built."""
 
     evaluation: EvalConfig
-    samples: int = Field(default=50, ge=1, le=100_000)
-    inner_points: int = Field(default=999, ge=1, le=1_000_000)
+    samples: int = 50
+    inner_points: int = 999
     readout: str | None = None
-    pass_threshold: float = Field(default=0.95, ge=0, le=1)
+    pass_threshold: float = 0.95
+
+    @field_validator("samples")
+    @classmethod
+    def _samples(cls, value: int) -> int:
+        check_range("--samples", value, 1, MAX_SAMPLES)
+        return value
+
+    @field_validator("inner_points")
+    @classmethod
+    def _inner_points(cls, value: int) -> int:
+        check_range("--inner-points", value, 1, MAX_INNER_POINTS)
+        return value
+
+    @field_validator("pass_threshold")
+    @classmethod
+    def _pass_threshold(cls, value: float) -> float:
+        check_range("--pass-threshold", value, 0, 1)
+        return value
 
     @classmethod
     def of(cls, **options: Any) -> "AttackCheckConfig":
