@@ -303,3 +303,11 @@ def test_training_block_runs(tmp_path) -> None:
     doc = json.loads((ran.written(tmp_path) / "results.json").read_text())
     assert doc["model"]["name"] == "digits-gaussian" and doc["progress"] == {"evaluated": 40, "total": 40,
                                                                               "unit": "samples"}
+
+
+def test_the_plot_reads_certified_accuracy_against_a_radius() -> None:
+    from robench.reporting.plots import _x_label
+
+    assert _x_label("eps", "certified_accuracy") == "L2 radius ([0,1] pixel units)"
+    assert _x_label("eps", "accuracy") == "eps ([0,1] pixel units)"
+    assert _x_label("pixels", "misclassified") == "changed pixels"

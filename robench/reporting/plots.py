@@ -118,6 +118,13 @@ def _y_label(metric: str, data: pd.DataFrame) -> str:
     return f"{metric} (%)" if metric_info(metric).percent else metric
 
 
+def _x_label(x: str, metric: str) -> str:
+    if x == "pixels":
+        return "changed pixels"
+    # Certified accuracy sits in the eps column of the tidy rows, but it is read at an L2 radius.
+    return "L2 radius ([0,1] pixel units)" if metric == "certified_accuracy" else "eps ([0,1] pixel units)"
+
+
 def _draw(data: pd.DataFrame, clean: pd.DataFrame, x: str, metric: str, out: Path,
           steps: dict[tuple[str, str], tuple[list, list]]) -> None:
     import matplotlib
@@ -149,7 +156,7 @@ def _draw(data: pd.DataFrame, clean: pd.DataFrame, x: str, metric: str, out: Pat
             ax.errorbar(xs, ys, yerr=[0.0 if e != e else e for e in errs], capsize=3, **style)
         else:
             ax.plot(xs, ys, **style)
-    ax.set_xlabel("eps ([0,1] pixel units)" if x == "eps" else "changed pixels")
+    ax.set_xlabel(_x_label(x, metric))
     ax.set_ylabel(_y_label(metric, data))
     if data.err.notna().any():
         ax.set_title("error bars: ±1 standard deviation over trials", fontsize=8)
