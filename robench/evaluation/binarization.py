@@ -89,22 +89,6 @@ def readout_layer(model: nn.Module, name: str | None = None) -> tuple[str, nn.Li
     return linear[-1]
 
 
-def separated_points(x: torch.Tensor, model: RobustModel, radius: float, count: int) -> torch.Tensor:
-    """Indices of the first ``count`` points of ``x`` (in order) more than two radii apart from each other,
-    measured where the model's own layers see them (after normalisation), so that every input of an
-    attack has exactly one clean point within reach."""
-    seen = model.normalize(x).flatten(1)
-    reach = 2 * radius / float(model.std.min()) * (1 + 1e-3) + 1e-6
-    kept: list[int] = []
-    for i in range(len(x)):
-        if kept and float(torch.cdist(seen[i:i + 1], seen[kept], p=math.inf).min()) <= reach:
-            continue
-        kept.append(i)
-        if len(kept) == count:
-            break
-    return torch.tensor(kept, dtype=torch.long)
-
-
 def build_problems(model: RobustModel, layer: nn.Linear, x: torch.Tensor, sample_ids: torch.Tensor,
                    construction: Construction, batch_size: int) -> Problems:
     """The problems of the points ``x`` (one each); ``sample_ids`` key each point's random draws."""
@@ -256,13 +240,13 @@ def _newton_logistic(design: torch.Tensor, negatives: int, steps: int, ridge: fl
 def binarized(model: RobustModel, layer: nn.Linear, problems: Problems) -> Iterator[None]:
     """The model answers each input with the two logits of its problem's readout while inside."""
     inner = model.model
-    anchors = model.normalize(problems.anchors).flatten(1)
+    anchors = model.normalize(problems.anchors).flatten(1).float()  # once, not per forward pass
     weight, bias = problems.weight, problems.bias
     rows: list[torch.Tensor] = []
 
     def find_problem(module: nn.Module, args: tuple) -> None:
         seen = args[0].detach().flatten(1)
-        rows[:] = [torch.cdist(seen.float(), anchors.to(seen.device).float(), p=math.inf).argmin(dim=1)]
+        rows[:] = [torch.cdist(seen.float(), anchors.to(seen.device), p=math.inf).argmin(dim=1)]
 
     def readout(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         features = args[0]

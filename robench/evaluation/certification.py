@@ -12,19 +12,18 @@ any new sample is certified.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-import numpy as np
 import torch
 from torch import nn
 
 from robench.data.sources import ImageDataset
 from robench.errors import RunError, UsageError
 from robench.evaluation.engine import iterate_batches
+from robench.evaluation.fingerprint import DataDigest
 from robench.evaluation.sanity import check_output_shape, explain_failure
 from robench.evaluation.smoothing import Smoothing, answer_from_counts, count_noisy_predictions
 from robench.evaluation.work_queue import Plan, QueueInterrupted, Queued, run_queue
@@ -96,23 +95,6 @@ class CertificationInterrupted(KeyboardInterrupt):
         self.samples = samples
 
 
-class _DataDigest:
-    """SHA-256 of the indices, labels and pixels read so far, in three streams joined at the end: the
-    classification engine's fingerprint of the same data (``engine.dataset_fingerprint``), for any block size."""
-
-    def __init__(self) -> None:
-        self.streams = [hashlib.sha256() for _ in range(3)]
-
-    def add(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> None:
-        parts = (index.numpy().astype(np.int64).tobytes(), y.numpy().astype(np.int64).tobytes(),
-                 x.numpy().astype(np.float32).tobytes())
-        for stream, part in zip(self.streams, parts):
-            stream.update(part)
-
-    def hexdigest(self) -> str:
-        return hashlib.sha256(b"".join(stream.digest() for stream in self.streams)).hexdigest()
-
-
 def _data_changed(done: int) -> UsageError:
     return UsageError(f"cannot resume: the data changed since the interrupted run (its first {done} sample(s) "
                       "differ); start a new run with another --out")
@@ -125,7 +107,7 @@ class _Reader:
 
     def __init__(self, dataset: ImageDataset, block: int, done: int = 0, done_digest: str | None = None) -> None:
         self.dataset, self.block, self.done, self.done_digest = dataset, block, done, done_digest
-        self.digest = _DataDigest()
+        self.digest = DataDigest()
         self.read = 0
 
     def fresh_blocks(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -260,7 +242,7 @@ def _piece(dataset: ImageDataset, start: int, stop: int) -> ImageDataset:
 
 def data_digest(dataset: ImageDataset, block: int) -> str:
     """The digest of every sample of ``dataset``: a unit's ``data_digest``, or the whole set's fingerprint."""
-    digest = _DataDigest()
+    digest = DataDigest()
     for x, y, index in iterate_batches(dataset, block, 0, False):
         digest.add(x, torch.as_tensor(y), torch.as_tensor(index))
     return digest.hexdigest()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol, cast
@@ -19,6 +18,7 @@ from robench.models.wrapper import RobustModel, evaluation_mode
 from robench.evaluation.bpda import (BpdaHooks, distinct_settings, entry_hooks, every_gradient_entry_uses_bpda,
                                      hooks_during)
 from robench.evaluation.config import EngineConfig
+from robench.evaluation.fingerprint import DataDigest, batch_bytes
 from robench.evaluation.precision import PrecisionModel, matmul_precision
 from robench.evaluation.sanity import (bpda_checks, check_output_shape, explain_failure, first_batch_checks,
                                       worst_gradient_checks)
@@ -171,13 +171,13 @@ class PartRunner:
         loop = self._loop
         state = loop.state = self._fresh_state()
         piece = ImageDataset(loop.dataset.base, loop.dataset.name, loop.dataset.indices[start:stop])
-        digests = [hashlib.sha256() for _ in range(3)]
+        digests = DataDigest()
         batches = []
         for x, y, idx in iterate_batches(piece, loop.batch_size, loop.options.workers, loop.device.type == "cuda"):
-            parts = _batch_bytes(x, y, idx)
-            _hash_batch(digests, parts)
+            parts = batch_bytes(x, y, idx)
+            digests.add_bytes(parts)
             batches.append((x, y, idx, parts))
-        digest = _joined_digest(digests)
+        digest = digests.hexdigest()
         first = None
         if start == 0 or not self._probed:
             first = _FirstBatch(start == 0, None if self._probed else loop.speed)
@@ -222,7 +222,7 @@ class _Loop:
         self.model, self.dataset, self.suite, self.options = model, dataset, suite, options
         self.entries, self.state, self.device, self.started = entries, state, device, started
         # One stream per field, joined at the end: the fingerprint does not depend on batch size.
-        self.digests = [hashlib.sha256() for _ in range(3)]
+        self.digests = DataDigest()
         self.done = self.finished = 0  # batches: finished before a resume, committed by now
         self.last_save = time.perf_counter()
         self.resume_state: dict | None = None
@@ -305,11 +305,11 @@ class _Loop:
         hashed, pending = 0, []  # pending: the batches of the segment being gathered, (x, y, idx, bytes)
         batches = iterate_batches(self.dataset, self.batch_size, self.options.workers, self.device.type == "cuda")
         for b, (x, y, idx) in enumerate(batches):
-            parts = _batch_bytes(x, y, idx)
+            parts = batch_bytes(x, y, idx)
             hashed = b + 1
             if b < self.done:
                 # Finished before the interruption: only the fingerprint needs its data.
-                _hash_batch(self.digests, parts)
+                self.digests.add_bytes(parts)
                 if b + 1 == self.done:
                     assert self.resume_state is not None  # batches are done only after a resume
                     _check_same_data(self.resume_state, self.digests, self.done, self.dataset.name)
@@ -327,8 +327,8 @@ class _Loop:
         # The data through this segment: what its saved progress is resumed against. The state's own
         # digest (what a snapshot's committed batches are checked by) moves only once it is committed.
         for batch in pending:
-            _hash_batch(self.digests, batch[3])
-        through = _joined_digest(self.digests)
+            self.digests.add_bytes(batch[3])
+        through = self.digests.hexdigest()
         _run_segment(pending, self.context, self.state, first, self.finished, through)
         self.state.data_digest = through
         self.finished += len(pending)
@@ -354,7 +354,7 @@ class _Loop:
     def finished_outcome(self, save_state: Callable[[dict], None] | None) -> RunOutcome:
         if save_state:
             save_state(self.state.snapshot(self.finished, self.batch_size))
-        result = self.outcome(True, _joined_digest(self.digests))
+        result = self.outcome(True, self.digests.hexdigest())
         result.speed = self.speed_facts()
         return result
 
@@ -395,39 +395,24 @@ def part_fingerprints(dataset: ImageDataset, batch_size: int, part_batches: int,
                       workers: int = 0) -> tuple[str, list[str]]:
     """In one read: the whole set's fingerprint and, with ``part_batches``, that of each run of so many
     batches (a part's, as ``PartRunner.part`` computes it)."""
-    digests = [hashlib.sha256() for _ in range(3)]
+    digests = DataDigest()
     parts: list[str] = []
-    part: list = []
+    part = DataDigest()
     for b, (x, y, idx) in enumerate(iterate_batches(dataset, batch_size, workers, False)):
-        data = _batch_bytes(x, y, idx)
-        _hash_batch(digests, data)
+        data = batch_bytes(x, y, idx)
+        digests.add_bytes(data)
         if part_batches:
             if b % part_batches == 0:
-                part = [hashlib.sha256() for _ in range(3)]
-            _hash_batch(part, data)
+                part = DataDigest()
+            part.add_bytes(data)
             if (b + 1) % part_batches == 0 or (b + 1) * batch_size >= len(dataset):
-                parts.append(_joined_digest(part))
-    return _joined_digest(digests), parts
+                parts.append(part.hexdigest())
+    return digests.hexdigest(), parts
 
 
-def _batch_bytes(x, y, idx) -> tuple[bytes, bytes, bytes]:
-    return (idx.numpy().astype(np.int64).tobytes(), y.numpy().astype(np.int64).tobytes(),
-            x.numpy().astype(np.float32).tobytes())
-
-
-def _hash_batch(digests: list, parts: tuple[bytes, bytes, bytes]) -> None:
-    for d, part in zip(digests, parts):
-        d.update(part)
-
-
-def _joined_digest(digests: list) -> str:
-    """Digest of the batches hashed so far (``digest()`` leaves the streams open for more)."""
-    return hashlib.sha256(b"".join(d.digest() for d in digests)).hexdigest()
-
-
-def _check_same_data(state: dict, digests: list, done: int, name: str) -> None:
+def _check_same_data(state: dict, digests: DataDigest, done: int, name: str) -> None:
     """Before any new batch: the batches the interrupted run finished must hold the same data now."""
-    if state.get("data_digest") != _joined_digest(digests):
+    if state.get("data_digest") != digests.hexdigest():
         raise _data_changed(name, done)
 
 

@@ -131,7 +131,7 @@ class _Checker:
         self.layer_name, self.layer = readout_layer(loaded.model, config.readout)
         self.entries = build_entries(resolved.suite.suite, self.model, engine.seed)
         self.checks: list[dict[str, Any]] = []
-        self.rows: list[dict[str, Any]] = []
+        self.rows: list[list[dict[str, Any]]] = []  # per check, its per-sample rows
         self.features = 0
         self.points, self.ids, self.data_name = self._choose_points()
 
@@ -168,8 +168,9 @@ class _Checker:
 
     # -- running the checks ---------------------------------------------------------------------------------
     def run(self, done: list[dict[str, Any]], save: Callable[[dict], None] | None) -> None:
-        self.checks = list(done)
-        self.rows = [row for row in self._saved_rows(done)]
+        # A saved check carries its per-sample rows; they are kept apart until the table is built.
+        self.checks = [{k: v for k, v in check.items() if k != "rows"} for check in done]
+        self.rows = [list(check.get("rows", [])) for check in done]
         problems: dict[tuple[str, float], Problems] = {}
         for entry in self.entries[len(done):]:
             reason = _checkable(entry)
@@ -184,20 +185,11 @@ class _Checker:
             check, rows = self._check(entry, problems[key])
             self._record(check, rows, save)
 
-    def _saved_rows(self, done: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        rows: list[dict[str, Any]] = []
-        for check in done:
-            rows.extend(check.pop("rows", []) if "rows" in check else [])
-        return rows
-
     def _record(self, check: dict[str, Any], rows: list[dict[str, Any]], save: Callable[[dict], None] | None) -> None:
         self.checks.append(check)
-        self.rows.extend(rows)
+        self.rows.append(rows)
         if save is not None:  # a finished check is never run again on --resume
-            by_check: dict[str, list[dict[str, Any]]] = {}
-            for row in self.rows:
-                by_check.setdefault(row["check"], []).append(row)
-            save({"checks": [{**c, "rows": by_check.get(_check_name(c), [])} for c in self.checks]})
+            save({"checks": [{**c, "rows": r} for c, r in zip(self.checks, self.rows)]})
 
     def _build(self, norm: str, eps: float) -> Problems:
         construction = Construction(norm, eps, self.config.inner_points, GAP, PROBES,
@@ -205,10 +197,11 @@ class _Checker:
         with evaluation_mode(self.model):
             built = build_problems(self.model, self.layer, self.points, self.ids, construction, self.batch_size)
         self.features = int(built.weight.shape[2])
+        built.built &= self._answers_inner(built)
         return built
 
     def _check(self, entry: Entry, problems: Problems) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        usable = problems.built & self._answers_inner(problems)
+        usable = problems.built
         chosen = torch.nonzero(usable).squeeze(1)
         subset = problems.subset(chosen)
         check = self._row_base(entry) | {"problems": len(chosen), "not_built": int((~usable).sum()),
@@ -226,7 +219,8 @@ class _Checker:
 
     def _answers_inner(self, problems: Problems) -> torch.Tensor:
         """Whether each problem's readout calls its own clean point class 0 (the fit guarantees it up to
-        rounding; a problem where rounding says otherwise would count as solved for free)."""
+        rounding; a problem where rounding says otherwise would count as solved for free): asked once per
+        threat model, with the build, and such problems count as not built."""
         with binarized(self.model, self.layer, problems), evaluation_mode(self.model), torch.no_grad():
             logits = torch.cat([self.model(problems.anchors[s:s + self.batch_size])
                                 for s in range(0, len(problems.anchors), self.batch_size)])
@@ -284,7 +278,7 @@ class _Checker:
                                     resolved.suite, data, settings, self.device,
                                     seed=config.evaluation.engine.seed, batch_size=self.batch_size,
                                     seconds=time.perf_counter() - self.started, complete=complete)
-        samples = pd.DataFrame(self.rows, columns=["check", "index", "solved"])
+        samples = pd.DataFrame([row for rows in self.rows for row in rows], columns=["check", "index", "solved"])
         run_config = {"model": resolved.loaded.source, "suite": resolved.suite.suite.model_dump(mode="json"),
                       "suite_source": resolved.suite.path, "device": str(self.device), "batch_size": self.batch_size,
                       "seed": config.evaluation.engine.seed, **config.model_dump(include=set(CHECK_FIELDS))}
