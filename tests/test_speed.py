@@ -160,33 +160,82 @@ def test_an_inductor_compiled_run_gives_the_same_robust_accuracy(trained_model, 
         {"attack": "fgsm", "eps": [0.05, 0.1]}, {"attack": "pgd", "eps": 0.1, "steps": 10},
         {"attack": "square", "eps": 0.1, "queries": 200}]}
     plain = robench.evaluate(trained_model, data, suite, device="cpu", compile="off")
-    compiled = robench.evaluate(trained_model, data, suite, device="cpu", compile="on")
+    compiled = robench.evaluate(trained_model, data, suite, device="cpu", compile="on", compile_backend="inductor")
     assert compiled.doc["env"]["speed"]["compile_backend"] == "inductor"
     assert compiled.doc["env"]["speed"]["compiled_graphs"] >= 1
     assert [a["accuracy"] for a in compiled.doc["attacks"]] == [a["accuracy"] for a in plain.doc["attacks"]]
     assert compiled.doc["clean"] == plain.doc["clean"]
 
 
-class FunctionalPooling(torch.nn.Module):
-    """A ResNet stem's pooling (3x3, stride 2, padding 1), called functionally, with ceil_mode, and a call
-    that asks for indices (left to PyTorch)."""
+@pytest.mark.parametrize("suite", ["digits", {"name": "digits-autoattack",
+                                               "attacks": [{"attack": "autoattack", "eps": 0.1}]}])
+def test_a_compiled_cpu_run_gives_the_same_robust_accuracy(trained_model, test_tensors, suite):
+    """--compile on, on a CPU: queries and scoring passes through TorchScript's frozen graph (their logits round
+    differently in the last bits), gradient passes eager; on the built-in digits suite and AutoAttack (standard,
+    at the digits' eps) the verdicts are the eager run's."""
+    data = (test_tensors[0][:100], test_tensors[1][:100])
+    plain = robench.evaluate(trained_model, data, suite, device="cpu", compile="off")
+    compiled = robench.evaluate(trained_model, data, suite, device="cpu", compile="on")
+    speed = compiled.doc["env"]["speed"]
+    assert speed["compile_backend"] == "torchscript" and speed["compiled_graphs"] == 1
+    assert compiled.doc["clean"] == plain.doc["clean"]
+    assert [a["accuracy"] for a in compiled.doc["attacks"]] == [a["accuracy"] for a in plain.doc["attacks"]]
+
+
+class BatchSizeAsANumber(torch.nn.Module):
+    """Reads the batch size as a Python number: a trace keeps the first batch's."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x) + torch.zeros(int(x.shape[0]), 1)
+
+
+def test_a_model_whose_trace_answers_otherwise_runs_eagerly(trained_model, test_tensors):
+    from robench.evaluation.speed import FrozenQueries
+
+    model = BatchSizeAsANumber(trained_model).eval()
+    suite = {"name": "q", "attacks": [{"attack": "square", "eps": 0.1, "queries": 30}]}
+    data = (test_tensors[0][:40], test_tensors[1][:40])
+    plain = robench.evaluate(model, data, suite, device="cpu", compile="off")
+    compiled = robench.evaluate(model, data, suite, device="cpu", compile="on")
+    speed = compiled.doc["env"]["speed"]
+    assert speed["compiled_graphs"] == 0 and "torchscript: eager after all (" in speed["compile_decision"]
+    assert compiled.samples.equals(plain.samples)
+    forward = FrozenQueries(trained_model, trained_model)
+    with torch.no_grad():
+        logits = forward(data[0])
+    assert forward.frozen is not None and forward.failure is None
+    assert torch.equal(logits.argmax(1), trained_model(data[0]).argmax(1))
+    x = data[0].clone().requires_grad_(True)
+    assert torch.equal(forward(x), trained_model(x))  # a pass with an input gradient: the eager forward
+
+
+class NestedPooling(torch.nn.Module):
+    """A ResNet stem's pooling (3x3, stride 2, padding 1) inside a block, one with ceil_mode, and a layer
+    that returns indices (left to PyTorch)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.conv = torch.nn.Conv2d(1, 8, 3, padding=1)
+        self.stem = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.MaxPool2d(3, stride=2, padding=1))
+        self.ceil = torch.nn.MaxPool2d((3, 3), (2, 2), 0, 1, ceil_mode=True)
+        self.indices = torch.nn.MaxPool2d(2, return_indices=True)
         self.head = torch.nn.Linear(8 * 4 * 4 + 8 * 4 * 4, 10)
 
     def forward(self, x):
-        h = torch.relu(self.conv(x))
-        a = F.max_pool2d(h, 3, stride=2, padding=1)
-        b, _ = F.max_pool2d(h, kernel_size=2, return_indices=True)
-        c = F.max_pool2d(h, (3, 3), (2, 2), 0, 1, True)[..., :4, :4]
+        h = self.conv(x)
+        a, c = self.stem(h), self.ceil(torch.relu(h))[..., :4, :4]
+        b, _ = self.indices(torch.relu(h))
         return self.head(torch.cat([a.flatten(1) + c.flatten(1), b.flatten(1)], 1))
 
 
 def test_cpu_max_pooling_is_bit_identical(trained_model, test_tensors, monkeypatch):
     """Max-pooling through the NHWC kernel: the same logits and input gradients, bit for bit, on digits
-    moved to random corners of an eps-ball (ReLU zeros tie inside the windows), and the route is taken."""
+    moved to random corners of an eps-ball (ReLU zeros tie inside the windows), and the route is taken;
+    the caller's model keeps its own layers."""
     from robench.evaluation import pooling
 
     routed = []
@@ -195,10 +244,12 @@ def test_cpu_max_pooling_is_bit_identical(trained_model, test_tensors, monkeypat
     x, y = test_tensors
     x = (x[:200] + torch.where(torch.rand_like(x[:200]) < 0.5, -0.1, 0.1)).clamp(0, 1)
     torch.manual_seed(0)
-    assert pooling.has_max_pooling(trained_model) and not pooling.has_max_pooling(FunctionalPooling())
-    for model in (trained_model, FunctionalPooling().eval()):
+    for model in (trained_model, NestedPooling().eval()):
+        layers = list(model.modules())
         routed.clear()
-        fast = pooling.CpuMaxPooling(model)
+        fast = pooling.cpu_max_pooling(model)
+        assert fast is not model and list(model.modules()) == layers
+        assert {id(p) for p in fast.parameters()} == {id(p) for p in model.parameters()}
         with torch.no_grad():
             assert torch.equal(fast(x), model(x))
         grads = []
@@ -206,7 +257,23 @@ def test_cpu_max_pooling_is_bit_identical(trained_model, test_tensors, monkeypat
             xg = x.clone().requires_grad_(True)
             grads.append(torch.autograd.grad(F.cross_entropy(forward(xg), y[:200]), xg)[0])
         assert torch.equal(grads[0], grads[1]) and grads[0].abs().sum() > 0
-        assert len(routed) == (2 if model is trained_model else 4)  # the call with indices is not routed
+        assert len(routed) == 2 * (1 if model is trained_model else 2)  # the layer with indices is not routed
+
+
+def test_a_pooling_layer_with_hooks_runs_as_itself(trained_model, test_tensors):
+    """BPDA and the attack check hook named layers: a hooked pooling layer keeps firing its hooks."""
+    from robench.evaluation import pooling
+
+    fast = pooling.cpu_max_pooling(trained_model)
+    seen = []
+    pool = next(m for m in trained_model.modules() if isinstance(m, torch.nn.MaxPool2d))
+    handle = pool.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    try:
+        with torch.no_grad():
+            assert torch.equal(fast(test_tensors[0][:4]), trained_model(test_tensors[0][:4]))
+    finally:
+        handle.remove()
+    assert len(seen) == 2
 
 
 def test_speed_switches_leave_the_callers_model_as_it_was(trained_model, test_tensors):

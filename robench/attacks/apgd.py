@@ -214,33 +214,47 @@ class APGD(GradientAttack):
              t: torch.Tensor) -> torch.Tensor:
         loss = loss.float()
         view = (-1, *[1] * (x_adv.dim() - 1))
-        first = t == 0
-        later = ~first
+        # Slots at their first step (t == 0) only where the loop says some are: most steps have none, and
+        # then the masks below are all false and their selections the plain values (the same numbers).
+        first = t == 0 if state.starting else None
+        later = None if first is None else ~first
         # Book the loss of the current iterate x_t (the start's loss is not part of the history).
-        state["rises"] = state["rises"] + (later & (loss > state["loss_prev"])).long()
-        state["loss_prev"] = torch.where(later, loss, state["loss_prev"])
-        better = first | (loss > state["loss_best"])
+        rose = loss > state["loss_prev"]
+        state["rises"] = state["rises"] + (rose if later is None else later & rose).long()
+        state["loss_prev"] = loss if later is None else torch.where(later, loss, state["loss_prev"])
+        better = loss > state["loss_best"]
+        better = better if first is None else first | better
         b = better.view(view)
         state["x_best"] = torch.where(b, x_adv, state["x_best"])
         state["grad_best"] = torch.where(b, grad, state["grad_best"])
         state["loss_best"] = torch.where(better, loss, state["loss_best"])
-        state["loss_best_mark"] = torch.where(first, loss, state["loss_best_mark"])
+        if first is not None:
+            state["loss_best_mark"] = torch.where(first, loss, state["loss_best_mark"])
         x_adv, grad = self._checkpoint(x_adv, grad, state, t, later)
         # The momentum step: z = P(x_k + eta * direction); x_{k+1} = P(x_k + a (z - x_k) + (1 - a) (x_k - x_{k-1})).
-        a = torch.where(first, torch.ones_like(state["scale"]), torch.full_like(state["scale"], self.params.alpha))
-        a = a.view(view)
+        a = self._momentum_weights(first, state["scale"], view)
         moved = x_adv - state["x_prev"]
         state["x_prev"] = x_adv
         eta = state.step_size * state["scale"].view(view)
-        assert state.clean is not None  # the loop sets the slots' clean inputs before every step
-        z = self.project(x_adv + eta * sign_or_normalized(grad, state.norm), state.clean, state.radius)
+        z = state.project(x_adv + eta * sign_or_normalized(grad, state.norm), self.project)
+        if isinstance(a, tuple):
+            return x_adv + (z - x_adv) * a[0] + moved * a[1]
         return x_adv + (z - x_adv) * a + moved * (1 - a)
 
+    def _momentum_weights(self, first: torch.Tensor | None, scale: torch.Tensor,
+                          view: tuple[int, ...]) -> torch.Tensor | tuple[float, float]:
+        """``a`` per slot (1 at a slot's first step, ``alpha`` after), or with no slot at its first step
+        ``(alpha, 1 - alpha)`` as numbers: float32's values, so each product rounds as the tensors' would."""
+        if first is None:
+            alpha = torch.tensor(self.params.alpha, dtype=scale.dtype)
+            return float(alpha), float(1 - alpha)
+        return torch.where(first, torch.ones_like(scale), torch.full_like(scale, self.params.alpha)).view(view)
+
     def _checkpoint(self, x_adv: torch.Tensor, grad: torch.Tensor, state: StepState, t: torch.Tensor,
-                    later: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                    later: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """At a checkpoint: halve the step size where the loss oscillated or stalled, from the best point."""
         is_mark, most_rises = self.schedule(x_adv.device)
-        at = is_mark[t] & later
+        at = is_mark[t] if later is None else is_mark[t] & later
         if not bool(at.any()):
             return x_adv, grad
         oscillating = state["rises"].float() <= most_rises[t]

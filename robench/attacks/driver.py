@@ -149,6 +149,9 @@ class SlotDriver:
         self.search = search
         self.slots = Pool(x, search.slot_state())
         self.capacity, self.refill = capacity, refill
+        # At least the largest step counter of the pool (slots join and restart at 0, and all count together):
+        # below the step count no slot can end its restart, which spares three operations a step.
+        self.oldest = 0
 
     def run(self) -> RunOutput:
         try:
@@ -173,8 +176,15 @@ class SlotDriver:
         slots = self.slots
         fooled = self.search.step(slots)
         slots.t += 1
+        slots.starting = False
+        self.oldest += 1
+        if self.oldest < self.search.steps:
+            # Most steps fool nothing and end nothing: one sync skips the bookkeeping then.
+            if bool(fooled.any()):
+                self.search.keep_fooled(slots, fooled)
+                slots.keep(~fooled)
+            return
         ending = (slots.t == self.search.steps) & ~fooled
-        # Most steps fool nothing and end nothing: one sync skips the bookkeeping then.
         if not bool((fooled | ending).any()):
             return
         if bool(fooled.any()):
@@ -183,6 +193,7 @@ class SlotDriver:
         if bool(ending.any()):
             leaving = leaving | self._end_restarts(ending)
         slots.keep(~leaving)
+        self.oldest = int(slots.t.max()) if not slots.empty() else 0
 
     def _end_restarts(self, ending: torch.Tensor) -> torch.Tensor:
         """Slots at the end of a restart: those at their last (or found fooled) leave, the others start again."""

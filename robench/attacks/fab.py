@@ -236,7 +236,11 @@ class FABSearch(SlotSearch):
         self.gradient_evals = self.forward_evals = 0
 
     def fresh(self, rows: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return self.clean[rows], {}  # phase 0 starts at the clean input
+        # A slot keeps its clean input, label and target class: gathered when it joins or changes target,
+        # not at every step.
+        x0, where = self.clean[rows], self.todo[rows]
+        state = {"x0": x0, "y": self.y[where], "target": self.target_ranks[where, 0]}
+        return x0, state  # phase 0 starts at the clean input
 
     def restart(self, slots: Pool, which: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The next restart from a random start, or the next target from the clean input."""
@@ -246,18 +250,17 @@ class FABSearch(SlotSearch):
             if k % self.attack.params.restarts:
                 mine = phase == k
                 start[mine] = self.attack._random_start(self.clean[rows[mine]], self.ids[rows[mine]], k, self.radius)
-        return start, {}
+        return start, {"target": self.target_ranks[self.todo[rows], phase // self.attack.params.restarts]}
 
     def step(self, slots: Pool) -> torch.Tensor:
         """One FAB step of every slot; per slot, whether its new iterate is adversarial within eps."""
-        attack, where = self.attack, self.todo[slots.rows]
-        x0 = self.clean[slots.rows]
-        target = self.target_ranks[where, slots.restart // attack.params.restarts]
-        gap, grad = attack._logit_gap_and_grad(self.model, slots.xa, self.y[where], target, self.dtype)
+        attack, state = self.attack, slots.state
+        x0, y = state["x0"], state["y"]
+        gap, grad = attack._logit_gap_and_grad(self.model, slots.xa, y, state["target"], self.dtype)
         slots.xa = attack._step(slots.xa, x0, gap, grad)
         self.gradient_evals += slots.size()
         with torch.no_grad():
-            misclassified = self.model(slots.xa.to(self.dtype)).argmax(dim=1) != self.y[where]
+            misclassified = self.model(slots.xa.to(self.dtype)).argmax(dim=1) != y
         self.forward_evals += slots.size()
         attack.count_passes(slots.size(), slots.size())
         delta = slots.xa - x0

@@ -18,6 +18,7 @@ Which iterate counts:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -80,6 +81,12 @@ class RandomStartParams(AttackParams):
         return random_start_value(raw)
 
 
+# What the loop keeps per slot beside the attack's own state: the sample's clean input and label, gathered
+# once at admission rather than at every step, and in L-inf the projection's bounds.
+CLEAN, LABEL, LOSS_LABEL, LOW, HIGH = "_clean", "_label", "_loss_label", "_low", "_high"
+Projection = Callable[[torch.Tensor, torch.Tensor, Eps | None], torch.Tensor]  # an attack's project
+
+
 class StepState(dict):
     """Per-sample tensors of the slots (kept aligned with the pool), the call's constants, and
     ``clean``: the slots' clean inputs, set by the loop before each ``step`` (for projections)."""
@@ -90,6 +97,20 @@ class StepState(dict):
         self.step_size = step_size
         self.norm = norm
         self.clean: torch.Tensor | None = None
+        # Whether some slot is at step 0 of a restart (set by the loop before each ``step``); when none is, a
+        # step may skip its tests of ``t == 0``.
+        self.starting = True
+
+    def project(self, x_adv: torch.Tensor, projection: Projection) -> torch.Tensor:
+        """``x_adv`` projected on the slots' threat model: ``projection`` (the attack's ``project``) of it.
+
+        Where the loop keeps L-inf bounds per slot (the attack projects as the base does), two
+        operations instead of five a projection: ``[x - eps, x + eps]`` within ``[0, 1]`` is
+        ``[max(x - eps, 0), min(x + eps, 1)]``, and min and max are exact, so the result is the same."""
+        if LOW in self:
+            return torch.minimum(torch.maximum(x_adv, self[LOW]), self[HIGH])
+        assert self.clean is not None  # the loop sets the slots' clean inputs before every step
+        return projection(x_adv, self.clean, self.radius)
 
 
 class GradientAttack(Attack):
@@ -121,8 +142,9 @@ class GradientAttack(Attack):
         """What the loss of the slots is computed against: their labels, by default.
 
         ``rows`` are the slots' positions in the inputs and ``restart`` their restart numbers, so a
-        targeted attack can give each slot the target of its current restart. Whether a sample is
-        fooled is always judged on its label.
+        targeted attack can give each slot the target of its current restart. The loop asks when
+        slots join and when they restart, and keeps the answer until the next restart. Whether a
+        sample is fooled is always judged on its label.
         """
         return labels
 
@@ -213,6 +235,7 @@ class GradientSearch(SlotSearch):
         self.attack, self.model, self.x, self.y, self.sample_ids = attack, model, x, y, sample_ids
         self.radius = attack.radius(eps, x)
         self.state = StepState(self.radius, attack.radius(attack.step_size_at(attack.params, eps), x), attack.norm)
+        self.bounded = attack.norm == "linf" and type(attack).project is Attack.project
         start = attack.start_radius(eps)
         self.start = None if start is None else (self.radius if start is True else attack.radius(start, x))
         self.steps, self.restarts = attack.steps(), attack.restarts()
@@ -237,19 +260,24 @@ class GradientSearch(SlotSearch):
         return self.state
 
     def fresh(self, rows: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        xa = self.first[rows]
-        return xa, self.attack.init_state(xa, self.state)
+        xa, x = self.first[rows], self.x[rows]
+        labels = self.y[rows]
+        kept = {CLEAN: x, LABEL: labels, LOSS_LABEL: self.attack.loss_labels(labels, rows, torch.zeros_like(rows))}
+        if self.bounded:
+            kept |= {LOW: (x - self.radius).clamp_min(0.0), HIGH: (x + self.radius).clamp_max(1.0)}
+        return xa, self.attack.init_state(xa, self.state) | kept
 
     def restart(self, slots: Pool, which: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        xa = self.begin(slots.rows[which], slots.restart[which])
-        return xa, self.attack.init_state(xa, self.state)
+        rows, restart = slots.rows[which], slots.restart[which]
+        xa = self.begin(rows, restart)
+        return xa, self.attack.init_state(xa, self.state) | {
+            LOSS_LABEL: self.attack.loss_labels(self.y[rows], rows, restart)}
 
     def step(self, slots: Pool) -> torch.Tensor:
         """A gradient pass at every slot's iterate; slots it fools leave (any-iterate), the others step."""
-        attack = self.attack
-        labels = self.y[slots.rows]
-        outputs, losses, grad = attack.loss_and_grad(self.model, slots.xa,
-                                                     attack.loss_labels(labels, slots.rows, slots.restart))
+        attack, state = self.attack, self.state
+        labels = state[LABEL]
+        outputs, losses, grad = attack.loss_and_grad(self.model, slots.xa, state[LOSS_LABEL])
         passes = slots.size() * attack.gradient_passes()
         self.gradient_evals += passes
         attack.count_passes(passes)
@@ -262,9 +290,8 @@ class GradientSearch(SlotSearch):
                 losses, grad = losses[keep], grad[keep]
                 slots.keep(keep)
         if not slots.empty():
-            self.state.clean = self.x[slots.rows]
-            xa = attack.step(slots.xa, grad, losses, self.state, slots.t)
-            slots.xa = attack.project(xa, self.state.clean, self.radius)
+            state.clean, state.starting = state[CLEAN], slots.starting
+            slots.xa = state.project(attack.step(slots.xa, grad, losses, state, slots.t), attack.project)
         return torch.zeros(slots.size(), dtype=torch.bool, device=slots.rows.device)
 
     def end_restart(self, slots: Pool, ending: torch.Tensor, last: torch.Tensor) -> torch.Tensor:

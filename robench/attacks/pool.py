@@ -24,6 +24,9 @@ class Pool:
         self.state = state  # per-sample tensors, aligned with the slots
         # Queue positions whose slots have left: their outputs are final (an interrupted run keeps them).
         self.left = torch.zeros(len(x), dtype=torch.bool, device=device)
+        # Some slot is at step 0 of a restart: set when slots join or restart, cleared by the driver after
+        # a step. Most steps have none, and a search may then skip its per-slot start tests.
+        self.starting = False
 
     def size(self) -> int:
         return len(self.rows)
@@ -51,11 +54,13 @@ class Pool:
         self.t = torch.cat([self.t, torch.zeros_like(rows)])
         self.restart = torch.cat([self.restart, torch.zeros_like(rows)])
         self.xa = torch.cat([self.xa, xa])
+        self.starting = True
 
     def reset_state(self, which: torch.Tensor, fresh: dict[str, torch.Tensor]) -> None:
         """Fresh state for the slots ``which`` (a restart begins)."""
         for name, value in fresh.items():
             self.state[name][which] = value
+        self.starting = True
 
     def keep(self, keep: torch.Tensor) -> None:
         """Only the slots where ``keep`` is true stay; the others have left for good."""

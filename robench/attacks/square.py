@@ -353,7 +353,9 @@ class SquareSearch(SlotSearch):
         self.linf = attack.norm == "linf"
         per_query = x[0].numel() * x.element_size() if self.linf else 1
         self.block = max(1, min(attack.draw_block, AHEAD_BYTES_PER_SLOT // per_query))
-        self.starting = True  # some slot is at its start (query 0): set on admission and restart
+        # At least every slot's place in its block (query - drawn_from): slots join and restart at -1, a
+        # refill puts every slot at 0 or -1, and all move on together. Spares a sync a query.
+        self.block_place = -1
         # Every sample's first start at once: one draw instead of one per admission.
         self.firsts = attack.start(x, radius, sample_ids, torch.zeros_like(sample_ids))
         # First blocks are drawn for the queue's next samples together, not at every admission (see _ahead).
@@ -370,7 +372,6 @@ class SquareSearch(SlotSearch):
             # Base.project's bounds, [x - eps, x + eps] within [0, 1], taken once (min and max are exact).
             state |= {"low": (x - self.radius).clamp_min(0.0), "high": (x + self.radius).clamp_max(1.0)}
         ahead, drawn_from = self._admitted_blocks(rows)
-        self.starting = True
         return self.firsts[rows], state | {"ahead": ahead, "drawn_from": drawn_from}
 
     def _admitted_blocks(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -390,7 +391,6 @@ class SquareSearch(SlotSearch):
         ids, restart = state["ids"][which], slots.restart[which]
         xa = self.attack.start(state["x"][which], self.radius, ids, restart)
         ahead, drawn_from = self._first_block(ids, restart)
-        self.starting = True
         return xa, self._unscored_margins(len(ids)) | {"ahead": ahead, "drawn_from": drawn_from}
 
     def _first_block(self, ids: torch.Tensor, restart: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -408,14 +408,14 @@ class SquareSearch(SlotSearch):
         labels = slots.state["y"]
         candidate = self._candidates(slots)
         outputs = self.model(candidate)
+        self.block_place += 1
         self.forwards += slots.size()
         self.attack.count_passes(0, slots.size())
         margins, hit = margin(outputs, labels), self.attack.loss.fooled(outputs, labels)
         # The start is always taken; later, a lower margin or a fooling proposal replaces the iterate.
         better = hit | (margins < slots.state["margin"])
-        if self.starting:
+        if slots.starting:
             better = better | (slots.t == 0)
-            self.starting = False
         slots.xa = torch.where(better.view(-1, 1, 1, 1), candidate, slots.xa)
         slots.state["margin"] = torch.where(better, margins, slots.state["margin"])
         return hit
@@ -448,17 +448,17 @@ class SquareSearch(SlotSearch):
         they were admitted.
         """
         state = slots.state
-        offset = slots.t - state["drawn_from"]
-        if bool((offset >= self.block).any()):
+        if self.block == 1 or self.block_place >= self.block:
             start = slots.t.clamp_min(1)
             state["ahead"] = self._block(state["ids"], slots.restart, start)
             state["drawn_from"] = start
-            offset = slots.t - start
+            self.block_place = 0
+        offset = slots.t - state["drawn_from"]
         return state["ahead"][torch.arange(slots.size(), device=offset.device), offset]
 
     def _candidates(self, slots: Pool) -> torch.Tensor:
         """The slots' next queries: a start where t is 0 (already in ``slots.xa``), a proposal elsewhere."""
-        if not self.starting:  # the usual case: no slot is at its start
+        if not slots.starting:  # the usual case: no slot is at its start
             return self._proposals(slots, slots.xa, slice(None))
         moving = slots.t > 0
         if not bool(moving.any()):

@@ -30,7 +30,7 @@ class EngineConfig(Options):
     compile: str = "auto"
     precision: str = "fp32"
     device: str = "auto"
-    compile_backend: str = "inductor"
+    compile_backend: str = "auto"  # TorchScript's frozen graph on a CPU, inductor elsewhere (see speed.speed_up)
     channels_last: bool = False
     sweep_reuse: bool = False
     refill: bool = True  # continuous batching: fooled or finished samples' slots go to the next ones

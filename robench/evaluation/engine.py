@@ -23,7 +23,7 @@ from robench.evaluation.precision import PrecisionModel, matmul_precision
 from robench.evaluation.sanity import (bpda_checks, check_output_shape, explain_failure, first_batch_checks,
                                       worst_gradient_checks)
 from robench.evaluation.speed import (AUTO_COMPILE_MIN_WORK, CPU_PROBE_IMAGES, SpeedReport, auto_batch_size,
-                                     cpu_auto_decision, estimated_queries, estimated_work, finish,
+                                     auto_cpu_threshold, cpu_auto_decision, estimated_queries, estimated_work, finish,
                                      measured_seconds_per_image, should_compile, speed_up, timed_first_call)
 from robench.evaluation.entries import Entry, build_entries
 from robench.evaluation.kept_examples import (as_float as from_8bit, quantize_adversarial, quantize_clean,
@@ -289,7 +289,8 @@ class _Loop:
             return measured_seconds_per_image(eager, probe.float())
 
         try:
-            return cpu_auto_decision(estimated_queries(len(dataset), self.suite), seconds_per_image)
+            return cpu_auto_decision(estimated_queries(len(dataset), self.suite), seconds_per_image,
+                                     auto_cpu_threshold(options.compile_backend))
         except Exception:  # noqa: BLE001 - the run's first batch reads and runs them again, and explains a failure
             return False, "auto: eager (the forward could not be timed)"
 

@@ -21,8 +21,8 @@ BatchSize = Annotated[str, typer.Option(
 Precision = Annotated[str, typer.Option("--precision", help="fp32, tf32, bf16 or fp16 (recorded in the results).",
                                         rich_help_panel=PANEL)]
 Compile = Annotated[str, typer.Option(
-    "--compile", help="torch.compile the model: on, off, or auto (GPU runs with enough work to pay for the "
-    "compilation).", rich_help_panel=PANEL)]
+    "--compile", help="Faster passes: torch.compile on a GPU, TorchScript's frozen graph for the queries on a "
+    "CPU. on, off, or auto (runs with enough work to pay for it).", rich_help_panel=PANEL)]
 ChannelsLast = Annotated[bool, typer.Option("--channels-last", help="NHWC memory format for convolutions.",
                                             rich_help_panel=PANEL)]
 Refill = Annotated[bool, typer.Option(
