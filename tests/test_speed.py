@@ -193,8 +193,27 @@ class BatchSizeAsANumber(torch.nn.Module):
         return self.model(x) + torch.zeros(int(x.shape[0]), 1)
 
 
+class BranchOnTheInput(torch.nn.Module):
+    """Takes a branch on the input's values: a trace keeps the first batch's."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x) if x.mean() > 0.5 else -self.model(x)
+
+
 def test_a_model_whose_trace_answers_otherwise_runs_eagerly(trained_model, test_tensors):
+    """The tracer's warnings (a tensor read as a number or a truth value) or a graph answering otherwise:
+    the run stays eager, with the same samples, and says why."""
     from robench.evaluation.speed import FrozenQueries
+
+    model = BranchOnTheInput(trained_model).eval()
+    branching = FrozenQueries(model, model)
+    with torch.no_grad():
+        branching(test_tensors[0][:8])
+    assert branching.frozen is None and branching.failure.startswith("ValueError: the model does not trace (")
 
     model = BatchSizeAsANumber(trained_model).eval()
     suite = {"name": "q", "attacks": [{"attack": "square", "eps": 0.1, "queries": 30}]}

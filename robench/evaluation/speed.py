@@ -186,9 +186,10 @@ class FrozenQueries(nn.Module):
     bits (9.5e-6 at most on perturbed digits). Passes with an input gradient stay eager, as do inputs
     other than float32.
 
-    The graph is checked against the eager forward on the first batch and on half of it (a trace keeps
-    any batch size the model's Python code read as a number). A model that does not trace, or whose
-    graph answers otherwise or fails later, runs eagerly; ``failure`` says why.
+    A model whose trace draws the tracer's warnings (its Python code read a tensor as a number or a truth
+    value, so the graph holds one branch or one size), that does not trace, whose graph answers otherwise
+    than the eager forward on the first batch or on half of it, or fails later, runs eagerly; ``failure``
+    says why. So does every model where TorchScript is gone (recent PyTorch deprecates it).
     """
 
     def __init__(self, model: nn.Module, source: nn.Module) -> None:
@@ -216,11 +217,16 @@ class FrozenQueries(nn.Module):
     def _freeze(self, x: torch.Tensor) -> None:
         start = time.perf_counter()
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # tracer and deprecation warnings: the check below decides
+            with warnings.catch_warnings(record=True) as said:
+                warnings.simplefilter("always")
                 frozen = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(self.source, x)))
-                for batch in (x, x[:max(1, len(x) // 2)]):
-                    _check_same(self.model(batch), frozen(batch))
+            # The tracer warns where the model's Python code read a tensor as a number or a truth value: the
+            # graph then holds one branch or one size, right for the traced batch only.
+            tracer = [w for w in said if issubclass(w.category, torch.jit.TracerWarning)]
+            if tracer:
+                raise ValueError(f"the model does not trace ({str(tracer[0].message).splitlines()[0]})")
+            for batch in (x, x[:max(1, len(x) // 2)]):
+                _check_same(self.model(batch), frozen(batch))
         except Exception as exc:  # noqa: BLE001 - any model may refuse to trace: it runs eagerly
             self.failure = _reason(exc)
         else:
