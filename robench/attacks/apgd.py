@@ -139,6 +139,7 @@ class APGD(GradientAttack):
                                  "this run gives its own objective")
             self.loss = own
         self._schedules: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._alphas: dict[torch.dtype, tuple[float, float]] = {}  # (alpha, 1 - alpha) as each dtype rounds them
 
     def loss_name(self) -> str:
         # Only the variants named after their loss drop the loss parameter (and set fixed_loss).
@@ -246,8 +247,10 @@ class APGD(GradientAttack):
         """``a`` per slot (1 at a slot's first step, ``alpha`` after), or with no slot at its first step
         ``(alpha, 1 - alpha)`` as numbers: float32's values, so each product rounds as the tensors' would."""
         if first is None:
-            alpha = torch.tensor(self.params.alpha, dtype=scale.dtype)
-            return float(alpha), float(1 - alpha)
+            if scale.dtype not in self._alphas:
+                alpha = torch.tensor(self.params.alpha, dtype=scale.dtype)
+                self._alphas[scale.dtype] = float(alpha), float(1 - alpha)
+            return self._alphas[scale.dtype]
         return torch.where(first, torch.ones_like(scale), torch.full_like(scale, self.params.alpha)).view(view)
 
     def _checkpoint(self, x_adv: torch.Tensor, grad: torch.Tensor, state: StepState, t: torch.Tensor,

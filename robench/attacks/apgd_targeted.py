@@ -50,9 +50,8 @@ class TargetedDLR(Objective):
             raise UsageError(f"the targeted dlr loss needs logits of at least {MIN_CLASSES} classes, "
                              f"got shape {tuple(z.shape)}")
         top = z.topk(4, dim=1).values
-        z_y = z.gather(1, labels[:, :1]).squeeze(1)
-        z_t = z.gather(1, labels[:, 1:]).squeeze(1)
-        return -(z_y - z_t) / (top[:, 0] - 0.5 * (top[:, 2] + top[:, 3]) + 1e-12)
+        picked = z.gather(1, labels)  # z_y and z_t side by side: one gather
+        return -(picked[:, 0] - picked[:, 1]) / (top[:, 0] - 0.5 * (top[:, 2] + top[:, 3]) + 1e-12)
 
     def fooled(self, outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return outputs.argmax(dim=1) != y
