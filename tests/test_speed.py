@@ -73,6 +73,21 @@ def test_auto_on_a_cpu_prices_the_queries_at_a_measured_forward(trained_model, t
     assert off["compile_decision"] is None
 
 
+def test_auto_on_a_cpu_builds_the_frozen_graph_for_a_minute_of_queries(trained_model, test_tensors, monkeypatch):
+    """The frozen graph costs about a second to build: auto takes it for runs whose queries would take a minute
+    (inductor's 10-25 s of compilation, half an hour); a run over the threshold records the graph it built."""
+    from robench.evaluation import speed as speed_module
+
+    assert speed_module.auto_cpu_threshold("auto") == speed_module.auto_cpu_threshold("torchscript") == 60
+    assert speed_module.auto_cpu_threshold("inductor") == AUTO_COMPILE_CPU_QUERY_SECONDS
+    monkeypatch.setattr(speed_module, "AUTO_FREEZE_CPU_QUERY_SECONDS", 1e-6)
+    suite = {"name": "q", "attacks": [{"attack": "square", "eps": 0.1, "queries": 20}]}
+    data = (test_tensors[0][:40], test_tensors[1][:40])
+    speed = robench.evaluate(trained_model, data, suite, device="cpu").doc["env"]["speed"]
+    assert speed["compile"] is True and speed["compile_backend"] == "torchscript" and speed["compiled_graphs"] == 1
+    assert speed["compile_decision"].startswith("auto: compiled (840 query passes x ")
+
+
 def test_sweep_reuse_is_the_monotone_closure_of_the_plain_path(trained_model, test_tensors):
     sweep = {"name": "sw", "attacks": [{"attack": "pgd", "eps": [0.02, 0.05, 0.1, 0.15, 0.2], "steps": 5}]}
     plain = robench.evaluate(trained_model, test_tensors, sweep, device="cpu", compile="off")
