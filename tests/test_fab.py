@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from robench.attacks import ATTACKS
-from robench.attacks.fab import FABTargeted, boundary_step
+from robench.attacks.fab import FABTargeted, boundary_step, stable_order
 from robench.attacks.objectives import Objective
 from robench.errors import UsageError
 
@@ -63,6 +63,21 @@ def test_boundary_step_by_hand(norm):
     # Out of reach within the box: the corner nearest the hyperplane.
     points, w, b = torch.tensor([[0.5, 0.5]]), torch.tensor([[1.0, -2.0]]), torch.tensor([-5.0])
     assert boundary_step(points, w, b, norm)[0].tolist() == pytest.approx([-0.5, 0.5])
+
+
+@pytest.mark.parametrize("columns", [64, 3 * 32 * 32])
+def test_the_knees_order_is_the_stable_sort(columns):
+    """The integer keys give the stable float sort's permutation: ties (zeros, rounded values) in column order,
+    -0.0 tied with +0.0, infinities last; NaN falls back to the float sort."""
+    gen = torch.Generator().manual_seed(columns)
+    knee = torch.rand(300, columns, generator=gen)
+    knee[knee < 0.3] = 0.0
+    knee[::7, ::5] = -0.0
+    knee[::3] = knee[::3].round(decimals=1)
+    knee[1, :3] = torch.inf
+    assert torch.equal(stable_order(knee), torch.sort(knee, dim=1, stable=True).indices)
+    knee[2, 4] = torch.nan
+    assert torch.equal(stable_order(knee), torch.sort(knee, dim=1, stable=True).indices)
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])

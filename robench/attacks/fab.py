@@ -93,13 +93,17 @@ def boundary_step(points: torch.Tensor, w: torch.Tensor, b: torch.Tensor, norm: 
     gap = (w * points).sum(1) - b
     w = w * torch.where(gap >= 0, 1.0, -1.0).unsqueeze(1)  # orient w so that <w, .> must go down
     need = gap.abs().unsqueeze(1)
-    moving = w.abs() > L2_FLAT if norm == "l2" else w != 0
+    size = w.abs()
+    moving = size > L2_FLAT if norm == "l2" else w != 0
     room = torch.where(w > 0, points, 1.0 - points) * moving
-    rate = w.abs() if norm == "l2" else torch.ones_like(w)  # move per unit of lam, before saturation
-    knee = torch.where(moving, room / torch.where(moving, rate, 1.0), 0.0)  # lam at which it saturates
-    slope = w.abs() * rate * moving  # gain per unit of lam while unsaturated
-    order = torch.sort(knee, dim=1, stable=True).indices
-    knee, slope, saturated = (v.gather(1, order) for v in (knee, slope, w.abs() * room))
+    # Move per unit of lam before saturation: |w_i| in L2, 1 in L-inf, where the knees (the lam at which
+    # each coordinate saturates) are the rooms themselves and the slopes |w_i| (dividing or multiplying by
+    # 1 changes no float, so L-inf skips those operations).
+    rate = size if norm == "l2" else None
+    knee = room if rate is None else torch.where(moving, room / torch.where(moving, rate, 1.0), 0.0)
+    slope = size * moving if rate is None else size * rate * moving  # gain per unit of lam while unsaturated
+    order = stable_order(knee)
+    knee, slope, saturated = (v.gather(1, order) for v in (knee, slope, size * room))
     slope_from = slope.flip(1).cumsum(1).flip(1)  # the slope of the coordinates not saturated before knee k
     gain = saturated.cumsum(1) - saturated + knee * slope_from  # the gain at knee k
     k = (gain < need).sum(1, keepdim=True)  # need is reached on the segment ending at knee k
@@ -109,7 +113,22 @@ def boundary_step(points: torch.Tensor, w: torch.Tensor, b: torch.Tensor, norm: 
     lam = torch.where(s > 0, at - excess / torch.where(s > 0, s, 1.0), at).clamp_min(0.0)
     lam = torch.where(reachable, lam, torch.inf)  # beyond the box: every coordinate moves its full room
     # where, not a product: an unbounded lam times a zero rate is nan on coordinates that stay.
-    return torch.where(moving, -torch.sign(w) * torch.minimum(lam * rate, room), 0.0)
+    return torch.where(moving, -torch.sign(w) * torch.minimum(lam if rate is None else lam * rate, room), 0.0)
+
+
+def stable_order(knee: torch.Tensor) -> torch.Tensor:
+    """Per row, the stable ascending order of the non-negative ``knee``.
+
+    A non-negative float32's bits, read as an integer, order as the float does, so with each column's index
+    appended the keys are distinct and a plain sort gives the stable order: a quarter faster than a stable
+    float sort on this CPU, where that sort was a third of FAB's work outside the model (300 rows of 64).
+    Adding +0.0 turns -0.0 (an iterate clamped at 0 from below) into +0.0, which the float sort ties
+    with it; NaN, or another dtype, takes the float sort."""
+    if knee.dtype != torch.float32 or not bool((knee >= 0).all()):
+        return torch.sort(knee, dim=1, stable=True).indices
+    columns = knee.shape[1]
+    keys = (knee + 0.0).view(torch.int32).long() * columns + torch.arange(columns, device=knee.device)
+    return torch.sort(keys, dim=1).indices
 
 
 def norm_of(delta: torch.Tensor, norm: str) -> torch.Tensor:
