@@ -13,7 +13,7 @@ from robench.errors import UsageError
 from robench.models.loading import LoadedModel
 from robench.results.result import Result
 from robench.suites import LoadedSuite, Suite
-from robench.tasks import Hooks
+from robench.tasks import Hooks, normalize_option
 from robench.tasks.classification import EvaluationInterrupted
 from robench.tasks.reid import ReIDEvaluationInterrupted
 from robench.tasks.run import eval_task
@@ -73,10 +73,7 @@ def config_for(model: nn.Module | LoadedModel | str, data: Any = None,
                suite: str | Suite | LoadedSuite | dict | None = None, *, normalization: Any = None,
                data_options: DataOptions | None = None, **options: Any) -> EvalConfig:
     """The validated ``EvalConfig`` that ``evaluate`` builds from its arguments."""
-    if normalization is not None:
-        if options.get("normalize") is not None:
-            raise UsageError("give either normalization or normalize, not both")
-        options["normalize"] = normalization
+    options = normalize_option(options, normalization)
     if data_options is not None:  # the base; data options given by name still win
         given = DataConfig.of(None, data_options).model_dump(exclude={"source"})
         options = {"data_root": given.pop("root"), **given, **options}

@@ -22,6 +22,7 @@ from robench.config import EvalConfig, resolve
 from robench.data.config import DataConfig
 from robench.evaluation.config import EngineConfig
 from robench.models.config import ModelConfig
+from robench.tasks.pixel_index import pixel_index as pixel_index_task
 from robench.suites.config import as_suite
 from robench.data.sources import DataOptions
 from robench.errors import UsageError
@@ -372,3 +373,18 @@ def test_version_output_is_the_package_version():
 
     result = invoke("version")
     assert result.exit_code == 0 and result.stdout.strip() == robench.__version__ == version("robench")
+
+
+@pytest.mark.parametrize("call", [
+    lambda: robench.evaluate("example:digits", task="certify", sigma=0.25, out="runs/x"),
+    lambda: pixel_index_task("example:digits", "images", resume="runs/x"),
+    lambda: robench.evaluate("example:digits", normalization="imagenet", normalize="cifar10"),
+    lambda: robench.evaluate("example:digits", task="certify", sigma=0.25, normalization="imagenet",
+                             normalize="cifar10"),
+    lambda: pixel_index_task("example:digits", "images", normalization="imagenet", normalize="cifar10"),
+], ids=["certify-out", "pixel-index-resume", "evaluate-both", "certify-both", "pixel-index-both"])
+def test_the_python_entries_refuse_what_only_the_command_line_takes(call):
+    """The Python entries return the Result and write nothing (no out, no resume), and take normalization or
+    normalize, not both: refused with one line before anything is loaded."""
+    with pytest.raises(UsageError, match="writes nothing: save it with result.save|either normalization or normalize"):
+        call()

@@ -395,6 +395,14 @@ class Attack:
         return len(rows)
 
 
+def within_eps(out: RunOutput, x: torch.Tensor, inside: torch.Tensor) -> RunOutput:
+    """A minimum-norm attack's answer at an eps: the smallest example counts only ``inside`` the eps-ball;
+    elsewhere the sample gets its clean input back and is not fooled."""
+    out.x_adv = torch.where(inside.view(-1, *[1] * (x.dim() - 1)), out.x_adv, x)
+    out.fooled = out.fooled & inside if out.fooled is not None else None
+    return out
+
+
 def check_minimum_norm_options(attack: Attack) -> None:
     """What a minimum-norm attack cannot honour: another objective, last-iterate semantics, per-channel eps."""
     if not isinstance(attack.loss, CrossEntropy):

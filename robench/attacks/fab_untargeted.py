@@ -43,7 +43,8 @@ from typing import Any, ClassVar, cast
 import torch
 from torch import nn
 
-from robench.attacks.base import AttackParams, Cost, Eps, EpsBudget, RunOutput, check_minimum_norm_options
+from robench.attacks.base import (AttackParams, Cost, Eps, EpsBudget, RunOutput, check_minimum_norm_options,
+                                  within_eps)
 from robench.attacks.driver import RunContext, SlotSearch
 from robench.attacks.fab import AlphaMax, Beta, Eta, FABSteps, Restarts, Steps, norm_of
 from robench.attacks.pool import Pool
@@ -87,11 +88,9 @@ class FAB(FABSteps):
         search = FABMinimalSearch(self, model, x, y, radius, context.sample_ids)
         context.drive(search, search.clean)
         out = search.output()
-        if radius is not None:  # the usual verdict: the smallest example found counts only within eps
-            inside = self._within(out.x_adv.float() - x.float(), radius)
-            out.x_adv = torch.where(inside.view(-1, *[1] * (x.dim() - 1)), out.x_adv, x)
-            out.fooled = out.fooled & inside if out.fooled is not None else None
-        return out
+        if radius is None:
+            return out
+        return within_eps(out, x, self._within(out.x_adv.float() - x.float(), radius))
 
     def gaps_and_gradients(self, model: nn.Module, xa: torch.Tensor, y: torch.Tensor,
                            dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

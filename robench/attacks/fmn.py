@@ -49,7 +49,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from robench.attacks.base import (Attack, AttackParams, Cost, EpsBudget, Family, RunOutput,
-                                  check_minimum_norm_options)
+                                  check_minimum_norm_options, within_eps)
 from robench.attacks.driver import RunContext, SlotSearch
 from robench.attacks.gradient import MAX_STEPS
 from robench.attacks.pool import Pool
@@ -109,11 +109,7 @@ class FMN(Attack):
         search = FMNSearch(self, model, x, y)
         context.drive(search, search.clean)
         out = search.output()
-        if eps is not None:  # the usual verdict: the smallest example found counts only within eps
-            inside = self.violation(out.x_adv, x, eps) == 0
-            out.x_adv = torch.where(inside.view(-1, *[1] * (x.dim() - 1)), out.x_adv, x)
-            out.fooled = out.fooled & inside if out.fooled is not None else None
-        return out
+        return out if eps is None else within_eps(out, x, self.violation(out.x_adv, x, eps) == 0)
 
     def margin_and_gradient(self, model: nn.Module, xa: torch.Tensor, y: torch.Tensor,
                             dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -47,10 +47,6 @@ def nhwc_max_pool(x: torch.Tensor, sizes: list[list[int]], ceil_mode: bool) -> t
     return out.contiguous()
 
 
-def has_max_pooling(model: nn.Module) -> bool:
-    return any(isinstance(module, nn.MaxPool2d) for module in model.modules())
-
-
 class NhwcMaxPool2d(nn.Module):
     """An ``nn.MaxPool2d`` layer whose CPU passes run the NHWC kernel; the layer itself for anything else.
 
@@ -79,7 +75,8 @@ def cpu_max_pooling(model: nn.Module) -> nn.Module:
     other attribute; the rest of the model is shared as it is. Swapping the layers costs nothing per
     pass, where routing ``F.max_pool2d`` through a ``TorchFunctionMode`` cost 0.15 ms a forward of
     the digits CNN at batch 150 (7%): every torch call of the forward went through the mode. A module
-    that cannot be copied (a scripted one) keeps its own pooling: the same numbers, only slower.
+    that cannot be copied (a scripted one) keeps its own pooling: the same numbers, only slower. A model
+    with no such layer comes back as it is.
     """
     if isinstance(model, nn.MaxPool2d) and not model.return_indices:
         return NhwcMaxPool2d(model)

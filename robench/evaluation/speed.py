@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from robench.errors import RunError, UsageError
-from robench.evaluation.pooling import cpu_max_pooling, has_max_pooling
+from robench.evaluation.pooling import cpu_max_pooling
 from robench.suites import Suite
 
 Forward = Callable[[torch.Tensor], torch.Tensor]  # a model's forward pass, possibly compiled
@@ -257,7 +257,7 @@ def speed_up(forward: nn.Module, *, compile: bool, backend: str = "auto",
     report = SpeedReport(compile=compile, backend=backend if compile else None, channels_last=channels_last)
     if channels_last:
         forward = ChannelsLast(forward)
-    eager = cpu_max_pooling(forward) if cpu and has_max_pooling(forward) else forward
+    eager = cpu_max_pooling(forward) if cpu else forward
     if not compile:
         return eager, report
     if backend == FROZEN_BACKEND:

@@ -14,9 +14,31 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
+from robench.errors import UsageError
+
 if TYPE_CHECKING:
     from robench.results.result import Result
     from robench.tasks.rundir import RunDirectory
+
+
+def normalize_option(options: dict[str, Any], normalization: Any = None) -> dict[str, Any]:
+    """``options`` with the Python API's ``normalization`` (an argument, or among ``options``) given as
+    ``normalize``, the name the configs read; both at once is a usage error."""
+    options = dict(options)
+    normalization = options.pop("normalization", normalization)
+    if normalization is not None:
+        if options.get("normalize") is not None:
+            raise UsageError("give either normalization or normalize, not both")
+        options["normalize"] = normalization
+    return options
+
+
+def refuse_output_options(entry: str, options: dict[str, Any]) -> None:
+    """A task's Python entry returns the Result and writes nothing: ``out`` and ``resume`` are the CLI's."""
+    for name in ("out", "resume"):
+        if options.get(name) is not None:
+            raise UsageError(f"{entry} returns the Result and writes nothing: save it with result.save(DIR) "
+                             f"instead of passing {name}")
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from robench.results.certify import certify_document, samples_table
 from robench.results.output import OutputConfig
 from robench.results.result import Result
 from robench.results.writers import default_run_dir
-from robench.tasks import Hooks
+from robench.tasks import Hooks, normalize_option, refuse_output_options
 from robench.tasks.classification import as_dataset
 from robench.tasks.rundir import RunDirectory
 from robench.validated import Options, check_range, from_flat
@@ -99,10 +99,6 @@ class CertifyConfig(Options):
     def of(cls, **options: Any) -> "CertifyConfig":
         """From the flat options of ``robench certify`` (``model``, ``data``, ``sigma``, ``n``, ``limit``,
         ``normalize``, ``out``, ...), each sent to its part."""
-        if "normalization" in options:  # the Python API's name for --normalize
-            if options.get("normalize") is not None:
-                raise UsageError("give either normalization or normalize, not both")
-            options["normalize"] = options.pop("normalization")
         return from_flat(cls, options, ALIASES)
 
     @field_validator("sigma", mode="before")
@@ -304,9 +300,6 @@ def certify(model: Any, data: Any = None, *, on_sample: Callable[[int], None] | 
     Returns the ``Result``; ``result.save(DIR)`` writes the run directory. Ctrl-C raises
     ``CertifyInterrupted`` holding the partial result.
     """
-    for name in ("out", "resume"):
-        if options.get(name) is not None:
-            raise UsageError(f"certify returns the Result and writes nothing: save it with result.save(DIR) "
-                             f"instead of passing {name}")
-    config = CertifyConfig.of(model=model, data=data, **options)
+    refuse_output_options("certify", options)
+    config = CertifyConfig.of(model=model, data=data, **normalize_option(options))
     return CertifyTask(config).run(None, Hooks(on_batch=on_sample, on_warning=on_warning))

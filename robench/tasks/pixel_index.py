@@ -39,7 +39,7 @@ from robench.results.adversarial import SavedExamples
 from robench.results.pixel_index import FolderImages, pixel_index_document
 from robench.results.result import Result
 from robench.results.writers import default_run_dir
-from robench.tasks import Hooks
+from robench.tasks import Hooks, normalize_option, refuse_output_options
 from robench.tasks.rundir import RunDirectory
 
 DEFAULT_PIXELS = (4, 8, 16, 32, 64)
@@ -398,15 +398,8 @@ def pixel_index(model: Any, folder: str | Path, *, on_batch: Callable[[int], Non
     the results.json of the command, ``result.save(DIR)`` writes the run directory. Ctrl-C
     raises ``PixelIndexInterrupted`` holding the partial result.
     """
-    if "normalization" in options:
-        if options.get("normalize") is not None:
-            raise UsageError("give either normalization or normalize, not both")
-        options["normalize"] = options.pop("normalization")
-    for name in ("out", "resume"):
-        if options.get(name) is not None:
-            raise UsageError(f"pixel_index returns the Result and writes nothing: save it with "
-                             f"result.save(DIR) instead of passing {name}")
-    config = PixelIndexConfig.of(model=model, folder=folder, **options)
+    refuse_output_options("pixel_index", options)
+    config = PixelIndexConfig.of(model=model, folder=folder, **normalize_option(options))
     return PixelIndexTask(config).run(None, Hooks(on_batch=on_batch, on_warning=on_warning))
 
 
