@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 from torch import nn
 
 from robench.attacks import ATTACKS
+from robench.attacks.apgd import DLR
 from robench.attacks.apgd_targeted import APGDTargeted, TargetedDLR
 from robench.attacks.driver import RunContext
 from robench.attacks.objectives import Unscored
@@ -72,6 +74,40 @@ def test_targeted_dlr_loss_by_hand():
     assert TargetedDLR().fooled(z, torch.tensor([0, 0])).tolist() == [False, True]  # misclassified, any class
     with pytest.raises(UsageError, match="at least 4 classes"):
         TargetedDLR()(z[:, :3], labels)
+
+
+def moved_batches(test_tensors, count: int = 6):
+    """Test images moved by growing random noise (so some are misclassified), with labels and other classes."""
+    x, y = test_tensors
+    generator = torch.Generator().manual_seed(0)
+    for k in range(count):
+        xb = (x[:120] + (torch.rand(x[:120].shape, generator=generator) - 0.5) * 0.25 * k).clamp(0, 1)
+        other = (y[:120] + torch.randint(1, 10, (120,), generator=generator)) % 10
+        yield xb, y[:120], other
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("objective", [TargetedDLR(), DLR()], ids=["dlr-targeted", "dlr"])
+def test_direct_loss_gradients_are_autograds_bit_for_bit(trained_model, test_tensors, objective, dtype):
+    """The DLR losses hand the model autograd's own gradient, worked out without recording the loss."""
+    model = copy.deepcopy(trained_model).to(dtype)
+    for xb, y, other in moved_batches(test_tensors):
+        labels = torch.stack([y, other], dim=1) if isinstance(objective, TargetedDLR) else y
+        x_auto, x_direct = (xb.to(dtype).requires_grad_(True) for _ in range(2))
+        losses = objective(model(x_auto), labels)
+        (expected,) = torch.autograd.grad(losses.sum(), x_auto)
+        outputs = model(x_direct)
+        direct, output_grad = objective.losses_and_output_grad(outputs.detach(), labels)
+        (grad,) = torch.autograd.grad(outputs, x_direct, output_grad)
+        assert torch.equal(direct, losses.detach()) and torch.equal(grad, expected)
+        assert torch.equal(torch.signbit(grad), torch.signbit(expected))
+        assert grad.abs().sum() > 0
+    # Tied logits: the top-k's order among equals is the one the loss used.
+    z = torch.randint(0, 3, (2000, 10), generator=torch.Generator().manual_seed(1)).float().requires_grad_(True)
+    y = torch.arange(2000) % 10
+    labels = torch.stack([y, (y + 1 + torch.arange(2000) % 9) % 10], dim=1) if isinstance(objective, TargetedDLR) else y
+    (expected,) = torch.autograd.grad(objective(z, labels).sum(), z)
+    assert torch.equal(objective.losses_and_output_grad(z.detach(), labels)[1], expected)
 
 
 def test_targets_are_the_highest_other_clean_logits():

@@ -8,6 +8,7 @@ with torchattacks runs 300 images, all 9 targets, and the same step count on bot
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -15,6 +16,7 @@ import torch
 
 from robench.attacks import ATTACKS
 from robench.attacks.fab import FABTargeted, boundary_step, stable_order
+from robench.attacks.fab_untargeted import FAB
 from robench.attacks.objectives import Objective
 from robench.errors import UsageError
 
@@ -101,6 +103,29 @@ def test_boundary_step_matches_the_reference_projection(norm):
     on_plane = ((w * (points + ours)).sum(1) - b).abs() < 1e-4
     assert torch.equal(on_plane, ~beyond)
     assert float((points + ours).min()) >= 0.0 and float((points + ours).max()) <= 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradients_start_from_the_logits_one_hot_as_autograd_does(trained_model, test_tensors, dtype):
+    """FAB-T's gap and FAB's Jacobian hand the model the +-1 columns autograd's indexing would: the same bits."""
+    model = copy.deepcopy(trained_model).to(dtype)
+    x, y = test_tensors
+    generator = torch.Generator().manual_seed(0)
+    xb = (x[:100] + (torch.rand(x[:100].shape, generator=generator) - 0.5) * 0.5).clamp(0, 1)
+    y = y[:100]
+    target = (y + torch.randint(1, 10, (100,), generator=generator)) % 10
+    rows = torch.arange(100)
+    xa = xb.clone().requires_grad_(True)
+    logits = model(xa.to(dtype)).float()
+    expected_gap = logits[rows, target] - logits[rows, y]
+    (expected,) = torch.autograd.grad(expected_gap.sum(), xa, retain_graph=True)
+    gap, grad = FABTargeted()._logit_gap_and_grad(model, xb, y, target, dtype)
+    assert torch.equal(gap, expected_gap.detach()) and torch.equal(grad, expected) and grad.abs().sum() > 0
+    columns = [torch.autograd.grad(logits[:, k].sum(), xa, retain_graph=True)[0] for k in range(10)]
+    gaps, jacobian, _ = FAB().gaps_and_gradients(model, xb, y, dtype)
+    expected_jacobian = torch.stack(columns, dim=1)
+    assert torch.equal(jacobian, expected_jacobian - expected_jacobian[rows, y].unsqueeze(1))
+    assert torch.equal(gaps, (logits - logits[rows, y].unsqueeze(1)).detach())
 
 
 def test_robust_accuracy_matches_torchattacks(trained_model, test_tensors):

@@ -72,14 +72,38 @@ class DLR(Objective):
     """
 
     def __call__(self, outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        negated_margin, denominator, _, _ = self._parts(outputs, y)
+        return negated_margin / denominator
+
+    def _parts(self, outputs: torch.Tensor, y: torch.Tensor):
+        """The loss's numerator and denominator, the three largest logits and whether y is on top."""
         z = outputs.float()
         if z.dim() != 2 or z.shape[1] < 3:
             raise UsageError(f"the dlr loss needs logits of at least 3 classes, got shape {tuple(z.shape)}")
-        top = z.topk(3, dim=1).values
+        top = z.topk(3, dim=1)
         z_y = z.gather(1, y.view(-1, 1)).squeeze(1)
         # The largest other logit: the runner-up where y is on top, the top one otherwise.
-        other = torch.where(z.argmax(dim=1) == y, top[:, 1], top[:, 0])
-        return -(z_y - other) / (top[:, 0] - top[:, 2] + 1e-12)
+        y_on_top = z.argmax(dim=1) == y
+        other = torch.where(y_on_top, top.values[:, 1], top.values[:, 0])
+        return -(z_y - other), top.values[:, 0] - top.values[:, 2] + 1e-12, top, y_on_top
+
+    def losses_and_output_grad(self, outputs: torch.Tensor,
+                               y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        # Autograd's backward of __call__, node by node: the quotient's two partials (-grad * (a / b) / b for
+        # the denominator), the margin's +-1, the where's split between the runner-up and the top logit, and
+        # the gather's and the top-k's scatters into zeros, added.
+        if type(self).__call__ is not DLR.__call__:
+            return None  # a subclass with a loss of its own: autograd differentiates it
+        negated_margin, denominator, top, y_on_top = self._parts(outputs, y)
+        losses = negated_margin / denominator
+        d_margin = torch.ones_like(denominator) / denominator  # d loss / d(z_y - other) is its negation
+        d_denominator = -(losses / denominator)
+        d_top = torch.stack([d_denominator + torch.where(y_on_top, 0.0, d_margin),
+                             torch.where(y_on_top, d_margin, 0.0), -d_denominator], dim=1)
+        z = outputs.float()
+        grad = torch.zeros_like(z).scatter_add_(1, y.view(-1, 1), (-d_margin).unsqueeze(1)) \
+            + torch.zeros_like(z).scatter_(1, top.indices, d_top)
+        return losses, grad.to(outputs.dtype)
 
     def fooled(self, outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return outputs.argmax(dim=1) != y

@@ -45,13 +45,36 @@ class TargetedDLR(Objective):
     """Targeted difference of logits ratio; its labels are rows of (true class, target class)."""
 
     def __call__(self, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        negated_gap, denominator, _ = self._parts(outputs, labels)
+        return negated_gap / denominator
+
+    def _parts(self, outputs: torch.Tensor, labels: torch.Tensor):
+        """The loss's numerator and denominator, and the four largest logits."""
         z = outputs.float()
         if z.dim() != 2 or z.shape[1] < MIN_CLASSES:
             raise UsageError(f"the targeted dlr loss needs logits of at least {MIN_CLASSES} classes, "
                              f"got shape {tuple(z.shape)}")
-        top = z.topk(4, dim=1).values
+        top = z.topk(4, dim=1)
         picked = z.gather(1, labels)  # z_y and z_t side by side: one gather
-        return -(picked[:, 0] - picked[:, 1]) / (top[:, 0] - 0.5 * (top[:, 2] + top[:, 3]) + 1e-12)
+        values = top.values
+        return -(picked[:, 0] - picked[:, 1]), values[:, 0] - 0.5 * (values[:, 2] + values[:, 3]) + 1e-12, top
+
+    def losses_and_output_grad(self, outputs: torch.Tensor,
+                               labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        # Autograd's backward of __call__, node by node (see DLR): the quotient's partials, +-1 for z_y and z_t,
+        # the half for the 3rd and 4th logits, and the gather's and the top-k's scatters into zeros, added.
+        if type(self).__call__ is not TargetedDLR.__call__:
+            return None  # a subclass with a loss of its own: autograd differentiates it
+        negated_gap, denominator, top = self._parts(outputs, labels)
+        losses = negated_gap / denominator
+        d_gap = torch.ones_like(denominator) / denominator  # d loss / d(z_y - z_t) is its negation
+        d_denominator = -(losses / denominator)
+        d_lower = -d_denominator * 0.5
+        d_top = torch.stack([d_denominator, torch.zeros_like(d_gap), d_lower, d_lower], dim=1)
+        z = outputs.float()
+        grad = torch.zeros_like(z).scatter_add_(1, labels, torch.stack([-d_gap, d_gap], dim=1)) \
+            + torch.zeros_like(z).scatter_(1, top.indices, d_top)
+        return losses, grad.to(outputs.dtype)
 
     def fooled(self, outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return outputs.argmax(dim=1) != y

@@ -227,12 +227,16 @@ class FABTargeted(FABSteps):
     def _logit_gap_and_grad(self, model, xa, y, target, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """``z_target - z_y`` per sample, in fp32, and its gradient at ``xa``."""
         xa = xa.detach().requires_grad_(True)
-        rows = torch.arange(len(xa), device=xa.device)
         with torch.enable_grad():
-            logits = model(xa.to(dtype)).float()
-            gap = logits[rows, target] - logits[rows, y]
-            (grad,) = torch.autograd.grad(gap.sum(), xa)
-        return gap.detach(), grad.detach()
+            outputs = model(xa.to(dtype))
+            picked = outputs.detach().float().gather(1, torch.stack([target, y], dim=1))
+            # d gap / d logits is +1 at the target and -1 at the label: what autograd's backward of the
+            # indexing and the difference would hand the model, without recording them.
+            signs = torch.tensor([1.0, -1.0], device=xa.device).expand(len(xa), 2)
+            d_logits = torch.zeros(outputs.shape, device=xa.device).scatter_add_(1, torch.stack([target, y], dim=1),
+                                                                                signs)
+            (grad,) = torch.autograd.grad(outputs, xa, d_logits.to(outputs.dtype))
+        return picked[:, 0] - picked[:, 1], grad.detach()
 
 
 class FABSearch(SlotSearch):

@@ -98,13 +98,15 @@ class FAB(FABSteps):
         xa = xa.detach().requires_grad_(True)
         rows = torch.arange(len(xa), device=xa.device)
         with torch.enable_grad():
-            logits = model(xa.to(dtype)).float()
-            classes = logits.shape[1]
-            # One backward pass per class through the same forward pass: the Jacobian, a class at a time.
-            grads = [torch.autograd.grad(logits[:, k].sum(), xa, retain_graph=k < classes - 1)[0]
-                     for k in range(classes)]
+            outputs = model(xa.to(dtype))
+            classes = outputs.shape[1]
+            # One backward pass per class through the same forward pass: the Jacobian, a class at a time, each
+            # from its one-hot column (what the backward of logits[:, k].sum() hands the model).
+            columns = torch.eye(classes, dtype=outputs.dtype, device=xa.device)
+            grads = [torch.autograd.grad(outputs, xa, columns[k].expand_as(outputs).contiguous(),
+                                         retain_graph=k < classes - 1)[0] for k in range(classes)]
         jacobian = torch.stack(grads, dim=1)
-        logits = logits.detach()
+        logits = outputs.detach().float()
         gaps = logits - logits[rows, y].unsqueeze(1)
         return gaps, jacobian - jacobian[rows, y].unsqueeze(1), logits
 

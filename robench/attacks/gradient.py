@@ -212,8 +212,13 @@ class GradientAttack(Attack):
         x = x.detach().requires_grad_(True)
         with torch.enable_grad():
             outputs = model(x)
-            losses = self.loss(outputs, y)
-            (grad,) = torch.autograd.grad(losses.sum(), x)
+            direct = self.loss.losses_and_output_grad(outputs.detach(), y)
+            if direct is None:
+                losses = self.loss(outputs, y)
+                (grad,) = torch.autograd.grad(losses.sum(), x)
+            else:
+                losses, output_grad = direct
+                (grad,) = torch.autograd.grad(outputs, x, output_grad)
         return outputs.detach(), losses.detach(), grad.detach()
 
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | None,

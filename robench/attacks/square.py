@@ -356,6 +356,7 @@ class SquareSearch(SlotSearch):
         # At least every slot's place in its block (query - drawn_from): slots join and restart at -1, a
         # refill puts every slot at 0 or -1, and all move on together. Spares a sync a query.
         self.block_place = -1
+        self._starts = torch.zeros(0, dtype=torch.long, device=x.device)  # see _block_rows
         # Every sample's first start at once: one draw instead of one per admission.
         self.firsts = attack.start(x, radius, sample_ids, torch.zeros_like(sample_ids))
         # First blocks are drawn for the queue's next samples together, not at every admission (see _ahead).
@@ -453,8 +454,19 @@ class SquareSearch(SlotSearch):
             state["ahead"] = self._block(state["ids"], slots.restart, start)
             state["drawn_from"] = start
             self.block_place = 0
-        offset = slots.t - state["drawn_from"]
-        return state["ahead"][torch.arange(slots.size(), device=offset.device), offset]
+        # Slot i's query sits at row i * block + offset of the flattened blocks: one index_select, a fifth of
+        # what indexing by (slot, offset) pairs costs.
+        ahead, offset = state["ahead"], slots.t - state["drawn_from"]
+        if slots.starting:
+            offset = offset.clamp_min(0)  # a slot at its start (offset -1) makes no proposal: any row will do
+        at = self._block_rows(len(ahead), ahead.device) + offset
+        return ahead.flatten(0, 1).index_select(0, at)
+
+    def _block_rows(self, slots: int, device: torch.device) -> torch.Tensor:
+        """Where each slot's block starts among the flattened blocks: 0, block, 2 * block, ... (cached)."""
+        if len(self._starts) < slots or self._starts.device != device:
+            self._starts = torch.arange(max(slots, 2 * len(self._starts)), device=device) * self.block
+        return self._starts[:slots]
 
     def _candidates(self, slots: Pool) -> torch.Tensor:
         """The slots' next queries: a start where t is 0 (already in ``slots.xa``), a proposal elsewhere."""
