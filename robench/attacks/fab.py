@@ -229,13 +229,13 @@ class FABTargeted(FABSteps):
         xa = xa.detach().requires_grad_(True)
         with torch.enable_grad():
             outputs = model(xa.to(dtype))
-            picked = outputs.detach().float().gather(1, torch.stack([target, y], dim=1))
+            pair = torch.stack([target, y], dim=1)
+            picked = outputs.detach().float().gather(1, pair)
             # d gap / d logits is +1 at the target and -1 at the label: what autograd's backward of the
             # indexing and the difference would hand the model, without recording them.
-            signs = torch.tensor([1.0, -1.0], device=xa.device).expand(len(xa), 2)
-            d_logits = torch.zeros(outputs.shape, device=xa.device).scatter_add_(1, torch.stack([target, y], dim=1),
-                                                                                signs)
-            (grad,) = torch.autograd.grad(outputs, xa, d_logits.to(outputs.dtype))
+            signs = torch.stack([torch.ones_like(target), -torch.ones_like(y)], dim=1).to(outputs.dtype)
+            d_logits = torch.zeros_like(outputs).scatter_add_(1, pair, signs)
+            (grad,) = torch.autograd.grad(outputs, xa, d_logits)
         return picked[:, 0] - picked[:, 1], grad.detach()
 
 
