@@ -32,7 +32,7 @@ class Objective:
 
         An objective that answers gives autograd's own numbers: the same operations on the same values
         (a test compares them bit for bit). It spares recording and running a dozen small backward nodes
-        per step, which on a small model cost about as much as the model's own backward pass."""
+        a step, a visible share of the step where the model is small."""
         return None
 
     def describe(self) -> dict:

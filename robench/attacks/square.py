@@ -454,8 +454,8 @@ class SquareSearch(SlotSearch):
             state["ahead"] = self._block(state["ids"], slots.restart, start)
             state["drawn_from"] = start
             self.block_place = 0
-        # Slot i's query sits at row i * block + offset of the flattened blocks: one index_select, a fifth of
-        # what indexing by (slot, offset) pairs costs.
+        # Slot i's query sits at row i * block + offset of the flattened blocks: one index_select, about half
+        # of what indexing by (slot, offset) pairs costs.
         ahead, offset = state["ahead"], slots.t - state["drawn_from"]
         if slots.starting:
             offset = offset.clamp_min(0)  # a slot at its start (offset -1) makes no proposal: any row will do
