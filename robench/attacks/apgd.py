@@ -65,6 +65,16 @@ from robench.attacks.objectives import CrossEntropy, Objective
 from robench.errors import UsageError
 
 
+def logits_gradient(outputs: torch.Tensor, picked: torch.Tensor, d_picked: torch.Tensor, top: torch.Tensor,
+                    d_top: torch.Tensor) -> torch.Tensor:
+    """What autograd hands ``outputs`` from a loss of gathered logits (columns ``picked``, partials ``d_picked``)
+    and of top-k logits (columns ``top``, partials ``d_top``): the gather's and the top-k's backward, each a
+    scatter into zeros, added; in the outputs' dtype, as the backward of ``.float()`` casts it."""
+    z = outputs.float()
+    grad = torch.zeros_like(z).scatter_add_(1, picked, d_picked) + torch.zeros_like(z).scatter_(1, top, d_top)
+    return grad.to(outputs.dtype)
+
+
 class DLR(Objective):
     """Difference of logits ratio: -(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3), logits sorted descending.
 
@@ -100,10 +110,7 @@ class DLR(Objective):
         d_denominator = -(losses / denominator)
         d_top = torch.stack([d_denominator + torch.where(y_on_top, 0.0, d_margin),
                              torch.where(y_on_top, d_margin, 0.0), -d_denominator], dim=1)
-        z = outputs.float()
-        grad = torch.zeros_like(z).scatter_add_(1, y.view(-1, 1), (-d_margin).unsqueeze(1)) \
-            + torch.zeros_like(z).scatter_(1, top.indices, d_top)
-        return losses, grad.to(outputs.dtype)
+        return losses, logits_gradient(outputs, y.view(-1, 1), (-d_margin).unsqueeze(1), top.indices, d_top)
 
     def fooled(self, outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return outputs.argmax(dim=1) != y

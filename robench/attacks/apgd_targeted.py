@@ -32,7 +32,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from robench.attacks.apgd import APGD, APGDCommonParams
+from robench.attacks.apgd import APGD, APGDCommonParams, logits_gradient
 from robench.attacks.base import AttackParams, Cost, RunOutput
 from robench.attacks.driver import RunContext
 from robench.attacks.objectives import Objective
@@ -71,10 +71,7 @@ class TargetedDLR(Objective):
         d_denominator = -(losses / denominator)
         d_lower = -d_denominator * 0.5
         d_top = torch.stack([d_denominator, torch.zeros_like(d_gap), d_lower, d_lower], dim=1)
-        z = outputs.float()
-        grad = torch.zeros_like(z).scatter_add_(1, labels, torch.stack([-d_gap, d_gap], dim=1)) \
-            + torch.zeros_like(z).scatter_(1, top.indices, d_top)
-        return losses, grad.to(outputs.dtype)
+        return losses, logits_gradient(outputs, labels, torch.stack([-d_gap, d_gap], dim=1), top.indices, d_top)
 
     def fooled(self, outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return outputs.argmax(dim=1) != y

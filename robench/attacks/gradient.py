@@ -89,17 +89,25 @@ Projection = Callable[[torch.Tensor, torch.Tensor, Eps | None], torch.Tensor]  #
 
 class StepState(dict):
     """Per-sample tensors of the slots (kept aligned with the pool), the call's constants, and
-    ``clean``: the slots' clean inputs, set by the loop before each ``step`` (for projections)."""
+    ``clean``: the slots' clean inputs (for projections)."""
 
     def __init__(self, radius: Eps, step_size: Eps, norm: str) -> None:
         super().__init__()
         self.radius = radius
         self.step_size = step_size
         self.norm = norm
-        self.clean: torch.Tensor | None = None
         # Whether some slot is at step 0 of a restart (set by the loop before each ``step``); when none is, a
         # step may skip its tests of ``t == 0``.
         self.starting = True
+
+    @property
+    def clean(self) -> torch.Tensor | None:
+        """The slots' clean inputs: kept per slot from admission on, aligned with the pool as the rest is."""
+        return self.get(CLEAN)
+
+    @clean.setter
+    def clean(self, value: torch.Tensor) -> None:
+        self[CLEAN] = value
 
     def project(self, x_adv: torch.Tensor, projection: Projection) -> torch.Tensor:
         """``x_adv`` projected on the slots' threat model: ``projection`` (the attack's ``project``) of it.
@@ -109,8 +117,7 @@ class StepState(dict):
         ``[max(x - eps, 0), min(x + eps, 1)]``, and min and max are exact, so the result is the same."""
         if LOW in self:
             return torch.minimum(torch.maximum(x_adv, self[LOW]), self[HIGH])
-        assert self.clean is not None  # the loop sets the slots' clean inputs before every step
-        return projection(x_adv, self.clean, self.radius)
+        return projection(x_adv, self[CLEAN], self.radius)
 
 
 class GradientAttack(Attack):
@@ -295,7 +302,7 @@ class GradientSearch(SlotSearch):
                 losses, grad = losses[keep], grad[keep]
                 slots.keep(keep)
         if not slots.empty():
-            state.clean, state.starting = state[CLEAN], slots.starting
+            state.starting = slots.starting
             slots.xa = state.project(attack.step(slots.xa, grad, losses, state, slots.t), attack.project)
         return torch.zeros(slots.size(), dtype=torch.bool, device=slots.rows.device)
 

@@ -78,9 +78,17 @@ def should_compile(mode: str, device: torch.device, work: int) -> bool:
     return mode == "on"
 
 
+def resolved_backend(backend: str, cpu: bool) -> str:
+    """``backend`` as it runs: ``auto`` is TorchScript's frozen graph on a CPU and inductor elsewhere."""
+    if backend != "auto":
+        return backend
+    return FROZEN_BACKEND if cpu else "inductor"
+
+
 def auto_cpu_threshold(backend: str) -> float:
     """Seconds of eager queries from which ``--compile auto`` compiles on a CPU with ``backend``."""
-    return AUTO_FREEZE_CPU_QUERY_SECONDS if backend in ("auto", FROZEN_BACKEND) else AUTO_COMPILE_CPU_QUERY_SECONDS
+    frozen = resolved_backend(backend, cpu=True) == FROZEN_BACKEND
+    return AUTO_FREEZE_CPU_QUERY_SECONDS if frozen else AUTO_COMPILE_CPU_QUERY_SECONDS
 
 
 def cpu_auto_decision(queries: int, seconds_per_image: Callable[[], float],
@@ -150,6 +158,11 @@ def _graph_count() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+def _input_gradient(x: torch.Tensor) -> bool:
+    """Whether this pass is one of the attacks' gradient passes (those stay eager on a CPU)."""
+    return torch.is_grad_enabled() and x.requires_grad
+
+
 class CompiledQueries(nn.Module):
     """The compiled forward for passes that need no input gradient (queries, scoring); the eager one otherwise.
 
@@ -169,7 +182,7 @@ class CompiledQueries(nn.Module):
         self.compiled = compiled
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (torch.is_grad_enabled() and x.requires_grad) or len(x) < COMPILED_MIN_BATCH:
+        if _input_gradient(x) or len(x) < COMPILED_MIN_BATCH:
             return self.model(x)
         with torch.no_grad():
             return self.compiled(x)
@@ -201,7 +214,7 @@ class FrozenQueries(nn.Module):
         self.build_seconds: float | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (torch.is_grad_enabled() and x.requires_grad) or self.failure is not None or x.dtype != torch.float32:
+        if _input_gradient(x) or self.failure is not None or x.dtype != torch.float32:
             return self.model(x)
         with torch.no_grad():
             if self.frozen is None:
@@ -252,8 +265,7 @@ def speed_up(forward: nn.Module, *, compile: bool, backend: str = "auto",
     """The forward pass the run uses. ``backend`` ``auto`` is TorchScript's frozen graph on a CPU
     (:class:`FrozenQueries`) and inductor elsewhere; any other is ``torch.compile``'s."""
     cpu = _cpu_only(forward)
-    if backend == "auto":
-        backend = FROZEN_BACKEND if cpu else "inductor"
+    backend = resolved_backend(backend, cpu)
     report = SpeedReport(compile=compile, backend=backend if compile else None, channels_last=channels_last)
     if channels_last:
         forward = ChannelsLast(forward)
