@@ -119,7 +119,7 @@ def test_gradients_start_from_the_logits_one_hot_as_autograd_does(trained_model,
     logits = model(xa.to(dtype)).float()
     expected_gap = logits[rows, target] - logits[rows, y]
     (expected,) = torch.autograd.grad(expected_gap.sum(), xa, retain_graph=True)
-    gap, grad = FABTargeted()._logit_gap_and_grad(model, xb, y, target, dtype)
+    gap, grad = FABTargeted()._logit_gap_and_grad(model, xb, torch.stack([target, y], dim=1), dtype)
     assert torch.equal(gap, expected_gap.detach()) and torch.equal(grad, expected) and grad.abs().sum() > 0
     columns = [torch.autograd.grad(logits[:, k].sum(), xa, retain_graph=True)[0] for k in range(10)]
     gaps, jacobian, _ = FAB().gaps_and_gradients(model, xb, y, dtype)

@@ -169,7 +169,7 @@ class APGD(GradientAttack):
                 raise UsageError(f"{self.name}: the {self.loss_name()} loss is for classifiers; "
                                  "this run gives its own objective")
             self.loss = own
-        self._schedules: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._schedules: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
         self._alphas: dict[torch.dtype, tuple[float, float]] = {}  # (alpha, 1 - alpha) as each dtype rounds them
 
     def loss_name(self) -> str:
@@ -218,16 +218,15 @@ class APGD(GradientAttack):
     def schedule(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Per step index t (0..steps): whether t is a checkpoint, and the most rises that count as oscillating."""
         steps = self.params.steps
-        if steps not in self._schedules:
+        if (steps, device) not in self._schedules:
             is_mark = torch.zeros(steps + 1, dtype=torch.bool)
             most_rises = torch.zeros(steps + 1, dtype=torch.float32)
             last = 0
             for w in checkpoints(steps):
                 # k * rho in double, then float32: the reference compares float32 counts with it.
                 is_mark[w], most_rises[w], last = True, (w - last) * self.params.rho, w
-            self._schedules[steps] = (is_mark, most_rises)
-        is_mark, most_rises = self._schedules[steps]
-        return is_mark.to(device), most_rises.to(device)
+            self._schedules[steps, device] = is_mark.to(device), most_rises.to(device)
+        return self._schedules[steps, device]
 
     def init_state(self, x_adv: torch.Tensor, state: StepState) -> dict[str, torch.Tensor]:
         n, device = len(x_adv), x_adv.device
@@ -252,7 +251,7 @@ class APGD(GradientAttack):
         later = None if first is None else ~first
         # Book the loss of the current iterate x_t (the start's loss is not part of the history).
         rose = loss > state["loss_prev"]
-        state["rises"] = state["rises"] + (rose if later is None else later & rose).long()
+        state["rises"] = state["rises"] + (rose if later is None else later & rose)  # int64 + bool: int64
         state["loss_prev"] = loss if later is None else torch.where(later, loss, state["loss_prev"])
         better = loss > state["loss_best"]
         better = better if first is None else first | better
@@ -268,7 +267,11 @@ class APGD(GradientAttack):
         moved = x_adv - state["x_prev"]
         state["x_prev"] = x_adv
         eta = state.step_size * state["scale"].view(view)
-        z = state.project(x_adv + eta * sign_or_normalized(grad, state.norm), self.project)
+        if state.norm == "linf":
+            # x + eta * sign(g) in one operation: eta * (+-1 or 0) is exact, so one rounding either way.
+            z = state.project(torch.addcmul(x_adv, eta, grad.sign()), self.project)
+        else:
+            z = state.project(x_adv + eta * sign_or_normalized(grad, state.norm), self.project)
         if isinstance(a, tuple):
             return x_adv + (z - x_adv) * a[0] + moved * a[1]
         return x_adv + (z - x_adv) * a + moved * (1 - a)
@@ -288,7 +291,8 @@ class APGD(GradientAttack):
                     later: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """At a checkpoint: halve the step size where the loss oscillated or stalled, from the best point."""
         is_mark, most_rises = self.schedule(x_adv.device)
-        at = is_mark[t] if later is None else is_mark[t] & later
+        at = is_mark.index_select(0, t)
+        at = at if later is None else at & later
         if not bool(at.any()):
             return x_adv, grad
         oscillating = state["rises"].float() <= most_rises[t]

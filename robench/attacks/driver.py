@@ -112,8 +112,9 @@ class SlotSearch:
         """Starting examples and per-slot state of the samples ``rows`` just admitted (restart 0)."""
         raise NotImplementedError
 
-    def step(self, slots: Pool) -> torch.Tensor:
-        """One step of every slot (the driver then counts it); per slot, whether its example fools the model.
+    def step(self, slots: Pool) -> torch.Tensor | None:
+        """One step of every slot (the driver then counts it); per slot, whether its example fools the model,
+        or None where it fools none of them.
 
         A step may retire slots itself before it moves the others (``slots.keep``, their outputs written
         first): the mask it returns is over the slots still there.
@@ -180,10 +181,12 @@ class SlotDriver:
         self.oldest += 1
         if self.oldest < self.search.steps:
             # Most steps fool nothing and end nothing: one sync skips the bookkeeping then.
-            if bool(fooled.any()):
+            if fooled is not None and bool(fooled.any()):
                 self.search.keep_fooled(slots, fooled)
                 slots.keep(~fooled)
             return
+        if fooled is None:
+            fooled = torch.zeros(slots.size(), dtype=torch.bool, device=slots.rows.device)
         ending = (slots.t == self.search.steps) & ~fooled
         if not bool((fooled | ending).any()):
             return

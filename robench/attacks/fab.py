@@ -101,7 +101,9 @@ def boundary_step(points: torch.Tensor, w: torch.Tensor, b: torch.Tensor, norm: 
     # 1 changes no float, so L-inf skips those operations).
     rate = size if norm == "l2" else None
     knee = room if rate is None else torch.where(moving, room / torch.where(moving, rate, 1.0), 0.0)
-    slope = size * moving if rate is None else size * rate * moving  # gain per unit of lam while unsaturated
+    # Gain per unit of lam while unsaturated. In L-inf it is |w_i| itself: where w_i is 0 so is |w_i|, and a
+    # product with the mask (bool operands take this CPU's slow kernels) would change no bit.
+    slope = size if rate is None else size * rate * moving
     order = stable_order(knee)
     knee, slope, saturated = (v.gather(1, order) for v in (knee, slope, size * room))
     slope_from = slope.flip(1).cumsum(1).flip(1)  # the slope of the coordinates not saturated before knee k
@@ -124,7 +126,9 @@ def stable_order(knee: torch.Tensor) -> torch.Tensor:
     float sort on this CPU, where that sort was a third of FAB's work outside the model (300 rows of 64).
     Adding +0.0 turns -0.0 (an iterate clamped at 0 from below) into +0.0, which the float sort ties
     with it; NaN, or another dtype, takes the float sort."""
-    if knee.dtype != torch.float32 or not bool((knee >= 0).all()):
+    # The smallest knee >= 0 is every knee >= 0, and NaN fails it as it fails the comparison: a min reduction
+    # costs a sixth of a comparison into a bool tensor and its all().
+    if knee.dtype != torch.float32 or (knee.numel() > 0 and not float(knee.amin()) >= 0):
         return torch.sort(knee, dim=1, stable=True).indices
     columns = knee.shape[1]
     keys = (knee + 0.0).view(torch.int32).long() * columns + torch.arange(columns, device=knee.device)
@@ -151,6 +155,7 @@ class FABSteps(Attack):
         if self.final_iterate:
             raise UsageError(f"{self.name} counts any adversarial iterate within eps, as AutoAttack does; "
                              "final_iterate does not apply")
+        self._signs: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
     def _random_start(self, x0: torch.Tensor, ids: torch.Tensor, phase: int, radius: Eps) -> torch.Tensor:
         """A point at distance eps/2 from the clean input in a random direction, clipped to the box.
@@ -170,6 +175,8 @@ class FABSteps(Attack):
     def _within(self, delta: torch.Tensor, radius: Eps) -> torch.Tensor:
         """Per sample: the perturbation lies in the eps-ball (per-channel radii in L-inf)."""
         if self.norm == "linf":
+            if not isinstance(radius, torch.Tensor):  # one radius: the largest |delta_i| decides (NaN fails both)
+                return delta.abs().flatten(1).amax(dim=1) <= radius
             return (delta.abs() <= radius).flatten(1).all(dim=1)
         return delta.flatten(1).norm(dim=1) <= radius
 
@@ -224,19 +231,25 @@ class FABTargeted(FABSteps):
             raise PartialRun(done, partial.output) from partial.__cause__
         return search.output()
 
-    def _logit_gap_and_grad(self, model, xa, y, target, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """``z_target - z_y`` per sample, in fp32, and its gradient at ``xa``."""
+    def _logit_gap_and_grad(self, model, xa, pair, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``z_target - z_y`` per sample, in fp32, and its gradient at ``xa``; ``pair`` holds the rows
+        (target, y)."""
         xa = xa.detach().requires_grad_(True)
         with torch.enable_grad():
             outputs = model(xa.to(dtype))
-            pair = torch.stack([target, y], dim=1)
             picked = outputs.detach().float().gather(1, pair)
             # d gap / d logits is +1 at the target and -1 at the label: what autograd's backward of the
             # indexing and the difference would hand the model, without recording them.
-            signs = torch.stack([torch.ones_like(target), -torch.ones_like(y)], dim=1).to(outputs.dtype)
-            d_logits = torch.zeros_like(outputs).scatter_add_(1, pair, signs)
+            d_logits = torch.zeros_like(outputs).scatter_(1, pair, self._gap_signs(outputs).expand(len(pair), 2))
             (grad,) = torch.autograd.grad(outputs, xa, d_logits)
         return picked[:, 0] - picked[:, 1], grad.detach()
+
+    def _gap_signs(self, outputs: torch.Tensor) -> torch.Tensor:
+        """The row (+1, -1) in the logits' dtype and device, made once."""
+        key = (outputs.dtype, outputs.device)
+        if key not in self._signs:
+            self._signs[key] = torch.tensor([[1.0, -1.0]], dtype=outputs.dtype, device=outputs.device)
+        return self._signs[key]
 
 
 class FABSearch(SlotSearch):
@@ -262,7 +275,8 @@ class FABSearch(SlotSearch):
         # A slot keeps its clean input, label and target class: gathered when it joins or changes target,
         # not at every step.
         x0, where = self.clean[rows], self.todo[rows]
-        state = {"x0": x0, "y": self.y[where], "target": self.target_ranks[where, 0]}
+        y = self.y[where]
+        state = {"x0": x0, "y": y, "pair": torch.stack([self.target_ranks[where, 0], y], dim=1)}
         return x0, state  # phase 0 starts at the clean input
 
     def restart(self, slots: Pool, which: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -273,13 +287,14 @@ class FABSearch(SlotSearch):
             if k % self.attack.params.restarts:
                 mine = phase == k
                 start[mine] = self.attack._random_start(self.clean[rows[mine]], self.ids[rows[mine]], k, self.radius)
-        return start, {"target": self.target_ranks[self.todo[rows], phase // self.attack.params.restarts]}
+        target = self.target_ranks[self.todo[rows], phase // self.attack.params.restarts]
+        return start, {"pair": torch.stack([target, slots.state["y"][which]], dim=1)}
 
     def step(self, slots: Pool) -> torch.Tensor:
         """One FAB step of every slot; per slot, whether its new iterate is adversarial within eps."""
         attack, state = self.attack, slots.state
         x0, y = state["x0"], state["y"]
-        gap, grad = attack._logit_gap_and_grad(self.model, slots.xa, y, state["target"], self.dtype)
+        gap, grad = attack._logit_gap_and_grad(self.model, slots.xa, state["pair"], self.dtype)
         slots.xa = attack._step(slots.xa, x0, gap, grad)
         self.gradient_evals += slots.size()
         with torch.no_grad():

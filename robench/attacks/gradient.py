@@ -112,11 +112,11 @@ class StepState(dict):
     def project(self, x_adv: torch.Tensor, projection: Projection) -> torch.Tensor:
         """``x_adv`` projected on the slots' threat model: ``projection`` (the attack's ``project``) of it.
 
-        Where the loop keeps L-inf bounds per slot (the attack projects as the base does), two
-        operations instead of five a projection: ``[x - eps, x + eps]`` within ``[0, 1]`` is
+        Where the loop keeps L-inf bounds per slot (the attack projects as the base does), one
+        operation (a clamp between tensors) instead of five a projection: ``[x - eps, x + eps]`` within ``[0, 1]`` is
         ``[max(x - eps, 0), min(x + eps, 1)]``, and min and max are exact, so the result is the same."""
         if LOW in self:
-            return torch.minimum(torch.maximum(x_adv, self[LOW]), self[HIGH])
+            return torch.clamp(x_adv, self[LOW], self[HIGH])
         return projection(x_adv, self[CLEAN], self.radius)
 
 
@@ -285,7 +285,7 @@ class GradientSearch(SlotSearch):
         return xa, self.attack.init_state(xa, self.state) | {
             LOSS_LABEL: self.attack.loss_labels(self.y[rows], rows, restart)}
 
-    def step(self, slots: Pool) -> torch.Tensor:
+    def step(self, slots: Pool) -> None:
         """A gradient pass at every slot's iterate; slots it fools leave (any-iterate), the others step."""
         attack, state = self.attack, self.state
         labels = state[LABEL]
@@ -295,16 +295,17 @@ class GradientSearch(SlotSearch):
         attack.count_passes(passes)
         if self.any_iterate:
             # The fooled leave before the step: their answer is the iterate that fooled them.
-            keep = ~attack.loss.fooled(outputs, labels)
-            if not bool(keep.all()):
-                self.x_best[slots.rows[~keep]] = slots.xa[~keep]
-                self.scored[slots.rows[~keep]] = True
+            fooled = attack.loss.fooled(outputs, labels)
+            if bool(fooled.any()):
+                self.x_best[slots.rows[fooled]] = slots.xa[fooled]
+                self.scored[slots.rows[fooled]] = True
+                keep = ~fooled
                 losses, grad = losses[keep], grad[keep]
                 slots.keep(keep)
         if not slots.empty():
             state.starting = slots.starting
             slots.xa = state.project(attack.step(slots.xa, grad, losses, state, slots.t), attack.project)
-        return torch.zeros(slots.size(), dtype=torch.bool, device=slots.rows.device)
+        return None  # the fooled left above
 
     def end_restart(self, slots: Pool, ending: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         """Final iterates: the last restart's the base scores; earlier ones are scored here, the fooled leave."""

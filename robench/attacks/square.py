@@ -480,10 +480,13 @@ class SquareSearch(SlotSearch):
         return candidate
 
     def _proposals(self, slots: Pool, xa: torch.Tensor, which: torch.Tensor | slice) -> torch.Tensor:
-        ahead, state = self._ahead(slots)[which], slots.state
+        ahead, state = self._ahead(slots), slots.state
         if self.linf:
-            return torch.minimum(torch.maximum(xa + ahead, state["low"][which]), state["high"][which])
-        return self.attack.propose(xa, state["x"][which], self.radius, slots.t[which], ahead)
+            low, high = state["low"], state["high"]
+            if not isinstance(which, slice):  # some slots only: most steps propose for all and index nothing
+                ahead, low, high = ahead[which], low[which], high[which]
+            return torch.clamp(xa + ahead, low, high)  # max then min, in one operation
+        return self.attack.propose(xa, state["x"][which], self.radius, slots.t[which], ahead[which])
 
     def keep_fooled(self, slots: Pool, fooled: torch.Tensor) -> None:
         # A fooling query was taken as the iterate: it is the answer.
