@@ -69,9 +69,12 @@ def logits_gradient(outputs: torch.Tensor, picked: torch.Tensor, d_picked: torch
                     d_top: torch.Tensor) -> torch.Tensor:
     """What autograd hands ``outputs`` from a loss of gathered logits (columns ``picked``, partials ``d_picked``)
     and of top-k logits (columns ``top``, partials ``d_top``): the gather's and the top-k's backward, each a
-    scatter into zeros, added; in the outputs' dtype, as the backward of ``.float()`` casts it."""
+    scatter into zeros, added; in the outputs' dtype, as the backward of ``.float()`` casts it.
+
+    Both scatters add into one tensor of zeros: each hits a column at most once (its columns are distinct),
+    and 0 + a, then + b, rounds once as a + b does (0 + -0.0 is +0.0 either way)."""
     z = outputs.float()
-    grad = torch.zeros_like(z).scatter_add_(1, picked, d_picked) + torch.zeros_like(z).scatter_(1, top, d_top)
+    grad = torch.zeros_like(z).scatter_add_(1, picked, d_picked).scatter_add_(1, top, d_top)
     return grad.to(outputs.dtype)
 
 
