@@ -63,8 +63,8 @@ class TargetedDLR(Objective):
                                labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         # Autograd's backward of __call__, node by node (see DLR): the quotient's partials, +-1 for z_y and z_t,
         # the half for the 3rd and 4th logits, and the gather's and the top-k's scatters into zeros, added.
-        if type(self).__call__ is not TargetedDLR.__call__:
-            return None  # a subclass with a loss of its own: autograd differentiates it
+        if not self._loss_is(TargetedDLR):
+            return None
         negated_gap, denominator, top = self._parts(outputs, labels)
         losses = negated_gap / denominator
         d_gap = torch.ones_like(denominator) / denominator  # d loss / d(z_y - z_t) is its negation

@@ -106,7 +106,7 @@ class StepState(dict):
         return self.get(CLEAN)
 
     @clean.setter
-    def clean(self, value: torch.Tensor) -> None:
+    def clean(self, value: torch.Tensor) -> None:  # for a caller driving ``step`` itself
         self[CLEAN] = value
 
     def project(self, x_adv: torch.Tensor, projection: Projection) -> torch.Tensor:
@@ -219,14 +219,15 @@ class GradientAttack(Attack):
         x = x.detach().requires_grad_(True)
         with torch.enable_grad():
             outputs = model(x)
-            direct = self.loss.losses_and_output_grad(outputs.detach(), y)
+            logits = outputs.detach()
+            direct = self.loss.losses_and_output_grad(logits, y)
             if direct is None:
                 losses = self.loss(outputs, y)
                 (grad,) = torch.autograd.grad(losses.sum(), x)
             else:
                 losses, output_grad = direct
                 (grad,) = torch.autograd.grad(outputs, x, output_grad)
-        return outputs.detach(), losses.detach(), grad.detach()
+        return logits, losses.detach(), grad.detach()
 
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | None,
             context: RunContext) -> RunOutput:

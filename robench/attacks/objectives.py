@@ -35,6 +35,11 @@ class Objective:
         a step, a visible share of the step where the model is small."""
         return None
 
+    def _loss_is(self, cls: type) -> bool:
+        """Whether this objective's loss is ``cls``'s own: a subclass that redefines ``__call__`` is
+        differentiated by autograd, not by ``cls``'s direct gradient."""
+        return type(self).__call__ is cls.__call__
+
     def describe(self) -> dict:
         return {}
 
